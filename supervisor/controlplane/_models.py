@@ -1,0 +1,233 @@
+"""Records exchanged with the control plane.
+
+All are frozen attrs classes. Times are POSIX seconds (``float``) in Python;
+on the wire they are ISO-8601 UTC strings (see ``_codec``). The fencing token
+(``last_heartbeat``) is an opaque string: compare it, never parse it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "NO_HEARTBEAT",
+    "Delegation",
+    "DelegationStatus",
+    "HeartbeatResult",
+    "Outcome",
+    "OutcomeStatus",
+    "PresenceReport",
+    "SessionData",
+    "SessionMessage",
+    "WorkItem",
+    "WorkState",
+    "WorkStats",
+    "WorkerRecord",
+    "WorkerStatus",
+]
+
+#: The fencing token a worker sends with the first heartbeat of a lease.
+NO_HEARTBEAT = "NO_HEARTBEAT"
+
+
+class WorkState(enum.StrEnum):
+    """Where a work item is in its lifecycle."""
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    ACTIVE = "active"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class OutcomeStatus(enum.StrEnum):
+    """How a session ended."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    WEDGED = "wedged"
+    LEASE_LOST = "lease_lost"
+
+
+class WorkerStatus(enum.StrEnum):
+    """A worker's status as the control plane sees it (DESIGN §4 table)."""
+
+    PROVISIONING = "provisioning"
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+    FAILED = "failed"
+    REMOVED = "removed"
+
+
+class DelegationStatus(enum.StrEnum):
+    PENDING = "pending"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return dict(value) if value else {}
+
+
+@attrs.frozen
+class Outcome:
+    """What a session produced; what ``stop`` records on the item.
+
+    Attributes:
+        status: how it ended.
+        exit_code: the agent process's exit code, when there was a process.
+        result: the agent's result (the last JSON ``result`` on stdout, else the output tail).
+        duration: seconds of execution (never the wait for a slot).
+        reason: a short explanation for anything but ``completed``.
+    """
+
+    status: OutcomeStatus = attrs.field(converter=OutcomeStatus)
+    exit_code: int | None = None
+    result: str | None = None
+    duration: float | None = None
+    reason: str | None = None
+
+
+@attrs.frozen
+class SessionData:
+    """The ``data`` of a session work item."""
+
+    id: str
+    prompt: str
+    type: str = "session"
+
+
+@attrs.frozen
+class WorkItem:
+    """A work item as the control plane stores it.
+
+    ``secret`` is the session-scoped credential handed to the claiming worker
+    (``None`` elsewhere); it never appears in ``repr``.
+    """
+
+    id: str
+    environment_id: str
+    state: WorkState = attrs.field(converter=WorkState)
+    data: SessionData
+    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_mapping)
+    attempts: int = 0
+    worker_id: str | None = None
+    created_at: float | None = None
+    acknowledged_at: float | None = None
+    started_at: float | None = None
+    latest_heartbeat_at: float | None = None
+    stop_requested_at: float | None = None
+    stopped_at: float | None = None
+    outcome: Outcome | None = None
+    secret: str | None = attrs.field(default=None, repr=False)
+    type: str = "work"
+
+
+@attrs.frozen
+class HeartbeatResult:
+    """The answer to a lease heartbeat.
+
+    Attributes:
+        last_heartbeat: the new fencing token; send it with the next heartbeat and with ``stop``.
+        ttl_seconds: how long the server keeps the lease from when it processed this beat.
+        state: the item's state (``stopping`` means an operator asked it to stop).
+        lease_extended: ``False`` when the server did not extend the lease.
+    """
+
+    last_heartbeat: str
+    ttl_seconds: float
+    state: WorkState = attrs.field(converter=WorkState)
+    lease_extended: bool = True
+
+
+@attrs.frozen
+class WorkStats:
+    """Queue inspection figures.
+
+    Attributes:
+        depth: items waiting in ``queued``.
+        pending: items handed out and not yet stopped (``starting``/``active``/``stopping``).
+        oldest_queued_at: creation time of the oldest queued item, if any.
+        workers_polling: distinct workers that polled recently.
+    """
+
+    depth: int
+    pending: int
+    oldest_queued_at: float | None
+    workers_polling: int
+
+
+@attrs.frozen
+class PresenceReport:
+    """The body of a worker presence heartbeat (DESIGN §3.6)."""
+
+    worker_id: str
+    status: str = "idle"
+    error_rate: float = 0.0
+    sample_error: str | None = None
+    active_tasks: int = 0
+    current_task: str | None = None
+    uptime_seconds: float = 0.0
+    runtime_state: str | None = None
+    runtime_metadata: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+@attrs.frozen
+class WorkerRecord:
+    """A worker as the control plane sees it."""
+
+    worker_id: str
+    environment_id: str
+    status: WorkerStatus = attrs.field(converter=WorkerStatus)
+    registered_at: float | None = None
+    last_heartbeat_at: float | None = None
+    error_rate: float = 0.0
+    sample_error: str | None = None
+    active_tasks: int = 0
+    current_task: str | None = None
+    uptime_seconds: float = 0.0
+    runtime_state: str | None = None
+    runtime_metadata: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+@attrs.frozen
+class Delegation:
+    """A task one session handed to another agent, and its result once known.
+
+    Attributes:
+        id: the delegation id (the de-duplication key).
+        source_id: the session that delegated.
+        work_id: the work item created for the delegate.
+        task: what was asked.
+        status: ``pending`` until a result is recorded.
+        response_preview: the delegate's raw output (untrusted: never put it in a prompt).
+        worker_id: the worker that owned the source session when the delegation was made.
+    """
+
+    id: str
+    source_id: str
+    work_id: str
+    task: str
+    status: DelegationStatus = attrs.field(converter=DelegationStatus)
+    response_preview: str | None = None
+    worker_id: str | None = None
+    created_at: float | None = None
+    completed_at: float | None = None
+
+
+@attrs.frozen
+class SessionMessage:
+    """A follow-up message or notification addressed to a session."""
+
+    id: str
+    session_id: str
+    kind: str  # "message" | "notification"
+    body: str
+    created_at: float | None = None

@@ -1,0 +1,148 @@
+"""The ``ControlPlane`` protocol: what a worker needs from its control plane.
+
+Two implementations pass one conformance suite (``tests/controlplane``): the
+embedded SQLite store and ``HttpControlPlane`` talking to the reference server.
+Each instance is bound to one environment (``environment_id``).
+
+Every method raises only this package's exceptions (``supervisor._exceptions``):
+``TransientError`` for what is worth retrying, a ``FatalError`` subclass for
+what is not (``FencingConflict`` for a stale token, ``Conflict`` for a call
+that does not fit the state, ``NotFound`` for unknown ids, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from ._models import (
+    Delegation,
+    DelegationStatus,
+    HeartbeatResult,
+    Outcome,
+    PresenceReport,
+    SessionMessage,
+    WorkerRecord,
+    WorkItem,
+    WorkState,
+    WorkStats,
+)
+
+__all__ = ["ControlPlane"]
+
+
+@runtime_checkable
+class ControlPlane(Protocol):
+    """A work-lease control plane, bound to one environment."""
+
+    @property
+    def environment_id(self) -> str: ...
+
+    # --- work ---------------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        session_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> WorkItem:
+        """Queue a new session work item (``session_id`` defaults to a fresh id)."""
+        ...
+
+    async def poll(
+        self,
+        *,
+        worker_id: str,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+    ) -> WorkItem | None:
+        """Claim the oldest claimable item, waiting up to ``block_ms``; ``None`` if none."""
+        ...
+
+    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
+        """``queued -> starting``, binding the item to ``worker_id``; 409 the second time."""
+        ...
+
+    async def heartbeat(
+        self,
+        work_id: str,
+        *,
+        expected_last_heartbeat: str,
+        desired_ttl_seconds: float | None = None,
+    ) -> HeartbeatResult:
+        """Renew the lease with compare-and-swap on the fencing token (412 when stale)."""
+        ...
+
+    async def stop(
+        self,
+        work_id: str,
+        *,
+        force: bool = False,
+        expected_last_heartbeat: str | None = None,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        """Move a live item to ``stopped`` with its outcome (409 if stopped, 412 if stale)."""
+        ...
+
+    async def request_stop(self, work_id: str) -> WorkItem:
+        """Operator cancel: the next heartbeat answers ``state: stopping``."""
+        ...
+
+    async def get(self, work_id: str) -> WorkItem: ...
+
+    async def list_work(
+        self, *, state: WorkState | None = None, limit: int = 100, page: int = 0
+    ) -> Sequence[WorkItem]:
+        """Items oldest first, ``limit`` per page."""
+        ...
+
+    async def stats(self) -> WorkStats: ...
+
+    # --- workers ------------------------------------------------------------
+
+    async def register_worker(
+        self, worker_id: str, *, metadata: Mapping[str, object] | None = None
+    ) -> WorkerRecord:
+        """Register (or re-register) a worker; a new one starts ``provisioning``."""
+        ...
+
+    async def worker_heartbeat(self, report: PresenceReport) -> WorkerRecord:
+        """Record a presence report and return the worker's evaluated status (410 if removed)."""
+        ...
+
+    async def get_worker(self, worker_id: str) -> WorkerRecord: ...
+
+    async def list_workers(self) -> Sequence[WorkerRecord]: ...
+
+    async def deregister_worker(self, worker_id: str) -> WorkerRecord:
+        """Mark a worker ``removed`` (terminal)."""
+        ...
+
+    # --- delegations and messages -------------------------------------------
+
+    async def delegate(self, source_id: str, task: str) -> Delegation:
+        """Create a delegation from session ``source_id``: a new work item linked to it."""
+        ...
+
+    async def list_delegations(
+        self, worker_id: str, *, status: DelegationStatus | None = None
+    ) -> Sequence[Delegation]:
+        """Delegations whose source session is (or was) served by ``worker_id``."""
+        ...
+
+    async def record_delegation_result(
+        self, delegation_id: str, *, status: DelegationStatus, response_preview: str | None = None
+    ) -> Delegation: ...
+
+    async def post_message(self, session_id: str, body: str) -> SessionMessage: ...
+
+    async def notify(self, session_id: str, body: str) -> SessionMessage: ...
+
+    async def list_messages(self, session_id: str) -> Sequence[SessionMessage]: ...
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Release connections or threads; idempotent."""
+        ...

@@ -1,0 +1,6 @@
+"""In-memory twins of the package's boundaries, for unit tests of the layers above them.
+
+Tests of the boundaries themselves use the real parts (a real SQLite file, the
+reference server on loopback, real subprocesses); these fakes are for testing
+the code *built on* those boundaries quickly and deterministically.
+"""
