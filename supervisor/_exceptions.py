@@ -58,7 +58,7 @@ class SupervisorError(Exception):
     """Root of every exception this package raises on purpose."""
 
 
-class Shutdown(Exception):  # noqa: N818 - named after OTP's exit reason, not an error
+class Shutdown(Exception):
     """Raised by a supervised child to stop cleanly.
 
     Counts as a clean exit (OTP's ``shutdown`` reason): a ``PERMANENT`` child
@@ -90,7 +90,9 @@ class RestartIntensityExceeded(SupervisorError):
     return of a permanent child).
     """
 
-    def __init__(self, supervisor: str, intensity: int, period: float, history: Sequence[ChildExit]):
+    def __init__(
+        self, supervisor: str, intensity: int, period: float, history: Sequence[ChildExit]
+    ):
         recent = ", ".join(f"{e.child_id}:{e.kind.value}" for e in history[-5:])
         super().__init__(
             f"supervisor {supervisor!r} exceeded its restart intensity "
@@ -114,7 +116,7 @@ class ConfigError(SupervisorError, ValueError):
         self.key = key
 
 
-class LeaseLost(SupervisorError):  # noqa: N818 - reads as a fact, like trio.Cancelled
+class LeaseLost(SupervisorError):
     """The lease on a work item is gone, so its session must stop now.
 
     Attributes:
