@@ -3,6 +3,17 @@
 The public surface is re-exported here; modules with a leading underscore are private.
 """
 
+from ._events import (
+    ChildCounts as ChildCounts,
+    ChildExit as ChildExit,
+    ChildInfo as ChildInfo,
+    ChildSnapshot as ChildSnapshot,
+    ChildState as ChildState,
+    EventKind as EventKind,
+    ExitKind as ExitKind,
+    SupervisorEvent as SupervisorEvent,
+    SupervisorSnapshot as SupervisorSnapshot,
+)
 from ._exceptions import (
     BadRequest as BadRequest,
     ChildStartError as ChildStartError,
@@ -21,24 +32,57 @@ from ._exceptions import (
     TransientError as TransientError,
     Unauthorized as Unauthorized,
 )
+from ._spec import (
+    AutoShutdown as AutoShutdown,
+    Backoff as Backoff,
+    ChildSpec as ChildSpec,
+    Restart as Restart,
+    Strategy as Strategy,
+    SupervisorSpec as SupervisorSpec,
+)
+from ._tree import (
+    ChildContext as ChildContext,
+    Supervisor as Supervisor,
+    current_child as current_child,
+    open_supervisor as open_supervisor,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AutoShutdown",
+    "Backoff",
     "BadRequest",
+    "ChildContext",
+    "ChildCounts",
+    "ChildExit",
+    "ChildInfo",
+    "ChildSnapshot",
+    "ChildSpec",
     "ChildStartError",
+    "ChildState",
     "ConfigError",
     "Conflict",
     "ControlPlaneError",
     "ControlPlaneUnavailable",
+    "EventKind",
+    "ExitKind",
     "FatalError",
     "FencingConflict",
     "Gone",
     "LeaseLost",
     "NotFound",
+    "Restart",
     "RestartIntensityExceeded",
     "Shutdown",
+    "Strategy",
+    "Supervisor",
     "SupervisorError",
+    "SupervisorEvent",
+    "SupervisorSnapshot",
+    "SupervisorSpec",
     "TransientError",
     "Unauthorized",
+    "current_child",
+    "open_supervisor",
 ]

@@ -19,11 +19,11 @@ from ._models import (
 from ._protocol import ControlPlane as ControlPlane
 
 __all__ = [
-    "NO_HEARTBEAT",
     "ControlPlane",
     "Delegation",
     "DelegationStatus",
     "HeartbeatResult",
+    "NO_HEARTBEAT",
     "Outcome",
     "OutcomeStatus",
     "PresenceReport",

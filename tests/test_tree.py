@@ -1,0 +1,832 @@
+"""Focused tests of the supervision tree: one behaviour of DESIGN §2 each."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from supervisor import (
+    AutoShutdown,
+    Backoff,
+    ChildSpec,
+    ChildStartError,
+    ChildState,
+    EventKind,
+    ExitKind,
+    Restart,
+    RestartIntensityExceeded,
+    Shutdown,
+    Strategy,
+    Supervisor,
+    SupervisorError,
+    SupervisorEvent,
+    SupervisorSpec,
+    current_child,
+    open_supervisor,
+)
+
+
+class Log:
+    """Records what children do, in order."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.starts: dict[str, int] = {}
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def started(self, name: str) -> None:
+        self.starts[name] = self.starts.get(name, 0) + 1
+        self.add(f"start {name}")
+
+
+def forever(log: Log, name: str) -> Callable[..., Awaitable[None]]:
+    async def child(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        log.started(name)
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            log.add(f"stop {name}")
+
+    return child
+
+
+class Controlled:
+    """A child whose fate the test decides: crash, return or raise Shutdown on cue."""
+
+    def __init__(self, log: Log, name: str) -> None:
+        self.log = log
+        self.name = name
+        self.order: trio.MemorySendChannel[str] | None = None
+
+    async def __call__(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        send, receive = trio.open_memory_channel[str](1)
+        self.order = send
+        self.log.started(self.name)
+        task_status.started()
+        try:
+            what = await receive.receive()
+        finally:
+            self.log.add(f"stop {self.name}")
+        if what == "crash":
+            raise ValueError(f"{self.name} crashed")
+        if what == "shutdown":
+            raise Shutdown()
+
+    async def do(self, what: str) -> None:
+        assert self.order is not None
+        order, self.order = self.order, None
+        await order.send(what)
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _noop_target() -> Callable[..., Awaitable[None]]:
+    async def target() -> None:
+        await trio.lowlevel.checkpoint()
+
+    return target
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda t: SupervisorSpec([ChildSpec("a", t), ChildSpec("a", t)]),
+            "duplicate child id 'a'",
+        ),
+        (
+            lambda t: ChildSpec("a", t, restart=Restart.PERMANENT, significant=True),
+            "PERMANENT child cannot be significant",
+        ),
+        (
+            lambda t: SupervisorSpec(
+                [ChildSpec("a", t, restart=Restart.TEMPORARY, significant=True)]
+            ),
+            "significant but auto_shutdown is NEVER",
+        ),
+        (lambda t: SupervisorSpec([], intensity=-1), "intensity must be >= 0"),
+        (lambda t: SupervisorSpec([], period=0), "period must be > 0"),
+        (lambda t: SupervisorSpec([], period=-2.0), "must be >= 0"),
+        (lambda t: ChildSpec("a", t, shutdown=-1), "shutdown must be >= 0"),
+        (lambda t: ChildSpec("", t), "non-empty string"),
+        (lambda t: Backoff(initial=-0.1), "initial must be >= 0"),
+        (lambda t: Backoff(jitter=2.0), "jitter is a fraction"),
+        (lambda t: Backoff(initial=5, maximum=1), "maximum"),
+        (lambda t: Backoff(multiplier=0.5), "multiplier must be >= 1"),
+    ],
+)
+def test_specs_are_validated_with_a_clear_message(
+    make: Callable[[Any], object], message: str
+) -> None:
+    """Bad specs fail at construction with ValueError naming the problem."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        make(_noop_target())
+
+
+def test_target_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="must be callable"):
+        ChildSpec("a", 42)  # type: ignore[arg-type]
+
+
+def test_child_spec_detects_task_status() -> None:
+    """Targets taking task_status start via nursery.start; others count as started at once."""
+
+    async def with_status(*, task_status: trio.TaskStatus[None]) -> None: ...
+
+    async def without() -> None: ...
+
+    assert ChildSpec("a", with_status).accepts_task_status
+    assert not ChildSpec("b", without).accepts_task_status
+
+
+# ---------------------------------------------------------------- start / stop
+
+
+async def test_children_start_in_order_and_stop_in_reverse() -> None:
+    log = Log()
+    spec = SupervisorSpec([ChildSpec(n, forever(log, n)) for n in "abc"])
+    async with open_supervisor(spec) as sup:
+        assert log.lines == ["start a", "start b", "start c"]
+        assert [c.state for c in sup.which_children()] == [ChildState.RUNNING] * 3
+    assert log.lines[3:] == ["stop c", "stop b", "stop a"]
+
+
+async def test_each_child_is_awaited_for_readiness_before_the_next_starts() -> None:
+    log = Log()
+
+    async def slow(*, task_status: trio.TaskStatus[str]) -> None:
+        await trio.sleep(1)
+        log.add("slow ready")
+        task_status.started("slow-value")
+        await trio.sleep_forever()
+
+    async with open_supervisor(
+        SupervisorSpec([ChildSpec("slow", slow), ChildSpec("b", forever(log, "b"))])
+    ):
+        assert log.lines == ["slow ready", "start b"]
+
+
+async def test_nursery_start_returns_once_all_children_started(nursery: trio.Nursery) -> None:
+    log = Log()
+    sup = Supervisor(SupervisorSpec([ChildSpec(n, forever(log, n)) for n in "ab"]))
+    value = await nursery.start(sup.run)
+    assert value is sup
+    assert log.starts == {"a": 1, "b": 1}
+    await sup.shutdown()
+    assert not sup.running
+
+
+async def test_start_failure_rolls_back_started_children_in_reverse() -> None:
+    log = Log()
+
+    async def broken(*, task_status: trio.TaskStatus[None]) -> None:
+        raise OSError("port in use")
+
+    spec = SupervisorSpec(
+        [
+            ChildSpec("a", forever(log, "a")),
+            ChildSpec("b", forever(log, "b")),
+            ChildSpec("c", broken),
+        ]
+    )
+    started: list[object] = []
+
+    class Status:
+        def started(self, value: object = None) -> None:
+            started.append(value)
+
+    with pytest.raises(ChildStartError, match="'c' failed to start: OSError: port in use") as info:
+        await Supervisor(spec).run(task_status=Status())  # type: ignore[arg-type]
+    assert started == []  # run() never signalled readiness
+    assert isinstance(info.value.__cause__, OSError)
+    assert log.lines == ["start a", "start b", "stop b", "stop a"]
+
+
+async def test_child_returning_before_started_is_a_start_failure() -> None:
+    async def lazy(*, task_status: trio.TaskStatus[None]) -> None:
+        return None
+
+    with pytest.raises(ChildStartError, match="'lazy' failed to start"):
+        await Supervisor(SupervisorSpec([ChildSpec("lazy", lazy)])).run()
+
+
+# ---------------------------------------------------------- exits and restarts
+
+
+@pytest.mark.parametrize(
+    ("restart", "fate", "restarted"),
+    [
+        (Restart.PERMANENT, "return", True),
+        (Restart.PERMANENT, "shutdown", True),
+        (Restart.PERMANENT, "crash", True),
+        (Restart.TRANSIENT, "return", False),
+        (Restart.TRANSIENT, "shutdown", False),
+        (Restart.TRANSIENT, "crash", True),
+        (Restart.TEMPORARY, "return", False),
+        (Restart.TEMPORARY, "shutdown", False),
+        (Restart.TEMPORARY, "crash", False),
+    ],
+)
+async def test_restart_table(restart: Restart, fate: str, restarted: bool) -> None:
+    """Every row of the exit-kind x restart-type table."""
+    log = Log()
+    child = Controlled(log, "x")
+    async with open_supervisor(SupervisorSpec([ChildSpec("x", child, restart=restart)])) as sup:
+        await child.do(fate)
+        assert log.starts["x"] == (2 if restarted else 1)
+        ids = [c.id for c in sup.which_children()]
+        if restart is Restart.TEMPORARY:
+            assert ids == []  # a temporary child is removed once it ended
+        else:
+            assert ids == ["x"]
+            expected = ChildState.RUNNING if restarted else ChildState.STOPPED
+            assert sup.which_children()[0].state is expected
+
+
+async def test_terminated_child_is_not_restarted_and_temporary_is_removed() -> None:
+    log = Log()
+    spec = SupervisorSpec(
+        [
+            ChildSpec("p", forever(log, "p")),
+            ChildSpec("t", forever(log, "t"), restart=Restart.TEMPORARY),
+        ]
+    )
+    async with open_supervisor(spec) as sup:
+        await sup.terminate_child("p")
+        await sup.terminate_child("t")
+        await settle()
+        assert log.starts == {"p": 1, "t": 1}
+        assert [(c.id, c.state) for c in sup.which_children()] == [("p", ChildState.STOPPED)]
+        snap = sup.snapshot().find("p")
+        assert snap is not None
+        assert snap.last_exit_kind is ExitKind.SHUTDOWN
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected_restarted"),
+    [
+        (Strategy.ONE_FOR_ONE, {"b"}),
+        (Strategy.ONE_FOR_ALL, {"a", "b", "c"}),
+        (Strategy.REST_FOR_ONE, {"b", "c"}),
+    ],
+)
+async def test_strategies(strategy: Strategy, expected_restarted: set[str]) -> None:
+    log = Log()
+    b = Controlled(log, "b")
+    spec = SupervisorSpec(
+        [ChildSpec("a", forever(log, "a")), ChildSpec("b", b), ChildSpec("c", forever(log, "c"))],
+        strategy=strategy,
+    )
+    async with open_supervisor(spec):
+        log.lines.clear()
+        await b.do("crash")
+        restarted = {name for name, n in log.starts.items() if n == 2}
+        assert restarted == expected_restarted
+        stops = [line for line in log.lines if line.startswith("stop")]
+        starts = [line for line in log.lines if line.startswith("start")]
+        # the others stop in reverse start order; all restart in start order
+        assert stops == ["stop b"] + [f"stop {n}" for n in "ca" if n in expected_restarted]
+        assert starts == [f"start {n}" for n in "abc" if n in expected_restarted]
+
+
+async def test_intensity_is_counted_per_supervisor_and_escalates() -> None:
+    """4 restarts of *different* children within the period exceed intensity 3."""
+    log = Log()
+    kids = {n: Controlled(log, n) for n in "ab"}
+    spec = SupervisorSpec(
+        [ChildSpec(n, kids[n]) for n in "ab"], intensity=3, period=10.0, name="top"
+    )
+    with pytest.raises(RestartIntensityExceeded) as info:
+        async with open_supervisor(spec):
+            for name in "abab":
+                await kids[name].do("crash")
+            await trio.sleep_forever()
+    error = info.value
+    assert error.supervisor == "top"
+    assert isinstance(error.__cause__, ValueError)
+    assert str(error.__cause__) == "b crashed"
+    assert {e.child_id for e in error.history} == {"a", "b"}
+    assert "top" in str(error) and "3 restarts in 10s" in str(error)
+    assert isinstance(error, SupervisorError)
+    assert log.starts == {"a": 3, "b": 2}  # the 4th restart was refused
+
+
+async def test_intensity_window_slides(autojump_clock: trio.testing.MockClock) -> None:
+    """Restarts spread wider than the period never escalate."""
+    log = Log()
+    kid = Controlled(log, "a")
+    async with open_supervisor(
+        SupervisorSpec([ChildSpec("a", kid)], intensity=1, period=5.0)
+    ) as sup:
+        for _ in range(6):
+            await kid.do("crash")
+            await trio.sleep(5.01)
+        assert log.starts["a"] == 7
+        assert sup.snapshot().restarts_in_window == 0
+
+
+async def test_permanent_child_returning_in_a_loop_escalates() -> None:
+    async def quitter() -> None:
+        await trio.lowlevel.checkpoint()
+
+    with pytest.raises(RestartIntensityExceeded) as info:
+        await Supervisor(SupervisorSpec([ChildSpec("q", quitter)], intensity=2)).run()
+    assert info.value.__cause__ is None
+    assert [e.kind for e in info.value.history] == [ExitKind.NORMAL]
+
+
+async def test_keyboard_interrupt_propagates_without_restart() -> None:
+    starts = 0
+
+    async def interrupted() -> None:
+        nonlocal starts
+        starts += 1
+        await trio.lowlevel.checkpoint()
+        raise KeyboardInterrupt
+
+    log = Log()
+    spec = SupervisorSpec([ChildSpec("a", forever(log, "a")), ChildSpec("k", interrupted)])
+    with pytest.raises(KeyboardInterrupt):
+        await Supervisor(spec).run()
+    assert starts == 1
+    assert log.lines == ["start a", "stop a"]
+
+
+# ------------------------------------------------------------ auto_shutdown
+
+
+async def test_any_significant_stops_the_supervisor_and_records_the_reason() -> None:
+    log = Log()
+    lease = Controlled(log, "lease")
+    spec = SupervisorSpec(
+        [
+            ChildSpec("lease", lease, restart=Restart.TEMPORARY, significant=True),
+            ChildSpec(
+                "runner", forever(log, "runner"), restart=Restart.TEMPORARY, significant=True
+            ),
+        ],
+        strategy=Strategy.ONE_FOR_ALL,
+        auto_shutdown=AutoShutdown.ANY_SIGNIFICANT,
+    )
+    sup = Supervisor(spec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await lease.do("crash")
+    assert not sup.running
+    assert sup.exit_reason is not None
+    assert sup.exit_reason.child_id == "lease"
+    assert sup.exit_reason.kind is ExitKind.ABNORMAL
+    assert isinstance(sup.exit_reason.exception, ValueError)
+    assert log.lines[-2:] == ["stop lease", "stop runner"]
+
+
+async def test_all_significant_waits_for_the_last_one() -> None:
+    log = Log()
+    a, b = Controlled(log, "a"), Controlled(log, "b")
+    spec = SupervisorSpec(
+        [
+            ChildSpec("a", a, restart=Restart.TRANSIENT, significant=True),
+            ChildSpec("b", b, restart=Restart.TRANSIENT, significant=True),
+            ChildSpec("other", forever(log, "other")),
+        ],
+        auto_shutdown=AutoShutdown.ALL_SIGNIFICANT,
+    )
+    sup = Supervisor(spec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await a.do("return")
+        assert sup.running
+        await b.do("shutdown")
+    assert not sup.running
+    assert sup.exit_reason is not None and sup.exit_reason.child_id == "b"
+
+
+async def test_terminating_a_significant_child_does_not_auto_shutdown() -> None:
+    log = Log()
+    spec = SupervisorSpec(
+        [ChildSpec("s", forever(log, "s"), restart=Restart.TRANSIENT, significant=True)],
+        auto_shutdown=AutoShutdown.ANY_SIGNIFICANT,
+    )
+    async with open_supervisor(spec) as sup:
+        await sup.terminate_child("s")
+        await settle()
+        assert sup.running
+        assert sup.exit_reason is None
+
+
+async def test_restarted_significant_child_does_not_auto_shutdown() -> None:
+    log = Log()
+    s = Controlled(log, "s")
+    spec = SupervisorSpec(
+        [ChildSpec("s", s, restart=Restart.TRANSIENT, significant=True)],
+        auto_shutdown=AutoShutdown.ANY_SIGNIFICANT,
+    )
+    async with open_supervisor(spec) as sup:
+        await s.do("crash")
+        assert sup.running and log.starts["s"] == 2
+
+
+# ---------------------------------------------------------------- backoff
+
+
+async def test_backoff_delays_restarts_exponentially(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    times: list[float] = []
+
+    async def crasher() -> None:
+        times.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        raise RuntimeError("boom")
+
+    backoff = Backoff(initial=1.0, maximum=4.0, multiplier=2.0, jitter=0.0, reset_after=100.0)
+    spec = SupervisorSpec([ChildSpec("c", crasher)], intensity=5, period=1000.0, backoff=backoff)
+    with pytest.raises(RestartIntensityExceeded):
+        await Supervisor(spec).run()
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(times)]
+    assert gaps == [1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+async def test_backoff_jitter_uses_the_injected_random_source(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def run_once(seed: int) -> list[float]:
+        backoff = Backoff(initial=1.0, maximum=8.0, jitter=0.5, rng=random.Random(seed))
+        return [backoff.delay(n) for n in range(4)]
+
+    first, again = run_once(7), run_once(7)
+    assert first == again
+    for n, delay in enumerate(first):
+        base = min(8.0, 2.0**n)
+        assert base * 0.5 <= delay <= base * 1.5
+    assert run_once(8) != first
+
+
+async def test_backoff_resets_after_stable_running(autojump_clock: trio.testing.MockClock) -> None:
+    times: list[float] = []
+    runs = [0.0, 0.0, 50.0, 0.0]  # how long each run lasts before crashing
+
+    async def crasher() -> None:
+        times.append(trio.current_time())
+        await trio.sleep(runs[len(times) - 1] if len(times) <= len(runs) else 0)
+        if len(times) > len(runs):
+            await trio.sleep_forever()
+        raise RuntimeError("boom")
+
+    backoff = Backoff(initial=1.0, maximum=30.0, jitter=0.0, reset_after=10.0)
+    async with open_supervisor(
+        SupervisorSpec([ChildSpec("c", crasher)], intensity=10, period=1000.0, backoff=backoff)
+    ):
+        await trio.sleep(500)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(times)]
+    # delays 1, 2; then a 50 s stable run resets the count: delay 1 again, then 2
+    assert gaps == [1.0, 2.0, 50.0 + 1.0, 2.0]
+
+
+async def test_child_in_backoff_is_reported_and_can_be_terminated(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+    kid = Controlled(log, "k")
+    spec = SupervisorSpec(
+        [ChildSpec("k", kid)], backoff=Backoff(initial=10.0, maximum=10.0, jitter=0.0)
+    )
+    async with open_supervisor(spec) as sup:
+        await kid.do("crash")
+        assert sup.which_children()[0].state is ChildState.BACKOFF
+        await sup.terminate_child("k")
+        await trio.sleep(20)
+        assert log.starts["k"] == 1
+        assert sup.which_children()[0].state is ChildState.STOPPED
+
+
+# ------------------------------------------------------- two-phase shutdown
+
+
+async def test_cooperative_child_gets_its_grace_then_stops_itself(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+
+    async def polite() -> None:
+        await current_child().stop_requested.wait()
+        await trio.sleep(2)  # finishing its work
+        log.add("finished cleanly")
+
+    async with open_supervisor(SupervisorSpec([ChildSpec("p", polite, shutdown=5.0)])) as sup:
+        start = trio.current_time()
+        await sup.terminate_child("p")
+        assert trio.current_time() - start == pytest.approx(2.0)
+    assert log.lines == ["finished cleanly"]
+
+
+async def test_cooperative_child_is_cancelled_after_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+
+    async def slowpoke() -> None:
+        current_child().stop_requested  # noqa: B018 - looking at it opts into the grace period
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            log.add("cancelled")
+            raise
+
+    async with open_supervisor(SupervisorSpec([ChildSpec("s", slowpoke, shutdown=3.0)])) as sup:
+        start = trio.current_time()
+        await sup.terminate_child("s")
+        assert trio.current_time() - start == pytest.approx(3.0)
+    assert log.lines == ["cancelled"]
+
+
+async def test_child_that_never_looks_at_the_stop_request_is_cancelled_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+    async with open_supervisor(
+        SupervisorSpec([ChildSpec("a", forever(log, "a"), shutdown=30.0)])
+    ) as sup:
+        start = trio.current_time()
+        await sup.terminate_child("a")
+        assert trio.current_time() == start
+
+
+async def test_shielded_child_is_reported_unresponsive_and_awaited(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def stubborn() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(10)
+
+    async with open_supervisor(
+        SupervisorSpec([ChildSpec("s", stubborn, shutdown=0)], unresponsive_after=1.0)
+    ) as sup:
+        events = sup.subscribe()
+        start = trio.current_time()
+        await sup.terminate_child("s")
+        assert trio.current_time() - start == pytest.approx(10.0)
+        kinds = []
+        while True:
+            try:
+                kinds.append(events.receive_nowait())
+            except trio.WouldBlock:
+                break
+        unresponsive = [e for e in kinds if e.kind is EventKind.CHILD_UNRESPONSIVE]
+        assert len(unresponsive) == 1
+        assert unresponsive[0].time - start == pytest.approx(1.0)
+
+
+async def test_host_cancellation_stops_children_in_order_then_propagates(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+
+    async def polite(name: str) -> None:
+        log.started(name)
+        await current_child().stop_requested.wait()
+        await trio.sleep(1)
+        log.add(f"stop {name}")
+
+    spec = SupervisorSpec([ChildSpec(n, polite, args=(n,)) for n in "abc"])
+    with trio.move_on_after(5) as scope:
+        await Supervisor(spec).run()
+    assert scope.cancelled_caught
+    assert log.lines[3:] == ["stop c", "stop b", "stop a"]
+
+
+# ------------------------------------------------------------ nesting
+
+
+async def test_nested_escalation_is_the_parents_abnormal_exit() -> None:
+    log = Log()
+    inner_kid = Controlled(log, "leaf")
+    inner = Supervisor(SupervisorSpec([ChildSpec("leaf", inner_kid)], intensity=0, name="inner"))
+    outer = Supervisor(SupervisorSpec([ChildSpec("inner", inner.run)], intensity=5, name="outer"))
+    events: list[SupervisorEvent] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outer.run)
+        channel = outer.subscribe()
+        await inner_kid.do("crash")
+        await settle()
+        while True:
+            try:
+                events.append(channel.receive_nowait())
+            except trio.WouldBlock:
+                break
+        assert log.starts["leaf"] == 2  # the parent restarted the whole inner supervisor
+        info = outer.which_children()[0]
+        assert info.is_supervisor
+        await outer.shutdown()
+    exits = [e for e in events if e.kind is EventKind.CHILD_EXITED]
+    assert exits[0].exit is not None and exits[0].exit.kind is ExitKind.ABNORMAL
+    assert isinstance(exits[0].exit.exception, RestartIntensityExceeded)
+
+
+async def test_snapshot_is_nested_frozen_and_json_serialisable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+    inner = Supervisor(
+        SupervisorSpec(
+            [ChildSpec("leaf", forever(log, "leaf"))], name="inner", strategy=Strategy.ONE_FOR_ALL
+        )
+    )
+    spec = SupervisorSpec(
+        [
+            ChildSpec("inner", inner.run),
+            ChildSpec("w", forever(log, "w"), restart=Restart.TRANSIENT),
+        ],
+        name="root",
+    )
+    async with open_supervisor(spec) as sup:
+        await trio.sleep(3)
+        snap = sup.snapshot()
+        data = json.loads(json.dumps(snap.as_dict()))
+        assert data["name"] == "root"
+        assert [c["id"] for c in data["children"]] == ["inner", "w"]
+        nested = data["children"][0]["supervisor"]
+        assert nested["name"] == "inner" and nested["strategy"] == "one_for_all"
+        assert nested["children"][0]["state"] == "running"
+        assert data["children"][1]["restart"] == "transient"
+        assert data["children"][1]["uptime"] == pytest.approx(3.0)
+        leaf = snap.find("inner", "leaf")
+        assert leaf is not None and leaf.state is ChildState.RUNNING
+        with pytest.raises(AttributeError):
+            snap.name = "x"  # type: ignore[misc]
+        counts = sup.count_children()
+        assert (counts.specs, counts.active, counts.supervisors, counts.workers) == (2, 2, 1, 1)
+
+
+async def test_parent_stop_request_shuts_nested_supervisor_down_gracefully(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+
+    async def polite(name: str) -> None:
+        log.started(name)
+        await current_child().stop_requested.wait()
+        log.add(f"stop {name}")
+
+    inner = Supervisor(
+        SupervisorSpec([ChildSpec(n, polite, args=(n,)) for n in "xy"], name="inner")
+    )
+    async with open_supervisor(SupervisorSpec([ChildSpec("inner", inner.run)])) as sup:
+        await sup.terminate_child("inner")
+        assert log.lines == ["start x", "start y", "stop y", "stop x"]
+
+
+# ------------------------------------------------------- dynamic children
+
+
+async def test_dynamic_children_lifecycle() -> None:
+    log = Log()
+
+    async def valued(*, task_status: trio.TaskStatus[int]) -> None:
+        log.started("v")
+        task_status.started(42)
+        await trio.sleep_forever()
+
+    async with open_supervisor(SupervisorSpec([], name="dyn")) as sup:
+        assert await sup.start_child(ChildSpec("v", valued)) == 42
+        with pytest.raises(ValueError, match="already has a child 'v'"):
+            await sup.start_child(ChildSpec("v", valued))
+        assert await sup.restart_child("v") == 42
+        assert log.starts["v"] == 2
+        with pytest.raises(RuntimeError, match="terminate it first"):
+            await sup.delete_child("v")
+        await sup.terminate_child("v")
+        await sup.delete_child("v")
+        assert sup.which_children() == []
+        with pytest.raises(LookupError, match="no child 'v'"):
+            await sup.terminate_child("v")
+
+
+async def test_start_child_failure_raises_and_keeps_nothing() -> None:
+    async def broken(*, task_status: trio.TaskStatus[None]) -> None:
+        raise OSError("nope")
+
+    async with open_supervisor(SupervisorSpec([])) as sup:
+        with pytest.raises(ChildStartError, match="OSError: nope"):
+            await sup.start_child(ChildSpec("b", broken))
+        assert sup.which_children() == []
+        assert sup.running
+
+
+async def test_dynamic_child_significance_is_validated() -> None:
+    async with open_supervisor(SupervisorSpec([])) as sup:
+        with pytest.raises(ValueError, match="auto_shutdown is NEVER"):
+            await sup.start_child(
+                ChildSpec("s", _noop_target(), restart=Restart.TEMPORARY, significant=True)
+            )
+
+
+async def test_calls_on_a_stopped_supervisor_raise() -> None:
+    sup = Supervisor(SupervisorSpec([]))
+    with pytest.raises(RuntimeError, match="not running"):
+        await sup.start_child(ChildSpec("a", _noop_target()))
+
+
+async def test_supervisor_can_run_again_after_it_stopped() -> None:
+    log = Log()
+    sup = Supervisor(SupervisorSpec([ChildSpec("a", forever(log, "a"))]))
+    for _ in range(2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.shutdown()
+    assert log.starts["a"] == 2
+
+
+async def test_running_twice_at_once_is_refused(nursery: trio.Nursery) -> None:
+    sup = Supervisor(SupervisorSpec([]))
+    await nursery.start(sup.run)
+    with pytest.raises(RuntimeError, match="already running"):
+        await sup.run()
+    await sup.shutdown()
+
+
+# ------------------------------------------------------- events and logs
+
+
+async def test_events_are_published_in_order() -> None:
+    log = Log()
+    kid = Controlled(log, "k")
+    async with open_supervisor(SupervisorSpec([ChildSpec("k", kid)], name="ev")) as sup:
+        channel = sup.subscribe()
+        await kid.do("crash")
+        got = [channel.receive_nowait() for _ in range(3)]
+    assert [e.kind for e in got] == [
+        EventKind.CHILD_EXITED,
+        EventKind.CHILD_RESTARTING,
+        EventKind.CHILD_STARTED,
+    ]
+    assert all(e.supervisor == "ev" and e.child_id == "k" for e in got)
+
+
+async def test_slow_subscriber_loses_events_but_never_blocks() -> None:
+    log = Log()
+    kid = Controlled(log, "k")
+    async with open_supervisor(SupervisorSpec([ChildSpec("k", kid)], intensity=10)) as sup:
+        sup.subscribe(max_buffer=1)
+        await kid.do("crash")
+        await kid.do("crash")
+        assert log.starts["k"] == 3
+        assert sup.dropped_events >= 4
+
+
+async def test_logging_levels(caplog: pytest.LogCaptureFixture) -> None:
+    """Absorbed crashes: a WARNING line, traceback only at DEBUG; escalation: ERROR + traceback."""
+    log = Log()
+    kid = Controlled(log, "k")
+    caplog.set_level(logging.WARNING, logger="supervisor")
+    with pytest.raises(RestartIntensityExceeded):
+        async with open_supervisor(SupervisorSpec([ChildSpec("k", kid)], intensity=1)):
+            await kid.do("crash")
+            await kid.do("crash")
+            await trio.sleep_forever()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(warnings) == 2 and all(r.exc_info is None for r in warnings)
+    assert "exited abnormally: ValueError: k crashed" in warnings[0].getMessage()
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert "restart intensity exceeded" in errors[0].getMessage()
+
+
+async def test_open_supervisor_raises_the_escalation_bare() -> None:
+    log = Log()
+    kid = Controlled(log, "k")
+    with pytest.raises(RestartIntensityExceeded):
+        async with open_supervisor(SupervisorSpec([ChildSpec("k", kid)], intensity=0)):
+            await kid.do("crash")
+            await trio.sleep_forever()
+
+
+async def test_open_supervisor_passes_body_errors_through_after_shutdown() -> None:
+    log = Log()
+    with pytest.raises(ZeroDivisionError):
+        async with open_supervisor(SupervisorSpec([ChildSpec("a", forever(log, "a"))])):
+            _ = 1 / 0
+    assert log.lines == ["start a", "stop a"]
