@@ -696,7 +696,10 @@ async def test_parent_stop_request_shuts_nested_supervisor_down_gracefully(
     )
     async with open_supervisor(SupervisorSpec([ChildSpec("inner", inner.run)])) as sup:
         await sup.terminate_child("inner")
-        assert log.lines == ["start x", "start y", "stop y", "stop x"]
+        # targets without task_status count as started at once, so their first lines may
+        # run in any order; the stop order is the contract
+        assert sorted(log.lines[:2]) == ["start x", "start y"]
+        assert log.lines[2:] == ["stop y", "stop x"]
 
 
 # ------------------------------------------------------- dynamic children
