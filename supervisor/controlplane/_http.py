@@ -1,0 +1,523 @@
+"""``HttpControlPlane``: the ``ControlPlane`` protocol over HTTP, with httpx.
+
+Everything that can go wrong on the wire is translated here, once, into the
+package's exceptions, so nothing above this module ever sees ``httpx``:
+
+==========================================  =====================================
+what happened                               raised
+==========================================  =====================================
+no answer: connect/read error, timeout      ``ControlPlaneUnavailable`` (transient)
+5xx, 408, 429                               ``TransientError``
+400, 413, 415, 422                          ``BadRequest``
+401, 403                                    ``Unauthorized`` (after one key re-read)
+404 / 409 / 410 / 412                       ``NotFound`` / ``Conflict`` / ``Gone`` /
+                                            ``FencingConflict``
+any other 4xx, an unexpected status or a    ``FatalError``
+malformed answer
+==========================================  =====================================
+
+``trio.Cancelled`` is not an ``Exception`` and is never caught here: a
+cancelled call aborts its request and the cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Final, Self, TypeVar
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from .._exceptions import (
+    BadRequest,
+    ConfigError,
+    Conflict,
+    ControlPlaneError,
+    ControlPlaneUnavailable,
+    FatalError,
+    FencingConflict,
+    Gone,
+    NotFound,
+    TransientError,
+    Unauthorized,
+)
+from . import _codec as codec
+from ._keys import KeyProvider, as_key_provider, check_key_syntax
+from ._models import (
+    Delegation,
+    DelegationStatus,
+    HeartbeatResult,
+    Outcome,
+    PresenceReport,
+    SessionMessage,
+    WorkerRecord,
+    WorkItem,
+    WorkState,
+    WorkStats,
+)
+
+__all__ = ["HttpControlPlane", "open_http_control_plane"]
+
+_T = TypeVar("_T")
+
+#: Extra seconds a long poll may take beyond ``block_ms`` before it counts as a timeout.
+POLL_MARGIN: Final = 5.0
+
+_FATAL_BY_STATUS: Final[Mapping[int, type[ControlPlaneError]]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    412: FencingConflict,
+    413: BadRequest,
+    415: BadRequest,
+    422: BadRequest,
+}
+
+
+def _segment(value: str, what: str) -> str:
+    """Percent-encode one path segment; refuse what no route could match."""
+    if not value:
+        raise BadRequest(f"{what} must not be empty")
+    if "/" in value:
+        raise BadRequest(f"{what} must not contain '/': {value!r}")
+    return quote(value, safe="")
+
+
+def _error_for(status: int, message: str) -> ControlPlaneError:
+    kind = _FATAL_BY_STATUS.get(status)
+    if kind is not None:
+        return kind(message, status_code=status)
+    if status >= 500 or status in (408, 429):
+        return TransientError(message, status_code=status)
+    return FatalError(message, status_code=status)
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The server's ``{"error": {"message"}}``, else the reason phrase."""
+    try:
+        body = codec.loads(response.content, what="error body")
+    except BadRequest:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            kind = error.get("type")
+            prefix = f"{kind}: " if isinstance(kind, str) else ""
+            return f"{prefix}{error['message']}"
+    return response.reason_phrase or "no reason given"
+
+
+class HttpControlPlane:
+    """A ``ControlPlane`` reached over HTTP (the reference server, or a compatible service).
+
+    One ``httpx.AsyncClient`` is shared by every call (connection reuse). It is
+    created here unless one is injected; ``aclose`` closes it only when it was
+    created here.
+
+    Args:
+        base_url: the server's root, for example ``http://127.0.0.1:8790``.
+        environment_id: the environment every call addresses.
+        key: the environment key, or a ``KeyProvider`` (``FileKey`` re-reads its file after a 401).
+        client: an ``httpx.AsyncClient`` to use instead of a private one.
+        timeout: seconds allowed per call (connect, read, write); a poll gets
+            ``block_ms`` plus ``POLL_MARGIN`` more.
+
+    Raises:
+        ConfigError: ``base_url`` is not an http(s) URL, or ``timeout`` is not positive.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        environment_id: str = "default",
+        key: str | KeyProvider,
+        client: httpx.AsyncClient | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        try:
+            url = httpx.URL(base_url)
+        except httpx.InvalidURL as exc:
+            raise ConfigError(f"invalid control plane URL {base_url!r}: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(
+                f"the control plane URL must be http(s)://host[:port], got {base_url!r}"
+            )
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(key, str) and (problem := check_key_syntax(key)):
+            raise ConfigError(problem, key="environment key")
+        if not environment_id or "/" in environment_id:
+            raise ConfigError(f"invalid environment id {environment_id!r}")
+        self._base = str(url).rstrip("/")
+        self._environment_id = environment_id
+        self._prefix = f"/v1/environments/{quote(environment_id, safe='')}"
+        self._keys = as_key_provider(key)
+        self._timeout = timeout
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.AsyncClient()
+        self._closed = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        base_url: str,
+        *,
+        environment_id: str = "default",
+        key: str | KeyProvider,
+        client: httpx.AsyncClient | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109 - per-request HTTP timeout, not a deadline
+    ) -> AsyncIterator[HttpControlPlane]:
+        """``async with HttpControlPlane.open(url, key=...) as cp:`` closes it on exit."""
+        plane = cls(
+            base_url, environment_id=environment_id, key=key, client=client, timeout=timeout
+        )
+        try:
+            yield plane
+        finally:
+            await plane.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"HttpControlPlane({self._base!r}, environment_id={self._environment_id!r})"
+
+    @property
+    def environment_id(self) -> str:
+        return self._environment_id
+
+    @property
+    def base_url(self) -> str:
+        return self._base
+
+    async def aclose(self) -> None:
+        """Close the private client (never an injected one); idempotent, bounded under cancel."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            with trio.move_on_after(5, shield=True):
+                await self._client.aclose()
+
+    # --- transport ---------------------------------------------------------------
+
+    def _key(self) -> str:
+        try:
+            key = self._keys.current()
+        except ConfigError as exc:
+            raise Unauthorized(str(exc)) from None
+        if problem := check_key_syntax(key):
+            raise Unauthorized(problem)
+        return key
+
+    def _rotated_key(self, used: str) -> str | None:
+        """After a 401: re-read the key; the new key if it differs from ``used``, else ``None``."""
+        try:
+            self._keys.reload()
+            fresh = self._keys.current()
+        except ConfigError:
+            return None
+        if fresh == used or check_key_syntax(fresh):
+            return None
+        return fresh
+
+    async def _send(
+        self,
+        method: str,
+        what: str,
+        url: str,
+        key: str,
+        params: Mapping[str, str] | None,
+        content: bytes | None,
+        seconds: float,
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            request = self._client.build_request(
+                method,
+                url,
+                params=params,
+                content=content,
+                headers=headers,
+                timeout=httpx.Timeout(seconds),
+            )
+            return await self._client.send(request)
+        except httpx.TimeoutException as exc:
+            raise ControlPlaneUnavailable(
+                f"{what}: no answer from {self._base} within {seconds:g}s ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            detail = str(exc) or type(exc).__name__
+            raise ControlPlaneUnavailable(f"{what}: cannot reach {self._base}: {detail}") from exc
+        except httpx.HTTPError as exc:
+            detail = str(exc) or type(exc).__name__
+            raise TransientError(f"{what}: HTTP failure talking to {self._base}: {detail}") from exc
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: codec.JSON | None = None,
+        seconds: float | None = None,
+    ) -> codec.JSON | None:
+        """One request with auth, a 401 key re-read, and status translation.
+
+        Returns:
+            The decoded JSON answer, or ``None`` for 204 No Content.
+        """
+        if self._closed:
+            raise RuntimeError("this HttpControlPlane is closed")
+        what = f"{method} {self._prefix}{path}"
+        url = f"{self._base}{self._prefix}{path}"
+        content = None if body is None else codec.dumps(body)
+        limit = self._timeout if seconds is None else seconds
+        key = self._key()
+        response = await self._send(method, what, url, key, params, content, limit)
+        if response.status_code == 401:
+            # Once, and only when the key really changed: a rotated key file is
+            # picked up, but a wrong key never turns into a retry loop.
+            fresh = self._rotated_key(key)
+            if fresh is not None:
+                response = await self._send(method, what, url, fresh, params, content, limit)
+        status = response.status_code
+        if status == 204:
+            return None
+        if 200 <= status < 300:
+            try:
+                return codec.loads(response.content, what="response body")
+            except BadRequest as exc:
+                raise FatalError(
+                    f"{what}: malformed answer from the control plane: {exc.message}",
+                    status_code=status,
+                ) from None
+        raise _error_for(status, f"{what} -> HTTP {status}: {_error_message(response)}")
+
+    @staticmethod
+    def _decode(what: str, value: codec.JSON | None, decode: Callable[[object], _T]) -> _T:
+        """Decode an answer; a malformed one is the server's fault, so it is fatal, not a 400."""
+        if value is None:
+            raise FatalError(f"{what}: the control plane answered 204 where a body was expected")
+        try:
+            return decode(value)
+        except BadRequest as exc:
+            raise FatalError(
+                f"{what}: malformed answer from the control plane: {exc.message}"
+            ) from None
+
+    def _decode_list(
+        self, what: str, value: codec.JSON | None, decode: Callable[[object, str], _T]
+    ) -> list[_T]:
+        return self._decode(what, value, lambda raw: codec.decode_list(raw, decode))
+
+    # --- work --------------------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        session_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> WorkItem:
+        request = codec.SubmitRequest(prompt, session_id, dict(metadata or {}))
+        answer = await self._call("POST", "/work", body=codec.encode_submit_request(request))
+        return self._decode("submit", answer, codec.decode_work_item)
+
+    async def poll(
+        self,
+        *,
+        worker_id: str,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+    ) -> WorkItem | None:
+        params = {"worker_id": worker_id, "block_ms": str(block_ms)}
+        if reclaim_older_than_ms is not None:
+            params["reclaim_older_than_ms"] = str(reclaim_older_than_ms)
+        answer = await self._call(
+            "GET",
+            "/work/poll",
+            params=params,
+            seconds=self._timeout + max(block_ms, 0) / 1000 + POLL_MARGIN,
+        )
+        if answer is None:
+            return None
+        return self._decode("poll", answer, codec.decode_work_item)
+
+    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
+        answer = await self._call(
+            "POST",
+            f"/work/{_segment(work_id, 'work_id')}/ack",
+            body=codec.encode_ack_request(codec.AckRequest(worker_id)),
+        )
+        return self._decode("ack", answer, codec.decode_work_item)
+
+    async def heartbeat(
+        self,
+        work_id: str,
+        *,
+        expected_last_heartbeat: str,
+        desired_ttl_seconds: float | None = None,
+    ) -> HeartbeatResult:
+        params = {"expected_last_heartbeat": expected_last_heartbeat}
+        if desired_ttl_seconds is not None:
+            params["desired_ttl_seconds"] = repr(float(desired_ttl_seconds))
+        answer = await self._call(
+            "POST", f"/work/{_segment(work_id, 'work_id')}/heartbeat", params=params
+        )
+        return self._decode("heartbeat", answer, codec.decode_heartbeat_result)
+
+    async def stop(
+        self,
+        work_id: str,
+        *,
+        force: bool = False,
+        expected_last_heartbeat: str | None = None,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        request = codec.StopRequest(force, expected_last_heartbeat, outcome)
+        answer = await self._call(
+            "POST",
+            f"/work/{_segment(work_id, 'work_id')}/stop",
+            body=codec.encode_stop_request(request),
+        )
+        return self._decode("stop", answer, codec.decode_work_item)
+
+    async def request_stop(self, work_id: str) -> WorkItem:
+        answer = await self._call("POST", f"/work/{_segment(work_id, 'work_id')}/request-stop")
+        return self._decode("request_stop", answer, codec.decode_work_item)
+
+    async def get(self, work_id: str) -> WorkItem:
+        answer = await self._call("GET", f"/work/{_segment(work_id, 'work_id')}")
+        return self._decode("get", answer, codec.decode_work_item)
+
+    async def list_work(
+        self, *, state: WorkState | None = None, limit: int = 100, page: int = 0
+    ) -> Sequence[WorkItem]:
+        params = {"limit": str(limit), "page": str(page)}
+        if state is not None:
+            params["state"] = WorkState(state).value
+        answer = await self._call("GET", "/work", params=params)
+        return self._decode_list("list_work", answer, codec.decode_work_item)
+
+    async def stats(self) -> WorkStats:
+        answer = await self._call("GET", "/work/stats")
+        return self._decode("stats", answer, codec.decode_work_stats)
+
+    # --- workers -----------------------------------------------------------------
+
+    async def register_worker(
+        self, worker_id: str, *, metadata: Mapping[str, object] | None = None
+    ) -> WorkerRecord:
+        request = codec.RegisterRequest(dict(metadata or {}))
+        answer = await self._call(
+            "POST",
+            f"/workers/{_segment(worker_id, 'worker_id')}/register",
+            body=codec.encode_register_request(request),
+        )
+        return self._decode("register_worker", answer, codec.decode_worker_record)
+
+    async def worker_heartbeat(self, report: PresenceReport) -> WorkerRecord:
+        answer = await self._call(
+            "POST",
+            f"/workers/{_segment(report.worker_id, 'worker_id')}/heartbeat",
+            body=codec.encode_presence_report(report),
+        )
+        return self._decode("worker_heartbeat", answer, codec.decode_worker_record)
+
+    async def get_worker(self, worker_id: str) -> WorkerRecord:
+        answer = await self._call("GET", f"/workers/{_segment(worker_id, 'worker_id')}")
+        return self._decode("get_worker", answer, codec.decode_worker_record)
+
+    async def list_workers(self) -> Sequence[WorkerRecord]:
+        answer = await self._call("GET", "/workers")
+        return self._decode_list("list_workers", answer, codec.decode_worker_record)
+
+    async def deregister_worker(self, worker_id: str) -> WorkerRecord:
+        answer = await self._call("DELETE", f"/workers/{_segment(worker_id, 'worker_id')}")
+        return self._decode("deregister_worker", answer, codec.decode_worker_record)
+
+    # --- delegations and messages ------------------------------------------------
+
+    async def delegate(self, source_id: str, task: str) -> Delegation:
+        answer = await self._call(
+            "POST",
+            f"/sessions/{_segment(source_id, 'source_id')}/delegate",
+            body=codec.encode_delegate_request(codec.DelegateRequest(task)),
+        )
+        return self._decode("delegate", answer, codec.decode_delegation)
+
+    async def list_delegations(
+        self, worker_id: str, *, status: DelegationStatus | None = None
+    ) -> Sequence[Delegation]:
+        params = {} if status is None else {"status": DelegationStatus(status).value}
+        answer = await self._call(
+            "GET", f"/workers/{_segment(worker_id, 'worker_id')}/delegations", params=params
+        )
+        return self._decode_list("list_delegations", answer, codec.decode_delegation)
+
+    async def record_delegation_result(
+        self, delegation_id: str, *, status: DelegationStatus, response_preview: str | None = None
+    ) -> Delegation:
+        request = codec.DelegationResultRequest(DelegationStatus(status), response_preview)
+        answer = await self._call(
+            "POST",
+            f"/delegations/{_segment(delegation_id, 'delegation_id')}/result",
+            body=codec.encode_delegation_result_request(request),
+        )
+        return self._decode("record_delegation_result", answer, codec.decode_delegation)
+
+    async def post_message(self, session_id: str, body: str) -> SessionMessage:
+        answer = await self._call(
+            "POST",
+            f"/sessions/{_segment(session_id, 'session_id')}/messages",
+            body=codec.encode_message_request(codec.MessageRequest(body)),
+        )
+        return self._decode("post_message", answer, codec.decode_session_message)
+
+    async def notify(self, session_id: str, body: str) -> SessionMessage:
+        answer = await self._call(
+            "POST",
+            f"/sessions/{_segment(session_id, 'session_id')}/notify",
+            body=codec.encode_message_request(codec.MessageRequest(body)),
+        )
+        return self._decode("notify", answer, codec.decode_session_message)
+
+    async def list_messages(self, session_id: str) -> Sequence[SessionMessage]:
+        answer = await self._call("GET", f"/sessions/{_segment(session_id, 'session_id')}/messages")
+        return self._decode_list("list_messages", answer, codec.decode_session_message)
+
+
+@asynccontextmanager
+async def open_http_control_plane(
+    base_url: str,
+    *,
+    environment_id: str = "default",
+    key: str | KeyProvider,
+    client: httpx.AsyncClient | None = None,
+    timeout: float = 10.0,  # noqa: ASYNC109 - per-request HTTP timeout, not a deadline
+) -> AsyncIterator[HttpControlPlane]:
+    """An ``HttpControlPlane`` closed on exit (the ``open_*`` form of the constructor)."""
+    async with HttpControlPlane.open(
+        base_url, environment_id=environment_id, key=key, client=client, timeout=timeout
+    ) as plane:
+        yield plane

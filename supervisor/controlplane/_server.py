@@ -1,0 +1,776 @@
+"""The reference control-plane server: a ``ControlPlane`` per environment, over HTTP.
+
+A Starlette app on Hypercorn's Trio worker, so it runs inside any Trio program
+(``await nursery.start(serve_control_plane, store, key_provider=key)`` gives
+the bound URL) as well as on its own (``python -m supervisor serve``).
+
+What it guarantees at the boundary:
+
+- Every route under ``/v1/environments/{environment_id}`` needs
+  ``Authorization: Bearer <key>``, compared with ``hmac.compare_digest``. With
+  no key configured the server refuses to start (``ConfigError``), and if the
+  key later reads as empty (an emptied key file) it refuses every request.
+  ``GET /healthz`` is the only unauthenticated route.
+- A request that cannot be honoured changes nothing: the body is read (at
+  most ``max_body_bytes``, else 413), decoded and validated completely before
+  the store is called, and the store's own refusals are atomic.
+- Every error, including unknown routes, is ``{"error": {"type", "message"}}``
+  with the status and stable type of the matching exception class in
+  ``supervisor._exceptions``.
+- The key never appears in a log line, an error message or the access log
+  (there is no access log: query strings carry fencing tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .._exceptions import (
+    BadRequest,
+    ConfigError,
+    ControlPlaneError,
+    NotFound,
+    TransientError,
+    Unauthorized,
+)
+from . import _codec as codec
+from ._embedded import STORE_FILENAME, EmbeddedControlPlane
+from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider, key_provider_from_env
+from ._models import DelegationStatus, WorkState
+from ._openapi import API_PREFIX, openapi_document
+from ._protocol import ControlPlane
+from ._store import SQLiteStore
+
+__all__ = [
+    "DEFAULT_PORT",
+    "MAX_BLOCK_MS",
+    "MAX_BODY_BYTES",
+    "EnvironmentFactory",
+    "add_serve_arguments",
+    "cli_serve",
+    "create_app",
+    "serve_control_plane",
+]
+
+logger = logging.getLogger("supervisor.controlplane.server")
+
+#: ``python -m supervisor serve``'s default port.
+DEFAULT_PORT: Final = 8790
+#: Largest request body accepted (bytes); anything larger is a 413.
+MAX_BODY_BYTES: Final = 1 << 20
+#: Longest long poll a client may ask for.
+MAX_BLOCK_MS: Final = 60_000
+#: Largest page ``GET /work`` returns.
+MAX_PAGE_SIZE: Final = 1000
+#: At most one re-read of the key file per this many seconds when a presented key
+#: does not match: enough to pick up a rotation, too rare to be a file-read amplifier.
+_KEY_RELOAD_INTERVAL: Final = 1.0
+#: Above the client's connection keep-alive (httpx: 5 s), so the client, not the
+#: server, closes idle connections and never reuses one the server just closed.
+_KEEP_ALIVE_SECONDS: Final = 30.0
+
+_ENVIRONMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
+
+EnvironmentFactory = Callable[[str], ControlPlane]
+"""Builds the ``ControlPlane`` serving one environment, on that environment's first request."""
+
+_Handler = Callable[[Request, ControlPlane], Awaitable[Response]]
+
+
+def _embedded_plane(store: SQLiteStore, environment_id: str) -> ControlPlane:
+    return EmbeddedControlPlane(store, environment_id=environment_id)
+
+
+# --- responses ---------------------------------------------------------------------
+
+
+def _json(value: codec.JSON, status: int = 200) -> Response:
+    return Response(codec.dumps(value), status_code=status, media_type="application/json")
+
+
+def _error(
+    status: int, kind: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(
+        codec.dumps({"error": {"type": kind, "message": message}}),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _error_for(exc: ControlPlaneError) -> Response:
+    status = exc.status_code
+    if status is None:
+        status = 503 if isinstance(exc, TransientError) else 500
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return _error(status, exc.error_type, exc.message, headers)
+
+
+# --- environments -----------------------------------------------------------------
+
+
+class _Environments:
+    """One ``ControlPlane`` per environment id, created on first use.
+
+    Planes built by a factory belong to the server and are closed when it stops,
+    and so does a store the server opened from a path; a single plane or a store
+    handed in by the caller stays the caller's to close.
+    """
+
+    def __init__(
+        self,
+        factory: EnvironmentFactory | None,
+        single: ControlPlane | None,
+        owned_store: SQLiteStore | None = None,
+    ) -> None:
+        self._factory = factory
+        self._single = single
+        self._owned_store = owned_store
+        self._planes: dict[str, ControlPlane] = {}
+
+    @classmethod
+    def from_source(cls, source: object) -> _Environments:
+        if isinstance(source, SQLiteStore):
+            return cls(partial(_embedded_plane, source), None)
+        if isinstance(source, ControlPlane):
+            return cls(None, source)
+        if isinstance(source, str | os.PathLike):
+            store = SQLiteStore(source)
+            return cls(partial(_embedded_plane, store), None, owned_store=store)
+        if callable(source):
+            return cls(source, None)
+        raise TypeError(
+            "serve a ControlPlane, an environment factory, a SQLiteStore or a database path; "
+            f"got {type(source).__name__}"
+        )
+
+    def get(self, environment_id: str) -> ControlPlane:
+        if not _ENVIRONMENT_ID.fullmatch(environment_id):
+            raise NotFound(
+                f"unknown environment {environment_id!r}: ids are 1-200 letters, digits, "
+                "'.', '_', ':', '@' or '-', starting with a letter or digit"
+            )
+        if self._single is not None:
+            if environment_id != self._single.environment_id:
+                raise NotFound(
+                    f"unknown environment {environment_id!r}; this server serves "
+                    f"{self._single.environment_id!r}"
+                )
+            return self._single
+        plane = self._planes.get(environment_id)
+        if plane is None:
+            assert self._factory is not None
+            plane = self._planes[environment_id] = self._factory(environment_id)
+        return plane
+
+    async def aclose(self) -> None:
+        """Close what the server owns; shielded and bounded, so a cancelled server tidies up."""
+        planes, self._planes = list(self._planes.values()), {}
+        with trio.move_on_after(10, shield=True):
+            for plane in planes:
+                try:
+                    await plane.aclose()
+                except Exception:
+                    logger.exception("closing the control plane of an environment failed")
+        if self._owned_store is not None:
+            self._owned_store.close()
+
+
+# --- request parsing ----------------------------------------------------------------
+
+
+class _Query:
+    """Strict access to query parameters: unknown or repeated ones are errors."""
+
+    def __init__(self, request: Request, allowed: tuple[str, ...]) -> None:
+        items = request.query_params.multi_items()
+        names = [name for name, _ in items]
+        unknown = sorted(set(names) - set(allowed))
+        if unknown:
+            expected = ", ".join(allowed) if allowed else "none"
+            raise BadRequest(
+                f"unknown query parameter(s): {', '.join(unknown)} (allowed: {expected})"
+            )
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise BadRequest(f"query parameter(s) given more than once: {', '.join(repeated)}")
+        self._values = dict(items)
+
+    def opt_str(self, name: str) -> str | None:
+        return self._values.get(name)
+
+    def required_str(self, name: str) -> str:
+        value = self._values.get(name)
+        if not value:
+            raise BadRequest(f"query parameter {name} is required")
+        return value
+
+    def opt_int(
+        self, name: str, *, default: int | None, minimum: int, maximum: int | None = None
+    ) -> int | None:
+        raw = self._values.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise BadRequest(f"query parameter {name} must be an integer, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise BadRequest(f"query parameter {name} must be {bounds}, got {value}")
+        return value
+
+    def positive_float(self, name: str) -> float | None:
+        raw = self._values.get(name)
+        if raw is None or raw == "":
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise BadRequest(f"query parameter {name} must be a number, got {raw!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise BadRequest(f"query parameter {name} must be a finite number > 0, got {raw!r}")
+        return value
+
+
+async def _read_body(request: Request, limit: int, *, required: bool) -> object:
+    """The decoded JSON body, read no further than ``limit`` bytes.
+
+    An absent body is ``{}`` when ``required`` is false (every field optional).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest(f"invalid Content-Length header {declared!r}") from None
+        if size > limit:
+            raise BadRequest(
+                f"request body of {size} bytes exceeds the limit of {limit} bytes", status_code=413
+            )
+    buffer = bytearray()
+    async for chunk in request.stream():
+        buffer += chunk
+        if len(buffer) > limit:
+            raise BadRequest(f"request body exceeds the limit of {limit} bytes", status_code=413)
+    if not buffer.strip():
+        if required:
+            raise BadRequest("a JSON request body is required")
+        return {}
+    return codec.loads(bytes(buffer))
+
+
+# --- the app --------------------------------------------------------------------------
+
+
+class _App:
+    """Route handlers plus the auth and error policy around them."""
+
+    def __init__(self, environments: _Environments, keys: KeyProvider, max_body_bytes: int) -> None:
+        self._environments = environments
+        self._keys = keys
+        self._limit = max_body_bytes
+        self._last_reload = -math.inf
+
+    # --- policy ---
+
+    def _expected_key(self) -> str:
+        try:
+            return self._keys.current()
+        except ConfigError as exc:
+            logger.warning("cannot read the environment key; refusing requests: %s", exc)
+            return ""
+
+    def _authenticate(self, request: Request) -> None:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise Unauthorized("missing 'Authorization: Bearer <environment key>' header")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("the Authorization header must be 'Bearer <environment key>'")
+        expected = self._expected_key()
+        if not expected:
+            raise Unauthorized(
+                "the server has no environment key configured; all requests are refused"
+            )
+        presented = token.encode()
+        if hmac.compare_digest(presented, expected.encode()):
+            return
+        now = time.monotonic()
+        if now - self._last_reload >= _KEY_RELOAD_INTERVAL:
+            # The key may have been rotated on disk since it was last read.
+            self._last_reload = now
+            try:
+                if self._keys.reload():
+                    logger.info("the environment key changed on disk; using the new key")
+            except ConfigError as exc:
+                logger.warning("cannot re-read the environment key: %s", exc)
+            fresh = self._expected_key()
+            if fresh and hmac.compare_digest(presented, fresh.encode()):
+                return
+        raise Unauthorized("invalid environment key")
+
+    def endpoint(self, handler: _Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            try:
+                self._authenticate(request)
+                plane = self._environments.get(request.path_params["environment_id"])
+                return await handler(request, plane)
+            except ControlPlaneError as exc:
+                return _error_for(exc)
+            except Exception:
+                # Cancellation is a BaseException and passes through untouched.
+                logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+                return _error(500, "internal", "internal server error; see the server log")
+
+        run.__name__ = handler.__name__
+        return run
+
+    async def body(self, request: Request, *, required: bool = True) -> object:
+        return await _read_body(request, self._limit, required=required)
+
+    # --- unauthenticated and framework routes ---
+
+    async def healthz(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def openapi(self, request: Request) -> Response:
+        try:
+            self._authenticate(request)
+        except ControlPlaneError as exc:
+            return _error_for(exc)
+        return _json(openapi_document())
+
+    # --- work ---
+
+    async def submit(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_submit_request(await self.body(request))
+        item = await plane.submit(body.prompt, session_id=body.session_id, metadata=body.metadata)
+        return _json(codec.encode_work_item(item), 201)
+
+    async def poll(self, request: Request, plane: ControlPlane) -> Response:
+        query = _Query(request, ("worker_id", "block_ms", "reclaim_older_than_ms"))
+        worker_id = query.required_str("worker_id")
+        block_ms = query.opt_int("block_ms", default=0, minimum=0, maximum=MAX_BLOCK_MS)
+        reclaim = query.opt_int("reclaim_older_than_ms", default=None, minimum=0)
+        item = await plane.poll(
+            worker_id=worker_id, block_ms=block_ms or 0, reclaim_older_than_ms=reclaim
+        )
+        if item is None:
+            return Response(status_code=204)
+        return _json(codec.encode_work_item(item))
+
+    async def ack(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_ack_request(await self.body(request))
+        item = await plane.ack(request.path_params["work_id"], worker_id=body.worker_id)
+        return _json(codec.encode_work_item(item))
+
+    async def heartbeat(self, request: Request, plane: ControlPlane) -> Response:
+        query = _Query(request, ("expected_last_heartbeat", "desired_ttl_seconds"))
+        token = query.required_str("expected_last_heartbeat")
+        ttl = query.positive_float("desired_ttl_seconds")
+        result = await plane.heartbeat(
+            request.path_params["work_id"], expected_last_heartbeat=token, desired_ttl_seconds=ttl
+        )
+        return _json(codec.encode_heartbeat_result(result))
+
+    async def stop(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_stop_request(await self.body(request, required=False))
+        item = await plane.stop(
+            request.path_params["work_id"],
+            force=body.force,
+            expected_last_heartbeat=body.expected_last_heartbeat,
+            outcome=body.outcome,
+        )
+        return _json(codec.encode_work_item(item))
+
+    async def request_stop(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        item = await plane.request_stop(request.path_params["work_id"])
+        return _json(codec.encode_work_item(item))
+
+    async def get_work(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        item = await plane.get(request.path_params["work_id"])
+        return _json(codec.encode_work_item(item))
+
+    async def list_work(self, request: Request, plane: ControlPlane) -> Response:
+        query = _Query(request, ("state", "limit", "page"))
+        raw_state = query.opt_str("state")
+        state = None
+        if raw_state:
+            try:
+                state = WorkState(raw_state)
+            except ValueError:
+                allowed = ", ".join(member.value for member in WorkState)
+                raise BadRequest(f"query parameter state must be one of {allowed}") from None
+        limit = query.opt_int("limit", default=100, minimum=1, maximum=MAX_PAGE_SIZE) or 100
+        page = query.opt_int("page", default=0, minimum=0) or 0
+        items = await plane.list_work(state=state, limit=limit, page=page)
+        return _json(codec.encode_list(items, codec.encode_work_item))
+
+    async def stats(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        return _json(codec.encode_work_stats(await plane.stats()))
+
+    # --- workers ---
+
+    async def register_worker(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_register_request(await self.body(request, required=False))
+        record = await plane.register_worker(
+            request.path_params["worker_id"], metadata=body.metadata
+        )
+        return _json(codec.encode_worker_record(record))
+
+    async def worker_heartbeat(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        report = codec.decode_presence_report(
+            await self.body(request), worker_id=request.path_params["worker_id"]
+        )
+        return _json(codec.encode_worker_record(await plane.worker_heartbeat(report)))
+
+    async def list_workers(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        records = await plane.list_workers()
+        return _json(codec.encode_list(records, codec.encode_worker_record))
+
+    async def get_worker(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        record = await plane.get_worker(request.path_params["worker_id"])
+        return _json(codec.encode_worker_record(record))
+
+    async def deregister_worker(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        record = await plane.deregister_worker(request.path_params["worker_id"])
+        return _json(codec.encode_worker_record(record))
+
+    # --- delegations and messages ---
+
+    async def delegate(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_delegate_request(await self.body(request))
+        delegation = await plane.delegate(request.path_params["session_id"], body.task)
+        return _json(codec.encode_delegation(delegation), 201)
+
+    async def list_delegations(self, request: Request, plane: ControlPlane) -> Response:
+        query = _Query(request, ("status",))
+        raw = query.opt_str("status")
+        status = None
+        if raw:
+            try:
+                status = DelegationStatus(raw)
+            except ValueError:
+                allowed = ", ".join(member.value for member in DelegationStatus)
+                raise BadRequest(f"query parameter status must be one of {allowed}") from None
+        delegations = await plane.list_delegations(request.path_params["worker_id"], status=status)
+        return _json(codec.encode_list(delegations, codec.encode_delegation))
+
+    async def delegation_result(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_delegation_result_request(await self.body(request))
+        delegation = await plane.record_delegation_result(
+            request.path_params["delegation_id"],
+            status=body.status,
+            response_preview=body.response_preview,
+        )
+        return _json(codec.encode_delegation(delegation))
+
+    async def post_message(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_message_request(await self.body(request))
+        message = await plane.post_message(request.path_params["session_id"], body.body)
+        return _json(codec.encode_session_message(message), 201)
+
+    async def notify(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_message_request(await self.body(request))
+        message = await plane.notify(request.path_params["session_id"], body.body)
+        return _json(codec.encode_session_message(message), 201)
+
+    async def list_messages(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        messages = await plane.list_messages(request.path_params["session_id"])
+        return _json(codec.encode_list(messages, codec.encode_session_message))
+
+    def routes(self) -> list[Route]:
+        """The route table; order matters where a literal segment shadows a parameter."""
+        table: list[tuple[str, str, _Handler]] = [
+            ("POST", "/work", self.submit),
+            ("GET", "/work", self.list_work),
+            ("GET", "/work/poll", self.poll),
+            ("GET", "/work/stats", self.stats),
+            ("GET", "/work/{work_id}", self.get_work),
+            ("POST", "/work/{work_id}/ack", self.ack),
+            ("POST", "/work/{work_id}/heartbeat", self.heartbeat),
+            ("POST", "/work/{work_id}/stop", self.stop),
+            ("POST", "/work/{work_id}/request-stop", self.request_stop),
+            ("GET", "/workers", self.list_workers),
+            ("GET", "/workers/{worker_id}", self.get_worker),
+            ("DELETE", "/workers/{worker_id}", self.deregister_worker),
+            ("POST", "/workers/{worker_id}/register", self.register_worker),
+            ("POST", "/workers/{worker_id}/heartbeat", self.worker_heartbeat),
+            ("GET", "/workers/{worker_id}/delegations", self.list_delegations),
+            ("POST", "/sessions/{session_id}/delegate", self.delegate),
+            ("POST", "/delegations/{delegation_id}/result", self.delegation_result),
+            ("POST", "/sessions/{session_id}/messages", self.post_message),
+            ("GET", "/sessions/{session_id}/messages", self.list_messages),
+            ("POST", "/sessions/{session_id}/notify", self.notify),
+        ]
+        routes = [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+        ]
+        routes.extend(
+            Route(f"{API_PREFIX}{path}", self.endpoint(handler), methods=[method])
+            for method, path, handler in table
+        )
+        return routes
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 answers, in the same JSON error shape as everything else."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _error(404, NotFound.error_type, f"no route for {request.method} {request.url.path}")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return _error(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}"
+            + (f" (allowed: {allowed})" if allowed else ""),
+            {"Allow": allowed} if allowed else None,
+        )
+    return _error(exc.status_code, BadRequest.error_type, str(exc.detail))
+
+
+def create_app(
+    factory_or_store: object,
+    *,
+    key_provider: str | KeyProvider,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Starlette:
+    """The ASGI app alone (``serve_control_plane`` runs it); useful to mount or test in-process.
+
+    Args:
+        factory_or_store: what serves the requests: a ``ControlPlane`` (one environment,
+            its own; never closed here), an ``EnvironmentFactory`` (``environment_id ->
+            ControlPlane``), or a store or database path for ``EmbeddedControlPlane``.
+        key_provider: the environment key, or a provider (a ``FileKey`` is re-read when a
+            presented key does not match, at most once a second).
+        max_body_bytes: the largest request body accepted.
+
+    Raises:
+        ConfigError: no key is configured (refusing every request is never a useful server).
+    """
+    app, _ = _build(factory_or_store, as_key_provider(key_provider), max_body_bytes)
+    return app
+
+
+def _build(
+    source: object, keys: KeyProvider, max_body_bytes: int
+) -> tuple[Starlette, _Environments]:
+    _require_key(keys)
+    if max_body_bytes <= 0:
+        raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    environments = _Environments.from_source(source)
+    handlers = _App(environments, keys, max_body_bytes)
+    app = Starlette(routes=handlers.routes(), exception_handlers={HTTPException: _http_exception})
+    return app, environments
+
+
+def _require_key(keys: KeyProvider) -> None:
+    key = keys.current()  # a ConfigError here (unreadable file) is the clear message we want
+    if not key:
+        raise ConfigError(
+            "no environment key configured: the control plane refuses to start without one "
+            f"(set {KEY_ENV} or {KEY_FILE_ENV})",
+            key=KEY_ENV,
+        )
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Fail early, with a clear message and no leaked socket, when the address is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}", key="--port") from None
+    finally:
+        probe.close()
+
+
+async def serve_control_plane(
+    factory_or_store: object,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    key_provider: str | KeyProvider,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve a control plane over HTTP until cancelled.
+
+    ``url = await nursery.start(partial(serve_control_plane, store, key_provider=key))``
+    returns once the socket listens, with the base URL actually bound (``port=0``
+    picks a free port). Cancelling the nursery stops the server at once: open
+    requests are cut (clients see a connection error, which they treat as transient).
+
+    Args:
+        factory_or_store: see ``create_app``.
+        host: the address to bind.
+        port: the port to bind; 0 picks a free one.
+        key_provider: the environment key or a ``KeyProvider``; required and non-empty.
+        max_body_bytes: the largest request body accepted (413 above).
+        task_status: receives the bound base URL, for example ``http://127.0.0.1:41234``.
+
+    Raises:
+        ConfigError: no key, or the address cannot be bound (for example the port is in use).
+    """
+    app, environments = _build(factory_or_store, as_key_provider(key_provider), max_body_bytes)
+    try:
+        if port:
+            _check_bindable(host, port)
+        config = HypercornConfig()
+        config.bind = [_bind_address(host, port)]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("supervisor.controlplane.hypercorn")
+        config.keep_alive_timeout = _KEEP_ALIVE_SECONDS
+        config.graceful_timeout = 1.0
+        async with trio.open_nursery() as nursery:
+            # Starlette's __call__ is typed with plain mappings, hypercorn's with TypedDicts.
+            asgi: Any = app
+            binds: list[str] = await nursery.start(partial(hypercorn_serve, asgi, config))
+            url = binds[0]
+            logger.info("reference control plane listening on %s", url)
+            task_status.started(url)
+    finally:
+        await environments.aclose()
+
+
+# --- command line --------------------------------------------------------------------------
+
+_PROG: Final = "python -m supervisor serve"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` sub-command's flags (the key comes from the environment, never a flag)."""
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s; use 0.0.0.0 to serve other machines)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="port to listen on (default: %(default)s; 0 picks a free port); "
+        "the base URL is printed on stdout once listening",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".supervisor"),
+        help="directory holding the SQLite store (default: %(default)s); created if missing",
+    )
+
+
+def _open_store(state_dir: Path) -> SQLiteStore:
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the state directory {str(state_dir)!r}: {exc.strerror or exc}",
+            key="--state-dir",
+        ) from None
+    try:
+        return SQLiteStore(state_dir / STORE_FILENAME)
+    except ControlPlaneError as exc:
+        raise ConfigError(f"cannot open the store: {exc}", key="--state-dir") from None
+
+
+def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, SQLiteStore]:
+    """Everything ``serve`` needs before it binds, or the ``ConfigError`` that stops it."""
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"must be between 0 and 65535, got {args.port}", key="--port")
+    keys = key_provider_from_env(os.environ)
+    if keys is None:
+        raise ConfigError(
+            f"no environment key configured: set {KEY_ENV} or {KEY_FILE_ENV}; "
+            "the control plane refuses to start without one"
+        )
+    _require_key(keys)
+    return keys, _open_store(Path(args.state_dir))
+
+
+async def _serve_until_signalled(
+    store: SQLiteStore, host: str, port: int, keys: KeyProvider
+) -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                url = await nursery.start(
+                    partial(serve_control_plane, store, host=host, port=port, key_provider=keys)
+                )
+            except ConfigError as exc:
+                print(f"{_PROG}: error: {exc}", file=sys.stderr)
+                return 2
+            print(url, flush=True)
+            async for signum in signals:
+                logger.info("received %s; stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0
+
+
+def cli_serve(args: argparse.Namespace) -> int:
+    """``python -m supervisor serve``: serve the state directory's store until SIGINT/SIGTERM.
+
+    Returns:
+        0 after a clean stop; 2 for a configuration error (no key, unreadable key
+        file, port in use, unusable state directory), with the reason on stderr.
+    """
+    try:
+        keys, store = _serve_config(args)
+    except ConfigError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return trio.run(_serve_until_signalled, store, args.host, args.port, keys)
+    finally:
+        store.close()
