@@ -185,6 +185,10 @@ class SupervisorSpec:
         name: used in events, logs, snapshots and errors.
         unresponsive_after: seconds after cancelling a child before it is reported
             ``unresponsive`` (it shielded itself); the supervisor keeps waiting.
+        parallel_stop: when the whole supervisor stops, stop all children at once
+            instead of one by one in reverse start order. Meant for supervisors of
+            many independent, interchangeable children (OTP's ``simple_one_for_one``
+            stops its children concurrently too); strategy restarts are unaffected.
     """
 
     children: tuple[ChildSpec, ...] = attrs.field(default=(), converter=tuple)
@@ -197,6 +201,7 @@ class SupervisorSpec:
     unresponsive_after: float = attrs.field(
         default=1.0, kw_only=True, validator=_non_negative("SupervisorSpec.unresponsive_after")
     )
+    parallel_stop: bool = attrs.field(default=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.strategy, Strategy):

@@ -440,6 +440,11 @@ class Supervisor:
 
     async def _terminate_all(self) -> None:
         self._tearing_down = True
+        if self.spec.parallel_stop:
+            async with trio.open_nursery() as nursery:
+                for child in list(self._children):
+                    nursery.start_soon(self._terminate, child)
+            return
         for child in reversed(list(self._children)):
             await self._terminate(child)
 

@@ -833,3 +833,21 @@ async def test_open_supervisor_passes_body_errors_through_after_shutdown() -> No
         async with open_supervisor(SupervisorSpec([ChildSpec("a", forever(log, "a"))])):
             _ = 1 / 0
     assert log.lines == ["start a", "stop a"]
+
+
+async def test_parallel_stop_stops_all_children_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With parallel_stop, n cooperative children taking 1 s each stop in 1 s, not n."""
+    stopped_at: list[float] = []
+
+    async def polite() -> None:
+        await current_child().stop_requested.wait()
+        await trio.sleep(1)
+        stopped_at.append(trio.current_time())
+
+    spec = SupervisorSpec([ChildSpec(f"c{i}", polite) for i in range(5)], parallel_stop=True)
+    async with open_supervisor(spec):
+        start = trio.current_time()
+    assert len(stopped_at) == 5
+    assert max(stopped_at) - start == pytest.approx(1.0)
