@@ -33,7 +33,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -71,6 +72,7 @@ __all__ = [
     "add_serve_arguments",
     "cli_serve",
     "create_app",
+    "open_control_plane_server",
     "serve_control_plane",
 ]
 
@@ -681,6 +683,41 @@ async def serve_control_plane(
             task_status.started(url)
     finally:
         await environments.aclose()
+
+
+@asynccontextmanager
+async def open_control_plane_server(
+    factory_or_store: object,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    key_provider: str | KeyProvider,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> AsyncIterator[str]:
+    """Run the server for the duration of the block; yields its base URL.
+
+    The ``open_*`` form of ``serve_control_plane``, for tests and tools that
+    need a control plane on loopback for a while::
+
+        async with open_control_plane_server(store, key_provider=key) as url:
+            async with HttpControlPlane.open(url, key=key) as cp:
+                ...
+    """
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(
+            partial(
+                serve_control_plane,
+                factory_or_store,
+                host=host,
+                port=port,
+                key_provider=key_provider,
+                max_body_bytes=max_body_bytes,
+            )
+        )
+        try:
+            yield url
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 # --- command line --------------------------------------------------------------------------
