@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import Any, NoReturn
+from typing import Any
 
 import attrs
 import trio
@@ -51,6 +51,7 @@ from ._events import (
     SupervisorSnapshot,
 )
 from ._exceptions import ChildStartError, RestartIntensityExceeded, Shutdown
+from ._groups import collapse_group, raise_saving_context
 from ._spec import AutoShutdown, ChildSpec, Restart, Strategy, SupervisorSpec
 
 __all__ = ["ChildContext", "Supervisor", "current_child", "open_supervisor"]
@@ -180,35 +181,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _raise_saving_context(exc: BaseException) -> NoReturn:
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context
-
-
-def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The exception ``run()`` re-raises for a group out of its nursery (see module doc)."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                walk(sub)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    if len(real) == 1:
-        return real[0]
-    if not real and leaves:
-        return leaves[0]
-    return group
-
-
 class Supervisor:
     """Runs children per a :class:`SupervisorSpec` and restarts them by its rules.
 
@@ -288,7 +260,7 @@ class Supervisor:
                         self._closing.set()
                         top.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                _raise_saving_context(_collapse(group))
+                raise_saving_context(collapse_group(group))
         finally:
             self._running = False
             self._finished.set()
@@ -829,6 +801,6 @@ async def open_supervisor(spec: SupervisorSpec) -> AsyncIterator[Supervisor]:
                 with trio.CancelScope(shield=True):
                     await sup.shutdown()
     except BaseExceptionGroup as group:
-        _raise_saving_context(_collapse(group))
+        raise_saving_context(collapse_group(group))
     if body_error is not None:
-        _raise_saving_context(body_error)
+        raise_saving_context(body_error)
