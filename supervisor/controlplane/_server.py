@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -274,10 +274,13 @@ async def _read_body(request: Request, limit: int, *, required: bool) -> object:
                 f"request body of {size} bytes exceeds the limit of {limit} bytes", status_code=413
             )
     buffer = bytearray()
-    async for chunk in request.stream():
-        buffer += chunk
-        if len(buffer) > limit:
-            raise BadRequest(f"request body exceeds the limit of {limit} bytes", status_code=413)
+    async with aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            buffer += chunk
+            if len(buffer) > limit:
+                raise BadRequest(
+                    f"request body exceeds the limit of {limit} bytes", status_code=413
+                )
     if not buffer.strip():
         if required:
             raise BadRequest("a JSON request body is required")
@@ -703,21 +706,47 @@ async def open_control_plane_server(
             async with HttpControlPlane.open(url, key=key) as cp:
                 ...
     """
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(
-            partial(
-                serve_control_plane,
-                factory_or_store,
-                host=host,
-                port=port,
-                key_provider=key_provider,
-                max_body_bytes=max_body_bytes,
+    try:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(
+                partial(
+                    serve_control_plane,
+                    factory_or_store,
+                    host=host,
+                    port=port,
+                    key_provider=key_provider,
+                    max_body_bytes=max_body_bytes,
+                )
             )
-        )
+            try:
+                yield url
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery is an implementation detail: the server task ends only by
+        # cancellation, so a group holding one exception carries the caller's own
+        # (or a startup ConfigError). Hand it back as itself, as a plain call would.
+        leaves = _leaves(group)
+        if len(leaves) != 1:
+            raise
+        leaf = leaves[0]
+        context, suppress = leaf.__context__, leaf.__suppress_context__
         try:
-            yield url
+            raise leaf from leaf.__cause__
         finally:
-            nursery.cancel_scope.cancel()
+            # Re-raising inside this handler would chain the group in as context.
+            leaf.__context__, leaf.__suppress_context__ = context, suppress
+            del leaf
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))
+        else:
+            leaves.append(exc)
+    return leaves
 
 
 # --- command line --------------------------------------------------------------------------

@@ -1,0 +1,668 @@
+"""The reference server on 127.0.0.1 (port 0) over a real SQLite file: auth, bad input, routes."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from starlette.routing import Route
+
+from supervisor import (
+    ConfigError,
+    ControlPlaneUnavailable,
+    NotFound,
+    TransientError,
+)
+from supervisor.controlplane import ControlPlane, PresenceReport, WorkItem, WorkState
+from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane._http import HttpControlPlane
+from supervisor.controlplane._keys import FileKey
+from supervisor.controlplane._openapi import API_PREFIX
+from supervisor.controlplane._server import (
+    create_app,
+    open_control_plane_server,
+    serve_control_plane,
+)
+from supervisor.controlplane._store import SQLiteStore
+
+KEY = "server-test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ENV = f"{API_PREFIX.replace('{environment_id}', 'default')}"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "controlplane.sqlite3"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(db_path)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+async def url(store: SQLiteStore) -> AsyncIterator[str]:
+    async with open_control_plane_server(store, key_provider=KEY) as base:
+        yield base
+
+
+@pytest.fixture
+async def client(url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=url, headers=AUTH) as raw:
+        yield raw
+
+
+def dump(db_path: Path) -> list[str]:
+    """Every row of every table, read through a separate connection: the ground truth."""
+    with sqlite3.connect(db_path) as conn:
+        return list(conn.iterdump())
+
+
+def assert_error(response: httpx.Response, status: int, kind: str, message: str = "") -> None:
+    """The JSON error shape, exactly: {"error": {"type", "message"}}."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"type", "message"}
+    assert body["error"]["type"] == kind
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
+    assert message in body["error"]["message"]
+
+
+async def seed(client: httpx.AsyncClient) -> dict[str, Any]:
+    """One queued item, one claimed-and-acked item, and one registered worker."""
+    queued = (await client.post(f"{ENV}/work", json={"data": {"prompt": "waiting"}})).json()
+    taken = (await client.post(f"{ENV}/work", json={"data": {"prompt": "taken"}})).json()
+    polled = await client.get(f"{ENV}/work/poll", params={"worker_id": "w1"})
+    assert polled.json()["id"] == queued["id"]
+    polled = await client.get(f"{ENV}/work/poll", params={"worker_id": "w1"})
+    assert polled.json()["id"] == taken["id"]
+    acked = await client.post(f"{ENV}/work/{taken['id']}/ack", json={"worker_id": "w1"})
+    assert acked.status_code == 200
+    registered = await client.post(f"{ENV}/workers/w1/register", json={"metadata": {"v": 1}})
+    assert registered.status_code == 200
+    return {"queued": queued["id"], "taken": taken["id"]}
+
+
+# --- auth ------------------------------------------------------------------------------
+
+
+async def test_healthz_needs_no_key(url: str) -> None:
+    """/healthz answers without a key (for load balancers and probes)."""
+    async with httpx.AsyncClient() as raw:
+        response = await raw.get(f"{url}/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "missing 'Authorization"),
+        ({"Authorization": "Bearer not-the-key"}, "invalid environment key"),
+        ({"Authorization": f"Basic {KEY}"}, "must be 'Bearer"),
+        ({"Authorization": "Bearer"}, "must be 'Bearer"),
+    ],
+    ids=["missing", "wrong", "not-bearer", "empty"],
+)
+async def test_requests_without_the_right_key_are_401(
+    url: str, db_path: Path, headers: dict[str, str], message: str
+) -> None:
+    """Missing, wrong or malformed credentials: 401 in the JSON error form, nothing stored."""
+    before = dump(db_path)
+    async with httpx.AsyncClient(base_url=url, headers=headers) as raw:
+        for response in (
+            await raw.post(f"{ENV}/work", json={"data": {"prompt": "x"}}),
+            await raw.get(f"{ENV}/work/poll", params={"worker_id": "w"}),
+            await raw.get("/openapi.json"),
+        ):
+            assert_error(response, 401, "unauthorized", message)
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert dump(db_path) == before
+
+
+@pytest.mark.parametrize("configured", ["", "   \n"], ids=["empty", "whitespace-file"])
+async def test_server_refuses_to_start_without_a_key(
+    store: SQLiteStore, tmp_path: Path, configured: str
+) -> None:
+    """An empty key (given directly or read from a key file) stops the server from starting."""
+    key_file = tmp_path / "key"
+    key_file.write_text(configured)
+    for provider in (configured.strip(), FileKey(key_file)):
+        with pytest.raises(ConfigError, match="no environment key configured"):
+            async with open_control_plane_server(store, key_provider=provider):
+                pytest.fail("the server started without a key")  # pragma: no cover
+        with pytest.raises(ConfigError, match="no environment key configured"):
+            create_app(store, key_provider=provider)
+
+
+async def test_unreadable_key_file_refuses_to_start(store: SQLiteStore, tmp_path: Path) -> None:
+    """A key file that cannot be read is a ConfigError naming the file, not a crash."""
+    with pytest.raises(ConfigError, match="cannot read the environment key file"):
+        async with open_control_plane_server(store, key_provider=FileKey(tmp_path / "absent")):
+            pytest.fail("the server started without a readable key")  # pragma: no cover
+
+
+async def test_key_emptied_at_runtime_refuses_every_request(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """If the key file is emptied while serving, the server refuses requests instead of
+    accepting any key."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    async with (
+        open_control_plane_server(store, key_provider=FileKey(key_file)) as base,
+        httpx.AsyncClient(base_url=base, headers=AUTH) as raw,
+    ):
+        assert (await raw.get(f"{ENV}/work/stats")).status_code == 200
+        key_file.write_text("")
+        for presented in ({"Authorization": "Bearer x"}, AUTH):
+            response = await raw.get(f"{ENV}/work/stats", headers=presented)
+            assert_error(response, 401, "unauthorized")
+
+
+async def test_the_key_is_never_logged(
+    url: str, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither the configured key nor a presented wrong key appears in any log record."""
+    caplog.set_level(logging.DEBUG)
+    wrong = "wrong-key-that-must-not-leak"
+    await seed(client)
+    await client.get(f"{ENV}/work", headers={"Authorization": f"Bearer {wrong}"})
+    await client.get(f"{ENV}/nowhere")
+    text = caplog.text + "".join(str(record.args) for record in caplog.records)
+    assert KEY not in text
+    assert wrong not in text
+
+
+# --- bad input changes nothing ------------------------------------------------------------
+
+OVERSIZED = b'{"data": {"prompt": "' + b"x" * (1 << 20) + b'"}}'
+
+
+async def _chunks() -> AsyncIterator[bytes]:
+    for _ in range(20):
+        yield b"x" * (64 * 1024)
+
+
+BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
+    # (id, method, path, httpx kwargs, status, type, message fragment)
+    ("malformed-json", "POST", "/work", {"content": b"{nope"}, 400, "invalid_request", "JSON"),
+    ("not-utf8", "POST", "/work", {"content": b"\xff\xfe"}, 400, "invalid_request", "UTF-8"),
+    ("nan", "POST", "/work", {"content": b'{"data": NaN}'}, 400, "invalid_request", "NaN"),
+    ("array-body", "POST", "/work", {"json": []}, 400, "invalid_request", "JSON object"),
+    ("empty-body", "POST", "/work", {}, 400, "invalid_request", "body is required"),
+    (
+        "prompt-not-string",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": 5}}},
+        400,
+        "invalid_request",
+        "data.prompt must be a string",
+    ),
+    (
+        "metadata-not-strings",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "metadata": {"k": 1}}},
+        400,
+        "invalid_request",
+        "metadata.k",
+    ),
+    (
+        "unknown-field",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "priority": 1}},
+        400,
+        "invalid_request",
+        "unknown field(s): priority",
+    ),
+    (
+        "stop-force-not-bool",
+        "POST",
+        "/work/{taken}/stop",
+        {"json": {"force": "yes"}},
+        400,
+        "invalid_request",
+        "force",
+    ),
+    (
+        "stop-bad-outcome",
+        "POST",
+        "/work/{taken}/stop",
+        {"json": {"outcome": {"status": "splendid"}}},
+        400,
+        "invalid_request",
+        "outcome.status",
+    ),
+    (
+        "ack-no-worker",
+        "POST",
+        "/work/{queued}/ack",
+        {"json": {}},
+        400,
+        "invalid_request",
+        "worker_id",
+    ),
+    (
+        "heartbeat-no-token",
+        "POST",
+        "/work/{taken}/heartbeat",
+        {},
+        400,
+        "invalid_request",
+        "expected_last_heartbeat",
+    ),
+    (
+        "heartbeat-bad-ttl",
+        "POST",
+        "/work/{taken}/heartbeat",
+        {"params": {"expected_last_heartbeat": "NO_HEARTBEAT", "desired_ttl_seconds": "-1"}},
+        400,
+        "invalid_request",
+        "desired_ttl_seconds",
+    ),
+    (
+        "poll-block-not-int",
+        "GET",
+        "/work/poll",
+        {"params": {"worker_id": "w2", "block_ms": "soon"}},
+        400,
+        "invalid_request",
+        "block_ms",
+    ),
+    (
+        "poll-block-too-long",
+        "GET",
+        "/work/poll",
+        {"params": {"worker_id": "w2", "block_ms": "9999999"}},
+        400,
+        "invalid_request",
+        "block_ms",
+    ),
+    ("poll-no-worker", "GET", "/work/poll", {}, 400, "invalid_request", "worker_id"),
+    (
+        "unknown-query-parameter",
+        "GET",
+        "/work",
+        {"params": {"limit": "5", "colour": "red"}},
+        400,
+        "invalid_request",
+        "colour",
+    ),
+    (
+        "repeated-query-parameter",
+        "GET",
+        "/work",
+        {"params": [("limit", "5"), ("limit", "6")]},
+        400,
+        "invalid_request",
+        "more than once",
+    ),
+    ("bad-state", "GET", "/work", {"params": {"state": "asleep"}}, 400, "invalid_request", "state"),
+    ("limit-zero", "GET", "/work", {"params": {"limit": "0"}}, 400, "invalid_request", "limit"),
+    (
+        "presence-wrong-type",
+        "POST",
+        "/workers/w1/heartbeat",
+        {"json": {"error_rate": "high"}},
+        400,
+        "invalid_request",
+        "error_rate",
+    ),
+    (
+        "presence-other-worker",
+        "POST",
+        "/workers/w1/heartbeat",
+        {"json": {"worker_id": "w9"}},
+        400,
+        "invalid_request",
+        "does not match",
+    ),
+    (
+        "delegation-bad-status",
+        "POST",
+        "/delegations/d1/result",
+        {"json": {"status": "done"}},
+        400,
+        "invalid_request",
+        "status",
+    ),
+    (
+        "unknown-work-id",
+        "POST",
+        "/work/work_nope/ack",
+        {"json": {"worker_id": "w1"}},
+        404,
+        "not_found",
+        "work_nope",
+    ),
+    (
+        "unknown-work-heartbeat",
+        "POST",
+        "/work/work_nope/heartbeat",
+        {"params": {"expected_last_heartbeat": "NO_HEARTBEAT"}},
+        404,
+        "not_found",
+        "work_nope",
+    ),
+    ("unknown-work-get", "GET", "/work/work_nope", {}, 404, "not_found", "work_nope"),
+    ("unknown-worker", "GET", "/workers/w404", {}, 404, "not_found", "w404"),
+    ("unknown-worker-delete", "DELETE", "/workers/w404", {}, 404, "not_found", "w404"),
+    (
+        "unknown-delegation",
+        "POST",
+        "/delegations/d404/result",
+        {"json": {"status": "completed"}},
+        404,
+        "not_found",
+        "d404",
+    ),
+    (
+        "unknown-session-delegate",
+        "POST",
+        "/sessions/s404/delegate",
+        {"json": {"task": "t"}},
+        404,
+        "not_found",
+        "s404",
+    ),
+    ("oversized", "POST", "/work", {"content": OVERSIZED}, 413, "invalid_request", "limit"),
+    ("oversized-chunked", "POST", "/work", {"content": _chunks}, 413, "invalid_request", "limit"),
+    ("unknown-route", "GET", "/teapot", {}, 404, "not_found", "no route"),
+    ("wrong-method", "DELETE", "/work", {}, 405, "method_not_allowed", "not allowed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "kind", "message"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+async def test_bad_requests_get_a_json_4xx_and_change_nothing(
+    client: httpx.AsyncClient,
+    db_path: Path,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    kind: str,
+    message: str,
+) -> None:
+    """Each class of bad request answers the right 4xx with a clear message; the store is
+    byte-for-byte what it was."""
+    ids = await seed(client)
+    before = dump(db_path)
+    if callable(kwargs.get("content")):
+        kwargs = {**kwargs, "content": kwargs["content"]()}
+    response = await client.request(method, ENV + path.format(**ids), **kwargs)
+    assert_error(response, status, kind, message)
+    assert dump(db_path) == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/nowhere", "/v1/environments", "/v1/environments/default", "/v1/environments/default/x"],
+)
+async def test_unknown_routes_are_json_404s(client: httpx.AsyncClient, path: str) -> None:
+    """Paths that match no route answer 404 in the JSON error form, not an HTML page."""
+    assert_error(await client.get(path), 404, "not_found", "no route")
+
+
+@pytest.mark.parametrize("environment", ["-leading-dash", "a" * 201, "sp ace"])
+async def test_invalid_environment_ids_are_404_and_change_nothing(
+    client: httpx.AsyncClient, db_path: Path, environment: str
+) -> None:
+    """An environment id that could never exist is a 404 naming it; nothing is created."""
+    before = dump(db_path)
+    response = await client.post(
+        f"/v1/environments/{environment}/work", json={"data": {"prompt": "p"}}
+    )
+    assert_error(response, 404, "not_found", "unknown environment")
+    assert dump(db_path) == before
+
+
+async def test_single_plane_server_knows_only_its_environment(
+    db_path: Path, store: SQLiteStore
+) -> None:
+    """Serving one ControlPlane, any other environment id is a 404 naming the served one."""
+    async with (
+        EmbeddedControlPlane(store, environment_id="prod") as plane,
+        open_control_plane_server(plane, key_provider=KEY) as base,
+        HttpControlPlane.open(base, key=KEY, environment_id="prod") as prod,
+        HttpControlPlane.open(base, key=KEY, environment_id="default") as other,
+    ):
+        item = await prod.submit("p")
+        assert (await prod.get(item.id)).id == item.id
+        with pytest.raises(NotFound, match="this server serves 'prod'"):
+            await other.stats()
+
+
+async def test_environments_are_isolated(url: str) -> None:
+    """Items submitted in one environment are invisible from another (created on first use)."""
+    async with (
+        HttpControlPlane.open(url, key=KEY, environment_id="alpha") as alpha,
+        HttpControlPlane.open(url, key=KEY, environment_id="beta") as beta,
+    ):
+        item = await alpha.submit("only alpha")
+        assert await beta.poll(worker_id="w") is None
+        with pytest.raises(NotFound):
+            await beta.get(item.id)
+        claimed = await alpha.poll(worker_id="w")
+        assert claimed is not None
+        assert claimed.id == item.id
+        assert claimed.environment_id == "alpha"
+
+
+# --- the store's own failures -----------------------------------------------------------------
+
+
+class _Failing(EmbeddedControlPlane):
+    """A real embedded plane whose stats call fails the way the test says."""
+
+    failure: Exception = RuntimeError("disk on fire")
+
+    async def stats(self) -> Any:
+        await trio.lowlevel.checkpoint()
+        raise self.failure
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "kind"),
+    [
+        (RuntimeError("secret internals"), 500, "internal"),
+        (TransientError("database is locked"), 503, "transient"),
+    ],
+)
+async def test_plane_failures_become_json_5xx(
+    store: SQLiteStore,
+    failure: Exception,
+    status: int,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected exception is a 500 that hides its details (logged instead); a
+    TransientError is a 503, which the client treats as worth retrying."""
+
+    def factory(environment_id: str) -> ControlPlane:
+        plane = _Failing(store, environment_id=environment_id)
+        plane.failure = failure
+        return plane
+
+    async with (
+        open_control_plane_server(factory, key_provider=KEY) as base,
+        httpx.AsyncClient(base_url=base, headers=AUTH) as raw,
+    ):
+        response = await raw.get(f"{ENV}/work/stats")
+        assert (await raw.get(f"{ENV}/work")).status_code == 200  # other routes unaffected
+    assert_error(response, status, kind)
+    if status == 500:
+        assert "secret internals" not in response.text
+        assert "secret internals" in caplog.text
+
+
+# --- OpenAPI -------------------------------------------------------------------------------------
+
+
+def _mounted_routes(store: SQLiteStore) -> set[tuple[str, str]]:
+    app = create_app(store, key_provider=KEY)
+    mounted = set()
+    for route in app.routes:
+        assert isinstance(route, Route)
+        for method in route.methods or ():
+            if method != "HEAD":
+                mounted.add((method.lower(), route.path))
+    return mounted
+
+
+async def test_openapi_describes_exactly_the_mounted_routes(
+    client: httpx.AsyncClient, store: SQLiteStore
+) -> None:
+    """/openapi.json (served, with auth) lists every route the app mounts, and no other."""
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.")
+    documented = {
+        (method, path)
+        for path, operations in document["paths"].items()
+        for method in operations
+        if method in {"get", "post", "put", "delete", "patch"}
+    }
+    mounted = _mounted_routes(store)
+    assert mounted == documented
+    # Every reference resolves to a schema the document defines.
+    schemas = document["components"]["schemas"]
+    text = response.text
+    for name in {part.split('"')[0] for part in text.split("#/components/schemas/")[1:]}:
+        assert name in schemas
+
+
+def test_the_brief_routes_are_all_mounted(store: SQLiteStore) -> None:
+    """The routes of DESIGN.md section 4 (plus register and deregister) are all there."""
+    expected = {
+        ("post", "/work"),
+        ("get", "/work/poll"),
+        ("post", "/work/{work_id}/ack"),
+        ("post", "/work/{work_id}/heartbeat"),
+        ("post", "/work/{work_id}/stop"),
+        ("post", "/work/{work_id}/request-stop"),
+        ("get", "/work/{work_id}"),
+        ("get", "/work"),
+        ("get", "/work/stats"),
+        ("post", "/workers/{worker_id}/register"),
+        ("post", "/workers/{worker_id}/heartbeat"),
+        ("get", "/workers"),
+        ("get", "/workers/{worker_id}"),
+        ("delete", "/workers/{worker_id}"),
+        ("post", "/sessions/{session_id}/delegate"),
+        ("get", "/workers/{worker_id}/delegations"),
+        ("post", "/delegations/{delegation_id}/result"),
+        ("post", "/sessions/{session_id}/messages"),
+        ("post", "/sessions/{session_id}/notify"),
+        ("get", "/sessions/{session_id}/messages"),
+    }
+    mounted = _mounted_routes(store)
+    assert {(method, API_PREFIX + path) for method, path in expected} <= mounted
+    assert {("get", "/healthz"), ("get", "/openapi.json")} <= mounted
+
+
+# --- concurrency, lifecycle ----------------------------------------------------------------
+
+
+async def test_four_claimers_through_the_server_get_each_item_exactly_once(
+    url: str, store: SQLiteStore
+) -> None:
+    """500 items, 4 concurrent pollers over HTTP: every item is handed out once, none twice."""
+    submitted = {
+        store.submit("default", f"item {n}", now=1_700_000_000.0 + n).id for n in range(500)
+    }
+    claims: dict[str, list[str]] = {}
+
+    async def claimer(name: str, cp: HttpControlPlane) -> None:
+        while (item := await cp.poll(worker_id=name)) is not None:
+            claims.setdefault(item.id, []).append(name)
+            await cp.ack(item.id, worker_id=name)
+
+    async with HttpControlPlane.open(url, key=KEY) as cp, trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(claimer, f"w{n}", cp)
+    assert set(claims) == submitted
+    assert all(len(takers) == 1 for takers in claims.values())
+    assert len({takers[0] for takers in claims.values()}) > 1  # they really ran concurrently
+    states = {item.state for item in store.list_work("default", now=1_700_000_600.0, limit=1000)}
+    assert states == {WorkState.STARTING}
+
+
+async def test_server_stops_promptly_when_cancelled_mid_long_poll(store: SQLiteStore) -> None:
+    """Cancelling the server's nursery ends it at once, even with a 60 s long poll in flight;
+    the waiting client gets a transient error, not a hang."""
+    outcome: list[object] = []
+
+    async def long_poll(base: str) -> None:
+        async with HttpControlPlane.open(base, key=KEY) as cp:
+            try:
+                outcome.append(await cp.poll(worker_id="w", block_ms=60_000))
+            except ControlPlaneUnavailable as exc:
+                outcome.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as server_nursery:
+                base = await server_nursery.start(
+                    partial(serve_control_plane, store, key_provider=KEY)
+                )
+                outer.start_soon(long_poll, base)
+                await trio.sleep(0.2)  # let the poll reach the server
+                started = trio.current_time()
+                server_nursery.cancel_scope.cancel()
+            assert trio.current_time() - started < 2.0
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ControlPlaneUnavailable)
+
+
+async def test_port_in_use_is_a_config_error(store: SQLiteStore, url: str) -> None:
+    """Binding a port another server holds fails with a ConfigError saying so."""
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+        async with open_control_plane_server(store, key_provider=KEY, port=port):
+            pytest.fail("bound a port already in use")  # pragma: no cover
+
+
+async def test_poll_answers_204_when_empty_and_200_with_the_secret(
+    client: httpx.AsyncClient,
+) -> None:
+    """An empty queue is 204 with no body; a claim is 200 carrying the session secret once."""
+    empty = await client.get(f"{ENV}/work/poll", params={"worker_id": "w", "block_ms": "0"})
+    assert empty.status_code == 204
+    assert empty.content == b""
+    await client.post(f"{ENV}/work", json={"data": {"prompt": "p"}})
+    claimed = await client.get(f"{ENV}/work/poll", params={"worker_id": "w"})
+    assert claimed.status_code == 200
+    assert claimed.json()["secret"]
+    fetched = await client.get(f"{ENV}/work/{claimed.json()['id']}")
+    assert "secret" not in fetched.json()
+
+
+async def test_http_and_embedded_views_agree(url: str, store: SQLiteStore) -> None:
+    """An item read over HTTP equals the same item read from the store (times exact)."""
+    async with HttpControlPlane.open(url, key=KEY) as cp:
+        item = await cp.submit("compare me", metadata={"k": "v"})
+        await cp.register_worker("w1")
+        record = await cp.worker_heartbeat(PresenceReport("w1", active_tasks=1))
+        direct: WorkItem = store.get("default", item.id, now=record.last_heartbeat_at or 0.0)
+        assert direct == item
+        assert store.get_worker("default", "w1", now=record.last_heartbeat_at or 0.0) == record
