@@ -3,8 +3,9 @@
 A ``KeyProvider`` answers two questions: what is the key now (``current``),
 and has it changed on disk (``reload``). The HTTP client calls ``reload`` once
 after a 401, so an operator can rotate the key by rewriting the key file
-without restarting workers; the reference server calls it when a presented key
-does not match, so the server's side of a rotation needs no restart either.
+without restarting workers. The reference server watches its key file
+(``FileKey(path, watch=True)``), so the server's side of a rotation needs no
+restart either, and the old key stops working with the next request.
 
 No provider ever puts the key in a ``repr``, a log line or an exception message.
 """
@@ -85,30 +86,50 @@ class FileKey:
 
     Args:
         path: the key file.
+        watch: also re-read the file whenever ``current`` sees that it changed
+            (inode, size or modification time). A server wants this: a key
+            rotated out on disk must stop working at once, not at the next
+            mismatch. A client leaves it off and re-reads after a 401 instead,
+            which costs nothing on the happy path.
     """
 
-    __slots__ = ("_key", "_path")
+    __slots__ = ("_key", "_path", "_signature", "_watch")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, watch: bool = False) -> None:
         self._path = Path(path)
+        self._watch = watch
         self._key: str | None = None
+        self._signature: tuple[int, int, int] | None = None
 
     @property
     def path(self) -> Path:
         return self._path
 
-    def _read(self) -> str:
+    def _fail(self, exc: OSError | UnicodeDecodeError) -> ConfigError:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return ConfigError(
+            f"cannot read the environment key file {str(self._path)!r}: {reason}",
+            key=KEY_FILE_ENV,
+        )
+
+    def _stat(self) -> tuple[int, int, int]:
         try:
-            return self._path.read_text(encoding="utf-8").strip()
+            info = self._path.stat()
+        except OSError as exc:
+            raise self._fail(exc) from None
+        return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def _read(self) -> str:
+        signature = self._stat()
+        try:
+            key = self._path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConfigError(
-                f"cannot read the environment key file {str(self._path)!r}: {reason}",
-                key=KEY_FILE_ENV,
-            ) from None
+            raise self._fail(exc) from None
+        self._signature = signature
+        return key
 
     def current(self) -> str:
-        if self._key is None:
+        if self._key is None or (self._watch and self._stat() != self._signature):
             self._key = self._read()
         return self._key
 
@@ -119,7 +140,7 @@ class FileKey:
         return changed
 
     def __repr__(self) -> str:
-        return f"FileKey({str(self._path)!r})"
+        return f"FileKey({str(self._path)!r}{', watch=True' if self._watch else ''})"
 
 
 def as_key_provider(key: str | KeyProvider) -> KeyProvider:
@@ -144,12 +165,16 @@ def check_key_syntax(key: str) -> str | None:
     return None
 
 
-def key_provider_from_env(environ: Mapping[str, str]) -> KeyProvider | None:
+def key_provider_from_env(environ: Mapping[str, str], *, watch: bool = False) -> KeyProvider | None:
     """The key configured by ``SUPERVISOR_ENVIRONMENT_KEY`` or ``..._KEY_FILE``, if any.
 
     The file form is preferred by operators because the key then never sits in
     a process environment that children inherit; it is also the form that can be
     rotated without a restart.
+
+    Args:
+        environ: the process environment (or a test's stand-in).
+        watch: passed to ``FileKey`` (a server sets it; see there).
 
     Returns:
         A ``StaticKey`` or ``FileKey``; ``None`` when neither variable is set (or both are empty).
@@ -162,7 +187,7 @@ def key_provider_from_env(environ: Mapping[str, str]) -> KeyProvider | None:
     if key and path:
         raise ConfigError(f"set either {KEY_ENV} or {KEY_FILE_ENV}, not both", key=KEY_ENV)
     if path:
-        return FileKey(path)
+        return FileKey(path, watch=watch)
     if key:
         return StaticKey(key)
     return None

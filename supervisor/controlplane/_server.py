@@ -589,8 +589,10 @@ def create_app(
         factory_or_store: what serves the requests: a ``ControlPlane`` (one environment,
             its own; never closed here), an ``EnvironmentFactory`` (``environment_id ->
             ControlPlane``), or a store or database path for ``EmbeddedControlPlane``.
-        key_provider: the environment key, or a provider (a ``FileKey`` is re-read when a
-            presented key does not match, at most once a second).
+        key_provider: the environment key, or a provider. Pass ``FileKey(path, watch=True)``
+            so that a key rotated on disk takes effect (and the old one stops working) on the
+            next request; any provider is also reloaded, at most once a second, when a
+            presented key does not match.
         max_body_bytes: the largest request body accepted.
 
     Raises:
@@ -794,7 +796,7 @@ def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, SQLiteStore]:
     """Everything ``serve`` needs before it binds, or the ``ConfigError`` that stops it."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"must be between 0 and 65535, got {args.port}", key="--port")
-    keys = key_provider_from_env(os.environ)
+    keys = key_provider_from_env(os.environ, watch=True)
     if keys is None:
         raise ConfigError(
             f"no environment key configured: set {KEY_ENV} or {KEY_FILE_ENV}; "

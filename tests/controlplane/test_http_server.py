@@ -172,6 +172,25 @@ async def test_key_emptied_at_runtime_refuses_every_request(
             assert_error(response, 401, "unauthorized")
 
 
+async def test_server_watching_its_key_file_drops_the_old_key_at_once(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """With a watched key file, a rotation on disk takes effect on the very next request:
+    the new key works and the old one is refused."""
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    async with (
+        open_control_plane_server(store, key_provider=FileKey(key_file, watch=True)) as base,
+        httpx.AsyncClient(base_url=base) as raw,
+    ):
+        assert (await raw.get(f"{ENV}/work/stats", headers=AUTH)).status_code == 200
+        key_file.write_text("the-next-key\n")
+        old = await raw.get(f"{ENV}/work/stats", headers=AUTH)
+        assert_error(old, 401, "unauthorized", "invalid environment key")
+        new = await raw.get(f"{ENV}/work/stats", headers={"Authorization": "Bearer the-next-key"})
+        assert new.status_code == 200
+
+
 async def test_the_key_is_never_logged(
     url: str, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
