@@ -1,0 +1,446 @@
+"""Hypothesis state machines on the SQLite store, each checked against a small pure model.
+
+``WorkStoreMachine`` drives the item lifecycle (submit, poll, ack, heartbeats
+with current and stale tokens, stop, request-stop, clock advances that expire
+leases) and checks that the store agrees with the model after every step,
+plus the safety invariants: lease intervals of one item never overlap (at
+most one live lease), no item is ever lost, attempts only grow, a stale token
+never succeeds.
+
+``WorkerStatusMachine`` drives presence heartbeats (error rates, wedge flags),
+registrations, deregistrations and clock advances, and compares every
+worker's status with the DESIGN §4 table written out independently below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import attrs
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from supervisor import BadRequest, Conflict, FencingConflict, Gone
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    Outcome,
+    OutcomeStatus,
+    PresenceReport,
+    WorkerStatus,
+    WorkState,
+)
+from supervisor.controlplane._status import StatusPolicy
+from supervisor.controlplane._store import LeasePolicy, SQLiteStore
+
+ENV = "default"
+WORKERS = ("w1", "w2", "w3")
+TTL = 30.0
+POLICY = LeasePolicy(default_ttl=60.0, max_attempts=3, reclaim_older_than_ms=20_000)
+LIVE = ("starting", "active", "stopping")
+MACHINE_SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+# --- the work-item model ----------------------------------------------------------------
+
+
+@attrs.define
+class ModelItem:
+    id: str
+    created: int  # submit order; the clock never goes back, so it is also age order
+    state: str = "queued"
+    attempts: int = 0
+    worker: str | None = None
+    delivered_at: float | None = None
+    delivered_to: str | None = None
+    token: str | None = None
+    lease_until: float | None = None
+    stale: set[str] = attrs.Factory(set)
+
+    def current_token(self) -> str | None:
+        """The token the holder would send now, if there is a holder."""
+        if self.token is not None:
+            return self.token
+        if self.state in ("starting", "stopping"):
+            return NO_HEARTBEAT
+        return None
+
+
+def model_expire(items: list[ModelItem], now: float) -> None:
+    for item in items:
+        if item.state in LIVE and item.lease_until is not None and item.lease_until <= now:
+            item.attempts += 1
+            if item.token is not None:
+                item.stale.add(item.token)
+            item.token = None
+            item.lease_until = None
+            if item.state == "stopping" or item.attempts >= POLICY.max_attempts:
+                item.state = "stopped"
+            else:
+                item.state = "queued"
+                item.worker = None
+                item.delivered_at = None
+                item.delivered_to = None
+
+
+class WorkStoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self._dir = TemporaryDirectory()
+        self.store = SQLiteStore(Path(self._dir.name) / "cp.sqlite3", lease_policy=POLICY)
+        self.now = 1_000_000.0
+        self.items: list[ModelItem] = []
+        self.seen_attempts: dict[str, int] = {}
+        # item id -> worker -> end of the lease that worker was granted (the safety check)
+        self.leases: dict[str, dict[str, float]] = {}
+
+    def teardown(self) -> None:
+        self.store.close()
+        self._dir.cleanup()
+
+    def pick(self, index: int) -> ModelItem:
+        return self.items[index % len(self.items)]
+
+    def expire(self) -> None:
+        model_expire(self.items, self.now)
+
+    def granted(self, item: ModelItem, worker: str, until: float) -> None:
+        holders = self.leases.setdefault(item.id, {})
+        for other, end in holders.items():
+            assert other == worker or end <= self.now, (
+                f"{item.id}: {worker} got a lease while {other}'s ran until {end} (now {self.now})"
+            )
+        holders[worker] = until
+
+    # --- rules ----------------------------------------------------------------------
+
+    @initialize()
+    def first_item(self) -> None:
+        self.submit()
+
+    @rule()
+    def submit(self) -> None:
+        stored = self.store.submit(ENV, f"prompt {len(self.items)}", now=self.now)
+        assert stored.state is WorkState.QUEUED
+        self.items.append(ModelItem(id=stored.id, created=len(self.items)))
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def poll(self, worker: str) -> None:
+        self.expire()
+        cutoff = self.now - POLICY.reclaim_older_than_ms / 1000
+        claimable = [
+            i
+            for i in self.items
+            if i.state == "queued" and (i.delivered_at is None or i.delivered_at <= cutoff)
+        ]
+        expected = min(claimable, key=lambda i: i.created) if claimable else None
+        got = self.store.poll(ENV, worker_id=worker, now=self.now)
+        if expected is None:
+            assert got is None
+            return
+        assert got is not None
+        assert got.id == expected.id
+        assert got.secret
+        expected.delivered_at = self.now
+        expected.delivered_to = worker
+
+    def _ack(self, item: ModelItem, worker: str) -> None:
+        self.expire()
+        if item.state == "queued" and item.delivered_to == worker:
+            got = self.store.ack(ENV, item.id, worker_id=worker, now=self.now)
+            assert (got.state, got.worker_id) == (WorkState.STARTING, worker)
+            item.state = "starting"
+            item.worker = worker
+            item.lease_until = self.now + POLICY.default_ttl
+        else:
+            with pytest.raises(Conflict):
+                self.store.ack(ENV, item.id, worker_id=worker, now=self.now)
+
+    @precondition(lambda self: self.items)
+    @rule(index=st.integers(0, 100), worker=st.sampled_from(WORKERS))
+    def ack_any(self, index: int, worker: str) -> None:
+        """An ack from any worker: only the one the item was handed to succeeds."""
+        self._ack(self.pick(index), worker)
+
+    @precondition(lambda self: any(i.delivered_to for i in self.items))
+    @rule(index=st.integers(0, 100))
+    def ack_handed_out(self, index: int) -> None:
+        """The common case: the poller acks what it was given (it may have expired meanwhile)."""
+        candidates = [i for i in self.items if i.delivered_to]
+        item = candidates[index % len(candidates)]
+        assert item.delivered_to is not None
+        self._ack(item, item.delivered_to)
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def claim_and_lease(self, worker: str) -> None:
+        """What a worker does: poll, ack, first heartbeat, in one step."""
+        before = {i.id for i in self.items if i.delivered_to == worker and i.state == "queued"}
+        self.poll(worker)
+        mine = [i for i in self.items if i.delivered_to == worker and i.state == "queued"]
+        fresh = [i for i in mine if i.id not in before] or mine
+        if not fresh:
+            return
+        item = max(fresh, key=lambda i: i.delivered_at or 0.0)
+        self._ack(item, worker)
+        if item.state == "starting":
+            self.heartbeat_with_current_token(self.items.index(item))
+
+    @precondition(lambda self: self.items)
+    @rule(index=st.integers(0, 100))
+    def heartbeat_with_current_token(self, index: int) -> None:
+        item = self.pick(index)
+        self.expire()
+        token = item.current_token()
+        if token is None:
+            return
+        beat = self.store.heartbeat(
+            ENV, item.id, expected_last_heartbeat=token, now=self.now, desired_ttl_seconds=TTL
+        )
+        assert beat.last_heartbeat != token
+        assert beat.last_heartbeat not in item.stale
+        item.stale.add(token)
+        item.token = beat.last_heartbeat
+        if item.state == "stopped":
+            assert (beat.state, beat.lease_extended) == (WorkState.STOPPED, False)
+            return
+        if item.state == "starting":
+            item.state = "active"
+        assert beat.state == item.state
+        assert beat.lease_extended
+        assert beat.ttl_seconds == TTL
+        item.lease_until = self.now + TTL
+        assert item.worker is not None
+        self.granted(item, item.worker, item.lease_until)
+
+    @precondition(lambda self: self.items)
+    @rule(index=st.integers(0, 100))
+    def first_heartbeat_blindly(self, index: int) -> None:
+        """NO_HEARTBEAT on any item: accepted only on an acked item without a token."""
+        item = self.pick(index)
+        self.expire()
+        if item.current_token() == NO_HEARTBEAT:
+            self.heartbeat_with_current_token(index)
+            return
+        error = Conflict if item.state == "queued" else FencingConflict
+        with pytest.raises(error):
+            self.store.heartbeat(ENV, item.id, expected_last_heartbeat=NO_HEARTBEAT, now=self.now)
+
+    @precondition(lambda self: any(i.stale for i in self.items))
+    @rule(index=st.integers(0, 100), data=st.data())
+    def heartbeat_with_stale_token(self, index: int, data: st.DataObject) -> None:
+        candidates = [i for i in self.items if i.stale]
+        item = candidates[index % len(candidates)]
+        token = data.draw(st.sampled_from(sorted(item.stale)))
+        self.expire()
+        with pytest.raises(FencingConflict):
+            self.store.heartbeat(ENV, item.id, expected_last_heartbeat=token, now=self.now)
+
+    @precondition(lambda self: any(i.stale for i in self.items))
+    @rule(index=st.integers(0, 100), data=st.data())
+    def stop_with_stale_token(self, index: int, data: st.DataObject) -> None:
+        candidates = [i for i in self.items if i.stale]
+        item = candidates[index % len(candidates)]
+        token = data.draw(st.sampled_from(sorted(item.stale)))
+        self.expire()
+        with pytest.raises(FencingConflict):
+            self.store.stop(ENV, item.id, expected_last_heartbeat=token, now=self.now)
+
+    @precondition(lambda self: self.items)
+    @rule(index=st.integers(0, 100), with_token=st.booleans())
+    def stop(self, index: int, with_token: bool) -> None:
+        item = self.pick(index)
+        self.expire()
+        token = item.current_token() if with_token else None
+        if with_token and token is None:
+            return
+        outcome = Outcome(OutcomeStatus.COMPLETED)
+        if item.state == "stopped":
+            with pytest.raises(Conflict):
+                self.store.stop(
+                    ENV, item.id, expected_last_heartbeat=token, outcome=outcome, now=self.now
+                )
+            return
+        got = self.store.stop(
+            ENV, item.id, expected_last_heartbeat=token, outcome=outcome, now=self.now
+        )
+        assert (got.state, got.outcome) == (WorkState.STOPPED, outcome)
+        item.state = "stopped"
+        item.lease_until = None
+
+    @precondition(lambda self: self.items)
+    @rule(index=st.integers(0, 100))
+    def request_stop(self, index: int) -> None:
+        item = self.pick(index)
+        self.expire()
+        if item.state == "stopped":
+            with pytest.raises(Conflict):
+                self.store.request_stop(ENV, item.id, now=self.now)
+            return
+        got = self.store.request_stop(ENV, item.id, now=self.now)
+        item.state = "stopped" if item.state == "queued" else "stopping"
+        assert got.state == item.state
+
+    @rule(seconds=st.sampled_from([0.0, 0.5, 5.0, 19.5, 20.0, 29.5, 30.0, 31.0, 60.0, 75.0]))
+    def advance_clock(self, seconds: float) -> None:
+        self.now += seconds
+
+    # --- invariants -------------------------------------------------------------------
+
+    @invariant()
+    def store_agrees_with_the_model(self) -> None:
+        self.expire()
+        stored = {i.id: i for i in self.store.list_work(ENV, now=self.now, limit=1000)}
+        # no item is ever lost
+        assert set(stored) == {i.id for i in self.items}
+        for item in self.items:
+            got = stored[item.id]
+            assert got.state == item.state, item
+            assert got.attempts == item.attempts, item
+            if item.state in LIVE:
+                assert got.worker_id == item.worker
+            # attempts only grow
+            assert got.attempts >= self.seen_attempts.get(item.id, 0)
+            self.seen_attempts[item.id] = got.attempts
+            assert got.attempts <= POLICY.max_attempts
+
+    @invariant()
+    def stats_agree_with_the_model(self) -> None:
+        self.expire()
+        stats = self.store.stats(ENV, now=self.now)
+        assert stats.depth == sum(i.state == "queued" for i in self.items)
+        assert stats.pending == sum(i.state in LIVE for i in self.items)
+
+
+TestWorkStore = WorkStoreMachine.TestCase
+TestWorkStore.settings = MACHINE_SETTINGS
+
+
+# --- the worker status model: the DESIGN §4 table, written out row by row ---------------
+
+STATUS = StatusPolicy()
+
+
+@attrs.define
+class ModelWorker:
+    status: WorkerStatus
+    registered_at: float
+    last_beat: float | None = None
+
+
+def table_on_clock(w: ModelWorker, now: float) -> WorkerStatus:
+    """The rows that fire on silence: provisioning -> failed, online/degraded -> offline."""
+    s = w.status
+    silent_since_registration = now - w.registered_at
+    if s == WorkerStatus.PROVISIONING and w.last_beat is None:
+        return (
+            WorkerStatus.FAILED
+            if silent_since_registration >= STATUS.provision_timeout
+            else WorkerStatus.PROVISIONING
+        )
+    if s in (WorkerStatus.ONLINE, WorkerStatus.DEGRADED):
+        last = w.last_beat if w.last_beat is not None else w.registered_at
+        if now - last >= STATUS.offline_after:
+            return WorkerStatus.OFFLINE
+    return s
+
+
+def table_on_heartbeat(s: WorkerStatus, error_rate: float, wedged: bool) -> WorkerStatus:
+    """The rows that fire on a heartbeat."""
+    if s == WorkerStatus.DEGRADED:
+        if error_rate < 0.1 and not wedged:
+            return WorkerStatus.ONLINE  # degraded -> online
+        return WorkerStatus.DEGRADED
+    if wedged or error_rate >= 0.5:
+        return WorkerStatus.DEGRADED  # online -> degraded (and a revived worker judged afresh)
+    return WorkerStatus.ONLINE  # provisioning/offline/failed -> online; online stays
+
+
+RATES = st.sampled_from([0.0, 0.05, 0.099, 0.1, 0.2, 0.3, 0.49, 0.5, 0.51, 0.9, 1.0])
+SILENCES = st.sampled_from([0.0, 1.0, 29.0, 30.0, 60.0, 89.5, 90.0, 91.0, 200.0, 299.5, 300.0])
+
+
+class WorkerStatusMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self._dir = TemporaryDirectory()
+        self.store = SQLiteStore(Path(self._dir.name) / "cp.sqlite3", status_policy=STATUS)
+        self.now = 5_000_000.0
+        self.workers: dict[str, ModelWorker] = {}
+
+    def teardown(self) -> None:
+        self.store.close()
+        self._dir.cleanup()
+
+    def age(self) -> None:
+        for w in self.workers.values():
+            if w.status != WorkerStatus.REMOVED:
+                w.status = table_on_clock(w, self.now)
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def register(self, worker: str) -> None:
+        self.age()
+        known = self.workers.get(worker)
+        if known is not None and known.status == WorkerStatus.REMOVED:
+            with pytest.raises(Gone):
+                self.store.register_worker(ENV, worker, now=self.now)
+            return
+        got = self.store.register_worker(ENV, worker, now=self.now)
+        if known is None or known.status == WorkerStatus.FAILED:
+            self.workers[worker] = ModelWorker(WorkerStatus.PROVISIONING, self.now)
+        assert got.status == self.workers[worker].status
+
+    @rule(worker=st.sampled_from(WORKERS), error_rate=RATES, wedged=st.booleans())
+    def heartbeat(self, worker: str, error_rate: float, wedged: bool) -> None:
+        self.age()
+        report = PresenceReport(
+            worker_id=worker, error_rate=error_rate, runtime_state="wedged" if wedged else None
+        )
+        known = self.workers.get(worker)
+        if known is not None and known.status == WorkerStatus.REMOVED:
+            with pytest.raises(Gone):
+                self.store.worker_heartbeat(ENV, report, now=self.now)
+            return
+        if known is None:
+            known = self.workers[worker] = ModelWorker(WorkerStatus.PROVISIONING, self.now)
+        known.status = table_on_heartbeat(known.status, error_rate, wedged)
+        known.last_beat = self.now
+        got = self.store.worker_heartbeat(ENV, report, now=self.now)
+        assert got.status == known.status
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def deregister(self, worker: str) -> None:
+        if worker not in self.workers:
+            return
+        got = self.store.deregister_worker(ENV, worker, now=self.now)
+        assert got.status is WorkerStatus.REMOVED
+        self.workers[worker].status = WorkerStatus.REMOVED
+
+    @rule(seconds=SILENCES)
+    def advance_clock(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(error_rate=st.floats(-1.0, 2.0).filter(lambda r: not 0.0 <= r <= 1.0))
+    def impossible_report_is_refused(self, error_rate: float) -> None:
+        with pytest.raises(BadRequest):
+            self.store.worker_heartbeat(
+                ENV, PresenceReport(worker_id="w1", error_rate=error_rate), now=self.now
+            )
+
+    @invariant()
+    def every_status_follows_the_table(self) -> None:
+        self.age()
+        stored = {w.worker_id: w.status for w in self.store.list_workers(ENV, now=self.now)}
+        assert stored == {name: w.status for name, w in self.workers.items()}
+        for name, w in self.workers.items():
+            assert self.store.get_worker(ENV, name, now=self.now).status == w.status
+
+
+TestWorkerStatus = WorkerStatusMachine.TestCase
+TestWorkerStatus.settings = MACHINE_SETTINGS
