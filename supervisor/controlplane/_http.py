@@ -63,6 +63,7 @@ from ._models import (
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
 
 _T = TypeVar("_T")
+_E = TypeVar("_E", WorkState, DelegationStatus)
 
 #: Extra seconds a long poll may take beyond ``block_ms`` before it counts as a timeout.
 POLL_MARGIN: Final = 5.0
@@ -88,6 +89,15 @@ def _segment(value: str, what: str) -> str:
     if "/" in value:
         raise BadRequest(f"{what} must not contain '/': {value!r}")
     return quote(value, safe="")
+
+
+def _enum_value(kind: type[_E], value: str, what: str) -> str:
+    """The wire value of an enum argument; a value outside the enum is the caller's BadRequest."""
+    try:
+        return kind(value).value
+    except ValueError:
+        allowed = ", ".join(member.value for member in kind)
+        raise BadRequest(f"{what} must be one of {allowed}, got {value!r}") from None
 
 
 def _error_for(status: int, message: str) -> ControlPlaneError:
@@ -415,7 +425,7 @@ class HttpControlPlane:
     ) -> Sequence[WorkItem]:
         params = {"limit": str(limit), "page": str(page)}
         if state is not None:
-            params["state"] = WorkState(state).value
+            params["state"] = _enum_value(WorkState, state, "state")
         answer = await self._call("GET", "/work", params=params)
         return self._decode_list("list_work", answer, codec.decode_work_item)
 
@@ -469,7 +479,9 @@ class HttpControlPlane:
     async def list_delegations(
         self, worker_id: str, *, status: DelegationStatus | None = None
     ) -> Sequence[Delegation]:
-        params = {} if status is None else {"status": DelegationStatus(status).value}
+        params = (
+            {} if status is None else {"status": _enum_value(DelegationStatus, status, "status")}
+        )
         answer = await self._call(
             "GET", f"/workers/{_segment(worker_id, 'worker_id')}/delegations", params=params
         )
@@ -478,7 +490,8 @@ class HttpControlPlane:
     async def record_delegation_result(
         self, delegation_id: str, *, status: DelegationStatus, response_preview: str | None = None
     ) -> Delegation:
-        request = codec.DelegationResultRequest(DelegationStatus(status), response_preview)
+        checked = DelegationStatus(_enum_value(DelegationStatus, status, "status"))
+        request = codec.DelegationResultRequest(checked, response_preview)
         answer = await self._call(
             "POST",
             f"/delegations/{_segment(delegation_id, 'delegation_id')}/result",
