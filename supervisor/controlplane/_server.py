@@ -56,6 +56,7 @@ from .._exceptions import (
     TransientError,
     Unauthorized,
 )
+from .._logging import configure_logging
 from . import _codec as codec
 from ._embedded import STORE_FILENAME, EmbeddedControlPlane
 from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider, key_provider_from_env
@@ -776,6 +777,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path(".supervisor"),
         help="directory holding the SQLite store (default: %(default)s); created if missing",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines on stderr: readable text or JSON lines (default: %(default)s)",
+    )
 
 
 def _open_store(state_dir: Path) -> SQLiteStore:
@@ -838,6 +845,8 @@ def cli_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
+    # The redaction filter is a second line of defence: nothing here logs the key.
+    configure_logging(getattr(args, "log_format", "text"), secrets=[keys.current()])
     try:
         return trio.run(_serve_until_signalled, store, args.host, args.port, keys)
     finally:
