@@ -1,0 +1,15 @@
+"""Traps SIGTERM, reports it, and keeps running: only SIGKILL stops it."""
+
+import os
+import signal
+import time
+
+
+def on_term(signum: int, frame: object) -> None:
+    print("got SIGTERM, ignoring it", flush=True)
+
+
+signal.signal(signal.SIGTERM, on_term)
+print(f"ready pid={os.getpid()} pgid={os.getpgrp()}", flush=True)
+while True:
+    time.sleep(3600)
