@@ -454,6 +454,22 @@ async def test_invalid_environment_ids_are_404_and_change_nothing(
     assert dump(db_path) == before
 
 
+async def test_reads_in_a_never_used_environment_create_nothing(
+    client: httpx.AsyncClient, db_path: Path
+) -> None:
+    """A new environment reads as empty (and its unknown ids as 404) without being created:
+    environments come into being on first write, not on a look."""
+    before = dump(db_path)
+    base = "/v1/environments/never-used"
+    stats = await client.get(f"{base}/work/stats")
+    assert stats.status_code == 200
+    assert stats.json()["depth"] == 0
+    assert (await client.get(f"{base}/work")).json() == {"data": []}
+    assert_error(await client.get(f"{base}/work/work_x"), 404, "not_found")
+    assert_error(await client.get(f"{base}/workers/w_x"), 404, "not_found")
+    assert dump(db_path) == before
+
+
 async def test_single_plane_server_knows_only_its_environment(
     db_path: Path, store: SQLiteStore
 ) -> None:
