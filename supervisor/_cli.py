@@ -411,7 +411,7 @@ def cli_status(args: argparse.Namespace) -> int:
         items = await plane.list_work(limit=max(1, min(args.limit, 1000)))
         workers = await plane.list_workers()
         stats = await plane.stats()
-        data = {
+        data: dict[str, Any] = {
             "workers": [
                 {
                     "worker_id": w.worker_id,

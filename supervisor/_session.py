@@ -235,14 +235,15 @@ class SessionRunner:
         except WorkspaceError as exc:
             detail = f"workspace could not be prepared: {exc}"
             lease.outcome = record.outcome = Outcome(OutcomeStatus.FAILED, reason=detail)
-        except trio.Cancelled:
-            # Cancelled from above: the lease was lost, or the worker is stopping.
-            status = OutcomeStatus.LEASE_LOST if lease.lost else OutcomeStatus.CANCELLED
-            detail = lease.lost or "worker stopping"
-            lease.outcome = record.outcome = _interrupted(status, detail, output, started)
-            raise
         finally:
             output.close()
+            if record.outcome is None:
+                # Interrupted from above (the lease was lost, or the worker is stopping).
+                # Checked in ``finally`` rather than ``except trio.Cancelled``: through a
+                # nursery the cancellation arrives wrapped in an exception group.
+                status = OutcomeStatus.LEASE_LOST if lease.lost else OutcomeStatus.CANCELLED
+                detail = lease.lost or "worker stopping"
+                lease.outcome = record.outcome = _interrupted(status, detail, output, started)
 
 
 def _interrupted(

@@ -10,7 +10,7 @@ import enum
 import inspect
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -116,6 +116,14 @@ def _accepts_task_status(target: Callable[..., Any]) -> bool:
     return "task_status" in params
 
 
+def _to_args(value: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(value)
+
+
+def _to_children(value: Iterable[ChildSpec]) -> tuple[ChildSpec, ...]:
+    return tuple(value)
+
+
 def _check_shutdown(_inst: Any, _attr: attrs.Attribute[Any], value: float | None) -> None:
     if value is not None:
         _non_negative("ChildSpec.shutdown")(_inst, _attr, value)
@@ -145,7 +153,7 @@ class ChildSpec:
 
     id: str = attrs.field(validator=_check_id)
     target: Callable[..., Awaitable[Any]] = attrs.field()
-    args: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    args: tuple[Any, ...] = attrs.field(default=(), converter=_to_args)
     restart: Restart = attrs.field(default=Restart.PERMANENT, kw_only=True)
     shutdown: float | None = attrs.field(default=5.0, kw_only=True, validator=_check_shutdown)
     significant: bool = attrs.field(default=False, kw_only=True)
@@ -191,7 +199,7 @@ class SupervisorSpec:
             stops its children concurrently too); strategy restarts are unaffected.
     """
 
-    children: tuple[ChildSpec, ...] = attrs.field(default=(), converter=tuple)
+    children: tuple[ChildSpec, ...] = attrs.field(default=(), converter=_to_children)
     strategy: Strategy = attrs.field(default=Strategy.ONE_FOR_ONE, kw_only=True)
     intensity: int = attrs.field(default=3, kw_only=True)
     period: float = attrs.field(default=5.0, kw_only=True)

@@ -1,0 +1,446 @@
+"""The worker: the domain tree built from the generic supervision tree.
+
+::
+
+    worker                 ONE_FOR_ONE
+    ├─ services            ONE_FOR_ONE   (presence, delegations, local API: never touch sessions)
+    └─ work                REST_FOR_ONE
+       ├─ sessions         dynamic, TEMPORARY children, parallel_stop, at most max_concurrency
+       │  └─ session:<id>  see supervisor._session
+       └─ poller           claims work only when a session slot is free
+
+Properties kept from DESIGN §3.1: a failure under ``services`` never touches
+running sessions (ONE_FOR_ONE at the top); a lease loss or wedge cancels
+exactly one session (each session is its own supervisor); a crash of
+``sessions`` restarts the poller too (REST_FOR_ONE), so no claim is made into
+a sessions supervisor that is not there.
+
+Only the tree's public API is used here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from ._agent import AgentFunction, AgentRunner, AgentSpec, EnvPolicy
+from ._config import WorkerConfig
+from ._events import SupervisorSnapshot
+from ._exceptions import ChildStartError, ConfigError, ControlPlaneError
+from ._groups import collapse_group, raise_saving_context
+from ._poller import Poller
+from ._session import SessionRecord, SessionRunner, Slot
+from ._spec import ChildSpec, Strategy, SupervisorSpec
+from ._tree import Supervisor
+from ._workspace import WorkspaceManager
+from .controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
+from .controlplane._http import HttpControlPlane
+from .controlplane._keys import FileKey, KeyProvider, StaticKey
+from .controlplane._models import Outcome, OutcomeStatus, WorkItem, WorkState
+from .controlplane._protocol import ControlPlane
+
+__all__ = ["Worker", "WorkerStats", "open_worker"]
+
+logger = logging.getLogger("supervisor.worker")
+
+@attrs.frozen
+class WorkerStats:
+    """Counters for health checks and metrics.
+
+    Attributes:
+        worker_id: this worker's id.
+        capacity: ``max_concurrency``.
+        active: sessions running now.
+        outcomes: finished sessions by outcome status.
+        lease_losses: sessions that ended because their lease was lost.
+        started: sessions started since the worker started.
+        draining: whether the worker stopped claiming work.
+    """
+
+    worker_id: str
+    capacity: int
+    active: int
+    outcomes: Mapping[str, int]
+    lease_losses: int
+    started: int
+    draining: bool
+
+    @property
+    def busy(self) -> bool:
+        return self.active >= self.capacity
+
+
+class _Relay:
+    """Passes a child's readiness on to the caller of ``Worker.run`` with the worker."""
+
+    def __init__(self, inner: trio.TaskStatus[Worker], worker: Worker) -> None:
+        self._inner = inner
+        self._worker = worker
+
+    def started(self, value: object = None) -> None:
+        self._inner.started(self._worker)
+
+
+class Worker:
+    """A worker process's heart: claims work, keeps leases, runs agents.
+
+    ``await nursery.start(worker.run)`` returns once the tree is up (or use
+    :func:`open_worker`). Cancelling ``run()`` stops every session at once with
+    outcome ``cancelled`` (reported to the control plane), then returns;
+    :meth:`drain` lets running sessions finish first.
+
+    Args:
+        config: the settings.
+        control_plane: use this control plane instead of the one ``config``
+            names (tests, simulations, embedding). It is not closed by the worker.
+        agent: an agent to use instead of ``config.agent`` (an async callable,
+            or an :class:`AgentSpec`).
+        base_env: the environment agents' allowlist reads from (default ``os.environ``).
+        keeper_options: keyword arguments for every ``LeaseKeeper`` (timing, rng).
+        rng: randomness for poll pauses and jitter.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        control_plane: ControlPlane | None = None,
+        agent: AgentFunction | AgentSpec | None = None,
+        base_env: Mapping[str, str] | None = None,
+        keeper_options: Mapping[str, Any] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not isinstance(config, WorkerConfig):
+            raise TypeError(f"Worker needs a WorkerConfig, got {config!r}")
+        self.config = config
+        if agent is None:
+            self.agent_spec = AgentSpec.parse(config.agent)
+        elif isinstance(agent, AgentSpec):
+            self.agent_spec = agent
+        else:
+            self.agent_spec = AgentSpec.from_callable(agent)
+        self._given_control_plane = control_plane
+        self._base_env = base_env
+        self._keeper_options = dict(keeper_options or {})
+        self._rng = rng if rng is not None else random.Random()
+        self._running = False
+        self._draining = False
+        self._tree: Supervisor | None = None
+        self._work: Supervisor | None = None
+        self._sessions: Supervisor | None = None
+        self._services: Supervisor | None = None
+        self._runner: SessionRunner | None = None
+        self._control_plane: ControlPlane | None = None
+        self._session_ended = trio.Event()
+        self._started_sessions = 0
+        self._outcomes: Counter[str] = Counter()
+        self._service_specs: list[ChildSpec] = []
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def worker_id(self) -> str:
+        return self.config.worker_id
+
+    @property
+    def control_plane(self) -> ControlPlane:
+        """The control plane in use (while running)."""
+        if self._control_plane is None:
+            raise RuntimeError("the worker is not running")
+        return self._control_plane
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def add_service(self, spec: ChildSpec) -> None:
+        """Add a child to ``services`` (presence, delegations, the local API, your own).
+
+        Must be called before :meth:`run`. A service's failures never touch sessions.
+        """
+        if self._running:
+            raise RuntimeError("add services before the worker runs")
+        self._service_specs.append(spec)
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, *, task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled, drained or the tree gives up.
+
+        Raises:
+            ConfigError: the state directory or the control plane cannot be used.
+            RestartIntensityExceeded: a part of the tree kept failing.
+        """
+        if self._running:
+            raise RuntimeError("this worker is already running")
+        self._running = True
+        self._draining = False
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                self._prepare_state_dir()
+                plane = self._given_control_plane
+                if plane is None:
+                    plane = await stack.enter_async_context(self._open_control_plane())
+                self._control_plane = plane
+                tree = self._build_tree(plane)
+                await self._register(plane)
+                await tree.run(task_status=_Relay(task_status, self))
+        finally:
+            self._running = False
+            self._control_plane = None
+
+    def _prepare_state_dir(self) -> None:
+        state = self.config.state_dir
+        try:
+            for sub in (state, state / "logs"):
+                sub.mkdir(parents=True, exist_ok=True)
+            probe = state / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use {str(state)!r} as the state directory: {exc.strerror or exc}",
+                key="state_dir",
+            ) from None
+
+    @contextlib.asynccontextmanager
+    async def _open_control_plane(self) -> AsyncIterator[ControlPlane]:
+        config = self.config
+        if config.control_plane is None:
+            plane = await trio.to_thread.run_sync(
+                lambda: EmbeddedControlPlane(
+                    config.state_dir / STORE_FILENAME, environment_id=config.environment_id
+                )
+            )
+            try:
+                yield plane
+            finally:
+                with trio.CancelScope(shield=True):
+                    await plane.aclose()
+            return
+        key: KeyProvider
+        if config.environment_key_file is not None:
+            key = FileKey(config.environment_key_file)
+            key.current()  # fail now, with the file named, rather than at the first call
+        elif config.environment_key:
+            key = StaticKey(config.environment_key)
+        else:
+            raise ConfigError(
+                "a remote control plane needs environment_key or environment_key_file",
+                key="environment_key",
+            )
+        async with HttpControlPlane.open(
+            config.control_plane, environment_id=config.environment_id, key=key
+        ) as http:
+            yield http
+
+    async def _register(self, plane: ControlPlane) -> None:
+        metadata = {
+            "capacity": self.config.max_concurrency,
+            "agent": self.agent_spec.name,
+            "workspace": self.config.workspace,
+            "pid": os.getpid(),
+        }
+        try:
+            await plane.register_worker(self.worker_id, metadata=metadata)
+        except ControlPlaneError as exc:
+            # Presence reports register the worker later; claiming does not depend on it.
+            logger.warning("could not register worker %s: %s", self.worker_id, exc)
+
+    def _build_tree(self, plane: ControlPlane) -> Supervisor:
+        config = self.config
+        workspaces = WorkspaceManager(
+            config.state_dir,
+            kind=config.workspace,
+            base_repo=os.fspath(config.base_repo) if config.base_repo is not None else None,
+            keep_workspaces=config.keep_workspaces,
+        )
+        agent = AgentRunner(
+            self.agent_spec,
+            env_policy=EnvPolicy(extra=config.agent_env),
+            session_timeout=config.session_timeout,
+            grace=config.agent_grace,
+            base_env=self._base_env,
+            # A worker owns its agents' whole process trees: adopt orphaned
+            # grandchildren so they can be reaped, not left as zombies.
+            reap_orphans=True,
+        )
+        self._runner = SessionRunner(
+            control_plane=plane,
+            agent=agent,
+            workspaces=workspaces,
+            logs_dir=config.state_dir / "logs",
+            lease_ttl=config.lease_ttl,
+            keeper_options=self._keeper_options,
+            on_end=self._on_session_end,
+        )
+        slots = trio.CapacityLimiter(config.max_concurrency)
+        sessions = self._sessions = Supervisor(
+            SupervisorSpec(
+                [],
+                name="sessions",
+                parallel_stop=True,
+                # TEMPORARY children are never restarted; the budget only guards the poller pair.
+                intensity=3,
+                period=30.0,
+            )
+        )
+        poller = Poller(
+            plane,
+            worker_id=self.worker_id,
+            slots=slots,
+            on_claim=self._on_claim,
+            block_ms=config.poll_block_ms,
+            rng=self._rng,
+        )
+        work = self._work = Supervisor(
+            SupervisorSpec(
+                [ChildSpec("sessions", sessions.run), ChildSpec("poller", poller.run, shutdown=0)],
+                strategy=Strategy.REST_FOR_ONE,
+                intensity=5,
+                period=60.0,
+                name="work",
+            )
+        )
+        services = self._services = Supervisor(
+            SupervisorSpec(self._service_specs, name="services", intensity=10, period=60.0)
+        )
+        tree = self._tree = Supervisor(
+            SupervisorSpec(
+                [
+                    ChildSpec("services", services.run, shutdown=None),
+                    ChildSpec("work", work.run, shutdown=None),
+                ],
+                name="worker",
+                intensity=3,
+                period=60.0,
+            )
+        )
+        return tree
+
+    async def _on_claim(self, item: WorkItem, slot: Slot) -> None:
+        """Start the session for a claimed, acknowledged item (the poller's hand-over)."""
+        assert self._runner is not None and self._sessions is not None
+        try:
+            await self._sessions.start_child(self._runner.spec_for(item, slot))
+        except ChildStartError as exc:
+            # The lease was never confirmed; the session released its slot. The item
+            # returns to the queue when its reclaim window or lease runs out.
+            logger.warning("session for work item %s did not start: %s", item.id, exc)
+        except (ValueError, RuntimeError) as exc:
+            slot.release()
+            logger.warning("work item %s not started: %s", item.id, exc)
+            return
+        self._started_sessions += 1
+
+    def _on_session_end(self, record: SessionRecord) -> None:
+        if record.outcome is not None:
+            self._outcomes[record.outcome.status.value] += 1
+        ended, self._session_ended = self._session_ended, trio.Event()
+        ended.set()
+
+    # ------------------------------------------------------------ public API
+
+    async def submit(self, prompt: str, **metadata: str) -> str:
+        """Queue a session on this worker's control plane; returns the new item's id."""
+        item = await self.control_plane.submit(prompt, metadata=metadata)
+        return item.id
+
+    async def wait(self, item_id: str, *, poll_interval: float = 0.5) -> Outcome:
+        """Wait for an item to end; returns its outcome.
+
+        A session run here answers from the worker's own record the moment it
+        ends; any other item (or one whose lease this worker lost) is followed
+        on the control plane.
+        """
+        while True:
+            ended = self._session_ended
+            if self._runner is not None:
+                record = self._runner.records.get(item_id)
+                outcome = record.outcome if record is not None and record.done.is_set() else None
+                if outcome is not None and outcome.status is not OutcomeStatus.LEASE_LOST:
+                    return outcome
+            item = await self.control_plane.get(item_id)
+            if item.state is WorkState.STOPPED:
+                return item.outcome or Outcome(
+                    OutcomeStatus.FAILED, reason="stopped without outcome"
+                )
+            with trio.move_on_after(poll_interval):
+                await ended.wait()
+
+    async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a budget for the sessions, not for this call
+        """Stop claiming, let running sessions finish (up to ``timeout``), then stop.
+
+        ``timeout`` defaults to ``config.drain_timeout``. Sessions still running
+        then are cancelled (agents get SIGTERM, grace, SIGKILL) and every item
+        is stopped with its outcome. Returns once the worker has stopped.
+        """
+        if self._tree is None or not self._running:
+            return
+        self._draining = True
+        assert self._work is not None and self._sessions is not None
+        with contextlib.suppress(LookupError, RuntimeError):
+            await self._work.terminate_child("poller")
+        limit = self.config.drain_timeout if timeout is None else timeout
+        with trio.move_on_after(limit):
+            while self._sessions.count_children().active:
+                ended = self._session_ended
+                await ended.wait()
+        await self._tree.shutdown()
+
+    def snapshot(self) -> SupervisorSnapshot:
+        """The live supervision tree (worker → sessions → lease/runner)."""
+        if self._tree is None:
+            raise RuntimeError("the worker has not run yet")
+        return self._tree.snapshot()
+
+    def stats(self) -> WorkerStats:
+        active = self._sessions.count_children().active if self._sessions is not None else 0
+        return WorkerStats(
+            worker_id=self.worker_id,
+            capacity=self.config.max_concurrency,
+            active=active,
+            outcomes=dict(self._outcomes),
+            lease_losses=self._outcomes.get(OutcomeStatus.LEASE_LOST.value, 0),
+            started=self._started_sessions,
+            draining=self._draining,
+        )
+
+    def sessions(self) -> list[SessionRecord]:
+        """Records of the sessions this worker ran or runs, oldest first."""
+        return list(self._runner.records.values()) if self._runner is not None else []
+
+
+@contextlib.asynccontextmanager
+async def open_worker(config: WorkerConfig, **options: Any) -> AsyncIterator[Worker]:
+    """Run a :class:`Worker` for the duration of an ``async with`` block.
+
+    On a normal exit from the block the worker is drained (sessions may finish
+    within ``config.drain_timeout``); if the block raises or is cancelled,
+    sessions are cancelled at once. Either way every item gets its outcome.
+    """
+    worker = Worker(config, **options)
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            try:
+                yield worker
+            except BaseException as exc:  # re-raised below, outside the nursery
+                body_error = exc
+                nursery.cancel_scope.cancel()
+            else:
+                with trio.CancelScope(shield=True):
+                    await worker.drain()
+    except BaseExceptionGroup as group:
+        raise_saving_context(collapse_group(group))
+    if body_error is not None:
+        raise_saving_context(body_error)
