@@ -1,8 +1,9 @@
 """The reference control-plane server: a ``ControlPlane`` per environment, over HTTP.
 
 A Starlette app on Hypercorn's Trio worker, so it runs inside any Trio program
-(``await nursery.start(serve_control_plane, store, key_provider=key)`` gives
-the bound URL) as well as on its own (``python -m supervisor serve``).
+(``await nursery.start(partial(serve_control_plane, store, key_provider=key))``
+gives the bound URL; ``open_control_plane_server`` is the context-manager form)
+as well as on its own (``python -m supervisor serve``).
 
 What it guarantees at the boundary:
 
