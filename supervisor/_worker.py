@@ -51,6 +51,7 @@ __all__ = ["Worker", "WorkerStats", "open_worker"]
 
 logger = logging.getLogger("supervisor.worker")
 
+
 @attrs.frozen
 class WorkerStats:
     """Counters for health checks and metrics.
@@ -257,8 +258,9 @@ class Worker:
 
     def _build_tree(self, plane: ControlPlane) -> Supervisor:
         config = self.config
+        state_dir = config.state_dir.absolute()  # agents get paths; their cwd is elsewhere
         workspaces = WorkspaceManager(
-            config.state_dir,
+            state_dir,
             kind=config.workspace,
             base_repo=os.fspath(config.base_repo) if config.base_repo is not None else None,
             keep_workspaces=config.keep_workspaces,
@@ -277,7 +279,7 @@ class Worker:
             control_plane=plane,
             agent=agent,
             workspaces=workspaces,
-            logs_dir=config.state_dir / "logs",
+            logs_dir=state_dir / "logs",
             lease_ttl=config.lease_ttl,
             keeper_options=self._keeper_options,
             on_end=self._on_session_end,
