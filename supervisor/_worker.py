@@ -40,6 +40,7 @@ from ._poller import Poller
 from ._session import SessionRecord, SessionRunner, Slot
 from ._spec import ChildSpec, Strategy, SupervisorSpec
 from ._tree import Supervisor
+from ._wedge import WedgeState
 from ._workspace import WorkspaceManager
 from .controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
 from .controlplane._http import HttpControlPlane
@@ -144,6 +145,8 @@ class Worker:
         self._started_sessions = 0
         self._outcomes: Counter[str] = Counter()
         self._service_specs: list[ChildSpec] = []
+        #: Whether this worker's agent runtime is wedged (detectors mark it, presence reports it).
+        self.wedge = WedgeState()
 
     # ------------------------------------------------------------ properties
 
