@@ -381,6 +381,18 @@ class Worker:
             with trio.move_on_after(poll_interval):
                 await ended.wait()
 
+    async def cancel(self, item_id: str, reason: str = "cancelled") -> None:
+        """Stop an item: a session running here is cancelled at once (outcome
+        ``cancelled``, reported to the control plane); any other item gets an
+        operator stop request (a queued one is stopped, a running one's worker
+        sees ``stopping`` at its next heartbeat).
+        """
+        record = self._runner.records.get(item_id) if self._runner is not None else None
+        if record is not None and not record.done.is_set():
+            record.cancel(OutcomeStatus.CANCELLED, reason)
+            return
+        await self.control_plane.request_stop(item_id)
+
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a budget for the sessions, not for this call
         """Stop claiming, let running sessions finish (up to ``timeout``), then stop.
 
