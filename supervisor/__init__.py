@@ -3,6 +3,8 @@
 The public surface is re-exported here; modules with a leading underscore are private.
 """
 
+from ._agent import AgentContext as AgentContext, AgentSpec as AgentSpec
+from ._config import WorkerConfig as WorkerConfig
 from ._events import (
     ChildCounts as ChildCounts,
     ChildExit as ChildExit,
@@ -40,16 +42,26 @@ from ._spec import (
     Strategy as Strategy,
     SupervisorSpec as SupervisorSpec,
 )
+from ._threaded import (
+    ResultTimeout as ResultTimeout,
+    ThreadedWorker as ThreadedWorker,
+    WorkCancelled as WorkCancelled,
+    WorkHandle as WorkHandle,
+)
 from ._tree import (
     ChildContext as ChildContext,
     Supervisor as Supervisor,
     current_child as current_child,
     open_supervisor as open_supervisor,
 )
+from ._wedge import WedgeState as WedgeState
+from ._worker import Worker as Worker, WorkerStats as WorkerStats, open_worker as open_worker
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AgentContext",
+    "AgentSpec",
     "AutoShutdown",
     "Backoff",
     "BadRequest",
@@ -74,6 +86,7 @@ __all__ = [
     "NotFound",
     "Restart",
     "RestartIntensityExceeded",
+    "ResultTimeout",
     "Shutdown",
     "Strategy",
     "Supervisor",
@@ -81,8 +94,16 @@ __all__ = [
     "SupervisorEvent",
     "SupervisorSnapshot",
     "SupervisorSpec",
+    "ThreadedWorker",
     "TransientError",
     "Unauthorized",
+    "WedgeState",
+    "WorkCancelled",
+    "WorkHandle",
+    "Worker",
+    "WorkerConfig",
+    "WorkerStats",
     "current_child",
     "open_supervisor",
+    "open_worker",
 ]
