@@ -642,6 +642,12 @@ class SQLiteStore:
 
     def _expire_leases(self, conn: sqlite3.Connection, now: float) -> None:
         """Apply every lease expiry due at ``now``; the old tokens and secrets die here."""
+        # Nearly every call finds nothing due: one indexed probe is cheaper than three UPDATEs.
+        due = conn.execute(
+            "SELECT 1 FROM work_items WHERE lease_expires_at <= ? LIMIT 1", (now,)
+        ).fetchone()
+        if due is None:
+            return
         # An operator asked these to stop: do not run them again.
         conn.execute(
             "UPDATE work_items SET state = 'stopped', attempts = attempts + 1, "
