@@ -506,8 +506,9 @@ async def _stop_group(
         and await _wait_group_gone(pgid, deadline, reap=reap, resend=None) is None
     ):
         return
+    leader_alive = proc.returncode is None
     if _signal_group(pgid, signal.SIGKILL):
-        if proc.returncode is None:
+        if leader_alive:
             output.note(f"agent ignored SIGTERM for {grace:g}s: sent SIGKILL to its group")
         else:
             output.note(f"processes still in the group after {grace:g}s: sent SIGKILL")
