@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from supervisor.controlplane import NO_HEARTBEAT, ControlPlane
 from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane._http import HttpControlPlane
+from supervisor.controlplane._server import open_control_plane_server
 from supervisor.controlplane._store import SQLiteStore
 
 ENV = "default"
@@ -134,6 +136,25 @@ async def bench_embedded_inline(directory: Path, ops: int) -> LayerFigures:
         return await bench_control_plane(cp, ops)
 
 
+async def bench_http(directory: Path, ops: int) -> LayerFigures:
+    """HttpControlPlane <-> the reference server on 127.0.0.1, in one process.
+
+    The server serves a store with the embedded plane (threaded), so this row
+    minus the "embedded (threaded)" row is what HTTP on loopback costs: httpx,
+    a TCP round trip, Hypercorn, Starlette, auth and the JSON codec.
+    """
+    key = "benchmark-key-0123456789"
+    store = SQLiteStore(directory / "http.sqlite3")
+    try:
+        async with (
+            open_control_plane_server(store, key_provider=key) as url,
+            HttpControlPlane.open(url, key=key) as cp,
+        ):
+            return await bench_control_plane(cp, ops)
+    finally:
+        store.close()
+
+
 async def _store_layer(directory: Path, ops: int) -> LayerFigures:
     await trio.lowlevel.checkpoint()
     return bench_store(directory, ops)
@@ -144,6 +165,7 @@ LAYERS: list[tuple[str, Callable[[Path, int], Awaitable[LayerFigures]]]] = [
     ("store (sync, no async layer)", _store_layer),
     ("embedded (threaded, default)", bench_embedded),
     ("embedded (inline, threaded=False)", bench_embedded_inline),
+    ("HTTP on loopback (client <-> server)", bench_http),
 ]
 
 
