@@ -33,8 +33,11 @@ Lifecycle decisions the design leaves open, recorded here:
   slow poller cannot ack an item that the reclaim window gave to someone else.
 * ``ack`` starts a lease of the default TTL, so a worker that dies between ack
   and its first heartbeat does not strand the item in ``starting``. The first
-  heartbeat (``NO_HEARTBEAT``) is fenced by state only: the item must be bound
-  and have no token yet.
+  heartbeat (``NO_HEARTBEAT``) is fenced by state only, since the heartbeat call
+  names no worker: the item must be bound and have no token yet. So a first beat
+  that arrives after its ack lease ran out *and* after another worker re-acked
+  the item would be taken for the new holder's; with a lease keeper that beats
+  right after ack, against a 60 s ack lease, that needs a minute-long stall.
 * ``request_stop`` on a ``queued`` item stops it at once (outcome
   ``cancelled``): no worker will ever heartbeat it. On ``starting`` it moves to
   ``stopping`` and the first heartbeat answers ``stopping``.
@@ -567,7 +570,10 @@ class SQLiteStore:
         with self._lock:
             if self._conn is not None:
                 conn, self._conn = self._conn, None
-                conn.close()
+                try:
+                    conn.close()
+                except sqlite3.Error as exc:
+                    raise _translate(exc, f"closing {self._path!r}") from exc
 
     # --- listeners ----------------------------------------------------------
 
