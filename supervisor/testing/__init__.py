@@ -4,3 +4,7 @@ Tests of the boundaries themselves use the real parts (a real SQLite file, the
 reference server on loopback, real subprocesses); these fakes are for testing
 the code *built on* those boundaries quickly and deterministically.
 """
+
+from ._clock import ManualClock as ManualClock
+
+__all__ = ["ManualClock"]
