@@ -192,6 +192,10 @@ class Supervisor:
     Events: :meth:`subscribe` returns a receive channel of
     :class:`SupervisorEvent`; a subscriber that falls behind loses events (the
     supervisor never blocks on a slow reader) and ``dropped_events`` counts them.
+
+    ``total_restarts`` counts the restarts this supervisor's policy made over
+    the object's whole life (re-runs do not reset it, unlike the per-child
+    counts in a snapshot): a monotonic figure for metrics.
     """
 
     def __init__(self, spec: SupervisorSpec) -> None:
@@ -200,6 +204,7 @@ class Supervisor:
         self.spec = spec
         self.exit_reason: ChildExit | None = None
         self.dropped_events = 0
+        self.total_restarts = 0
         self._subscribers: list[trio.MemorySendChannel[SupervisorEvent]] = []
         self._running = False
         self._children: list[_Child] = []
@@ -467,6 +472,7 @@ class Supervisor:
         child.consecutive += 1
         for c in group:
             c.restart_count += 1
+            self.total_restarts += 1
             self._emit(
                 EventKind.CHILD_RESTARTING,
                 c.spec.id,

@@ -36,9 +36,10 @@ from ._config import WorkerConfig
 from ._events import SupervisorSnapshot
 from ._exceptions import ChildStartError, ConfigError, ControlPlaneError
 from ._groups import collapse_group, raise_saving_context
+from ._metrics import HeartbeatMeter, TimedControlPlane
 from ._poller import Poller
 from ._session import SessionRecord, SessionRunner, Slot
-from ._spec import ChildSpec, Strategy, SupervisorSpec
+from ._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from ._tree import Supervisor
 from ._wedge import WedgeState
 from ._workspace import WorkspaceManager
@@ -65,6 +66,7 @@ class WorkerStats:
         lease_losses: sessions that ended because their lease was lost.
         started: sessions started since the worker started.
         draining: whether the worker stopped claiming work.
+        restarts: restarts the worker's supervisors made (services, poller, ...).
     """
 
     worker_id: str
@@ -74,6 +76,7 @@ class WorkerStats:
     lease_losses: int
     started: int
     draining: bool
+    restarts: int = 0
 
     @property
     def busy(self) -> bool:
@@ -147,6 +150,10 @@ class Worker:
         self._service_specs: list[ChildSpec] = []
         #: Whether this worker's agent runtime is wedged (detectors mark it, presence reports it).
         self.wedge = WedgeState()
+        #: Latency and failures of the lease heartbeats (for metrics).
+        self.heartbeat_meter = HeartbeatMeter()
+        #: The local API's base URL while it serves (``config.api_enabled``), else ``None``.
+        self.api_url: str | None = None
 
     # ------------------------------------------------------------ properties
 
@@ -279,7 +286,7 @@ class Worker:
             reap_orphans=True,
         )
         self._runner = SessionRunner(
-            control_plane=plane,
+            control_plane=TimedControlPlane(plane, self.heartbeat_meter),
             agent=agent,
             workspaces=workspaces,
             logs_dir=state_dir / "logs",
@@ -315,8 +322,11 @@ class Worker:
                 name="work",
             )
         )
+        service_specs = list(self._service_specs)
+        if config.api_enabled:
+            service_specs.append(self._api_spec())
         services = self._services = Supervisor(
-            SupervisorSpec(self._service_specs, name="services", intensity=10, period=60.0)
+            SupervisorSpec(service_specs, name="services", intensity=10, period=60.0)
         )
         tree = self._tree = Supervisor(
             SupervisorSpec(
@@ -330,6 +340,32 @@ class Worker:
             )
         )
         return tree
+
+    def _api_spec(self) -> ChildSpec:
+        # The backoff keeps a persistently failing API (say, its fixed port taken
+        # by another program after a restart) from spending the services budget:
+        # at most about six restarts a minute, under the intensity of ten.
+        return ChildSpec(
+            "api",
+            self._serve_api,
+            shutdown=2.0,
+            backoff=Backoff(initial=1.0, maximum=60.0),
+        )
+
+    async def _serve_api(self, *, task_status: trio.TaskStatus[str]) -> None:
+        from ._api import serve_local_api
+
+        def bound(url: str | None) -> None:
+            self.api_url = url
+
+        await serve_local_api(
+            self,
+            host=self.config.api_host,
+            port=self.config.api_port,
+            api_file=self.config.state_dir / "api.json",
+            on_bound=bound,
+            task_status=task_status,
+        )
 
     async def _on_claim(self, item: WorkItem, slot: Slot) -> None:
         """Start the session for a claimed, acknowledged item (the poller's hand-over)."""
@@ -429,6 +465,11 @@ class Worker:
             lease_losses=self._outcomes.get(OutcomeStatus.LEASE_LOST.value, 0),
             started=self._started_sessions,
             draining=self._draining,
+            restarts=sum(
+                sup.total_restarts
+                for sup in (self._tree, self._services, self._work, self._sessions)
+                if sup is not None
+            ),
         )
 
     def sessions(self) -> list[SessionRecord]:
