@@ -271,7 +271,7 @@ class AgentSpec:
     argv: tuple[str, ...] | None = attrs.field(
         default=None, converter=_to_argv, validator=_check_argv
     )
-    function: AgentFunction | None = attrs.field(default=None, eq=False)
+    function: AgentFunction | None = None
     name: str = ""
 
     def __attrs_post_init__(self) -> None:
