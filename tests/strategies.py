@@ -48,6 +48,7 @@ class SupervisorPlan:
     period: float
     auto_shutdown: AutoShutdown
     children: tuple[ChildPlan, ...]
+    parallel_stop: bool = False
 
 
 restart_types = st.sampled_from(Restart)
@@ -92,6 +93,7 @@ def supervisor_plans(draw: st.DrawFn) -> SupervisorPlan:
         period=float(draw(st.integers(min_value=1, max_value=10))),
         auto_shutdown=auto_shutdown,
         children=children,
+        parallel_stop=draw(st.booleans()),
     )
 
 

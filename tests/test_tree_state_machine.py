@@ -110,6 +110,7 @@ class Model:
         self.starts: Counter[str] = Counter()
         self.children: list[ModelChild] = []
         self.restarts: list[float] = []
+        self.total_restarts = 0  # children restarted by the policy, over every run
         self.armed: set[str] = set()
         self.status = Status.STOPPED
         self.ending: tuple[str, str] | None = None
@@ -197,7 +198,9 @@ class Model:
         for other in reversed(group):
             if other is not child:
                 self._terminate(other)
-        for member in [c for c in group if c in self.children]:
+        group = [c for c in group if c in self.children]
+        self.total_restarts += len(group)
+        for member in group:
             if not self._start(member):
                 # A failed restart is that child's abnormal exit: the rest of the group
                 # stays stopped, and the exit is handled like any other crash.
@@ -385,6 +388,7 @@ class Observed:
     running: bool
     children: list[tuple[str, ChildState]]
     restarts_in_window: int
+    total_restarts: int
     result: object
     exit_reason: tuple[str, ExitKind] | None
 
@@ -492,6 +496,7 @@ class SupervisorMachine(RuleBasedStateMachine):
             period=plan.period,
             auto_shutdown=plan.auto_shutdown,
             name=NAME,
+            parallel_stop=plan.parallel_stop,
         )
         self.sup = Supervisor(spec)
         self._boot()
@@ -616,6 +621,7 @@ class SupervisorMachine(RuleBasedStateMachine):
             running=sup.running,
             children=[(c.id, c.state) for c in sup.which_children()],
             restarts_in_window=sup.snapshot().restarts_in_window,
+            total_restarts=sup.total_restarts,
             result=self.result,
             exit_reason=(reason.child_id, reason.kind) if reason is not None else None,
         )
@@ -630,6 +636,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         assert set(seen.live) == set(model.running_ids()), "running children differ"
         assert self.kids.fail_next == model.armed, "armed start failures differ"
         assert seen.running is model.running
+        assert seen.total_restarts == model.total_restarts
         if model.running:
             assert seen.result is None
             expected = [
