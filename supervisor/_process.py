@@ -495,11 +495,12 @@ async def _stop_group(
             await proc.wait()
     else:
         present, _ = _group_state(pgid, reap=reap)
-        if present:
-            # The agent exited but left processes behind: they get the same
-            # polite request and the same grace before SIGKILL.
-            output.note("agent exited; stopping the processes it left behind")
-            _signal_group(pgid, signal.SIGTERM)
+        if not present:
+            return  # the common case: the agent exited and took its children along
+        # The agent exited but left processes behind: they get the same
+        # polite request and the same grace before SIGKILL.
+        output.note("agent exited; stopping the processes it left behind")
+        _signal_group(pgid, signal.SIGTERM)
     # Once the leader is reaped, the rest of the group may use the rest of the grace.
     if (
         proc.returncode is not None
@@ -588,7 +589,9 @@ async def run_agent_process(
             start_new_session=True,
         )
     except (OSError, ValueError) as exc:
-        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:
+            message = exc.strerror + (f": {exc.filename}" if exc.filename else "")
         error = f"cannot start agent {argv[0]!r}: {message}" if argv else "empty agent command"
         output.note(error)
         output.close()

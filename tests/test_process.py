@@ -185,6 +185,14 @@ async def test_an_agent_that_cannot_start_is_a_failed_result(tmp_path: Path) -> 
     assert "No such file" in result.error
 
 
+async def test_a_missing_workspace_is_named_in_the_start_error(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    result = await run_agent_process(agent("ok"), cwd=missing, env={})
+    assert result.status is OutcomeStatus.FAILED
+    assert result.error is not None
+    assert str(missing) in result.error
+
+
 async def test_stdin_is_empty_and_cwd_is_the_workspace(tmp_path: Path) -> None:
     code = "import os, sys; print(repr(sys.stdin.read())); print(os.getcwd())"
     result = await run([sys.executable, "-c", code], tmp_path)
