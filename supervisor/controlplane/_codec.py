@@ -52,6 +52,7 @@ __all__ = [
     "DelegationResultRequest",
     "MessageRequest",
     "RegisterRequest",
+    "RequeueRequest",
     "StopRequest",
     "SubmitRequest",
     "decode_ack_request",
@@ -64,6 +65,7 @@ __all__ = [
     "decode_outcome",
     "decode_presence_report",
     "decode_register_request",
+    "decode_requeue_request",
     "decode_session_message",
     "decode_stop_request",
     "decode_submit_request",
@@ -82,6 +84,7 @@ __all__ = [
     "encode_outcome",
     "encode_presence_report",
     "encode_register_request",
+    "encode_requeue_request",
     "encode_session_message",
     "encode_stop_request",
     "encode_submit_request",
@@ -715,6 +718,32 @@ def decode_stop_request(value: object) -> StopRequest:
     request = StopRequest(
         force=fields.flag("force", default=False),
         expected_last_heartbeat=fields.opt_str("expected_last_heartbeat", non_empty=True),
+        outcome=None if outcome is None else _read_outcome(outcome),
+    )
+    fields.done()
+    return request
+
+
+@attrs.frozen
+class RequeueRequest:
+    """``POST /work/{id}/requeue``: ``{"expected_last_heartbeat", "outcome"?}``."""
+
+    expected_last_heartbeat: str
+    outcome: Outcome | None = None
+
+
+def encode_requeue_request(request: RequeueRequest) -> dict[str, JSON]:
+    return {
+        "expected_last_heartbeat": request.expected_last_heartbeat,
+        "outcome": None if request.outcome is None else encode_outcome(request.outcome),
+    }
+
+
+def decode_requeue_request(value: object) -> RequeueRequest:
+    fields = _Fields(value, "", strict=True)
+    outcome = fields.obj("outcome")
+    request = RequeueRequest(
+        expected_last_heartbeat=fields.req_str("expected_last_heartbeat", non_empty=True),
         outcome=None if outcome is None else _read_outcome(outcome),
     )
     fields.done()

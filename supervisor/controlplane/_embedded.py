@@ -284,6 +284,22 @@ class EmbeddedControlPlane:
             outcome=outcome,
         )
 
+    async def requeue(
+        self,
+        work_id: str,
+        *,
+        expected_last_heartbeat: str,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        return await self._run(
+            self._store.requeue,
+            self._environment_id,
+            work_id,
+            now=self._clock(),
+            expected_last_heartbeat=expected_last_heartbeat,
+            outcome=outcome,
+        )
+
     async def request_stop(self, work_id: str) -> WorkItem:
         return await self._run(
             self._store.request_stop, self._environment_id, work_id, now=self._clock()

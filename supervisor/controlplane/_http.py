@@ -412,6 +412,21 @@ class HttpControlPlane:
         )
         return self._decode("stop", answer, codec.decode_work_item)
 
+    async def requeue(
+        self,
+        work_id: str,
+        *,
+        expected_last_heartbeat: str,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        request = codec.RequeueRequest(expected_last_heartbeat, outcome)
+        answer = await self._call(
+            "POST",
+            f"/work/{_segment(work_id, 'work_id')}/requeue",
+            body=codec.encode_requeue_request(request),
+        )
+        return self._decode("requeue", answer, codec.decode_work_item)
+
     async def request_stop(self, work_id: str) -> WorkItem:
         answer = await self._call("POST", f"/work/{_segment(work_id, 'work_id')}/request-stop")
         return self._decode("request_stop", answer, codec.decode_work_item)

@@ -229,6 +229,18 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "outcome": _nullable_ref("Outcome"),
         },
     },
+    "RequeueRequest": {
+        "type": "object",
+        "required": ["expected_last_heartbeat"],
+        "additionalProperties": False,
+        "properties": {
+            "expected_last_heartbeat": {
+                "type": "string",
+                "description": "Fencing token of the holder; a stale one answers 412.",
+            },
+            "outcome": _nullable_ref("Outcome"),
+        },
+    },
     "RegisterRequest": {
         "type": "object",
         "additionalProperties": False,
@@ -449,6 +461,17 @@ _PATHS: Final[dict[str, Any]] = {
             "WorkItem",
             body="StopRequest",
             body_required=False,
+            parameters=(_path("work_id"),),
+            errors=("409", "412"),
+        ),
+    },
+    f"{_WORK}/{{work_id}}/requeue": {
+        "post": _operation(
+            "requeueWork",
+            "The holder gives the item back: queued again with one more attempt "
+            "(stopped instead when stopping or on its last attempt).",
+            "WorkItem",
+            body="RequeueRequest",
             parameters=(_path("work_id"),),
             errors=("409", "412"),
         ),

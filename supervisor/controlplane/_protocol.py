@@ -85,6 +85,21 @@ class ControlPlane(Protocol):
         """Move a live item to ``stopped`` with its outcome (409 if stopped, 412 if stale)."""
         ...
 
+    async def requeue(
+        self,
+        work_id: str,
+        *,
+        expected_last_heartbeat: str,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        """The holder gives a live item back: ``queued`` again with ``attempts + 1``.
+
+        Used instead of ``stop`` when the session could not be served here (it
+        wedged), so another worker may try. A ``stopping`` item, or one on its
+        last attempt, is stopped with ``outcome`` instead. 409 if stopped, 412 if stale.
+        """
+        ...
+
     async def request_stop(self, work_id: str) -> WorkItem:
         """Operator cancel: the next heartbeat answers ``state: stopping``."""
         ...

@@ -418,6 +418,16 @@ class _App:
         )
         return _json(codec.encode_work_item(item))
 
+    async def requeue(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        body = codec.decode_requeue_request(await self.body(request))
+        item = await plane.requeue(
+            request.path_params["work_id"],
+            expected_last_heartbeat=body.expected_last_heartbeat,
+            outcome=body.outcome,
+        )
+        return _json(codec.encode_work_item(item))
+
     async def request_stop(self, request: Request, plane: ControlPlane) -> Response:
         _Query(request, ())
         item = await plane.request_stop(request.path_params["work_id"])
@@ -538,6 +548,7 @@ class _App:
             ("POST", "/work/{work_id}/ack", self.ack),
             ("POST", "/work/{work_id}/heartbeat", self.heartbeat),
             ("POST", "/work/{work_id}/stop", self.stop),
+            ("POST", "/work/{work_id}/requeue", self.requeue),
             ("POST", "/work/{work_id}/request-stop", self.request_stop),
             ("GET", "/workers", self.list_workers),
             ("GET", "/workers/{worker_id}", self.get_worker),

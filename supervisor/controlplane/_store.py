@@ -48,6 +48,10 @@ Lifecycle decisions the design leaves open, recorded here:
   ``cancelled``. The holder's token survives ``stop``, so its next heartbeat
   answers ``stopped`` with ``lease_extended=False`` and a second stop with it
   is a 409; a token voided by expiry answers 412.
+* ``requeue`` is the holder's way to give an item back (its session wedged):
+  like an expiry (``queued``, ``attempts + 1``, claimable at once) but without
+  waiting for the ttl. A ``stopping`` item or one on its last attempt is
+  stopped with the reported outcome instead.
 * Session ids are unique within an environment (a duplicate submit is a 409):
   delegations and messages address sessions by id.
 """
@@ -147,8 +151,9 @@ class LeasePolicy:
             starts, so an item acked by a worker that then dies comes back.
         min_ttl: the shortest lease granted, whatever a worker asks for.
         max_ttl: the longest lease granted.
-        max_attempts: leases an item may lose to expiry; the last loss stops it as
-            ``failed: lease expired`` instead of requeueing it.
+        max_attempts: attempts an item may lose, to lease expiry or to a ``requeue`` by its
+            holder; the last loss stops it (``failed: lease expired``, or the outcome the
+            requeue reported) instead of requeueing it.
         reclaim_older_than_ms: the default reclaim window of ``poll``: an item handed out but
             not acked within it is handed out again.
         polling_window: seconds a poll keeps a worker counted in ``workers_polling``.
@@ -941,6 +946,80 @@ class SQLiteStore:
                 (now, _outcome_to_json(recorded), work_id),
             )
             return self._read_item(conn, work_id)
+
+    def requeue(
+        self,
+        environment_id: str,
+        work_id: str,
+        *,
+        now: float,
+        expected_last_heartbeat: str,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        """The holder gives a live item back, so another worker may try it.
+
+        What a worker does with an item its runtime could not serve (a wedged
+        session): the item goes back to ``queued`` with ``attempts + 1``,
+        unbound and claimable at once, exactly as if its lease had expired,
+        but without making everyone wait for the ttl. The holder's token and
+        the session secret die here. The outcome of the failed attempt is not
+        kept on a requeued item (``outcome`` stays ``None`` until it stops).
+
+        Two cases stop the item instead, recording ``outcome`` (``cancelled``
+        when none is given): it is ``stopping`` (an operator asked for a stop,
+        which wins), or this was its last attempt (``max_attempts``), so a
+        task that wedges every runtime does not circulate forever.
+
+        Raises:
+            BadRequest: an empty token or a malformed outcome.
+            NotFound: unknown item.
+            FencingConflict: the token is not the current one (also for a
+                queued item: nobody holds it).
+            Conflict: the item is already stopped.
+        """
+        _check_id("environment_id", environment_id)
+        if outcome is not None and not isinstance(outcome, Outcome):
+            raise BadRequest(f"outcome must be an Outcome, got {type(outcome).__name__}")
+        if not isinstance(expected_last_heartbeat, str) or not expected_last_heartbeat:
+            raise BadRequest("expected_last_heartbeat must be a non-empty string")
+        recorded = outcome or Outcome(OutcomeStatus.CANCELLED, reason="requeued without an outcome")
+        requeued = False
+        with self._transaction("requeueing work") as conn:
+            self._expire_leases(conn, now)
+            row = self._item_row(conn, environment_id, work_id)
+            state = WorkState(row["state"])
+            if state is WorkState.STOPPED:
+                raise Conflict(f"work item {work_id!r} is already stopped")
+            token: str | None = row["token"]
+            if token is None:
+                ok = expected_last_heartbeat == NO_HEARTBEAT and state in (
+                    WorkState.STARTING,
+                    WorkState.STOPPING,
+                )
+            else:
+                ok = hmac.compare_digest(token, expected_last_heartbeat)
+            if not ok:
+                raise FencingConflict(f"stale fencing token for work item {work_id!r}")
+            attempts = row["attempts"] + 1
+            if state is WorkState.STOPPING or attempts >= self.lease_policy.max_attempts:
+                conn.execute(
+                    "UPDATE work_items SET state = 'stopped', attempts = ?, stopped_at = ?, "
+                    "outcome = ?, lease_expires_at = NULL, secret_hash = NULL WHERE id = ?",
+                    (attempts, now, _outcome_to_json(recorded), work_id),
+                )
+            else:
+                requeued = True
+                conn.execute(
+                    "UPDATE work_items SET state = 'queued', attempts = ?, worker_id = NULL, "
+                    "token = NULL, secret_hash = NULL, lease_expires_at = NULL, "
+                    "delivered_at = NULL, delivered_to = NULL, acknowledged_at = NULL, "
+                    "started_at = NULL, latest_heartbeat_at = NULL WHERE id = ?",
+                    (attempts, work_id),
+                )
+            item = self._read_item(conn, work_id)
+        if requeued:
+            self._notify_submitted(environment_id)
+        return item
 
     def request_stop(self, environment_id: str, work_id: str, *, now: float) -> WorkItem:
         """Operator cancel: the holder's next heartbeat answers ``stopping``.

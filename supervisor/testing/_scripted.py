@@ -444,6 +444,54 @@ class ScriptedControlPlane:
             call.result = record.item
         return record.item
 
+    async def requeue(
+        self,
+        work_id: str,
+        *,
+        expected_last_heartbeat: str,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        async with self._recording(
+            "requeue",
+            work_id=work_id,
+            expected_last_heartbeat=expected_last_heartbeat,
+            outcome=outcome,
+        ) as call:
+            record = self._live_record(work_id)
+            state = record.item.state
+            if state is WorkState.STOPPED:
+                raise Conflict(f"work item {work_id} is already stopped")
+            current = record.token if record.token is not None else NO_HEARTBEAT
+            if state is WorkState.QUEUED or expected_last_heartbeat != current:
+                raise FencingConflict(f"stale fencing token for work item {work_id}")
+            now = trio.current_time()
+            attempts = record.item.attempts + 1
+            record.token = None
+            record.expires_at = None
+            record.delivered_at = None
+            record.delivered_to = None
+            if state is WorkState.STOPPING or attempts >= self.max_attempts:
+                record.item = attrs.evolve(
+                    record.item,
+                    state=WorkState.STOPPED,
+                    attempts=attempts,
+                    stopped_at=now,
+                    outcome=outcome or Outcome(OutcomeStatus.CANCELLED, reason="requeued"),
+                )
+            else:
+                record.item = attrs.evolve(
+                    record.item,
+                    state=WorkState.QUEUED,
+                    attempts=attempts,
+                    worker_id=None,
+                    acknowledged_at=None,
+                    started_at=None,
+                    latest_heartbeat_at=None,
+                )
+            self._processed(call)
+            call.result = record.item
+        return record.item
+
     async def request_stop(self, work_id: str) -> WorkItem:
         async with self._recording("request_stop", work_id=work_id) as call:
             record = self._live_record(work_id)

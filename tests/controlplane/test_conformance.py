@@ -633,6 +633,151 @@ async def test_the_holder_may_stop_before_its_first_heartbeat_with_no_heartbeat(
     assert (stopped.state, stopped.outcome) == (WorkState.STOPPED, outcome)
 
 
+# --- requeue (the holder gives an item back) ----------------------------------------------
+
+WEDGED = Outcome(OutcomeStatus.WEDGED, reason="Error: Control request timeout: initialize")
+
+
+async def test_requeue_puts_an_active_item_back_unbound_with_one_more_attempt(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item, token = await leased(t)
+    got = await t.cp.requeue(item.id, expected_last_heartbeat=token, outcome=WEDGED)
+    assert got.state is WorkState.QUEUED
+    assert got.attempts == 1
+    assert got.worker_id is None
+    assert got.outcome is None  # an item only gets an outcome when it stops
+    assert (got.acknowledged_at, got.started_at, got.latest_heartbeat_at) == (None, None, None)
+    assert await t.cp.get(item.id) == got
+
+
+async def test_a_requeued_item_is_claimable_at_once_by_another_worker(
+    control_plane: ConformanceTarget,
+) -> None:
+    """No reclaim window and no ttl to wait for: the next poll gets it."""
+    t = control_plane
+    item, token = await leased(t)
+    await t.cp.requeue(item.id, expected_last_heartbeat=token, outcome=WEDGED)
+    again = await t.cp.poll(worker_id=W2)
+    assert again is not None
+    assert (again.id, again.attempts) == (item.id, 1)
+    assert again.secret
+    await t.cp.ack(item.id, worker_id=W2)
+    beat = await t.cp.heartbeat(item.id, expected_last_heartbeat=NO_HEARTBEAT)
+    assert beat.state is WorkState.ACTIVE
+
+
+async def test_requeue_voids_the_holders_token(control_plane: ConformanceTarget) -> None:
+    t = control_plane
+    item, token = await leased(t)
+    await t.cp.requeue(item.id, expected_last_heartbeat=token)
+    with pytest.raises(FencingConflict):
+        await t.cp.heartbeat(item.id, expected_last_heartbeat=token)
+    with pytest.raises(FencingConflict):
+        await t.cp.stop(item.id, expected_last_heartbeat=token)
+    with pytest.raises(FencingConflict):
+        await t.cp.requeue(item.id, expected_last_heartbeat=token)
+    assert (await t.cp.get(item.id)).state is WorkState.QUEUED
+
+
+async def test_the_holder_may_requeue_before_its_first_heartbeat_with_no_heartbeat(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await claimed(t)
+    got = await t.cp.requeue(item.id, expected_last_heartbeat=NO_HEARTBEAT, outcome=WEDGED)
+    assert (got.state, got.attempts) == (WorkState.QUEUED, 1)
+
+
+async def test_requeue_with_a_stale_token_is_a_fencing_conflict_and_changes_nothing(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item, old = await leased(t)
+    await t.cp.heartbeat(item.id, expected_last_heartbeat=old)
+    with pytest.raises(FencingConflict):
+        await t.cp.requeue(item.id, expected_last_heartbeat=old, outcome=WEDGED)
+    got = await t.cp.get(item.id)
+    assert (got.state, got.attempts, got.worker_id) == (WorkState.ACTIVE, 0, W1)
+
+
+async def test_nobody_holds_a_queued_item_so_requeueing_it_is_a_fencing_conflict(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("x")
+    with pytest.raises(FencingConflict):
+        await t.cp.requeue(item.id, expected_last_heartbeat=NO_HEARTBEAT)
+    assert (await t.cp.get(item.id)).attempts == 0
+
+
+async def test_requeueing_a_stopped_item_is_a_conflict(control_plane: ConformanceTarget) -> None:
+    t = control_plane
+    item, token = await leased(t)
+    await t.cp.stop(
+        item.id, expected_last_heartbeat=token, outcome=Outcome(OutcomeStatus.COMPLETED)
+    )
+    with pytest.raises(Conflict):
+        await t.cp.requeue(item.id, expected_last_heartbeat=token, outcome=WEDGED)
+    assert (await t.cp.get(item.id)).outcome == Outcome(OutcomeStatus.COMPLETED)
+
+
+async def test_requeueing_a_stopping_item_stops_it_with_the_outcome(
+    control_plane: ConformanceTarget,
+) -> None:
+    """An operator's stop request wins over another try."""
+    t = control_plane
+    item, token = await leased(t)
+    await t.cp.request_stop(item.id)
+    got = await t.cp.requeue(item.id, expected_last_heartbeat=token, outcome=WEDGED)
+    assert (got.state, got.outcome) == (WorkState.STOPPED, WEDGED)
+    assert await t.cp.poll(worker_id=W2) is None
+
+
+async def test_a_requeue_on_the_last_attempt_stops_the_item_with_the_outcome(
+    control_plane: ConformanceTarget,
+) -> None:
+    """A task that wedges every runtime does not circulate forever."""
+    t = control_plane
+    assert t.lease.max_attempts == 3
+    item = await t.cp.submit("wedges everything")
+    for attempt in range(3):
+        polled = await t.cp.poll(worker_id=W1)
+        assert polled is not None
+        assert (polled.id, polled.attempts) == (item.id, attempt)
+        await t.cp.ack(item.id, worker_id=W1)
+        beat = await t.cp.heartbeat(item.id, expected_last_heartbeat=NO_HEARTBEAT)
+        got = await t.cp.requeue(
+            item.id, expected_last_heartbeat=beat.last_heartbeat, outcome=WEDGED
+        )
+    assert (got.state, got.attempts, got.outcome) == (WorkState.STOPPED, 3, WEDGED)
+    assert got.stopped_at == approx(t.clock.now)
+    assert await t.cp.poll(worker_id=W1) is None
+
+
+async def test_requeue_of_an_unknown_item_is_not_found(control_plane: ConformanceTarget) -> None:
+    with pytest.raises(NotFound):
+        await control_plane.cp.requeue("work_missing", expected_last_heartbeat=NO_HEARTBEAT)
+
+
+async def test_a_long_poll_receives_an_item_requeued_while_it_waits(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item, token = await leased(t)
+    got: list[WorkItem | None] = []
+
+    async def poller() -> None:
+        got.append(await t.cp.poll(worker_id=W2, block_ms=5000))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poller)
+        await trio.sleep(0.05)
+        await t.cp.requeue(item.id, expected_last_heartbeat=token, outcome=WEDGED)
+    assert [g.id for g in got if g is not None] == [item.id]
+
+
 # --- unknown ids and inspection ---------------------------------------------------------
 
 
