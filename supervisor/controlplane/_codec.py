@@ -588,6 +588,7 @@ def encode_delegation(delegation: Delegation) -> dict[str, JSON]:
         "worker_id": delegation.worker_id,
         "created_at": _time_or_none(delegation.created_at),
         "completed_at": _time_or_none(delegation.completed_at),
+        "collected_at": _time_or_none(delegation.collected_at),
     }
 
 
@@ -603,6 +604,7 @@ def decode_delegation(value: object, where: str = "") -> Delegation:
         worker_id=fields.opt_str("worker_id"),
         created_at=fields.opt_time("created_at"),
         completed_at=fields.opt_time("completed_at"),
+        collected_at=fields.opt_time("collected_at"),
     )
 
 

@@ -372,10 +372,23 @@ class EmbeddedControlPlane:
         )
 
     async def list_delegations(
-        self, worker_id: str, *, status: DelegationStatus | None = None
+        self,
+        worker_id: str,
+        *,
+        status: DelegationStatus | None = None,
+        uncollected: bool = False,
     ) -> Sequence[Delegation]:
         return await self._run(
-            self._store.list_delegations, self._environment_id, worker_id, status=status
+            self._store.list_delegations,
+            self._environment_id,
+            worker_id,
+            status=status,
+            uncollected=uncollected,
+        )
+
+    async def collect_delegation(self, delegation_id: str) -> Delegation:
+        return await self._run(
+            self._store.collect_delegation, self._environment_id, delegation_id, now=self._clock()
         )
 
     async def record_delegation_result(

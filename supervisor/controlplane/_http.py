@@ -492,11 +492,17 @@ class HttpControlPlane:
         return self._decode("delegate", answer, codec.decode_delegation)
 
     async def list_delegations(
-        self, worker_id: str, *, status: DelegationStatus | None = None
+        self,
+        worker_id: str,
+        *,
+        status: DelegationStatus | None = None,
+        uncollected: bool = False,
     ) -> Sequence[Delegation]:
         params = (
             {} if status is None else {"status": _enum_value(DelegationStatus, status, "status")}
         )
+        if uncollected:
+            params["uncollected"] = "true"
         answer = await self._call(
             "GET", f"/workers/{_segment(worker_id, 'worker_id')}/delegations", params=params
         )
@@ -513,6 +519,12 @@ class HttpControlPlane:
             body=codec.encode_delegation_result_request(request),
         )
         return self._decode("record_delegation_result", answer, codec.decode_delegation)
+
+    async def collect_delegation(self, delegation_id: str) -> Delegation:
+        answer = await self._call(
+            "POST", f"/delegations/{_segment(delegation_id, 'delegation_id')}/collect"
+        )
+        return self._decode("collect_delegation", answer, codec.decode_delegation)
 
     async def post_message(self, session_id: str, body: str) -> SessionMessage:
         answer = await self._call(

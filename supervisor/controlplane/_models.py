@@ -209,6 +209,8 @@ class Delegation:
         status: ``pending`` until a result is recorded.
         response_preview: the delegate's raw output (untrusted: never put it in a prompt).
         worker_id: the worker that owned the source session when the delegation was made.
+        completed_at: when the result was recorded.
+        collected_at: when the worker collected the result (``None`` until then).
     """
 
     id: str
@@ -220,6 +222,7 @@ class Delegation:
     worker_id: str | None = None
     created_at: float | None = None
     completed_at: float | None = None
+    collected_at: float | None = None
 
 
 @attrs.frozen

@@ -180,6 +180,10 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "worker_id": _OPT_STR,
             "created_at": _TIME,
             "completed_at": _TIME,
+            "collected_at": {
+                **_TIME,
+                "description": "When the worker collected the result; null until then.",
+            },
         },
     },
     "SessionMessage": {
@@ -305,6 +309,7 @@ def _operation(
     body_required: bool = True,
     parameters: tuple[dict[str, Any], ...] = (),
     errors: tuple[str, ...] = (),
+    session_token: bool = False,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     if answer is not None:
@@ -325,6 +330,9 @@ def _operation(
     }
     if parameters:
         operation["parameters"] = list(parameters)
+    if session_token:
+        # The session's own credential is accepted here too (and nowhere else).
+        operation["security"] = [{"environmentKey": []}, {"sessionToken": []}]
     if body is not None:
         operation["requestBody"] = {
             "required": body_required,
@@ -532,6 +540,11 @@ _PATHS: Final[dict[str, Any]] = {
                     {"enum": ["pending", "completed", "failed"]},
                     "Only delegations with this status.",
                 ),
+                _query(
+                    "uncollected",
+                    {"type": "boolean", "default": False},
+                    "Leave out results the worker already collected.",
+                ),
             ),
         ),
     },
@@ -543,6 +556,7 @@ _PATHS: Final[dict[str, Any]] = {
             status="201",
             body="DelegateRequest",
             parameters=(_path("session_id"),),
+            session_token=True,
         ),
     },
     f"{API_PREFIX}/delegations/{{delegation_id}}/result": {
@@ -555,6 +569,15 @@ _PATHS: Final[dict[str, Any]] = {
             errors=("409",),
         ),
     },
+    f"{API_PREFIX}/delegations/{{delegation_id}}/collect": {
+        "post": _operation(
+            "collectDelegation",
+            "Mark a delegation's result as collected by its worker (idempotent).",
+            "Delegation",
+            parameters=(_path("delegation_id"),),
+            errors=("409",),
+        ),
+    },
     f"{_SESSIONS}/{{session_id}}/messages": {
         "post": _operation(
             "postMessage",
@@ -563,12 +586,14 @@ _PATHS: Final[dict[str, Any]] = {
             status="201",
             body="MessageRequest",
             parameters=(_path("session_id"),),
+            session_token=True,
         ),
         "get": _operation(
             "listMessages",
             "Messages and notifications for a session, oldest first.",
             "SessionMessageList",
             parameters=(_path("session_id"),),
+            session_token=True,
         ),
     },
     f"{_SESSIONS}/{{session_id}}/notify": {
@@ -591,13 +616,23 @@ _DOCUMENT: Final[dict[str, Any]] = {
         "description": (
             "Work leases, worker presence, delegations and session messages for "
             "self-hosted agent workers. Every path under /v1/environments/{environment_id} "
-            "needs 'Authorization: Bearer <environment key>'. Times are ISO-8601 UTC strings. "
+            "needs 'Authorization: Bearer <environment key>'; the delegate and message routes "
+            "of a session also accept that session's own credential (the secret handed to the "
+            "worker that claimed it) in its place. Times are ISO-8601 UTC strings. "
             'Errors are {"error": {"type", "message"}}.'
         ),
     },
     "components": {
         "schemas": _SCHEMAS,
-        "securitySchemes": {"environmentKey": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "environmentKey": {"type": "http", "scheme": "bearer"},
+            "sessionToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A session's own credential; valid only on that session's "
+                "delegate and message routes, and only while its claim is live.",
+            },
+        },
     },
     "security": [{"environmentKey": []}],
     "paths": {

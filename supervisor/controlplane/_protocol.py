@@ -141,14 +141,27 @@ class ControlPlane(Protocol):
         ...
 
     async def list_delegations(
-        self, worker_id: str, *, status: DelegationStatus | None = None
+        self,
+        worker_id: str,
+        *,
+        status: DelegationStatus | None = None,
+        uncollected: bool = False,
     ) -> Sequence[Delegation]:
-        """Delegations whose source session is (or was) served by ``worker_id``."""
+        """Delegations whose source session is (or was) served by ``worker_id``.
+
+        ``uncollected=True`` leaves out results already passed to `collect_delegation`.
+        """
         ...
 
     async def record_delegation_result(
         self, delegation_id: str, *, status: DelegationStatus, response_preview: str | None = None
-    ) -> Delegation: ...
+    ) -> Delegation:
+        """Record a delegation's result (the store also does so when a delegate item stops)."""
+        ...
+
+    async def collect_delegation(self, delegation_id: str) -> Delegation:
+        """Mark a result as collected by its worker (idempotent; 409 while pending)."""
+        ...
 
     async def post_message(self, session_id: str, body: str) -> SessionMessage: ...
 

@@ -247,6 +247,14 @@ class _Query:
             raise BadRequest(f"query parameter {name} must be {bounds}, got {value}")
         return value
 
+    def opt_bool(self, name: str) -> bool:
+        raw = self._values.get(name)
+        if raw is None or raw == "" or raw.lower() == "false":
+            return False
+        if raw.lower() == "true":
+            return True
+        raise BadRequest(f"query parameter {name} must be true or false, got {raw!r}")
+
     def positive_float(self, name: str) -> float | None:
         raw = self._values.get(name)
         if raw is None or raw == "":
@@ -498,7 +506,7 @@ class _App:
         return _json(codec.encode_delegation(delegation), 201)
 
     async def list_delegations(self, request: Request, plane: ControlPlane) -> Response:
-        query = _Query(request, ("status",))
+        query = _Query(request, ("status", "uncollected"))
         raw = query.opt_str("status")
         status = None
         if raw:
@@ -507,8 +515,16 @@ class _App:
             except ValueError:
                 allowed = ", ".join(member.value for member in DelegationStatus)
                 raise BadRequest(f"query parameter status must be one of {allowed}") from None
-        delegations = await plane.list_delegations(request.path_params["worker_id"], status=status)
+        uncollected = query.opt_bool("uncollected")
+        delegations = await plane.list_delegations(
+            request.path_params["worker_id"], status=status, uncollected=uncollected
+        )
         return _json(codec.encode_list(delegations, codec.encode_delegation))
+
+    async def collect_delegation(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        delegation = await plane.collect_delegation(request.path_params["delegation_id"])
+        return _json(codec.encode_delegation(delegation))
 
     async def delegation_result(self, request: Request, plane: ControlPlane) -> Response:
         _Query(request, ())
@@ -558,6 +574,7 @@ class _App:
             ("GET", "/workers/{worker_id}/delegations", self.list_delegations),
             ("POST", "/sessions/{session_id}/delegate", self.delegate),
             ("POST", "/delegations/{delegation_id}/result", self.delegation_result),
+            ("POST", "/delegations/{delegation_id}/collect", self.collect_delegation),
             ("POST", "/sessions/{session_id}/messages", self.post_message),
             ("GET", "/sessions/{session_id}/messages", self.list_messages),
             ("POST", "/sessions/{session_id}/notify", self.notify),

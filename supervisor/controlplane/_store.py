@@ -104,6 +104,7 @@ from ._status import StatusPolicy, evaluate, new_worker
 
 __all__ = [
     "DEFAULT_ENVIRONMENT_ID",
+    "RESPONSE_PREVIEW_CHARS",
     "SCHEMA_VERSION",
     "LeasePolicy",
     "SQLiteStore",
@@ -116,7 +117,11 @@ log = logging.getLogger("supervisor.controlplane")
 DEFAULT_ENVIRONMENT_ID: Final = "default"
 
 #: The schema this code writes and understands (kept in ``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 1
+#: Version 2 added delegation results collected by their worker (``collected_at``).
+SCHEMA_VERSION: Final = 2
+
+#: The longest delegate output kept as a delegation's ``response_preview`` (characters).
+RESPONSE_PREVIEW_CHARS: Final = 4000
 
 #: Called after a submit commits, with the environment id; from whichever thread submitted.
 SubmitListener = Callable[[str], None]
@@ -245,9 +250,13 @@ CREATE TABLE delegations (
     response_preview    TEXT,
     worker_id           TEXT,
     created_at          REAL NOT NULL,
-    completed_at        REAL
+    completed_at        REAL,
+    collected_at        REAL
 );
 CREATE INDEX delegations_by_worker ON delegations (environment_id, worker_id, seq);
+CREATE INDEX delegations_pending ON delegations (work_id) WHERE status = 'pending';
+CREATE INDEX delegations_uncollected ON delegations (environment_id, worker_id, seq)
+    WHERE collected_at IS NULL;
 CREATE TABLE messages (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     id              TEXT NOT NULL UNIQUE,
@@ -259,6 +268,16 @@ CREATE TABLE messages (
 );
 CREATE INDEX messages_by_session ON messages (environment_id, session_id, seq);
 """
+
+#: Statements that bring a file of each older schema version up to the next one.
+_MIGRATIONS: Final[Mapping[int, str]] = {
+    1: """
+ALTER TABLE delegations ADD COLUMN collected_at REAL;
+CREATE INDEX delegations_pending ON delegations (work_id) WHERE status = 'pending';
+CREATE INDEX delegations_uncollected ON delegations (environment_id, worker_id, seq)
+    WHERE collected_at IS NULL;
+""",
+}
 
 
 # --- input validation ---------------------------------------------------------
@@ -444,6 +463,7 @@ def _delegation(row: sqlite3.Row) -> Delegation:
         worker_id=row["worker_id"],
         created_at=row["created_at"],
         completed_at=row["completed_at"],
+        collected_at=row["collected_at"],
     )
 
 
@@ -549,20 +569,25 @@ class SQLiteStore:
 
     @staticmethod
     def _install_schema(conn: sqlite3.Connection) -> int:
-        """Create the schema in a fresh file; return the file's schema version.
+        """Create the schema in a fresh file, or migrate an older one; return its version.
 
-        Runs under ``BEGIN IMMEDIATE`` so two processes opening a new file at
-        once do not both create it.
+        Runs under ``BEGIN IMMEDIATE`` so two processes opening a new (or old)
+        file at once do not both create (or migrate) it.
         """
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            script = None
             if version == 0:
-                for statement in _SCHEMA.split(";"):
+                script, version = _SCHEMA, SCHEMA_VERSION
+            while script is not None or version in _MIGRATIONS:
+                if script is None:
+                    script, version = _MIGRATIONS[version], version + 1
+                for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                version = SCHEMA_VERSION
+                conn.execute(f"PRAGMA user_version = {version}")
+                script = None
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -673,6 +698,7 @@ class SQLiteStore:
             "AND state IN ('starting', 'active') AND attempts + 1 >= ?",
             (_EXPIRED_OUTCOME, now, self.lease_policy.max_attempts),
         )
+        self._settle_delegations(conn)
         conn.execute(
             "UPDATE work_items SET state = 'queued', attempts = attempts + 1, worker_id = NULL, "
             "token = NULL, secret_hash = NULL, lease_expires_at = NULL, delivered_at = NULL, "
@@ -945,6 +971,7 @@ class SQLiteStore:
                 "lease_expires_at = NULL, secret_hash = NULL WHERE id = ?",
                 (now, _outcome_to_json(recorded), work_id),
             )
+            self._settle_delegations(conn)
             return self._read_item(conn, work_id)
 
     def requeue(
@@ -1007,6 +1034,7 @@ class SQLiteStore:
                     "outcome = ?, lease_expires_at = NULL, secret_hash = NULL WHERE id = ?",
                     (attempts, now, _outcome_to_json(recorded), work_id),
                 )
+                self._settle_delegations(conn)
             else:
                 requeued = True
                 conn.execute(
@@ -1047,6 +1075,7 @@ class SQLiteStore:
                     "stopped_at = ?, outcome = ?, secret_hash = NULL WHERE id = ?",
                     (now, now, _outcome_to_json(cancelled), work_id),
                 )
+                self._settle_delegations(conn)
             elif state is not WorkState.STOPPING:
                 conn.execute(
                     "UPDATE work_items SET state = 'stopping', stop_requested_at = ? WHERE id = ?",
@@ -1346,24 +1375,98 @@ class SQLiteStore:
         self._notify_submitted(environment_id)
         return delegation
 
+    @staticmethod
+    def _settle_delegations(conn: sqlite3.Connection) -> None:
+        """Record the result of every pending delegation whose delegate item has stopped.
+
+        Called in the same transaction as each move to ``stopped`` (stop, a stop
+        request on a queued item, a final lease expiry), so a delegate's result is
+        recorded exactly when its item ends, whichever way it ends and whichever
+        worker (or none) ran it. The delegate's own output (``result``, else the
+        outcome's ``reason``) becomes the ``response_preview``, truncated.
+        """
+        rows = conn.execute(
+            "SELECT d.id, w.outcome, w.stopped_at FROM delegations d "
+            "JOIN work_items w ON w.id = d.work_id "
+            "WHERE d.status = 'pending' AND w.state = 'stopped'"
+        ).fetchall()
+        for row in rows:
+            outcome = _outcome_from_json(row["outcome"])
+            completed = outcome is not None and outcome.status is OutcomeStatus.COMPLETED
+            text = None
+            if outcome is not None:
+                text = outcome.result if outcome.result is not None else outcome.reason
+            conn.execute(
+                "UPDATE delegations SET status = ?, response_preview = ?, completed_at = ? "
+                "WHERE id = ?",
+                (
+                    (DelegationStatus.COMPLETED if completed else DelegationStatus.FAILED).value,
+                    None if text is None else text[:RESPONSE_PREVIEW_CHARS],
+                    row["stopped_at"],
+                    row["id"],
+                ),
+            )
+
     def list_delegations(
         self,
         environment_id: str,
         worker_id: str,
         *,
         status: DelegationStatus | str | None = None,
+        uncollected: bool = False,
     ) -> list[Delegation]:
-        """Delegations attributed to ``worker_id``, oldest first, optionally by status."""
+        """Delegations attributed to ``worker_id``, oldest first.
+
+        Args:
+            environment_id: the environment.
+            worker_id: the worker the delegations are attributed to.
+            status: only delegations with this status.
+            uncollected: leave out the results already collected (`collect_delegation`),
+                so a watcher's poll costs what is new, not the whole history.
+        """
         _check_id("environment_id", environment_id)
         _check_id("worker_id", worker_id)
         wanted = None if status is None else _check_enum("status", status, DelegationStatus)
+        if not isinstance(uncollected, bool):
+            raise BadRequest(f"uncollected must be true or false, got {_preview(uncollected)}")
         with self._transaction("listing delegations") as conn:
             sql = "SELECT * FROM delegations WHERE environment_id = ? AND worker_id = ?"
             params: list[object] = [environment_id, worker_id]
             if wanted is not None:
                 sql += " AND status = ?"
                 params.append(wanted.value)
+            if uncollected:
+                sql += " AND collected_at IS NULL"
             return [_delegation(row) for row in conn.execute(sql + " ORDER BY seq", params)]
+
+    def collect_delegation(
+        self, environment_id: str, delegation_id: str, *, now: float
+    ) -> Delegation:
+        """Mark a delegation's result as collected by its worker; idempotent.
+
+        A collected result is left out of ``list_delegations(..., uncollected=True)``.
+        The worker collects a result only after it is safe in its own journal.
+
+        Raises:
+            NotFound: unknown delegation.
+            Conflict: the delegation has no result yet.
+        """
+        _check_id("environment_id", environment_id)
+        with self._transaction("collecting a delegation result") as conn:
+            row = conn.execute(
+                "SELECT status FROM delegations WHERE id = ? AND environment_id = ?",
+                (delegation_id, environment_id),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no delegation {delegation_id!r} in environment {environment_id!r}")
+            if row["status"] == DelegationStatus.PENDING:
+                raise Conflict(f"delegation {delegation_id!r} has no result to collect yet")
+            conn.execute(
+                "UPDATE delegations SET collected_at = COALESCE(collected_at, ?) WHERE id = ?",
+                (now, delegation_id),
+            )
+            updated = conn.execute("SELECT * FROM delegations WHERE id = ?", (delegation_id,))
+            return _delegation(updated.fetchone())
 
     def record_delegation_result(
         self,

@@ -641,16 +641,36 @@ class ScriptedControlPlane:
         return delegation
 
     async def list_delegations(
-        self, worker_id: str, *, status: DelegationStatus | None = None
+        self,
+        worker_id: str,
+        *,
+        status: DelegationStatus | None = None,
+        uncollected: bool = False,
     ) -> Sequence[Delegation]:
         async with self._recording("list_delegations", worker_id=worker_id, status=status) as call:
             found = [
                 d
                 for d in self._delegations.values()
-                if d.worker_id == worker_id and (status is None or d.status is status)
+                if d.worker_id == worker_id
+                and (status is None or d.status is status)
+                and not (uncollected and d.collected_at is not None)
             ]
             call.result = found
         return found
+
+    async def collect_delegation(self, delegation_id: str) -> Delegation:
+        async with self._recording("collect_delegation", delegation_id=delegation_id) as call:
+            old = self._delegations.get(delegation_id)
+            if old is None:
+                raise NotFound(f"unknown delegation {delegation_id}")
+            if old.status is DelegationStatus.PENDING:
+                raise Conflict(f"delegation {delegation_id} has no result yet")
+            new = old
+            if old.collected_at is None:
+                new = attrs.evolve(old, collected_at=trio.current_time())
+                self._delegations[delegation_id] = new
+            call.result = new
+        return new
 
     async def record_delegation_result(
         self, delegation_id: str, *, status: DelegationStatus, response_preview: str | None = None
