@@ -211,7 +211,8 @@ class Supervisor:
         self._reset()
 
     def _reset(self) -> None:
-        self._restarts: deque[float] = deque()
+        # (time, exit) of each restart decision still inside the intensity window
+        self._restarts: deque[tuple[float, ChildExit]] = deque()
         self._lock = trio.Lock()
         self._inbox_send, self._inbox = trio.open_memory_channel[object](math.inf)
         self._finished = trio.Event()
@@ -297,9 +298,17 @@ class Supervisor:
                 return
         task_status.started(self)
         async for message in self._inbox:
-            async with self._lock:
+            # Take the lock without a second trip through the scheduler when it is free
+            # (the common case: trio.Lock.acquire always yields once more).
+            try:
+                self._lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self._lock.acquire()
+            try:
                 if await self._handle(message):
                     return
+            finally:
+                self._lock.release()
 
     # ------------------------------------------------------------ children
 
@@ -452,7 +461,7 @@ class Supervisor:
                 self._emit(EventKind.SUPERVISOR_AUTO_SHUTDOWN, child.spec.id, exit=exit_)
                 return True
             return False
-        if self._budget_spent():
+        if self._budget_spent(exit_):
             self._escalate(exit_)
             return True
         group = self._group_for(child)
@@ -496,19 +505,17 @@ class Supervisor:
             )
         return False
 
-    def _budget_spent(self) -> bool:
+    def _budget_spent(self, exit_: ChildExit) -> bool:
         now = trio.current_time()
-        self._restarts.append(now)
+        self._restarts.append((now, exit_))
         horizon = now - self.spec.period
-        while self._restarts and self._restarts[0] <= horizon:
+        while self._restarts and self._restarts[0][0] <= horizon:
             self._restarts.popleft()
         return len(self._restarts) > self.spec.intensity
 
     def _escalate(self, exit_: ChildExit) -> None:
-        history = [c.last_exit for c in self._children if c.last_exit is not None]
-        history.sort(key=lambda e: e.time)
-        if exit_ not in history:
-            history.append(exit_)
+        # the exits that spent the budget, oldest first; the escalating one is last
+        history = [counted for _, counted in self._restarts]
         error = RestartIntensityExceeded(self.name, self.spec.intensity, self.spec.period, history)
         error.__cause__ = exit_.exception
         self._error = error
@@ -688,6 +695,8 @@ class Supervisor:
             try:
                 await self._start(child)
             except _StartFailedError as failure:
+                if child.spec.restart is Restart.TEMPORARY and child in self._children:
+                    self._children.remove(child)  # it has ended: a temporary child is not kept
                 raise ChildStartError(self.name, child_id, _describe(failure.exc)) from failure.exc
             return child.value
 
@@ -732,7 +741,7 @@ class Supervisor:
             now = None
         in_window = len(self._restarts)
         if now is not None:
-            in_window = sum(1 for t in self._restarts if t > now - self.spec.period)
+            in_window = sum(1 for t, _ in self._restarts if t > now - self.spec.period)
         children = []
         for c in self._children:
             running = c.state in _LIVE or c.state is ChildState.STOPPING

@@ -557,15 +557,7 @@ class SupervisorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def restart_child(self, data: st.DataObject) -> None:
         model = self._running_model()
-        # Not an armed TEMPORARY child: see the xfail test below for what goes wrong.
-        candidates = [
-            c.id
-            for c in model.children
-            if not (c.restart is Restart.TEMPORARY and c.id in model.armed)
-        ]
-        if not candidates:
-            return
-        child_id = data.draw(st.sampled_from(candidates), label="child")
+        child_id = data.draw(st.sampled_from([c.id for c in model.children]), label="child")
         done = self.loop.act(outcome.acapture, self.sup.restart_child, child_id)
         if model.restart(child_id):
             done.unwrap()
@@ -687,13 +679,9 @@ SupervisorMachine.TestCase.settings = settings(stateful_step_count=40, deadline=
 TestSupervisorFollowsTheOtpModel = SupervisorMachine.TestCase
 
 
-# ------------------------------------------------------------- known defects
+# ------------------------------------------------------- defects found by the machine
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Supervisor.restart_child keeps a TEMPORARY child whose start failed",
-)
 async def test_temporary_child_whose_restart_fails_is_removed() -> None:
     """A TEMPORARY child whose ``restart_child`` start fails has ended, so it is removed.
 
@@ -722,10 +710,6 @@ async def test_temporary_child_whose_restart_fails_is_removed() -> None:
         assert [c.id for c in sup.which_children()] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RestartIntensityExceeded.history keeps one exit per child, not the counted exits",
-)
 async def test_escalation_history_lists_every_exit_that_counted() -> None:
     """``history`` holds the exits that spent the budget, oldest first, the last one last.
 
