@@ -2,7 +2,10 @@
 
 A redaction filter replaces every known secret (the environment key, session
 credentials) with ``***`` in messages and arguments, as a second line of
-defence: no code path is meant to log a secret in the first place.
+defence: no code path is meant to log a secret in the first place. Secrets that
+appear while the process runs (a session's credential, handed out with its
+work item) are added with :func:`redact_secret` and dropped again when the
+session ends, so the filter stays small in a long-running worker.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-__all__ = ["RedactSecrets", "configure_logging"]
+__all__ = ["RedactSecrets", "configure_logging", "redact_secret"]
 
 _REDACTED = "***"
+#: The filter ``configure_logging`` installed last (logging itself is process-wide).
+_installed: RedactSecrets | None = None
 
 
 class RedactSecrets(logging.Filter):
@@ -29,12 +34,16 @@ class RedactSecrets(logging.Filter):
         if secret and len(secret) >= 4:
             self._secrets.add(secret)
 
+    def discard(self, secret: str) -> None:
+        self._secrets.discard(secret)
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._secrets:
             return True
         message = record.getMessage()
         cleaned = message
-        for secret in self._secrets:
+        # A copy: secrets come and go from the Trio thread while other threads log.
+        for secret in tuple(self._secrets):
             cleaned = cleaned.replace(secret, _REDACTED)
         if cleaned != message:
             record.msg, record.args = cleaned, None
@@ -76,4 +85,24 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    global _installed
+    _installed = redact
     return redact
+
+
+def redact_secret(secret: str | None) -> Callable[[], None]:
+    """Keep ``secret`` out of the logs from now on; returns the call that forgets it again.
+
+    Does nothing (and returns a no-op) when logging was not configured by
+    :func:`configure_logging`, as in an application that embeds a worker and
+    owns its logging.
+    """
+    redact = _installed
+    if redact is None or not secret:
+        return _nothing
+    redact.add(secret)
+    return lambda: redact.discard(secret)
+
+
+def _nothing() -> None:
+    return None

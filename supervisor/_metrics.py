@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import attrs
 import trio
@@ -34,19 +34,7 @@ from prometheus_client.core import (
 )
 
 from ._exceptions import ControlPlaneError
-from .controlplane._models import (
-    Delegation,
-    DelegationStatus,
-    HeartbeatResult,
-    Outcome,
-    OutcomeStatus,
-    PresenceReport,
-    SessionMessage,
-    WorkerRecord,
-    WorkItem,
-    WorkState,
-    WorkStats,
-)
+from .controlplane._models import HeartbeatResult, OutcomeStatus, WorkStats
 from .controlplane._protocol import ControlPlane
 
 if TYPE_CHECKING:
@@ -59,6 +47,7 @@ __all__ = [
     "TimedControlPlane",
     "WorkerCollector",
     "render_metrics",
+    "timed_control_plane",
     "worker_registry",
 ]
 
@@ -129,8 +118,9 @@ class HeartbeatMeter:
 class TimedControlPlane:
     """A ``ControlPlane`` that times every ``heartbeat`` on its way through.
 
-    Everything else is passed on untouched. A cancelled heartbeat is not
-    counted: it has no latency, only an interruption.
+    Everything else is passed on untouched (use :func:`timed_control_plane`
+    for a statically typed one). A cancelled heartbeat is not counted: it has
+    no latency, only an interruption.
 
     Args:
         inner: the control plane doing the work.
@@ -169,96 +159,22 @@ class TimedControlPlane:
         self.meter.latency.observe(trio.current_time() - started)
         return result
 
-    # --- passed through ------------------------------------------------------
-
-    async def submit(
-        self,
-        prompt: str,
-        *,
-        session_id: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> WorkItem:
-        return await self.inner.submit(prompt, session_id=session_id, metadata=metadata)
-
-    async def poll(
-        self, *, worker_id: str, block_ms: int = 0, reclaim_older_than_ms: int | None = None
-    ) -> WorkItem | None:
-        return await self.inner.poll(
-            worker_id=worker_id, block_ms=block_ms, reclaim_older_than_ms=reclaim_older_than_ms
-        )
-
-    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
-        return await self.inner.ack(work_id, worker_id=worker_id)
-
-    async def stop(
-        self,
-        work_id: str,
-        *,
-        force: bool = False,
-        expected_last_heartbeat: str | None = None,
-        outcome: Outcome | None = None,
-    ) -> WorkItem:
-        return await self.inner.stop(
-            work_id, force=force, expected_last_heartbeat=expected_last_heartbeat, outcome=outcome
-        )
-
-    async def request_stop(self, work_id: str) -> WorkItem:
-        return await self.inner.request_stop(work_id)
-
-    async def get(self, work_id: str) -> WorkItem:
-        return await self.inner.get(work_id)
-
-    async def list_work(
-        self, *, state: WorkState | None = None, limit: int = 100, page: int = 0
-    ) -> Sequence[WorkItem]:
-        return await self.inner.list_work(state=state, limit=limit, page=page)
-
-    async def stats(self) -> WorkStats:
-        return await self.inner.stats()
-
-    async def register_worker(
-        self, worker_id: str, *, metadata: Mapping[str, object] | None = None
-    ) -> WorkerRecord:
-        return await self.inner.register_worker(worker_id, metadata=metadata)
-
-    async def worker_heartbeat(self, report: PresenceReport) -> WorkerRecord:
-        return await self.inner.worker_heartbeat(report)
-
-    async def get_worker(self, worker_id: str) -> WorkerRecord:
-        return await self.inner.get_worker(worker_id)
-
-    async def list_workers(self) -> Sequence[WorkerRecord]:
-        return await self.inner.list_workers()
-
-    async def deregister_worker(self, worker_id: str) -> WorkerRecord:
-        return await self.inner.deregister_worker(worker_id)
-
-    async def delegate(self, source_id: str, task: str) -> Delegation:
-        return await self.inner.delegate(source_id, task)
-
-    async def list_delegations(
-        self, worker_id: str, *, status: DelegationStatus | None = None
-    ) -> Sequence[Delegation]:
-        return await self.inner.list_delegations(worker_id, status=status)
-
-    async def record_delegation_result(
-        self, delegation_id: str, *, status: DelegationStatus, response_preview: str | None = None
-    ) -> Delegation:
-        return await self.inner.record_delegation_result(
-            delegation_id, status=status, response_preview=response_preview
-        )
-
-    async def post_message(self, session_id: str, body: str) -> SessionMessage:
-        return await self.inner.post_message(session_id, body)
-
-    async def notify(self, session_id: str, body: str) -> SessionMessage:
-        return await self.inner.notify(session_id, body)
-
-    async def list_messages(self, session_id: str) -> Sequence[SessionMessage]:
-        return await self.inner.list_messages(session_id)
+    def __getattr__(self, name: str) -> Any:
+        # Everything but ``heartbeat`` goes straight through, including methods
+        # the protocol gains later: the wrapper never has to follow its growth.
+        return getattr(self.inner, name)
 
     async def aclose(self) -> None:
         """Does nothing: the wrapped control plane belongs to whoever opened it."""
+
+
+def timed_control_plane(inner: ControlPlane, meter: HeartbeatMeter) -> ControlPlane:
+    """``inner`` with its heartbeats timed into ``meter``.
+
+    Typed as the protocol it passes on: the wrapper forwards every other
+    member dynamically, which a static checker cannot follow.
+    """
+    return cast(ControlPlane, TimedControlPlane(inner, meter))
 
 
 # --- the Prometheus view ---------------------------------------------------------------
