@@ -25,7 +25,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -36,7 +36,8 @@ from ._config import WorkerConfig
 from ._events import SupervisorSnapshot
 from ._exceptions import ChildStartError, ConfigError, ControlPlaneError
 from ._groups import collapse_group, raise_saving_context
-from ._metrics import HeartbeatMeter, TimedControlPlane
+from ._logging import redact_secret
+from ._metrics import HeartbeatMeter, timed_control_plane
 from ._poller import Poller
 from ._session import SessionRecord, SessionRunner, Slot
 from ._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
@@ -154,6 +155,7 @@ class Worker:
         self.heartbeat_meter = HeartbeatMeter()
         #: The local API's base URL while it serves (``config.api_enabled``), else ``None``.
         self.api_url: str | None = None
+        self._forget_secrets: dict[str, Callable[[], None]] = {}
 
     # ------------------------------------------------------------ properties
 
@@ -286,7 +288,7 @@ class Worker:
             reap_orphans=True,
         )
         self._runner = SessionRunner(
-            control_plane=TimedControlPlane(plane, self.heartbeat_meter),
+            control_plane=timed_control_plane(plane, self.heartbeat_meter),
             agent=agent,
             workspaces=workspaces,
             logs_dir=state_dir / "logs",
@@ -370,6 +372,8 @@ class Worker:
     async def _on_claim(self, item: WorkItem, slot: Slot) -> None:
         """Start the session for a claimed, acknowledged item (the poller's hand-over)."""
         assert self._runner is not None and self._sessions is not None
+        # The session's credential must never reach a log line, even by accident.
+        self._forget_secrets[item.id] = redact_secret(item.secret)
         try:
             await self._sessions.start_child(self._runner.spec_for(item, slot))
         except ChildStartError as exc:
@@ -378,11 +382,13 @@ class Worker:
             logger.warning("session for work item %s did not start: %s", item.id, exc)
         except (ValueError, RuntimeError) as exc:
             slot.release()
+            self._forget_secrets.pop(item.id, _no_secret)()
             logger.warning("work item %s not started: %s", item.id, exc)
             return
         self._started_sessions += 1
 
     def _on_session_end(self, record: SessionRecord) -> None:
+        self._forget_secrets.pop(record.work_id, _no_secret)()
         if record.outcome is not None:
             self._outcomes[record.outcome.status.value] += 1
         ended, self._session_ended = self._session_ended, trio.Event()
@@ -475,6 +481,10 @@ class Worker:
     def sessions(self) -> list[SessionRecord]:
         """Records of the sessions this worker ran or runs, oldest first."""
         return list(self._runner.records.values()) if self._runner is not None else []
+
+
+def _no_secret() -> None:
+    return None
 
 
 @contextlib.asynccontextmanager
