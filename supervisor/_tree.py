@@ -74,7 +74,8 @@ class ChildContext:
     id: str
     supervisor: str
     restart_count: int
-    _stop_requested: trio.Event = attrs.field(alias="stop_requested", repr=False)
+    _stop_event: trio.Event | None = attrs.field(default=None, init=False, repr=False)
+    _stop_set: bool = attrs.field(default=False, init=False, repr=False)
     _observed: bool = attrs.field(default=False, init=False, repr=False)
 
     @property
@@ -86,7 +87,16 @@ class ChildContext:
         cancelled. A child that never looks is cancelled at once.
         """
         self._observed = True
-        return self._stop_requested
+        if self._stop_event is None:  # made on first use: most children never look
+            self._stop_event = trio.Event()
+            if self._stop_set:
+                self._stop_event.set()
+        return self._stop_event
+
+    def _request_stop(self) -> None:
+        self._stop_set = True
+        if self._stop_event is not None:
+            self._stop_event.set()
 
     @property
     def observes_stop(self) -> bool:
@@ -205,6 +215,7 @@ class Supervisor:
         self.exit_reason: ChildExit | None = None
         self.dropped_events = 0
         self.total_restarts = 0
+        self._crash_log: dict[str, tuple[float | None, int]] = {}
         self._subscribers: list[trio.MemorySendChannel[SupervisorEvent]] = []
         self._running = False
         self._children: list[_Child] = []
@@ -354,7 +365,6 @@ class Supervisor:
             id=child.spec.id,
             supervisor=self.name,
             restart_count=child.restart_count,
-            stop_requested=trio.Event(),
         )
         _current_child.set(ctx)
         kind = ExitKind.NORMAL
@@ -404,7 +414,7 @@ class Supervisor:
             done = child.done
             ctx = child.ctx
             if ctx is not None:
-                ctx._stop_requested.set()
+                ctx._request_stop()
             grace = child.spec.shutdown
             if ctx is not None and ctx.observes_stop and grace != 0:
                 if grace is None:
@@ -589,23 +599,48 @@ class Supervisor:
                     self._subscribers.remove(send)
         self._log(kind, child_id, exit, delay)
 
+    def _log_crash(self, child_id: str | None, exit: ChildExit) -> None:
+        """One WARNING per child per ``period``; repeats within it go to DEBUG.
+
+        A child crashing in a tight loop would otherwise flood the log with
+        the same line; the next WARNING after the quiet spell says how many
+        crashes it summarises. Tracebacks only at DEBUG (escalation logs one at ERROR).
+        """
+        key = child_id or ""
+        last, suppressed = self._crash_log.get(key, (None, 0))
+        if last is not None and exit.time - last < self.spec.period:
+            self._crash_log[key] = (last, suppressed + 1)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "%s: child %r exited abnormally again: %s",
+                    self.name,
+                    child_id,
+                    exit.reason,
+                    exc_info=exit.exception,
+                )
+            return
+        if len(self._crash_log) >= 1024:  # dynamic children come and go: stay bounded
+            self._crash_log.pop(next(iter(self._crash_log)))
+        self._crash_log[key] = (exit.time, 0)
+        if logger.isEnabledFor(logging.WARNING):
+            logger.warning(
+                "%s: child %r exited abnormally: %s%s",
+                self.name,
+                child_id,
+                exit.reason,
+                f" (and {suppressed} more times in the last {self.spec.period:g}s)"
+                if suppressed
+                else "",
+                exc_info=exit.exception if logger.isEnabledFor(logging.DEBUG) else None,
+            )
+
     def _log(
         self, kind: EventKind, child_id: str | None, exit: ChildExit | None, delay: float | None
     ) -> None:
         if kind is EventKind.CHILD_EXITED:
             assert exit is not None
-            if (
-                exit.kind is ExitKind.ABNORMAL
-                and not exit.requested
-                and logger.isEnabledFor(logging.WARNING)
-            ):
-                logger.warning(
-                    "%s: child %r exited abnormally: %s",
-                    self.name,
-                    child_id,
-                    exit.reason,
-                    exc_info=exit.exception if logger.isEnabledFor(logging.DEBUG) else None,
-                )
+            if exit.kind is ExitKind.ABNORMAL and not exit.requested:
+                self._log_crash(child_id, exit)
             elif logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s: child %r exited (%s)", self.name, child_id, exit.reason)
         elif kind is EventKind.CHILD_STARTED:

@@ -813,10 +813,29 @@ async def test_logging_levels(caplog: pytest.LogCaptureFixture) -> None:
             await trio.sleep_forever()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(warnings) == 2 and all(r.exc_info is None for r in warnings)
+    # the second crash came within the period: summarised later, not repeated
+    assert len(warnings) == 1 and all(r.exc_info is None for r in warnings)
     assert "exited abnormally: ValueError: k crashed" in warnings[0].getMessage()
     assert len(errors) == 1 and errors[0].exc_info is not None
     assert "restart intensity exceeded" in errors[0].getMessage()
+
+
+async def test_repeated_crashes_are_summarised_not_flooded(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One WARNING per child per period; the next one counts the crashes in between."""
+    log = Log()
+    kid = Controlled(log, "k")
+    caplog.set_level(logging.WARNING, logger="supervisor")
+    async with open_supervisor(SupervisorSpec([ChildSpec("k", kid)], intensity=10, period=5)):
+        for _ in range(3):
+            await kid.do("crash")
+        await trio.sleep(6)
+        await kid.do("crash")
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(messages) == 2
+    assert messages[0].endswith("exited abnormally: ValueError: k crashed")
+    assert messages[1].endswith("(and 2 more times in the last 5s)")
 
 
 async def test_open_supervisor_raises_the_escalation_bare() -> None:
