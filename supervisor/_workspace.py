@@ -80,6 +80,10 @@ logger = logging.getLogger("supervisor.workspace")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 _GIT_ENV_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "SSH_AUTH_SOCK")
+# Housekeeping that git would otherwise run as a detached daemon (it calls
+# setsid(), so no process-group sweep could find it) runs in the foreground,
+# inside the command's time limit.
+_GIT_OPTIONS = ("-c", "gc.autoDetach=false", "-c", "maintenance.autoDetach=false")
 
 
 class WorkspaceError(SupervisorError):
@@ -361,11 +365,11 @@ class WorkspaceManager:
         return env
 
     async def _run_git(self, *args: str, limit: float) -> None:
-        what = f"git {args[0]}" if args[0] != "-C" else f"git {args[2]}"
+        what = f"git {args[2] if args[0] == '-C' else args[0]}"
         try:
             with trio.fail_after(limit):
                 result = await trio.run_process(
-                    [self.git, *args],
+                    [self.git, *_GIT_OPTIONS, *args],
                     stdin=subprocess.DEVNULL,
                     capture_stdout=True,
                     capture_stderr=True,
