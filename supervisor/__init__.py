@@ -3,7 +3,12 @@
 The public surface is re-exported here; modules with a leading underscore are private.
 """
 
-from ._agent import AgentContext as AgentContext, AgentSpec as AgentSpec
+from ._agent import (
+    AgentContext as AgentContext,
+    AgentRunner as AgentRunner,
+    AgentSpec as AgentSpec,
+    EnvPolicy as EnvPolicy,
+)
 from ._config import WorkerConfig as WorkerConfig
 from ._events import (
     ChildCounts as ChildCounts,
@@ -34,6 +39,7 @@ from ._exceptions import (
     TransientError as TransientError,
     Unauthorized as Unauthorized,
 )
+from ._process import AgentResult as AgentResult, SessionOutput as SessionOutput
 from ._spec import (
     AutoShutdown as AutoShutdown,
     Backoff as Backoff,
@@ -56,11 +62,14 @@ from ._tree import (
 )
 from ._wedge import WedgeState as WedgeState
 from ._worker import Worker as Worker, WorkerStats as WorkerStats, open_worker as open_worker
+from ._workspace import WorkspaceError as WorkspaceError, WorkspaceManager as WorkspaceManager
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AgentContext",
+    "AgentResult",
+    "AgentRunner",
     "AgentSpec",
     "AutoShutdown",
     "Backoff",
@@ -77,6 +86,7 @@ __all__ = [
     "Conflict",
     "ControlPlaneError",
     "ControlPlaneUnavailable",
+    "EnvPolicy",
     "EventKind",
     "ExitKind",
     "FatalError",
@@ -87,6 +97,7 @@ __all__ = [
     "Restart",
     "RestartIntensityExceeded",
     "ResultTimeout",
+    "SessionOutput",
     "Shutdown",
     "Strategy",
     "Supervisor",
@@ -103,6 +114,8 @@ __all__ = [
     "Worker",
     "WorkerConfig",
     "WorkerStats",
+    "WorkspaceError",
+    "WorkspaceManager",
     "current_child",
     "open_supervisor",
     "open_worker",
