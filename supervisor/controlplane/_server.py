@@ -190,6 +190,16 @@ class _Environments:
             plane = self._planes[environment_id] = self._factory(environment_id)
         return plane
 
+    def existing(self, environment_id: str) -> ControlPlane | None:
+        """The plane of an environment already in use here, without creating one.
+
+        A request that is not authenticated by the environment key must not be
+        able to make the server build (and keep) a plane per invented id.
+        """
+        if self._single is not None:
+            return self._single if environment_id == self._single.environment_id else None
+        return self._planes.get(environment_id)
+
     async def aclose(self) -> None:
         """Close what the server owns; shielded and bounded, so a cancelled server tidies up."""
         planes, self._planes = list(self._planes.values()), {}
@@ -349,10 +359,40 @@ class _App:
                 return
         raise Unauthorized("invalid environment key")
 
-    def endpoint(self, handler: _Handler) -> Callable[[Request], Awaitable[Response]]:
+    async def _authenticate_session(self, request: Request) -> None:
+        """The environment key, or the credential of the session named in the path.
+
+        The session credential is what the worker that claimed the session hands
+        to its agent, so the agent can delegate and exchange messages without
+        holding the environment key. It is accepted only on the routes of its own
+        session, only while that claim is live, and only by a control plane that
+        can check it (``verify_session_secret``); anywhere else it is just a wrong
+        key.
+        """
+        try:
+            self._authenticate(request)
+        except Unauthorized:
+            header = request.headers.get("authorization") or ""
+            scheme, _, token = header.partition(" ")
+            token = token.strip()
+            plane = self._environments.existing(request.path_params["environment_id"])
+            verify = getattr(plane, "verify_session_secret", None)
+            if scheme.lower() != "bearer" or not token or verify is None:
+                raise
+            if not await verify(request.path_params["session_id"], token):
+                raise Unauthorized(
+                    "invalid environment key, or not a live credential of this session"
+                ) from None
+
+    def endpoint(
+        self, handler: _Handler, *, session_scoped: bool = False
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
             try:
-                self._authenticate(request)
+                if session_scoped:
+                    await self._authenticate_session(request)
+                else:
+                    self._authenticate(request)
                 plane = self._environments.get(request.path_params["environment_id"])
                 return await handler(request, plane)
             except ControlPlaneError as exc:
@@ -583,8 +623,14 @@ class _App:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
         ]
+        # The routes a session's own credential may call (see _authenticate_session).
+        session_scoped = {self.delegate, self.post_message, self.list_messages}
         routes.extend(
-            Route(f"{API_PREFIX}{path}", self.endpoint(handler), methods=[method])
+            Route(
+                f"{API_PREFIX}{path}",
+                self.endpoint(handler, session_scoped=handler in session_scoped),
+                methods=[method],
+            )
             for method, path, handler in table
         )
         return routes
