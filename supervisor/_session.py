@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -33,11 +34,11 @@ from ._lease import Lease, LeaseKeeper
 from ._process import SessionOutput
 from ._spec import AutoShutdown, ChildSpec, Restart, Strategy, SupervisorSpec
 from ._tree import Supervisor
-from ._workspace import WorkspaceError, WorkspaceManager, safe_name
+from ._workspace import WorkspaceError, safe_name
 from .controlplane._models import Outcome, OutcomeStatus, WorkItem
 from .controlplane._protocol import ControlPlane
 
-__all__ = ["SessionRecord", "SessionRunner", "Slot"]
+__all__ = ["SessionRecord", "SessionRunner", "Slot", "Workspaces"]
 
 logger = logging.getLogger("supervisor.session")
 
@@ -46,6 +47,20 @@ class Slot(Protocol):
     """A session slot handed over by the poller; released when the session ends."""
 
     def release(self) -> None: ...
+
+
+class Workspaces(Protocol):
+    """What the runner needs of a workspace maker (`WorkspaceManager` is the real one).
+
+    A protocol so that a simulation can run sessions without touching the file
+    system or worker threads (see `supervisor.testing.MemoryWorkspaces`):
+    directory creation and removal go through ``trio.to_thread``, and a task
+    waiting on a thread lets ``MockClock``'s autojump fire timeouts early.
+    """
+
+    def open(self, session_id: str) -> AbstractAsyncContextManager[Path]:
+        """A workspace for one session, yielded as a path, released on exit."""
+        ...
 
 
 @attrs.define(eq=False)
@@ -84,7 +99,8 @@ class SessionRunner:
     Args:
         control_plane: where the leases live.
         agent: runs the agent (subprocess or in-process).
-        workspaces: makes and removes workspaces.
+        workspaces: makes and removes workspaces (a `WorkspaceManager`, or any
+            `Workspaces`).
         logs_dir: per-session log files go here.
         lease_ttl: the ttl to ask for.
         on_line: called with every output line (wedge detection hooks in here).
@@ -95,7 +111,7 @@ class SessionRunner:
 
     control_plane: ControlPlane
     agent: AgentRunner
-    workspaces: WorkspaceManager
+    workspaces: Workspaces
     logs_dir: Path
     lease_ttl: float | None = None
     on_line: LineHook | None = None

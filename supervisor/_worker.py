@@ -36,10 +36,11 @@ from ._config import WorkerConfig
 from ._events import SupervisorSnapshot
 from ._exceptions import ChildStartError, ConfigError, ControlPlaneError
 from ._groups import collapse_group, raise_saving_context
+from ._lease import DEADLINE_FRACTION
 from ._logging import redact_secret
 from ._metrics import HeartbeatMeter, timed_control_plane
 from ._poller import Poller
-from ._session import SessionRecord, SessionRunner, Slot
+from ._session import SessionRecord, SessionRunner, Slot, Workspaces
 from ._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from ._tree import Supervisor
 from ._wedge import WedgeState
@@ -53,6 +54,9 @@ from .controlplane._protocol import ControlPlane
 __all__ = ["Worker", "WorkerStats", "open_worker"]
 
 logger = logging.getLogger("supervisor.worker")
+
+#: The longest a lease keeper retries a claim's first heartbeat (its own default).
+_FIRST_BEAT_LIMIT = 30.0
 
 
 @attrs.frozen
@@ -112,6 +116,10 @@ class Worker:
         base_env: the environment agents' allowlist reads from (default ``os.environ``).
         keeper_options: keyword arguments for every ``LeaseKeeper`` (timing, rng).
         rng: randomness for poll pauses and jitter.
+        workspaces: makes the sessions' workspaces instead of the
+            `WorkspaceManager` that ``config`` describes (a simulation passes
+            `supervisor.testing.MemoryWorkspaces`, which touches neither the
+            file system nor worker threads).
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class Worker:
         base_env: Mapping[str, str] | None = None,
         keeper_options: Mapping[str, Any] | None = None,
         rng: random.Random | None = None,
+        workspaces: Workspaces | None = None,
     ) -> None:
         if not isinstance(config, WorkerConfig):
             raise TypeError(f"Worker needs a WorkerConfig, got {config!r}")
@@ -137,6 +146,7 @@ class Worker:
         self._base_env = base_env
         self._keeper_options = dict(keeper_options or {})
         self._rng = rng if rng is not None else random.Random()
+        self._given_workspaces = workspaces
         self._running = False
         self._draining = False
         self._tree: Supervisor | None = None
@@ -271,12 +281,16 @@ class Worker:
     def _build_tree(self, plane: ControlPlane) -> Supervisor:
         config = self.config
         state_dir = config.state_dir.absolute()  # agents get paths; their cwd is elsewhere
-        workspaces = WorkspaceManager(
-            state_dir,
-            kind=config.workspace,
-            base_repo=os.fspath(config.base_repo) if config.base_repo is not None else None,
-            keep_workspaces=config.keep_workspaces,
-        )
+        workspaces: Workspaces
+        if self._given_workspaces is not None:
+            workspaces = self._given_workspaces
+        else:
+            workspaces = WorkspaceManager(
+                state_dir,
+                kind=config.workspace,
+                base_repo=os.fspath(config.base_repo) if config.base_repo is not None else None,
+                keep_workspaces=config.keep_workspaces,
+            )
         agent = AgentRunner(
             self.agent_spec,
             env_policy=EnvPolicy(extra=config.agent_env),
@@ -293,7 +307,7 @@ class Worker:
             workspaces=workspaces,
             logs_dir=state_dir / "logs",
             lease_ttl=config.lease_ttl,
-            keeper_options=self._keeper_options,
+            keeper_options=self._lease_keeper_options(),
             on_end=self._on_session_end,
         )
         slots = trio.CapacityLimiter(config.max_concurrency)
@@ -342,6 +356,23 @@ class Worker:
             )
         )
         return tree
+
+    def _lease_keeper_options(self) -> dict[str, object]:
+        """``LeaseKeeper`` options: the caller's, over defaults tied to the lease ttl.
+
+        The first heartbeat names no worker, so the control plane fences it by
+        the item's state alone. If it is retried after the lease that an earlier,
+        unanswered attempt started has expired and another worker has acked the
+        item, it would be taken as that worker's: two workers serving one item.
+        Giving up on the first beat within 0.8 x ttl of the claim (never later
+        than the keeper's own 30 s) closes that window; the simulator in
+        ``supervisor.testing`` finds the split brain without it.
+        """
+        options: dict[str, object] = {
+            "start_timeout": min(_FIRST_BEAT_LIMIT, DEADLINE_FRACTION * self.config.lease_ttl)
+        }
+        options.update(self._keeper_options)
+        return options
 
     def _api_spec(self) -> ChildSpec:
         # The backoff keeps a persistently failing API (say, its fixed port taken
