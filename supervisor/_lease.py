@@ -20,6 +20,11 @@ The numbers are the contract:
 * every heartbeat call is bounded by ``min(interval, time left)``;
 * the final ``stop`` is never sent once the lease was lost or its deadline
   passed: by then another worker may own the item.
+
+The guarantee relies on one property of the server: a renewal never makes a
+granted lease end earlier (a smaller ttl on a later beat takes effect only
+beyond the current expiry). A beat whose answer is lost may carry that
+smaller ttl, and no client can act on an answer it never received.
 """
 
 from __future__ import annotations
@@ -277,6 +282,10 @@ class LeaseKeeper:
             except FatalError as exc:
                 self._lose(f"first heartbeat refused: {self._describe(exc)}", exc)
             self._accept(result, t_send, first=True)
+            if trio.current_time() >= lease.deadline:
+                # A slow answer with a short ttl: the lease ended before we
+                # heard of it. Never start a session on it.
+                self._lose("the first heartbeat was answered after its lease deadline")
             return
 
     async def _renew_forever(self) -> None:

@@ -793,8 +793,12 @@ class ScriptedControlPlane:
         extended = reply.lease_extended and item.state is not WorkState.STOPPED
         if item.state is WorkState.STOPPED:
             record.expires_at = None
-        elif extended or record.expires_at is None:
+        elif record.expires_at is None:
             record.expires_at = now + ttl
+        elif extended:
+            # An extension never shortens a granted lease (even with a smaller
+            # ttl): the answer may be lost, so the holder could not know.
+            record.expires_at = max(record.expires_at, now + ttl)
         record.token = self._new_token()
         record.item = attrs.evolve(item, latest_heartbeat_at=now)
         self._processed(call)
