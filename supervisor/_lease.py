@@ -68,6 +68,8 @@ MIN_INTERVAL: Final = 0.5
 MAX_INTERVAL: Final = 30.0
 #: The ttl assumed before the server named one (it bounds the first heartbeat call).
 ASSUMED_TTL: Final = 60.0
+#: The longest the first heartbeat is retried by default.
+MAX_START_TIMEOUT: Final = 30.0
 
 _STOP_STATES: Final = frozenset({WorkState.STOPPING, WorkState.STOPPED})
 
@@ -176,8 +178,12 @@ class LeaseKeeper:
             doubles on each further failure, bounded by ``retry_max``, the
             interval and always by the deadline.
         retry_max: longest pause between transient retries.
-        start_timeout: how long the first heartbeat may keep failing
-            transiently before the claim is given up.
+        start_timeout: how long, from its first send, the first heartbeat may
+            keep failing transiently before the claim is given up. Defaults to
+            ``min(30 s, 0.8 x ttl)`` (ttl: ``desired_ttl``, else 60 s): the first
+            beat carries no token, so a retry sent after a lease granted by an
+            unanswered attempt expired could be taken for the first beat of
+            another worker that claimed the item since.
         stop_timeout: upper bound for the final ``stop`` call (it is also
             bounded by the time left to the deadline).
         rng: random source of the retry jitter (inject a seeded one in tests).
@@ -197,13 +203,16 @@ class LeaseKeeper:
         lease: Lease | None = None,
         retry_initial: float = 0.25,
         retry_max: float = 5.0,
-        start_timeout: float = 30.0,
+        start_timeout: float | None = None,
         stop_timeout: float = 10.0,
         rng: random.Random | None = None,
         measure_from: MeasureFrom | str = MeasureFrom.SEND,
     ) -> None:
         if desired_ttl is not None and not desired_ttl > 0:
             raise ValueError(f"desired_ttl must be > 0, got {desired_ttl!r}")
+        if start_timeout is None:
+            ttl = desired_ttl if desired_ttl is not None else ASSUMED_TTL
+            start_timeout = min(MAX_START_TIMEOUT, DEADLINE_FRACTION * ttl)
         for name, value in (
             ("retry_initial", retry_initial),
             ("retry_max", retry_max),

@@ -214,7 +214,7 @@ def check_contract(trace: Trace, cp: ScriptedControlPlane, work_id: str) -> None
     elif interval is None:
         # Never confirmed: lost when the start budget ran out (if the run got that far).
         assert first_send is not None
-        budget_end = first_send + 30.0
+        budget_end = first_send + min(30.0, 0.8 * TTL)
         expected_lost_at = budget_end if trace.ended_at and trace.ended_at >= budget_end else None
     else:
         end = trace.session_end if trace.session_end is not None else trace.ended_at
@@ -388,11 +388,11 @@ SCENARIOS = [
         expect_lost_at=0.0,
     ),
     Scenario(
-        "a first beat that never succeeds gives up after the start budget",
+        "a first beat that never succeeds gives up within 0.8 x ttl of its send",
         partition_at=0.0,
         expect_ready=False,
         expect_lost_reason="first heartbeat did not succeed",
-        expect_lost_at=30.0,
+        expect_lost_at=0.8 * TTL,
     ),
     Scenario(
         "cancelled from outside: the final stop is still sent, shielded",
@@ -625,6 +625,72 @@ async def test_cancelled_before_the_first_beat_answered_stops_with_no_heartbeat(
     (stop,) = cp.calls_to("stop")
     assert stop.args["expected_last_heartbeat"] == NO_HEARTBEAT
     assert not keeper.lease.confirmed
+
+
+@pytest.mark.parametrize(
+    ("desired_ttl", "start_timeout", "expected"),
+    [
+        pytest.param(9.0, None, 7.2, id="0.8 x desired ttl"),
+        pytest.param(None, None, 30.0, id="no ttl asked: 30 s"),
+        pytest.param(600.0, None, 30.0, id="at most 30 s"),
+        pytest.param(9.0, 2.0, 2.0, id="explicit"),
+    ],
+)
+async def test_start_budget_default(
+    desired_ttl: float | None, start_timeout: float | None, expected: float
+) -> None:
+    """The first beat is retried at most min(30 s, 0.8 x ttl) unless told otherwise."""
+    keeper = LeaseKeeper(
+        ScriptedControlPlane(), "w", desired_ttl=desired_ttl, start_timeout=start_timeout
+    )
+    assert keeper.start_timeout == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("start_timeout", "hijacks"),
+    [pytest.param(None, False, id="default budget"), pytest.param(30.0, True, id="30 s budget")],
+)
+async def test_first_beat_retries_end_before_an_unanswered_grant_expires(
+    autojump_clock: trio.testing.MockClock, start_timeout: float | None, hijacks: bool
+) -> None:
+    """A first beat granted but unanswered, then retried: by default the retries stop in time.
+
+    The first beat carries no token. Retried after the grant it started has
+    expired and another worker acknowledged the item, it would be taken as
+    that worker's first beat. The default budget (0.8 x ttl from the first
+    send) ends before the server-side expiry; a longer one shows the hazard.
+    """
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    work_id = await claim(cp)
+    # Processed at 0 (a lease until 9) but answered far too late; then errors.
+    cp.script_heartbeats([Reply(answer_delay=100.0), *[TransientError("503")] * 20])
+    keeper = LeaseKeeper(cp, work_id, desired_ttl=TTL, start_timeout=start_timeout)
+
+    async def another_worker() -> None:
+        await trio.sleep(TTL + 0.5)  # the unanswered grant expired at 9
+        item = await cp.poll(worker_id="worker-b")
+        assert item is not None
+        await cp.ack(item.id, worker_id="worker-b")
+        cp.clear_script()  # ...and the network is fine again
+
+    lost: LeaseLost | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(another_worker)
+        try:
+            await nursery.start(keeper.run)
+        except LeaseLost as exc:
+            lost = exc
+        ended_at = trio.current_time()
+        nursery.cancel_scope.cancel()
+    if hijacks:
+        # The keeper now holds the lease that worker B acknowledged.
+        assert lost is None
+        assert ended_at > TTL
+        assert (await cp.get(work_id)).worker_id == "worker-b"
+    else:
+        assert lost is not None
+        assert "first heartbeat did not succeed" in lost.reason
+        assert ended_at == pytest.approx(0.8 * TTL)
 
 
 async def test_options_are_validated() -> None:

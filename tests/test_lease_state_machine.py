@@ -69,7 +69,6 @@ from supervisor.testing._scripted import HANG, Call, Fail, Reply, ScriptedContro
 
 T = TypeVar("T")
 EPS = 1e-6
-START_TIMEOUT = 30.0
 RETRY_INITIAL = 0.25
 RETRY_MAX = 5.0
 STOP_STATES = {WorkState.STOPPING, WorkState.STOPPED}
@@ -157,6 +156,10 @@ class LeaseModel:
     finished_at: float | None = None
 
     @property
+    def start_timeout(self) -> float:
+        return min(30.0, DEADLINE_FRACTION * self.desired_ttl)
+
+    @property
     def first_bound(self) -> float:
         return heartbeat_interval(self.desired_ttl)
 
@@ -186,7 +189,7 @@ class LeaseModel:
         lo, hi = self.next_window
         assert lo - EPS <= start <= hi + EPS, f"heartbeat at {start}, expected in [{lo}, {hi}]"
         if self.give_up_at is None:
-            self.give_up_at = start + START_TIMEOUT
+            self.give_up_at = start + self.start_timeout
         bound = self.interval if self.confirmed else self.first_bound
         assert bound is not None
         assert end - start <= bound + EPS, f"call of {end - start}s exceeds the interval {bound}"
@@ -294,7 +297,6 @@ class KeeperWorld:
             lease=self.lease,
             retry_initial=RETRY_INITIAL,
             retry_max=RETRY_MAX,
-            start_timeout=START_TIMEOUT,
             rng=random.Random(0),
         )
         async with trio.open_nursery() as nursery:

@@ -222,6 +222,10 @@ class ScriptedControlPlane:
         """
         self._script.extend(entries)
 
+    def clear_script(self) -> None:
+        """Drop the heartbeat answers not consumed yet (answers are normal again)."""
+        self._script.clear()
+
     @property
     def scripted_left(self) -> int:
         """Scripted heartbeat entries not consumed yet."""
