@@ -57,6 +57,7 @@ import attrs
 import trio
 
 from ._exceptions import ConfigError
+from ._inbox import Inbox
 from ._process import AgentResult, SessionOutput, run_agent_process
 
 __all__ = [
@@ -199,6 +200,9 @@ class AgentContext:
             changed for in-process agents: use this path explicitly).
         env: the environment a subprocess agent would have had (allowlist,
             per-session variables, ``SUPERVISOR_*``); read-only, never in repr.
+        inbox: where the results of this session's delegations arrive while it
+            runs (``await ctx.inbox.receive()``); ``None`` when the runner
+            delivers none (see `supervisor._inbox`).
     """
 
     prompt: str
@@ -207,6 +211,7 @@ class AgentContext:
     workspace: Path
     env: Mapping[str, str] = attrs.field(repr=False)
     _output: SessionOutput = attrs.field(repr=False, alias="output")
+    inbox: Inbox | None = attrs.field(default=None, repr=False)
 
     def emit(self, line: str) -> None:
         """Report a line of progress or output.
@@ -414,6 +419,7 @@ class AgentRunner:
         workspace: Path,
         output: SessionOutput | None = None,
         session_env: Mapping[str, str] | None = None,
+        inbox: Inbox | None = None,
     ) -> AgentResult:
         """Run the agent to its end.
 
@@ -425,6 +431,8 @@ class AgentRunner:
             output: log file, ``on_line`` watcher and tail; keep the handle to
                 read the tail when the run is cancelled.
             session_env: per-session variables for the agent (never logged).
+            inbox: the session's inbox, handed to an in-process agent as
+                ``ctx.inbox`` (a subprocess agent reads its file in the workspace).
 
         Returns:
             the result; ``result.to_outcome()`` is what ``stop`` reports. A
@@ -464,6 +472,7 @@ class AgentRunner:
             workspace=workspace,
             env=types.MappingProxyType(env),
             output=output,
+            inbox=inbox,
         )
         return await _run_in_process(
             self.spec.function,
