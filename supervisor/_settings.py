@@ -9,10 +9,15 @@ turns them into exit code 2), never ignored.
 Secrets: ``SUPERVISOR_ENVIRONMENT_KEY`` may be given as
 ``SUPERVISOR_ENVIRONMENT_KEY_FILE`` (a path, re-read on 401); any other
 ``SUPERVISOR_X`` may likewise be ``SUPERVISOR_X_FILE`` whose content is the value.
+The key and its file are one setting: a later layer's choice replaces an earlier
+layer's, and naming both in one layer is an error (which one was meant?).
+
+``SUPERVISOR_CONFIG`` names the TOML file when ``--config`` does not.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,9 +28,18 @@ import attrs
 from ._config import WorkerConfig
 from ._exceptions import ConfigError
 
-__all__ = ["ENV_PREFIX", "config_from_layers", "read_environment", "read_toml"]
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "config_from_layers",
+    "config_path_from_environment",
+    "read_environment",
+    "read_toml",
+]
 
 ENV_PREFIX = "SUPERVISOR_"
+#: The variable naming the TOML file (``--config`` wins over it).
+CONFIG_ENV = "SUPERVISOR_CONFIG"
 
 # Variables with the prefix that are not settings (they belong to agents or the server).
 _NOT_SETTINGS = frozenset(
@@ -34,8 +48,16 @@ _NOT_SETTINGS = frozenset(
         "SUPERVISOR_SESSION_ID",
         "SUPERVISOR_WORKSPACE",
         "SUPERVISOR_SESSION_TOKEN",
+        CONFIG_ENV,
+        # supervisord (another program that calls itself "supervisor") sets these in
+        # the environment of every process it runs, a worker included.
+        "SUPERVISOR_ENABLED",
+        "SUPERVISOR_PROCESS_NAME",
+        "SUPERVISOR_GROUP_NAME",
+        "SUPERVISOR_SERVER_URL",
     }
 )
+_KEY_FIELDS = ("environment_key", "environment_key_file")
 
 
 def _field_types() -> dict[str, str]:
@@ -89,6 +111,12 @@ def _convert(name: str, text: str, type_text: str) -> Any:
     return text
 
 
+def config_path_from_environment(environ: Mapping[str, str]) -> Path | None:
+    """The TOML file ``SUPERVISOR_CONFIG`` names, if it names one."""
+    value = environ.get(CONFIG_ENV, "").strip()
+    return Path(value) if value else None
+
+
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings from ``SUPERVISOR_*`` variables (and their ``*_FILE`` forms)."""
     types = _field_types()
@@ -114,21 +142,46 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def config_from_layers(*layers: Mapping[str, Any]) -> WorkerConfig:
-    """Merge the layers (later ones win) and build a validated ``WorkerConfig``."""
+    """Merge the layers (later ones win) and build a validated ``WorkerConfig``.
+
+    Raises:
+        ConfigError: naming the key, for an unknown key, a value of the wrong
+            type, or a value the setting cannot take.
+    """
     merged: dict[str, Any] = {}
     for layer in layers:
-        merged.update({k: v for k, v in layer.items() if v is not None})
+        present = {k: v for k, v in layer.items() if v is not None}
+        given = [k for k in _KEY_FIELDS if present.get(k) not in (None, "")]
+        if len(given) == 2:
+            raise ConfigError(
+                "give the environment key or a file holding it, not both", key=given[1]
+            )
+        if given:
+            for name in _KEY_FIELDS:
+                merged.pop(name, None)
+        merged.update(present)
     types = _field_types()
     for name, value in merged.items():
         if name not in types:
             continue  # from_mapping names it
-        type_text = types[name]
-        if type_text.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
-            merged[name] = float(value)
-        if type_text == "bool" and not isinstance(value, bool):
-            raise ConfigError(f"expected true or false, got {value!r}", key=name)
-        if type_text.startswith("str") and not isinstance(value, str):
-            raise ConfigError(f"expected text, got {value!r}", key=name)
-        if "tuple" in type_text and isinstance(value, list):
-            merged[name] = tuple(value)
+        merged[name] = _check_type(name, value, types[name])
     return WorkerConfig.from_mapping(merged)
+
+
+def _check_type(name: str, value: Any, type_text: str) -> Any:
+    """``value`` in the field's type (numbers widened to float), or a ``ConfigError``."""
+    if type_text.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type_text == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}", key=name)
+    if type_text.startswith("str") and not isinstance(value, str):
+        raise ConfigError(f"expected text, got {value!r}", key=name)
+    if type_text.startswith("Path") and not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"expected a path, got {value!r}", key=name)
+    if type_text.startswith("tuple"):
+        if isinstance(value, str):
+            return (value,)  # one entry; never a tuple of its characters
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"expected a list of strings, got {value!r}", key=name)
+        return tuple(value)
+    return value
