@@ -1,4 +1,4 @@
-"""Command line: ``python -m supervisor [run|submit|status|cancel|serve|demo] ...``.
+"""Command line: ``python -m supervisor [run|submit|status|cancel|serve|demo|delegate] ...``.
 
 ``python -m supervisor`` with no arguments (or with only options) is ``run``:
 a worker on the embedded control plane in ``./.supervisor/`` with the
@@ -343,8 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to pause between steps, to read (default: %(default)s)",
     )
-    # A ``delegate`` command (an agent hands a task to another agent) belongs here
-    # next to ``submit`` once delegation lands; handlers are listed in ``_HANDLERS``.
+    from ._session_client import add_delegate_arguments
+
+    delegate = sub.add_parser(
+        "delegate",
+        help="from inside a session: hand a task to another agent",
+        description="Run by an agent inside a session: queues TASK as a new work item linked "
+        "to the session and prints the delegation's id. It uses the session's own credential "
+        "(SUPERVISOR_SESSION_* variables the worker gives its agents), never the environment "
+        "key. The result comes back to the session: into "
+        "$SUPERVISOR_WORKSPACE/.supervisor-inbox.jsonl while it runs, otherwise as a "
+        "follow-up message. Exit codes: 0 delegated, 1 refused or unreachable (the session "
+        "ended, the credential is not live), 2 usage (no session variables, an empty task).",
+        formatter_class=_Formatter,
+    )
+    add_delegate_arguments(delegate)
     return parser
 
 
@@ -851,6 +864,13 @@ def cli_demo(args: argparse.Namespace) -> int:
     return demo(args)
 
 
+def cli_delegate(args: argparse.Namespace) -> int:
+    """``delegate``: see ``supervisor._session_client``."""
+    from ._session_client import cli_delegate as delegate
+
+    return delegate(args)
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cli_run,
     "submit": cli_submit,
@@ -858,4 +878,5 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cancel": cli_cancel,
     "serve": cli_serve,
     "demo": cli_demo,
+    "delegate": cli_delegate,
 }
