@@ -29,6 +29,7 @@ smaller ttl, and no client can act on an answer it never received.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import math
@@ -233,9 +234,9 @@ class LeaseKeeper:
         self.stop_timeout = stop_timeout
         self.measure_from = MeasureFrom(measure_from)
         self._rng = rng if rng is not None else random.Random()
-        # Every token this keeper has held, so that none leaks into a log line
-        # through a control-plane error message.
-        self._tokens: set[str] = set()
+        # The last tokens this keeper held, so that none leaks into a log line
+        # through a control-plane error message (older ones are worthless).
+        self._tokens: collections.deque[str] = collections.deque(maxlen=4)
 
     def __repr__(self) -> str:
         return f"<LeaseKeeper work_id={self.work_id!r} lease={self.lease!r}>"
@@ -346,7 +347,7 @@ class LeaseKeeper:
     def _accept(self, result: HeartbeatResult, t_send: float, *, first: bool) -> None:
         lease = self.lease
         lease.token = result.last_heartbeat
-        self._tokens.add(result.last_heartbeat)
+        self._tokens.append(result.last_heartbeat)
         lease.beats += 1
         lease.failures = 0
         ttl = result.ttl_seconds if result.ttl_seconds > 0 else 0.0

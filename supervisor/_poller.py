@@ -7,7 +7,9 @@ Every claim goes through the same steps, in this order:
    cannot start, and never asks for work it would have to sit on);
 2. wait for the :class:`ClaimGate` (the wedge circuit breaker pauses claims);
 3. long-poll the control plane (``block_ms``); nothing there → poll again at
-   once after a real long poll, else after a random 1-3 s pause;
+   once after a real long poll (the call took at least half of ``block_ms``,
+   so a server that ignores ``block_ms`` cannot turn this into a busy loop),
+   else after a random 1-3 s pause;
 4. acknowledge the item and hand it, with its slot, to ``on_claim``.
 
 Errors on poll are retried with ``min(60, 2**n)`` seconds plus up to 1 s of
