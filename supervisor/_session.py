@@ -19,8 +19,8 @@ This module uses only the tree's public API.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +30,7 @@ import trio
 from ._agent import AgentRunner
 from ._events import ExitKind
 from ._exceptions import ChildStartError
+from ._inbox import INBOX_FILENAME, Inbox
 from ._lease import Lease, LeaseKeeper
 from ._process import SessionOutput
 from ._spec import AutoShutdown, ChildSpec, Restart, Strategy, SupervisorSpec
@@ -79,6 +80,8 @@ class SessionRecord:
     cancel_reason: OutcomeStatus | None = None
     cancel_detail: str | None = None
     cancel_scope: trio.CancelScope | None = attrs.field(default=None, repr=False)
+    #: Where delegation results arrive while the agent runs (closed when it ends).
+    inbox: Inbox | None = attrs.field(default=None, repr=False)
 
     def cancel(self, status: OutcomeStatus, detail: str) -> None:
         """Stop this session now with the given outcome (e.g. ``wedged``)."""
@@ -118,6 +121,14 @@ class SessionRunner:
     keeper_options: dict[str, object] = attrs.field(factory=dict)
     on_end: Callable[[SessionRecord], None] | None = None
     records: dict[str, SessionRecord] = attrs.field(factory=dict)
+    #: Per-session variables for the agent (its session credential), built per item.
+    session_env: Callable[[WorkItem], Mapping[str, str]] | None = None
+    #: The same records by session id (delegation results name their source session).
+    by_session: dict[str, SessionRecord] = attrs.field(factory=dict)
+
+    def session(self, session_id: str) -> SessionRecord | None:
+        """The record of a session this runner ran or runs, by session id."""
+        return self.by_session.get(session_id)
 
     def spec_for(self, item: WorkItem, slot: Slot) -> ChildSpec:
         """The ``session:<id>`` child for the ``sessions`` supervisor."""
@@ -143,6 +154,7 @@ class SessionRunner:
             prompt_chars=len(item.data.prompt),
             started_at=trio.current_time(),
         )
+        self.by_session[item.data.id] = record
         lease = record.lease = Lease(item.id)
         keeper = LeaseKeeper(
             self.control_plane,
@@ -232,7 +244,10 @@ class SessionRunner:
                 record.cancel_scope = scope
                 if record.cancel_reason is not None:
                     scope.cancel()
-                async with self.workspaces.open(item.data.id) as path:
+                async with (
+                    self.workspaces.open(item.data.id) as path,
+                    _open_inbox(record, path) as inbox,
+                ):
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_cancel_on_stop_request, lease, scope)
                         result = await self.agent.run(
@@ -241,6 +256,10 @@ class SessionRunner:
                             session_id=item.data.id,
                             workspace=path,
                             output=output,
+                            session_env=(
+                                self.session_env(item) if self.session_env is not None else None
+                            ),
+                            inbox=inbox,
                         )
                         nursery.cancel_scope.cancel()
                     lease.outcome = record.outcome = result.to_outcome()
@@ -271,6 +290,16 @@ def _interrupted(
         duration=trio.current_time() - started,
         reason=detail,
     )
+
+
+@asynccontextmanager
+async def _open_inbox(record: SessionRecord, workspace: Path) -> AsyncIterator[Inbox]:
+    """The session's inbox while its agent runs; closed before the workspace goes away."""
+    inbox = record.inbox = Inbox(workspace / INBOX_FILENAME)
+    try:
+        yield inbox
+    finally:
+        inbox.close()
 
 
 async def _cancel_on_stop_request(lease: Lease, scope: trio.CancelScope) -> None:
