@@ -39,6 +39,8 @@ from ._exceptions import (
     TransientError as TransientError,
     Unauthorized as Unauthorized,
 )
+from ._lease import Lease as Lease, LeaseKeeper as LeaseKeeper
+from ._poller import ClaimGate as ClaimGate, Poller as Poller, Slot as Slot
 from ._process import AgentResult as AgentResult, SessionOutput as SessionOutput
 from ._spec import (
     AutoShutdown as AutoShutdown,
@@ -82,6 +84,7 @@ __all__ = [
     "ChildSpec",
     "ChildStartError",
     "ChildState",
+    "ClaimGate",
     "ConfigError",
     "Conflict",
     "ControlPlaneError",
@@ -92,13 +95,17 @@ __all__ = [
     "FatalError",
     "FencingConflict",
     "Gone",
+    "Lease",
+    "LeaseKeeper",
     "LeaseLost",
     "NotFound",
+    "Poller",
     "Restart",
     "RestartIntensityExceeded",
     "ResultTimeout",
     "SessionOutput",
     "Shutdown",
+    "Slot",
     "Strategy",
     "Supervisor",
     "SupervisorError",

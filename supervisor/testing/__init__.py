@@ -6,5 +6,25 @@ the code *built on* those boundaries quickly and deterministically.
 """
 
 from ._clock import ManualClock as ManualClock
+from ._scripted import (
+    HANG as HANG,
+    Call as Call,
+    Fail as Fail,
+    Hang as Hang,
+    Regrant as Regrant,
+    Reply as Reply,
+    ScriptedControlPlane as ScriptedControlPlane,
+    ScriptEntry as ScriptEntry,
+)
 
-__all__ = ["ManualClock"]
+__all__ = [
+    "HANG",
+    "Call",
+    "Fail",
+    "Hang",
+    "ManualClock",
+    "Regrant",
+    "Reply",
+    "ScriptEntry",
+    "ScriptedControlPlane",
+]
