@@ -20,6 +20,9 @@ The numbers are the contract:
 * every heartbeat call is bounded by ``min(interval, time left)``;
 * the final ``stop`` is never sent once the lease was lost or its deadline
   passed: by then another worker may own the item.
+* a session that ended ``wedged`` is not stopped but given back with
+  ``requeue`` (same fencing, same rule about lost leases), so the item goes
+  back to the queue at once for another try.
 
 The guarantee relies on one property of the server: a renewal never makes a
 granted lease end earlier (a smaller ttl on a later beat takes effect only
@@ -73,6 +76,9 @@ ASSUMED_TTL: Final = 60.0
 MAX_START_TIMEOUT: Final = 30.0
 
 _STOP_STATES: Final = frozenset({WorkState.STOPPING, WorkState.STOPPED})
+#: Outcomes that give the item back (``requeue``) instead of stopping it: the
+#: session could not be served here, but another worker may serve it.
+REQUEUE_OUTCOMES: Final = frozenset({OutcomeStatus.WEDGED})
 
 
 def heartbeat_interval(ttl: float) -> float:
@@ -428,13 +434,19 @@ class LeaseKeeper:
         outcome = lease.outcome or Outcome(
             OutcomeStatus.FAILED, reason="the session ended without reporting an outcome"
         )
+        requeue = outcome.status in REQUEUE_OUTCOMES
         try:
-            await self.control_plane.stop(
-                self.work_id,
-                force=True,
-                expected_last_heartbeat=lease.token,
-                outcome=outcome,
-            )
+            if requeue:
+                await self.control_plane.requeue(
+                    self.work_id, expected_last_heartbeat=lease.token, outcome=outcome
+                )
+            else:
+                await self.control_plane.stop(
+                    self.work_id,
+                    force=True,
+                    expected_last_heartbeat=lease.token,
+                    outcome=outcome,
+                )
         except Conflict:
             logger.debug("work item %s was already stopped", self.work_id)
         except FencingConflict as exc:
@@ -457,4 +469,9 @@ class LeaseKeeper:
                 self._describe(exc),
             )
         else:
-            logger.debug("work item %s stopped with outcome %s", self.work_id, outcome.status)
+            if requeue:
+                logger.info(
+                    "work item %s given back for another try (%s)", self.work_id, outcome.status
+                )
+            else:
+                logger.debug("work item %s stopped with outcome %s", self.work_id, outcome.status)

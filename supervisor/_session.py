@@ -19,7 +19,7 @@ This module uses only the tree's public API.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Protocol
@@ -93,6 +93,8 @@ class SessionRecord:
 
 
 LineHook = Callable[[SessionRecord, str], None]
+#: Runs next to the agent, cancelled when it ends (the wedge detector's silence watchdog).
+Watchdog = Callable[[SessionRecord, SessionOutput], Awaitable[None]]
 
 
 @attrs.define(eq=False)
@@ -107,6 +109,9 @@ class SessionRunner:
         logs_dir: per-session log files go here.
         lease_ttl: the ttl to ask for.
         on_line: called with every output line (wedge detection hooks in here).
+        watchdog: run beside each agent, with the session's record and output,
+            and cancelled when the agent ends (the silence watchdog hooks in
+            here); it stops the session through ``record.cancel``.
         on_end: called with the record when a session has ended.
         keeper_options: extra keyword arguments for each ``LeaseKeeper`` (tests and
             the simulator use this to inject timing and randomness).
@@ -119,6 +124,7 @@ class SessionRunner:
     lease_ttl: float | None = None
     on_line: LineHook | None = None
     keeper_options: dict[str, object] = attrs.field(factory=dict)
+    watchdog: Watchdog | None = None
     on_end: Callable[[SessionRecord], None] | None = None
     records: dict[str, SessionRecord] = attrs.field(factory=dict)
     #: Per-session variables for the agent (its session credential), built per item.
@@ -250,6 +256,8 @@ class SessionRunner:
                 ):
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_cancel_on_stop_request, lease, scope)
+                        if self.watchdog is not None:
+                            nursery.start_soon(self.watchdog, record, output)
                         result = await self.agent.run(
                             prompt=item.data.prompt,
                             work_id=item.id,
