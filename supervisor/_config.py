@@ -97,6 +97,13 @@ class WorkerConfig:
         lease_ttl: the lease ttl to ask the control plane for, in seconds.
         session_timeout: seconds of execution a session may take (never the wait for a slot).
         poll_block_ms: how long one poll may wait on the server for work.
+        delegation_poll_interval: seconds between the delegation watcher's polls for
+            results of this worker's delegations.
+        delegation_cooldown: seconds after a follow-up message to a finished session during
+            which it gets no other; results arriving meanwhile are batched into the next one
+            (never dropped).
+        delegation_lru_size: delegation results (and sessions) the watcher remembers in memory
+            to recognise repeats; the rest of its memory is the journal on disk.
         log_format: ``text`` or ``json``.
         drain_timeout: on SIGTERM, seconds running sessions get to finish before cancellation.
     """
@@ -162,6 +169,19 @@ class WorkerConfig:
         validator=_check(
             lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 60_000,
             "expected milliseconds from 0 to 60000",
+        ),
+    )
+    delegation_poll_interval: float = attrs.field(
+        default=5.0, validator=_check(_positive, "expected seconds > 0")
+    )
+    delegation_cooldown: float = attrs.field(
+        default=60.0, validator=_check(_non_negative, "expected seconds >= 0")
+    )
+    delegation_lru_size: int = attrs.field(
+        default=10_000,
+        validator=_check(
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10_000_000,
+            "expected a whole number from 1 to 10000000",
         ),
     )
     log_format: str = attrs.field(

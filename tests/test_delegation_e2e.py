@@ -1,0 +1,156 @@
+"""Delegation end to end: a real worker, real agent processes, a real control plane.
+
+An agent (``tests/agents/delegator.py``) delegates two tasks with
+``python -m supervisor delegate``; the same worker claims and runs both
+delegates; the watcher brings both results back into the source session's
+inbox while it still runs. Once with the embedded store, once over the
+reference server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from supervisor._config import WorkerConfig
+from supervisor._journal import journal_path
+from supervisor._session_client import (
+    SESSION_CONTROL_PLANE_ENV,
+    SESSION_TOKEN_ENV,
+    SessionCredentials,
+)
+from supervisor._worker import Worker, open_worker
+from supervisor.controlplane import DelegationStatus, OutcomeStatus
+from supervisor.controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
+from supervisor.controlplane._server import open_control_plane_server
+from supervisor.controlplane._store import SQLiteStore
+
+REPO = Path(__file__).resolve().parent.parent
+AGENTS = Path(__file__).parent / "agents"
+KEY = "e2e-delegation-key-0123456789abcdef"
+WORKER_ID = "worker-e2e"
+
+pytestmark = pytest.mark.slow
+
+
+def config(tmp_path: Path, agent: str, **overrides: Any) -> WorkerConfig:
+    values: dict[str, Any] = {
+        "state_dir": tmp_path / "state",
+        "worker_id": WORKER_ID,
+        "max_concurrency": 3,  # the source and both delegates at once
+        "agent": f"{sys.executable} {AGENTS / agent} {{prompt}}",
+        # The agents run `python -m supervisor`: let them find this checkout.
+        "agent_env": ("PYTHONPATH",),
+        "poll_block_ms": 100,
+        "delegation_poll_interval": 0.1,
+        "agent_grace": 0.5,
+        "drain_timeout": 5.0,
+        "api_enabled": False,
+    }
+    values.update(overrides)
+    return WorkerConfig(**values)
+
+
+def base_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@asynccontextmanager
+async def worker_for(mode: str, tmp_path: Path, agent: str) -> AsyncIterator[Worker]:
+    """A running worker on the embedded store in its state dir, or on a server over one."""
+    if mode == "embedded":
+        async with open_worker(config(tmp_path, agent), base_env=base_env()) as worker:
+            yield worker
+        return
+    store = SQLiteStore(tmp_path / "server.sqlite3")
+    try:
+        async with (
+            open_control_plane_server(store, key_provider=KEY) as url,
+            open_worker(
+                config(tmp_path, agent, control_plane=url, environment_key=KEY),
+                base_env=base_env(),
+            ) as worker,
+        ):
+            yield worker
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("mode", ["embedded", "http"])
+async def test_an_agent_delegates_two_tasks_and_receives_both_results(
+    tmp_path: Path, mode: str
+) -> None:
+    async with worker_for(mode, tmp_path, "delegator.py") as worker:
+        source_id = await worker.submit("delegate:count the files;list the tests")
+        with trio.fail_after(60):
+            outcome = await worker.wait(source_id)
+        assert outcome.status is OutcomeStatus.COMPLETED, outcome
+        assert outcome.result is not None
+        report = json.loads(outcome.result)
+        delegations = await worker.control_plane.list_delegations(WORKER_ID)
+        items = {d.id: await worker.control_plane.get(d.work_id) for d in delegations}
+        source = await worker.control_plane.get(source_id)
+        messages = await worker.control_plane.list_messages(source.data.id)
+    # Both delegations exist, both delegate agents completed, and the source got both.
+    assert sorted(report["delegated"]) == sorted(d.id for d in delegations)
+    assert len(delegations) == 2
+    for delegation in delegations:
+        assert delegation.status is DelegationStatus.COMPLETED
+        assert delegation.collected_at is not None
+        item = items[delegation.id]
+        assert item.outcome is not None and item.outcome.status is OutcomeStatus.COMPLETED
+        entry = report["received"][delegation.id]
+        assert entry["status"] == "completed"
+        assert entry["response_preview"] == f"sub-result for {delegation.task}"
+    # Delivered into the running session's inbox, so no follow-up message was needed.
+    assert messages == []
+    journal = journal_path((tmp_path / "state").absolute(), WORKER_ID)
+    kinds = [json.loads(line)["kind"] for line in journal.read_text().splitlines()]
+    assert kinds.count("session") == 3  # the source and both delegates ran here
+    assert kinds.count("result") == 2
+    delivered = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert {d["via"] for d in delivered if d["kind"] == "delivered"} == {"inbox"}
+
+
+async def test_an_agent_gets_its_session_credential_and_never_the_environment_key(
+    tmp_path: Path,
+) -> None:
+    """Over HTTP: the agent's environment names the server and the session, not the key."""
+    async with worker_for("http", tmp_path, "report.py") as worker:
+        first = await worker.submit("one")
+        second = await worker.submit("two")
+        with trio.fail_after(30):
+            reports = [json.loads(str((await worker.wait(i)).result)) for i in (first, second)]
+        url = worker.config.control_plane
+    envs = [report["env"] for report in reports]
+    for env in envs:
+        assert env[SESSION_CONTROL_PLANE_ENV] == url
+        assert "SUPERVISOR_ENVIRONMENT_KEY" not in env
+        assert KEY not in json.dumps(env)
+        creds = SessionCredentials.from_environ(env)
+        assert creds.session_id == env["SUPERVISOR_SESSION_ID"]
+    assert envs[0][SESSION_TOKEN_ENV] != envs[1][SESSION_TOKEN_ENV]
+
+
+async def test_on_the_embedded_store_an_agent_is_pointed_at_the_store_file(
+    tmp_path: Path,
+) -> None:
+    async with worker_for("embedded", tmp_path, "report.py") as worker:
+        item_id = await worker.submit("where am I")
+        with trio.fail_after(30):
+            report = json.loads(str((await worker.wait(item_id)).result))
+        assert isinstance(worker.control_plane, EmbeddedControlPlane)
+        session_id = (await worker.control_plane.get(item_id)).data.id
+        token = report["env"][SESSION_TOKEN_ENV]
+        # The credential died with the session's claim.
+        assert not await worker.control_plane.verify_session_secret(session_id, token)
+    store_file = (tmp_path / "state" / STORE_FILENAME).absolute()
+    assert report["env"][SESSION_CONTROL_PLANE_ENV] == str(store_file)
