@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, runtime_checkable
@@ -180,6 +181,12 @@ class Poller:
         rng: the random source of the pauses and the jitter.
         reclaim_older_than_ms: passed on to ``poll`` (when an unacknowledged
             item may be handed out again).
+        ack_timeout: seconds an ``ack`` may take before the claim is abandoned
+            (``None``: no limit). An ack starts a lease on the control plane;
+            one answered after that lease ran out may belong to an item that
+            was requeued and acked by another worker meanwhile, and the first
+            heartbeat cannot tell the two claims apart. The worker sets it well
+            inside the ack lease.
 
     Raises:
         ValueError: on a negative ``block_ms`` or ``reclaim_older_than_ms``.
@@ -196,11 +203,14 @@ class Poller:
         gate: ClaimGate | None = None,
         rng: random.Random | None = None,
         reclaim_older_than_ms: int | None = None,
+        ack_timeout: float | None = None,
     ) -> None:
         if block_ms < 0:
             raise ValueError(f"block_ms must be >= 0, got {block_ms!r}")
         if reclaim_older_than_ms is not None and reclaim_older_than_ms < 0:
             raise ValueError(f"reclaim_older_than_ms must be >= 0, got {reclaim_older_than_ms!r}")
+        if ack_timeout is not None and not ack_timeout > 0:
+            raise ValueError(f"ack_timeout must be > 0, got {ack_timeout!r}")
         self.control_plane = control_plane
         self.worker_id = worker_id
         self.slots = slots
@@ -208,6 +218,7 @@ class Poller:
         self.block_ms = block_ms
         self.gate: ClaimGate = gate if gate is not None else OpenGate()
         self.reclaim_older_than_ms = reclaim_older_than_ms
+        self.ack_timeout = ack_timeout
         self._rng = rng if rng is not None else random.Random()
         self._state = PollerState.IDLE
         self._polls = 0
@@ -302,8 +313,17 @@ class Poller:
 
     async def _ack(self, item: WorkItem) -> WorkItem | None:
         self._state = PollerState.ACKING
+        limit = math.inf if self.ack_timeout is None else self.ack_timeout
         try:
-            acked = await self.control_plane.ack(item.id, worker_id=self.worker_id)
+            with trio.fail_after(limit):
+                acked = await self.control_plane.ack(item.id, worker_id=self.worker_id)
+        except trio.TooSlowError:
+            # Too late to trust: the item comes back when its ack lease runs out.
+            self.gate.claim_result(None)
+            await self._back_off(
+                "ack", TransientError(f"no answer within {limit:g}s; claim of {item.id} abandoned")
+            )
+            return None
         except _SKIP_ON_ACK as exc:
             self._skipped += 1
             self.gate.claim_result(None)

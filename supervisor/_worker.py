@@ -33,17 +33,13 @@ import trio
 
 from ._agent import AgentFunction, AgentRunner, AgentSpec, EnvPolicy
 from ._config import WorkerConfig
-from ._delegations import DelegationWatcher
 from ._events import SupervisorSnapshot
 from ._exceptions import ChildStartError, ConfigError, ControlPlaneError
 from ._groups import collapse_group, raise_saving_context
-from ._journal import journal_path
-from ._lease import DEADLINE_FRACTION
 from ._logging import redact_secret
 from ._metrics import HeartbeatMeter, timed_control_plane
 from ._poller import Poller
 from ._session import SessionRecord, SessionRunner, Slot, Workspaces
-from ._session_client import SessionCredentials, session_location
 from ._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from ._tree import Supervisor
 from ._wedge import WedgeState
@@ -60,6 +56,8 @@ logger = logging.getLogger("supervisor.worker")
 
 #: The longest a lease keeper retries a claim's first heartbeat (its own default).
 _FIRST_BEAT_LIMIT = 30.0
+#: The longest an ack may take before the poller abandons the claim.
+_ACK_LIMIT = 10.0
 
 
 @attrs.frozen
@@ -169,8 +167,6 @@ class Worker:
         #: The local API's base URL while it serves (``config.api_enabled``), else ``None``.
         self.api_url: str | None = None
         self._forget_secrets: dict[str, Callable[[], None]] = {}
-        #: The delegation watcher (a ``services`` child) once the tree is built.
-        self.delegations: DelegationWatcher | None = None
 
     # ------------------------------------------------------------ properties
 
@@ -312,7 +308,6 @@ class Worker:
             workspaces=workspaces,
             logs_dir=state_dir / "logs",
             lease_ttl=config.lease_ttl,
-            session_env=self._session_env(plane),
             keeper_options=self._lease_keeper_options(),
             on_end=self._on_session_end,
         )
@@ -333,6 +328,7 @@ class Worker:
             slots=slots,
             on_claim=self._on_claim,
             block_ms=config.poll_block_ms,
+            ack_timeout=self._claim_limits()[0],
             rng=self._rng,
         )
         work = self._work = Supervisor(
@@ -345,7 +341,6 @@ class Worker:
             )
         )
         service_specs = list(self._service_specs)
-        service_specs.append(self._delegations_spec(plane))
         if config.api_enabled:
             service_specs.append(self._api_spec())
         services = self._services = Supervisor(
@@ -368,61 +363,24 @@ class Worker:
         """``LeaseKeeper`` options: the caller's, over defaults tied to the lease ttl.
 
         The first heartbeat names no worker, so the control plane fences it by
-        the item's state alone. If it is retried after the lease that an earlier,
-        unanswered attempt started has expired and another worker has acked the
-        item, it would be taken as that worker's: two workers serving one item.
-        Giving up on the first beat within 0.8 x ttl of the claim (never later
-        than the keeper's own 30 s) closes that window; the simulator in
-        ``supervisor.testing`` finds the split brain without it.
+        the item's state alone: a first beat that arrives after the claim's
+        lease ran out (the ack lease, or the lease an earlier unanswered beat
+        started) and after another worker acked the item would be taken as that
+        worker's, and two workers would serve one item. So a claim must reach
+        its first good beat quickly: the ack is bounded by ``_claim_limits``'
+        first figure (see ``Poller.ack_timeout``), the first beat's retries by
+        the second, and the two together stay under 0.8 x ttl (and 40 s, well
+        inside the control plane's default 60 s ack lease). The simulator in
+        ``supervisor.testing`` finds the split brain without these bounds.
         """
-        options: dict[str, object] = {
-            "start_timeout": min(_FIRST_BEAT_LIMIT, DEADLINE_FRACTION * self.config.lease_ttl)
-        }
+        options: dict[str, object] = {"start_timeout": self._claim_limits()[1]}
         options.update(self._keeper_options)
         return options
 
-    def _session_env(self, plane: ControlPlane) -> Callable[[WorkItem], dict[str, str]] | None:
-        """Builds each agent's session variables: its own credential, never the environment key.
-
-        Only for a control plane an agent can reach by itself (the embedded
-        store's file, or an HTTP URL); others give their agents no credential.
-        """
-        location = session_location(plane)
-        if location is None:
-            return None
-
-        def variables(item: WorkItem) -> dict[str, str]:
-            if item.secret is None:
-                return {}
-            return SessionCredentials(
-                session_id=item.data.id,
-                token=item.secret,
-                control_plane=location,
-                environment_id=plane.environment_id,
-            ).to_environ()
-
-        return variables
-
-    def _delegations_spec(self, plane: ControlPlane) -> ChildSpec:
-        config = self.config
-        assert self._runner is not None
-        watcher = self.delegations = DelegationWatcher(
-            plane,
-            worker_id=self.worker_id,
-            journal_path=journal_path(config.state_dir.absolute(), self.worker_id),
-            sessions=self._runner.session,
-            poll_interval=config.delegation_poll_interval,
-            cooldown=config.delegation_cooldown,
-            lru_size=config.delegation_lru_size,
-        )
-        # A journal that cannot be written (a full disk) crashes the watcher; the
-        # backoff keeps that from spending the services budget at once.
-        return ChildSpec(
-            "delegations",
-            watcher.run,
-            shutdown=1.0,
-            backoff=Backoff(initial=1.0, maximum=60.0),
-        )
+    def _claim_limits(self) -> tuple[float, float]:
+        """Seconds an ack may take, and a claim's first heartbeat may keep failing."""
+        ttl = self.config.lease_ttl
+        return min(_ACK_LIMIT, 0.2 * ttl), min(_FIRST_BEAT_LIMIT, 0.6 * ttl)
 
     def _api_spec(self) -> ChildSpec:
         # The backoff keeps a persistently failing API (say, its fixed port taken
@@ -455,17 +413,6 @@ class Worker:
         assert self._runner is not None and self._sessions is not None
         # The session's credential must never reach a log line, even by accident.
         self._forget_secrets[item.id] = redact_secret(item.secret)
-        if self.delegations is not None:
-            try:
-                # Before the session starts: its delegation results are recognised as
-                # this worker's even after a restart.
-                self.delegations.note_session(item.data.id, item.id)
-            except OSError as exc:
-                logger.warning(
-                    "could not journal session %s for its delegation results: %s",
-                    item.data.id,
-                    exc,
-                )
         try:
             await self._sessions.start_child(self._runner.spec_for(item, slot))
         except ChildStartError as exc:
