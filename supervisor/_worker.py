@@ -33,13 +33,16 @@ import trio
 
 from ._agent import AgentFunction, AgentRunner, AgentSpec, EnvPolicy
 from ._config import WorkerConfig
+from ._delegations import DelegationWatcher
 from ._events import SupervisorSnapshot
 from ._exceptions import ChildStartError, ConfigError, ControlPlaneError
 from ._groups import collapse_group, raise_saving_context
+from ._journal import journal_path
 from ._logging import redact_secret
 from ._metrics import HeartbeatMeter, timed_control_plane
 from ._poller import Poller
 from ._session import SessionRecord, SessionRunner, Slot, Workspaces
+from ._session_client import SessionCredentials, session_location
 from ._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from ._tree import Supervisor
 from ._wedge import WedgeState
@@ -167,6 +170,8 @@ class Worker:
         #: The local API's base URL while it serves (``config.api_enabled``), else ``None``.
         self.api_url: str | None = None
         self._forget_secrets: dict[str, Callable[[], None]] = {}
+        #: The delegation watcher (a ``services`` child) once the tree is built.
+        self.delegations: DelegationWatcher | None = None
 
     # ------------------------------------------------------------ properties
 
@@ -308,6 +313,7 @@ class Worker:
             workspaces=workspaces,
             logs_dir=state_dir / "logs",
             lease_ttl=config.lease_ttl,
+            session_env=self._session_env(plane),
             keeper_options=self._lease_keeper_options(),
             on_end=self._on_session_end,
         )
@@ -341,6 +347,7 @@ class Worker:
             )
         )
         service_specs = list(self._service_specs)
+        service_specs.append(self._delegations_spec(plane))
         if config.api_enabled:
             service_specs.append(self._api_spec())
         services = self._services = Supervisor(
@@ -382,6 +389,49 @@ class Worker:
         ttl = self.config.lease_ttl
         return min(_ACK_LIMIT, 0.2 * ttl), min(_FIRST_BEAT_LIMIT, 0.6 * ttl)
 
+    def _session_env(self, plane: ControlPlane) -> Callable[[WorkItem], dict[str, str]] | None:
+        """Builds each agent's session variables: its own credential, never the environment key.
+
+        Only for a control plane an agent can reach by itself (the embedded
+        store's file, or an HTTP URL); others give their agents no credential.
+        """
+        location = session_location(plane)
+        if location is None:
+            return None
+
+        def variables(item: WorkItem) -> dict[str, str]:
+            if item.secret is None:
+                return {}
+            return SessionCredentials(
+                session_id=item.data.id,
+                token=item.secret,
+                control_plane=location,
+                environment_id=plane.environment_id,
+            ).to_environ()
+
+        return variables
+
+    def _delegations_spec(self, plane: ControlPlane) -> ChildSpec:
+        config = self.config
+        assert self._runner is not None
+        watcher = self.delegations = DelegationWatcher(
+            plane,
+            worker_id=self.worker_id,
+            journal_path=journal_path(config.state_dir.absolute(), self.worker_id),
+            sessions=self._runner.session,
+            poll_interval=config.delegation_poll_interval,
+            cooldown=config.delegation_cooldown,
+            lru_size=config.delegation_lru_size,
+        )
+        # A journal that cannot be written (a full disk) crashes the watcher; the
+        # backoff keeps that from spending the services budget at once.
+        return ChildSpec(
+            "delegations",
+            watcher.run,
+            shutdown=1.0,
+            backoff=Backoff(initial=1.0, maximum=60.0),
+        )
+
     def _api_spec(self) -> ChildSpec:
         # The backoff keeps a persistently failing API (say, its fixed port taken
         # by another program after a restart) from spending the services budget:
@@ -413,6 +463,17 @@ class Worker:
         assert self._runner is not None and self._sessions is not None
         # The session's credential must never reach a log line, even by accident.
         self._forget_secrets[item.id] = redact_secret(item.secret)
+        if self.delegations is not None:
+            try:
+                # Before the session starts: its delegation results are recognised as
+                # this worker's even after a restart.
+                self.delegations.note_session(item.data.id, item.id)
+            except OSError as exc:
+                logger.warning(
+                    "could not journal session %s for its delegation results: %s",
+                    item.data.id,
+                    exc,
+                )
         try:
             await self._sessions.start_child(self._runner.spec_for(item, slot))
         except ChildStartError as exc:
