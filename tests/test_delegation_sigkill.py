@@ -28,8 +28,7 @@ from supervisor._journal import journal_path
 from supervisor._process import process_group_members
 from supervisor.controlplane import Outcome, OutcomeStatus, WorkState
 from supervisor.controlplane._embedded import STORE_FILENAME
-from supervisor.controlplane._store import DEFAULT_ENVIRONMENT_ID as ENV
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane._store import DEFAULT_ENVIRONMENT_ID as ENV, SQLiteStore
 
 pytestmark = pytest.mark.slow
 
