@@ -48,6 +48,8 @@ _NOT_SETTINGS = frozenset(
         "SUPERVISOR_SESSION_ID",
         "SUPERVISOR_WORKSPACE",
         "SUPERVISOR_SESSION_TOKEN",
+        "SUPERVISOR_SESSION_CONTROL_PLANE",
+        "SUPERVISOR_SESSION_ENVIRONMENT_ID",
         CONFIG_ENV,
         # supervisord (another program that calls itself "supervisor") sets these in
         # the environment of every process it runs, a worker included.

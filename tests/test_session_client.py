@@ -188,3 +188,11 @@ async def test_the_delegate_command_exit_codes_and_no_token_in_its_errors(
     assert ended.returncode == 1
     assert secret not in ended.stderr + ended.stdout
     assert list(await plane.list_delegations(WORKER)) == []
+
+
+def test_the_session_variables_are_not_worker_settings() -> None:
+    """An agent may run `python -m supervisor ...` itself: its session variables are no error."""
+    from supervisor._settings import read_environment
+
+    env = SessionCredentials("sess-1", "tok", "/state/cp.sqlite3", "env-a").to_environ()
+    assert read_environment({**env, "SUPERVISOR_WORKSPACE": "/w", "SUPERVISOR_WORK_ID": "x"}) == {}
