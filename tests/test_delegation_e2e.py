@@ -20,12 +20,14 @@ from typing import Any
 import pytest
 import trio
 
+from supervisor._agent import AgentContext
 from supervisor._config import WorkerConfig
 from supervisor._journal import journal_path
 from supervisor._session_client import (
     SESSION_CONTROL_PLANE_ENV,
     SESSION_TOKEN_ENV,
     SessionCredentials,
+    open_session_client,
 )
 from supervisor._worker import Worker, open_worker
 from supervisor.controlplane import DelegationStatus, OutcomeStatus
@@ -41,12 +43,12 @@ WORKER_ID = "worker-e2e"
 pytestmark = pytest.mark.slow
 
 
-def config(tmp_path: Path, agent: str, **overrides: Any) -> WorkerConfig:
+def config(tmp_path: Path, agent: str | None, **overrides: Any) -> WorkerConfig:
+    """Settings for a worker whose agent is ``tests/agents/<agent>`` (or given to the worker)."""
     values: dict[str, Any] = {
         "state_dir": tmp_path / "state",
         "worker_id": WORKER_ID,
         "max_concurrency": 3,  # the source and both delegates at once
-        "agent": f"{sys.executable} {AGENTS / agent} {{prompt}}",
         # The agents run `python -m supervisor`: let them find this checkout.
         "agent_env": ("PYTHONPATH",),
         "poll_block_ms": 100,
@@ -55,6 +57,8 @@ def config(tmp_path: Path, agent: str, **overrides: Any) -> WorkerConfig:
         "drain_timeout": 5.0,
         "api_enabled": False,
     }
+    if agent is not None:
+        values["agent"] = f"{sys.executable} {AGENTS / agent} {{prompt}}"
     values.update(overrides)
     return WorkerConfig(**values)
 
@@ -154,3 +158,59 @@ async def test_on_the_embedded_store_an_agent_is_pointed_at_the_store_file(
         assert not await worker.control_plane.verify_session_secret(session_id, token)
     store_file = (tmp_path / "state" / STORE_FILENAME).absolute()
     assert report["env"][SESSION_CONTROL_PLANE_ENV] == str(store_file)
+
+
+async def in_process_agent(ctx: AgentContext) -> object:
+    """``wait:A;B`` delegates and waits on ``ctx.inbox``; ``leave:A;B`` delegates and ends;
+    anything else is a delegate that answers after a moment."""
+    mode, _, tasks = ctx.prompt.partition(":")
+    if mode not in ("wait", "leave"):
+        await trio.sleep(0.2)
+        return f"sub-result for {ctx.prompt}"
+    async with open_session_client(SessionCredentials.from_environ(ctx.env)) as client:
+        ids = [(await client.delegate(task)).id for task in tasks.split(";")]
+    if mode == "leave":
+        return json.dumps({"delegated": ids})
+    assert ctx.inbox is not None
+    entries = [await ctx.inbox.receive() for _ in ids]
+    return json.dumps(
+        {"delegated": ids, "received": {e.delegation_id: e.response_preview for e in entries}}
+    )
+
+
+async def test_an_in_process_agent_waits_on_its_inbox_for_both_results(tmp_path: Path) -> None:
+    cfg = config(tmp_path, None, delegation_poll_interval=0.05)
+    async with open_worker(cfg, agent=in_process_agent) as worker:
+        source_id = await worker.submit("wait:first;second")
+        with trio.fail_after(30):
+            outcome = await worker.wait(source_id)
+    assert outcome.status is OutcomeStatus.COMPLETED, outcome
+    report = json.loads(str(outcome.result))
+    assert sorted(report["received"].values()) == ["sub-result for first", "sub-result for second"]
+    assert sorted(report["received"]) == sorted(report["delegated"])
+
+
+async def test_a_session_that_ended_gets_its_results_as_follow_ups_without_their_output(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path, None, delegation_poll_interval=0.05, delegation_cooldown=0.3)
+    async with open_worker(cfg, agent=in_process_agent) as worker:
+        source_id = await worker.submit("leave:first;second")
+        with trio.fail_after(30):
+            outcome = await worker.wait(source_id)
+            ids = json.loads(str(outcome.result))["delegated"]
+            session_id = (await worker.control_plane.get(source_id)).data.id
+            while True:
+                found = await worker.control_plane.list_messages(session_id)
+                bodies = " ".join(m.body for m in found if m.kind == "message")
+                if all(i in bodies for i in ids):
+                    break
+                await trio.sleep(0.05)
+    messages = [m for m in found if m.kind == "message"]
+    notes = [m for m in found if m.kind == "notification"]
+    assert 1 <= len(messages) <= 2
+    assert len(notes) == 2
+    for message in found:
+        assert "sub-result" not in message.body
+        assert "completed" in message.body
+    assert str(journal_path((tmp_path / "state").absolute(), WORKER_ID)) in messages[0].body
