@@ -93,7 +93,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -522,6 +522,8 @@ class Simulation:
         config: the shape of the run.
         keep_trace: keep the event lines in the result (the hash is always computed).
         verbose: let the package log (to whatever logging is configured).
+        schedule: these faults instead of the seed's (to replay a scenario you
+            wrote by hand); the seed still picks agents and scheduling order.
     """
 
     def __init__(
@@ -531,12 +533,19 @@ class Simulation:
         *,
         keep_trace: bool = False,
         verbose: bool = False,
+        schedule: Sequence[Fault] | None = None,
     ) -> None:
         self.seed = seed
         self.config = config if config is not None else SimConfig()
         self.keep_trace = keep_trace
         self.verbose = verbose
-        self.schedule = generate_schedule(seed, self.config)
+        if schedule is None:
+            self.schedule = generate_schedule(seed, self.config)
+        else:
+            self.schedule = sorted(schedule, key=lambda f: (f.start, f.worker, f.kind.value))
+            for fault in self.schedule:
+                if fault.worker >= self.config.workers:
+                    raise ValueError(f"{fault.describe()}: there are {self.config.workers} workers")
         self._clock = _SimClock(BASE_TIME)
         self._hash = hashlib.sha256()
         self._trace: list[str] = []
@@ -996,10 +1005,12 @@ def run_simulation(
     *,
     keep_trace: bool = False,
     verbose: bool = False,
+    schedule: Sequence[Fault] | None = None,
 ) -> SimResult:
     """Run one seeded simulation to the end and return what it found.
 
     Synchronous: it starts its own ``trio.run`` (under a ``MockClock``), so call
-    it from plain code or a thread, not from inside a Trio run.
+    it from plain code or a thread, not from inside a Trio run. See
+    :class:`Simulation` for the arguments.
     """
-    return Simulation(seed, config, keep_trace=keep_trace, verbose=verbose).run()
+    return Simulation(seed, config, keep_trace=keep_trace, verbose=verbose, schedule=schedule).run()
