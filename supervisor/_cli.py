@@ -59,6 +59,9 @@ EXIT_GAVE_UP: Final = 1
 EXIT_USAGE: Final = 2
 
 _PROG: Final = "python -m supervisor"
+#: The run loop's own notices (signals, the final summary) go through logging, so that
+#: ``--log-format json`` output stays one JSON object per line.
+logger = logging.getLogger("supervisor.cli")
 _DEFAULTS = {a.name: a.default for a in attrs.fields(WorkerConfig)}
 #: How long one-shot commands wait for the control plane or a worker's API.
 _ONE_SHOT_TIMEOUT: Final = 30.0
@@ -537,25 +540,28 @@ async def _run_until_signalled(
                     count += 1
                     name = signal.Signals(signum).name
                     if count == 1:
-                        _say(
-                            f"{name}: draining: no new work is claimed; running sessions get "
-                            f"{config.drain_timeout:g}s to finish (send it again to cancel "
-                            "them now)"
+                        logger.info(
+                            "%s: draining: no new work is claimed; running sessions get %gs "
+                            "to finish (send it again to cancel them now)",
+                            name,
+                            config.drain_timeout,
                         )
                         nursery.start_soon(worker.drain)
                     elif count == 2:
-                        _say(
-                            f"{name}: cancelling running sessions now (agents get SIGTERM, "
-                            f"then SIGKILL after {config.agent_grace:g}s)"
+                        logger.warning(
+                            "%s: cancelling running sessions now (agents get SIGTERM, then "
+                            "SIGKILL after %gs)",
+                            name,
+                            config.agent_grace,
                         )
                         worker_scope.cancel()
                     else:
-                        _say(f"{name}: already stopping; waiting for the agents to exit")
+                        logger.warning("%s: already stopping; waiting for the agents to exit", name)
     except BaseExceptionGroup as group:
         raise_saving_context(collapse_group(group))
     outcomes = worker.stats().outcomes
     summary = ", ".join(f"{n} {status}" for status, n in sorted(outcomes.items())) or "none"
-    _say(f"supervisor: worker {config.worker_id} stopped; sessions by outcome: {summary}")
+    logger.info("worker %s stopped; sessions by outcome: %s", config.worker_id, summary)
 
 
 def _say(text: str) -> None:
