@@ -90,7 +90,8 @@ class _Tour:
         self.console.print(grid)
 
     def say(self, line: str) -> None:
-        self.console.print(line)
+        # Ids, paths and commands are copied from here: never break them across lines.
+        self.console.print(line, soft_wrap=True)
 
     def skipped(self, paragraph: str) -> None:
         grid = Table.grid(padding=(0, 1))
@@ -419,7 +420,8 @@ def cli_demo(args: argparse.Namespace) -> int:
             style="bold",
         )
     )
-    console.print(f"state directory: {state}  (the worker's log: {state / 'worker.log'})")
+    console.print(f"state directory: {state}", soft_wrap=True)
+    console.print(f"the worker's own log: {state / 'worker.log'}", soft_wrap=True)
     _log_to_file(state / "worker.log")
     code = 0
     try:
