@@ -128,8 +128,11 @@ class HttpControlPlane:
     """A ``ControlPlane`` reached over HTTP (the reference server, or a compatible service).
 
     One ``httpx.AsyncClient`` is shared by every call (connection reuse). It is
-    created here unless one is injected; ``aclose`` closes it only when it was
-    created here.
+    created here (by ``client_factory`` when given) unless one is injected;
+    ``aclose`` closes it only when it was created here. A client created here
+    can be replaced by a fresh one with :meth:`reconnect`, which a long-lived
+    caller does after repeated transport failures (a pool of dead connections
+    after a network change, a proxy that went away).
 
     Args:
         base_url: the server's root, for example ``http://127.0.0.1:8790``.
@@ -138,9 +141,13 @@ class HttpControlPlane:
         client: an ``httpx.AsyncClient`` to use instead of a private one.
         timeout: seconds allowed per call (connect, read, write); a poll gets
             ``block_ms`` plus ``POLL_MARGIN`` more.
+        client_factory: makes the private clients (the first one, and one per
+            :meth:`reconnect`); ``httpx.AsyncClient`` when not given. Not
+            together with ``client``.
 
     Raises:
         ConfigError: ``base_url`` is not an http(s) URL, or ``timeout`` is not positive.
+        ValueError: both ``client`` and ``client_factory`` were given.
     """
 
     def __init__(
@@ -151,7 +158,10 @@ class HttpControlPlane:
         key: str | KeyProvider,
         client: httpx.AsyncClient | None = None,
         timeout: float = 10.0,
+        client_factory: Callable[[], httpx.AsyncClient] | None = None,
     ) -> None:
+        if client is not None and client_factory is not None:
+            raise ValueError("give an httpx client or a factory of clients, not both")
         try:
             url = httpx.URL(base_url)
         except httpx.InvalidURL as exc:
@@ -172,8 +182,11 @@ class HttpControlPlane:
         self._keys = as_key_provider(key)
         self._timeout = timeout
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient()
+        self._client_factory = client_factory or httpx.AsyncClient
+        self._client = client if client is not None else self._client_factory()
         self._closed = False
+        #: Clients replaced by :meth:`reconnect` so far.
+        self.reconnects = 0
 
     @classmethod
     @asynccontextmanager
@@ -185,10 +198,16 @@ class HttpControlPlane:
         key: str | KeyProvider,
         client: httpx.AsyncClient | None = None,
         timeout: float = 10.0,  # noqa: ASYNC109 - per-request HTTP timeout, not a deadline
+        client_factory: Callable[[], httpx.AsyncClient] | None = None,
     ) -> AsyncIterator[HttpControlPlane]:
         """``async with HttpControlPlane.open(url, key=...) as cp:`` closes it on exit."""
         plane = cls(
-            base_url, environment_id=environment_id, key=key, client=client, timeout=timeout
+            base_url,
+            environment_id=environment_id,
+            key=key,
+            client=client,
+            timeout=timeout,
+            client_factory=client_factory,
         )
         try:
             yield plane
@@ -225,6 +244,22 @@ class HttpControlPlane:
         if self._owns_client:
             with trio.move_on_after(5, shield=True):
                 await self._client.aclose()
+
+    async def reconnect(self) -> bool:
+        """Replace the private client by a fresh one; ``False`` for an injected client.
+
+        Calls in flight on the old client may fail with a transport error
+        (transient: their callers retry); calls made from now on use the new
+        one. The old client is closed in a shielded, bounded scope.
+        """
+        if self._closed or not self._owns_client:
+            await trio.lowlevel.checkpoint()
+            return False
+        old, self._client = self._client, self._client_factory()
+        self.reconnects += 1
+        with trio.move_on_after(5, shield=True):
+            await old.aclose()
+        return True
 
     # --- transport ---------------------------------------------------------------
 
@@ -555,9 +590,15 @@ async def open_http_control_plane(
     key: str | KeyProvider,
     client: httpx.AsyncClient | None = None,
     timeout: float = 10.0,  # noqa: ASYNC109 - per-request HTTP timeout, not a deadline
+    client_factory: Callable[[], httpx.AsyncClient] | None = None,
 ) -> AsyncIterator[HttpControlPlane]:
     """An ``HttpControlPlane`` closed on exit (the ``open_*`` form of the constructor)."""
     async with HttpControlPlane.open(
-        base_url, environment_id=environment_id, key=key, client=client, timeout=timeout
+        base_url,
+        environment_id=environment_id,
+        key=key,
+        client=client,
+        timeout=timeout,
+        client_factory=client_factory,
     ) as plane:
         yield plane
