@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from ._exceptions import ConfigError
+from ._wedge import DEFAULT_WEDGE_PATTERNS, compile_wedge_patterns
 
 __all__ = ["DEFAULT_AGENT", "WorkerConfig"]
 
@@ -71,6 +72,22 @@ def _optional_path(value: Any) -> Path | None:
     return None if value is None or value == "" else _path(value)
 
 
+def _patterns(value: Any) -> Any:
+    # A lone string would otherwise become a tuple of its characters.
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple):
+        raise ConfigError(f"expected a list of patterns, got {value!r}", key=attribute.name)
+    try:
+        compile_wedge_patterns(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=attribute.name) from None
+
+
 @attrs.frozen(kw_only=True)
 class WorkerConfig:
     """A worker's settings.
@@ -106,6 +123,18 @@ class WorkerConfig:
             to recognise repeats; the rest of its memory is the journal on disk.
         log_format: ``text`` or ``json``.
         drain_timeout: on SIGTERM, seconds running sessions get to finish before cancellation.
+        wedge_patterns: agent output that means the agent runtime is wedged: regular
+            expressions, searched case-insensitively in every output line (plain text works
+            as is). A match cancels that session with outcome ``wedged`` and gives its item
+            back. Empty turns output detection off. In the environment: comma-separated.
+        wedge_timeout: seconds without any agent output after which a session counts as
+            wedged (the silence watchdog); ``None`` (the default) turns it off, because an
+            agent that prints only at its end would look wedged.
+        probe_interval: while wedged, the worker claims no work but one probe session every
+            this many seconds (the first this long after the wedge); a probe that completes
+            clears the wedge.
+        presence_interval: seconds between the worker's presence reports to the control
+            plane (its ``offline_after`` should be about three of them).
     """
 
     state_dir: Path = attrs.field(default=Path(".supervisor"), converter=_path)
@@ -190,6 +219,19 @@ class WorkerConfig:
     )
     drain_timeout: float = attrs.field(
         default=30.0, validator=_check(_non_negative, "expected seconds >= 0")
+    )
+
+    wedge_patterns: tuple[str, ...] = attrs.field(
+        default=DEFAULT_WEDGE_PATTERNS, converter=_patterns, validator=_valid_patterns
+    )
+    wedge_timeout: float | None = attrs.field(
+        default=None, validator=_check(_optional(_positive), "expected seconds > 0")
+    )
+    probe_interval: float = attrs.field(
+        default=60.0, validator=_check(_positive, "expected seconds > 0")
+    )
+    presence_interval: float = attrs.field(
+        default=30.0, validator=_check(_positive, "expected seconds > 0")
     )
 
     def __attrs_post_init__(self) -> None:

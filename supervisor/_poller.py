@@ -228,9 +228,26 @@ class Poller:
         self._skipped = 0
         self._failures = 0
         self._fatal_reported = False
+        self._poll_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         return f"<Poller worker_id={self.worker_id!r} state={self._state.value}>"
+
+    def interrupt_poll(self) -> bool:
+        """Abandon the poll in flight, if any; the poller then asks its gate again.
+
+        For a circuit breaker that trips while a poll it permitted is still
+        waiting on the server: without this, that poll would claim work for a
+        worker that is now wedged (typically the very item its wedged session
+        just gave back). Returns whether a poll was interrupted. An item the
+        server handed out in the instant before the interruption is not acked;
+        it comes back after the reclaim window.
+        """
+        scope = self._poll_scope
+        if scope is None:
+            return False
+        scope.cancel()
+        return True
 
     def statistics(self) -> PollerStatistics:
         """A snapshot of the counters and the current state."""
@@ -289,12 +306,15 @@ class Poller:
             self._state = PollerState.POLLING
             self._polls += 1
             started = trio.current_time()
+            item: WorkItem | None = None
+            scope = self._poll_scope = trio.CancelScope()
             try:
-                item = await self.control_plane.poll(
-                    worker_id=self.worker_id,
-                    block_ms=self.block_ms,
-                    reclaim_older_than_ms=self.reclaim_older_than_ms,
-                )
+                with scope:
+                    item = await self.control_plane.poll(
+                        worker_id=self.worker_id,
+                        block_ms=self.block_ms,
+                        reclaim_older_than_ms=self.reclaim_older_than_ms,
+                    )
             except TransientError as exc:
                 self.gate.claim_result(None)
                 await self._back_off("poll", exc)
@@ -303,6 +323,11 @@ class Poller:
                 self.gate.claim_result(None)
                 self._report_fatal("poll", exc)
                 raise
+            finally:
+                self._poll_scope = None
+            if scope.cancelled_caught:
+                self.gate.claim_result(None)  # interrupted: ask the gate again
+                continue
             self._succeeded()
             if item is None:
                 self._empty += 1

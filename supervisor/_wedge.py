@@ -188,6 +188,10 @@ class WedgeDetector:
         self.timeout = timeout
         #: Sessions this detector cancelled as wedged.
         self.detections = 0
+        #: Called (synchronously) after each detection; the worker interrupts the
+        #: poll in flight with it, so a wedged worker does not claim the item its
+        #: wedged session is about to give back.
+        self.on_wedge: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         patterns = [p.pattern for p in self.patterns]
@@ -237,6 +241,8 @@ class WedgeDetector:
             reason,
             "; claims pause until a probe succeeds" if first else "",
         )
+        if self.on_wedge is not None:
+            self.on_wedge()
         record.cancel(OutcomeStatus.WEDGED, reason)
 
 
@@ -309,9 +315,12 @@ class WedgeBreaker:
         """Return at once while healthy; while wedged, only for a due probe."""
         announced = False
         while True:
+            # Checkpoint first, decide after: the poller polls right after this
+            # returns, with no checkpoint in between, so a wedge marked meanwhile
+            # can never slip a claim through.
+            await trio.lowlevel.checkpoint()
             self._granted_probe = False
             if not self.state.is_wedged:
-                await trio.lowlevel.checkpoint()
                 return
             self._note_trip()
             due = self._next_probe_at()
@@ -320,7 +329,6 @@ class WedgeBreaker:
                 logger.info(
                     "worker wedged (%s): letting one probe claim through", self.state.reason
                 )
-                await trio.lowlevel.checkpoint()
                 return
             if not announced:
                 announced = True

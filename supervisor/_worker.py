@@ -41,11 +41,12 @@ from ._journal import journal_path
 from ._logging import redact_secret
 from ._metrics import HeartbeatMeter, timed_control_plane
 from ._poller import Poller
+from ._presence import Activity, Presence, RequestCounter, counting_control_plane, default_version
 from ._session import SessionRecord, SessionRunner, Slot, Workspaces
 from ._session_client import SessionCredentials, session_location
 from ._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from ._tree import Supervisor
-from ._wedge import WedgeState
+from ._wedge import WedgeBreaker, WedgeDetector, WedgeState
 from ._workspace import WorkspaceManager
 from .controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
 from .controlplane._http import HttpControlPlane
@@ -165,6 +166,19 @@ class Worker:
         self._service_specs: list[ChildSpec] = []
         #: Whether this worker's agent runtime is wedged (detectors mark it, presence reports it).
         self.wedge = WedgeState()
+        #: Marks ``wedge`` and cancels a session whose output or silence says it is wedged.
+        self.wedge_detector = WedgeDetector(
+            self.wedge, patterns=config.wedge_patterns, timeout=config.wedge_timeout
+        )
+        #: The poller's circuit breaker: while wedged, one probe claim per probe_interval.
+        self.breaker = WedgeBreaker(self.wedge, probe_interval=config.probe_interval)
+        #: Control-plane requests and errors since the last accepted presence report.
+        self.requests = RequestCounter()
+        #: Builds each presence report's ``runtime_metadata``; replace it to report more.
+        #: It may fail: the report then goes out without metadata.
+        self.metadata_provider: Callable[[], Mapping[str, Any]] = self.runtime_metadata
+        #: The presence loop while the worker runs.
+        self.presence: Presence | None = None
         #: Latency and failures of the lease heartbeats (for metrics).
         self.heartbeat_meter = HeartbeatMeter()
         #: The local API's base URL while it serves (``config.api_enabled``), else ``None``.
@@ -286,6 +300,9 @@ class Worker:
 
     def _build_tree(self, plane: ControlPlane) -> Supervisor:
         config = self.config
+        # The worker's own calls (poller, lease keepers, presence) are counted for the
+        # presence report's error rate; calls made through the public API are not.
+        counted = counting_control_plane(plane, self.requests)
         state_dir = config.state_dir.absolute()  # agents get paths; their cwd is elsewhere
         workspaces: Workspaces
         if self._given_workspaces is not None:
@@ -308,7 +325,7 @@ class Worker:
             reap_orphans=True,
         )
         self._runner = SessionRunner(
-            control_plane=timed_control_plane(plane, self.heartbeat_meter),
+            control_plane=timed_control_plane(counted, self.heartbeat_meter),
             agent=agent,
             workspaces=workspaces,
             logs_dir=state_dir / "logs",
@@ -316,6 +333,8 @@ class Worker:
             session_env=self._session_env(plane),
             keeper_options=self._lease_keeper_options(),
             on_end=self._on_session_end,
+            on_line=self.wedge_detector.on_line,
+            watchdog=self.wedge_detector.watch,
         )
         slots = trio.CapacityLimiter(config.max_concurrency)
         sessions = self._sessions = Supervisor(
@@ -329,14 +348,16 @@ class Worker:
             )
         )
         poller = Poller(
-            plane,
+            counted,
             worker_id=self.worker_id,
             slots=slots,
             on_claim=self._on_claim,
             block_ms=config.poll_block_ms,
+            gate=self.breaker,
             ack_timeout=self._claim_limits()[0],
             rng=self._rng,
         )
+        self.wedge_detector.on_wedge = poller.interrupt_poll
         work = self._work = Supervisor(
             SupervisorSpec(
                 [ChildSpec("sessions", sessions.run), ChildSpec("poller", poller.run, shutdown=0)],
@@ -346,7 +367,7 @@ class Worker:
                 name="work",
             )
         )
-        service_specs = list(self._service_specs)
+        service_specs = [self._presence_spec(counted), *self._service_specs]
         service_specs.append(self._delegations_spec(plane))
         if config.api_enabled:
             service_specs.append(self._api_spec())
@@ -487,7 +508,55 @@ class Worker:
             return
         self._started_sessions += 1
 
+    def _presence_spec(self, plane: ControlPlane) -> ChildSpec:
+        presence = self.presence = Presence(
+            plane,
+            worker_id=self.worker_id,
+            counter=self.requests,
+            wedge=self.wedge,
+            interval=self.config.presence_interval,
+            activity=self._activity,
+            metadata=lambda: self.metadata_provider(),
+        )
+        # A report that fails is the loop's business (it retries at the next
+        # interval); only a defect ends it, and the backoff keeps a loop that
+        # keeps failing from spending the services budget at once.
+        return ChildSpec(
+            "presence", presence.run, shutdown=0, backoff=Backoff(initial=1.0, maximum=60.0)
+        )
+
+    def _activity(self) -> Activity:
+        running = [r for r in self.sessions() if not r.done.is_set()]
+        active = len(running)
+        if self._draining:
+            status = "draining"
+        elif active >= self.config.max_concurrency:
+            status = "busy"
+        else:
+            status = "working" if active else "idle"
+        current = max(running, key=lambda r: r.started_at).work_id if running else None
+        return Activity(status=status, active_tasks=active, current_task=current)
+
+    def runtime_metadata(self) -> dict[str, Any]:
+        """The default ``runtime_metadata`` of presence reports: capabilities, capacity, version."""
+        config = self.config
+        return {
+            "capabilities": {
+                "agent": "process" if self.agent_spec.is_process else "in_process",
+                "workspace": config.workspace,
+                "wedge_detection": {
+                    "patterns": len(config.wedge_patterns),
+                    "silence_timeout": config.wedge_timeout,
+                },
+            },
+            "capacity": config.max_concurrency,
+            "version": default_version(),
+        }
+
     def _on_session_end(self, record: SessionRecord) -> None:
+        self.breaker.session_ended(
+            record.work_id, record.outcome.status if record.outcome is not None else None
+        )
         self._forget_secrets.pop(record.work_id, _no_secret)()
         if record.outcome is not None:
             self._outcomes[record.outcome.status.value] += 1
