@@ -445,11 +445,13 @@ class Worker:
             lru_size=config.delegation_lru_size,
         )
         # A journal that cannot be written (a full disk) crashes the watcher; the
-        # backoff keeps that from spending the services budget at once.
+        # backoff keeps that from spending the services budget at once. It has
+        # nothing to finish on a stop (the journal is consistent after every
+        # write), so it is cancelled at once.
         return ChildSpec(
             "delegations",
             watcher.run,
-            shutdown=1.0,
+            shutdown=0,
             backoff=Backoff(initial=1.0, maximum=60.0),
         )
 
