@@ -971,7 +971,7 @@ class SQLiteStore:
                 "lease_expires_at = NULL, secret_hash = NULL WHERE id = ?",
                 (now, _outcome_to_json(recorded), work_id),
             )
-            self._settle_delegations(conn)
+            self._settle_delegations(conn, work_id)
             return self._read_item(conn, work_id)
 
     def requeue(
@@ -1034,7 +1034,7 @@ class SQLiteStore:
                     "outcome = ?, lease_expires_at = NULL, secret_hash = NULL WHERE id = ?",
                     (attempts, now, _outcome_to_json(recorded), work_id),
                 )
-                self._settle_delegations(conn)
+                self._settle_delegations(conn, work_id)
             else:
                 requeued = True
                 conn.execute(
@@ -1075,7 +1075,7 @@ class SQLiteStore:
                     "stopped_at = ?, outcome = ?, secret_hash = NULL WHERE id = ?",
                     (now, now, _outcome_to_json(cancelled), work_id),
                 )
-                self._settle_delegations(conn)
+                self._settle_delegations(conn, work_id)
             elif state is not WorkState.STOPPING:
                 conn.execute(
                     "UPDATE work_items SET state = 'stopping', stop_requested_at = ? WHERE id = ?",
@@ -1376,7 +1376,7 @@ class SQLiteStore:
         return delegation
 
     @staticmethod
-    def _settle_delegations(conn: sqlite3.Connection) -> None:
+    def _settle_delegations(conn: sqlite3.Connection, work_id: str | None = None) -> None:
         """Record the result of every pending delegation whose delegate item has stopped.
 
         Called in the same transaction as each move to ``stopped`` (stop, a stop
@@ -1384,12 +1384,20 @@ class SQLiteStore:
         recorded exactly when its item ends, whichever way it ends and whichever
         worker (or none) ran it. The delegate's own output (``result``, else the
         outcome's ``reason``) becomes the ``response_preview``, truncated.
+
+        With ``work_id`` only that item's delegation is looked at (one probe of
+        the partial index of pending delegations); without, every pending one.
         """
-        rows = conn.execute(
+        sql = (
             "SELECT d.id, w.outcome, w.stopped_at FROM delegations d "
             "JOIN work_items w ON w.id = d.work_id "
             "WHERE d.status = 'pending' AND w.state = 'stopped'"
-        ).fetchall()
+        )
+        params: tuple[str, ...] = ()
+        if work_id is not None:
+            sql += " AND d.work_id = ?"
+            params = (work_id,)
+        rows = conn.execute(sql, params).fetchall()
         for row in rows:
             outcome = _outcome_from_json(row["outcome"])
             completed = outcome is not None and outcome.status is OutcomeStatus.COMPLETED
