@@ -109,6 +109,8 @@ class Inbox:
         """
         if self._closed:
             raise InboxClosed(f"the inbox {str(self.path)!r} is closed")
+        if not self._entries:
+            _keep_out_of_git(self.path)
         line = json.dumps(entry.to_json(), ensure_ascii=False, allow_nan=False) + "\n"
         with self.path.open("a", encoding="utf-8") as file:
             file.write(line)
@@ -140,3 +142,27 @@ class Inbox:
     def _wake(self) -> None:
         event, self._changed = self._changed, trio.Event()
         event.set()
+
+
+def _keep_out_of_git(path: Path) -> None:
+    """In a ``git`` workspace, list the inbox in ``.git/info/exclude``.
+
+    An agent that commits "everything" must not commit its inbox (other
+    agents' output) into the repository.
+    """
+    info = path.parent / ".git" / "info"
+    if not info.parent.is_dir():
+        return
+    exclude = info / "exclude"
+    pattern = f"/{path.name}"
+    try:
+        existing = exclude.read_text(encoding="utf-8") if exclude.exists() else ""
+        if pattern in existing.splitlines():
+            return
+        info.mkdir(exist_ok=True)
+        with exclude.open("a", encoding="utf-8") as file:
+            if existing and not existing.endswith("\n"):
+                file.write("\n")
+            file.write(pattern + "\n")
+    except OSError:
+        pass  # best effort: the inbox itself must still be written

@@ -110,3 +110,22 @@ async def test_a_worker_gives_each_in_process_agent_an_inbox_in_its_workspace_cl
     assert inbox.path == workspace / INBOX_FILENAME
     assert inbox.closed  # nothing is delivered to an agent that has ended
     assert record.session_id == session_id and record.inbox is inbox
+
+
+@pytest.mark.slow
+async def test_in_a_git_workspace_the_inbox_is_never_an_untracked_file(tmp_path: Path) -> None:
+    """An agent that commits everything must not commit other agents' output."""
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    await trio.run_process(["git", "init", "-q", str(repo)])
+    inbox = Inbox(repo / INBOX_FILENAME)
+    inbox.deliver(entry(1))
+    inbox.deliver(entry(2))
+    status = await trio.run_process(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+        capture_stdout=True,
+    )
+    assert status.stdout.decode() == ""
+    exclude = (repo / ".git" / "info" / "exclude").read_text().splitlines()
+    assert exclude.count(f"/{INBOX_FILENAME}") == 1
+    assert inbox.path.exists()

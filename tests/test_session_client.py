@@ -24,6 +24,7 @@ from supervisor._session_client import (
     open_session_client,
     session_location,
 )
+from supervisor._settings import read_environment
 from supervisor.controlplane import NO_HEARTBEAT, Outcome, OutcomeStatus, WorkItem
 from supervisor.controlplane._embedded import EmbeddedControlPlane
 from supervisor.controlplane._http import HttpControlPlane
@@ -192,7 +193,5 @@ async def test_the_delegate_command_exit_codes_and_no_token_in_its_errors(
 
 def test_the_session_variables_are_not_worker_settings() -> None:
     """An agent may run `python -m supervisor ...` itself: its session variables are no error."""
-    from supervisor._settings import read_environment
-
     env = SessionCredentials("sess-1", "tok", "/state/cp.sqlite3", "env-a").to_environ()
     assert read_environment({**env, "SUPERVISOR_WORKSPACE": "/w", "SUPERVISOR_WORK_ID": "x"}) == {}
