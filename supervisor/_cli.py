@@ -814,6 +814,7 @@ async def _status_document(config: WorkerConfig, limit: int) -> dict[str, Any]:
             "active_tasks": w.active_tasks,
             "runtime_state": w.runtime_state,
             "sample_error": w.sample_error,
+            "error_rate": w.error_rate,
             "last_heartbeat_at": w.last_heartbeat_at,
             "registered_at": w.registered_at,
         }

@@ -9,8 +9,10 @@ in real time.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +26,7 @@ import trio.testing
 
 from supervisor import TransientError
 from supervisor._agent import AgentContext
+from supervisor._cli import main
 from supervisor._config import WorkerConfig
 from supervisor._worker import Worker
 from supervisor.controlplane import (
@@ -35,7 +38,8 @@ from supervisor.controlplane import (
     WorkItem,
     WorkState,
 )
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
+from supervisor.controlplane._store import SQLiteStore
 
 AGENTS = Path(__file__).parent / "agents"
 WEDGE_LINE = "Error: Control request timeout: initialize"
@@ -385,3 +389,37 @@ def _no_agent_left(item_id: str) -> bool:
         except OSError:
             continue
     return True
+
+
+def test_status_shows_a_degraded_worker_with_its_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m supervisor status`` (text and --json) shows what presence reported."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    store = SQLiteStore(state_dir / STORE_FILENAME)
+    try:
+        now = time.time()
+        store.register_worker("default", "w1", now=now)
+        report = PresenceReport(
+            worker_id="w1",
+            status="working",
+            error_rate=0.25,
+            sample_error=WEDGE_LINE,
+            active_tasks=1,
+            runtime_state="wedged",
+        )
+        store.worker_heartbeat("default", report, now=now)
+    finally:
+        store.close()
+    assert main(["status", "--state-dir", str(state_dir), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    (worker,) = document["workers"]
+    assert worker["status"] == "degraded"
+    assert worker["runtime_state"] == "wedged"
+    assert worker["sample_error"] == WEDGE_LINE
+    assert worker["error_rate"] == 0.25
+    assert main(["status", "--state-dir", str(state_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "degraded" in text
+    assert "Control request timeout" in text

@@ -279,6 +279,57 @@ class WorkStoreMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.items)
     @rule(index=st.integers(0, 100))
+    def requeue(self, index: int) -> None:
+        """The holder gives the item back (a wedged session): queued again, or stopped."""
+        item = self.pick(index)
+        self.expire()
+        token = item.current_token()
+        outcome = Outcome(OutcomeStatus.WEDGED, reason="wedged")
+        if item.state == "stopped":
+            with pytest.raises(Conflict):
+                self.store.requeue(
+                    ENV, item.id, expected_last_heartbeat=token or NO_HEARTBEAT, now=self.now
+                )
+            return
+        if token is None:  # queued: nobody holds it
+            with pytest.raises(FencingConflict):
+                self.store.requeue(ENV, item.id, expected_last_heartbeat=NO_HEARTBEAT, now=self.now)
+            return
+        got = self.store.requeue(
+            ENV, item.id, expected_last_heartbeat=token, outcome=outcome, now=self.now
+        )
+        item.attempts += 1
+        item.lease_until = None
+        if item.worker is not None:  # the holder's lease ends here, not at its expiry
+            self.leases.setdefault(item.id, {})[item.worker] = self.now
+        if item.state == "stopping" or item.attempts >= POLICY.max_attempts:
+            # like stop: the holder's token survives (its next beat answers "stopped")
+            item.state = "stopped"
+            assert got.outcome == outcome
+        else:
+            if item.token is not None:
+                item.stale.add(item.token)
+            item.token = None
+            item.state = "queued"
+            item.worker = None
+            item.delivered_at = None
+            item.delivered_to = None
+            assert got.outcome is None
+        assert (got.state, got.attempts) == (item.state, item.attempts)
+
+    @precondition(lambda self: any(i.stale for i in self.items))
+    @rule(index=st.integers(0, 100), data=st.data())
+    def requeue_with_stale_token(self, index: int, data: st.DataObject) -> None:
+        candidates = [i for i in self.items if i.stale]
+        item = candidates[index % len(candidates)]
+        token = data.draw(st.sampled_from(sorted(item.stale)))
+        self.expire()
+        error = Conflict if item.state == "stopped" else FencingConflict
+        with pytest.raises(error):
+            self.store.requeue(ENV, item.id, expected_last_heartbeat=token, now=self.now)
+
+    @precondition(lambda self: self.items)
+    @rule(index=st.integers(0, 100))
     def request_stop(self, index: int) -> None:
         item = self.pick(index)
         self.expire()
@@ -354,18 +405,22 @@ def table_on_clock(w: ModelWorker, now: float) -> WorkerStatus:
     return s
 
 
-def table_on_heartbeat(s: WorkerStatus, error_rate: float, wedged: bool) -> WorkerStatus:
+def table_on_heartbeat(
+    s: WorkerStatus, error_rate: float, runtime_state: str | None
+) -> WorkerStatus:
     """The rows that fire on a heartbeat."""
     if s == WorkerStatus.DEGRADED:
-        if error_rate < 0.1 and not wedged:
-            return WorkerStatus.ONLINE  # degraded -> online
+        if error_rate < 0.1 and not runtime_state:
+            return WorkerStatus.ONLINE  # degraded -> online: rate below 0.1 *and* state cleared
         return WorkerStatus.DEGRADED
-    if wedged or error_rate >= 0.5:
+    if runtime_state == "wedged" or error_rate >= 0.5:
         return WorkerStatus.DEGRADED  # online -> degraded (and a revived worker judged afresh)
     return WorkerStatus.ONLINE  # provisioning/offline/failed -> online; online stays
 
 
 RATES = st.sampled_from([0.0, 0.05, 0.099, 0.1, 0.2, 0.3, 0.49, 0.5, 0.51, 0.9, 1.0])
+# Any runtime_state keeps a degraded worker degraded; only "wedged" degrades an online one.
+RUNTIME_STATES = st.sampled_from([None, "wedged", "starting"])
 SILENCES = st.sampled_from([0.0, 1.0, 29.0, 30.0, 60.0, 89.5, 90.0, 91.0, 200.0, 299.5, 300.0])
 
 
@@ -399,11 +454,11 @@ class WorkerStatusMachine(RuleBasedStateMachine):
             self.workers[worker] = ModelWorker(WorkerStatus.PROVISIONING, self.now)
         assert got.status == self.workers[worker].status
 
-    @rule(worker=st.sampled_from(WORKERS), error_rate=RATES, wedged=st.booleans())
-    def heartbeat(self, worker: str, error_rate: float, wedged: bool) -> None:
+    @rule(worker=st.sampled_from(WORKERS), error_rate=RATES, runtime_state=RUNTIME_STATES)
+    def heartbeat(self, worker: str, error_rate: float, runtime_state: str | None) -> None:
         self.age()
         report = PresenceReport(
-            worker_id=worker, error_rate=error_rate, runtime_state="wedged" if wedged else None
+            worker_id=worker, error_rate=error_rate, runtime_state=runtime_state
         )
         known = self.workers.get(worker)
         if known is not None and known.status == WorkerStatus.REMOVED:
@@ -412,7 +467,7 @@ class WorkerStatusMachine(RuleBasedStateMachine):
             return
         if known is None:
             known = self.workers[worker] = ModelWorker(WorkerStatus.PROVISIONING, self.now)
-        known.status = table_on_heartbeat(known.status, error_rate, wedged)
+        known.status = table_on_heartbeat(known.status, error_rate, runtime_state)
         known.last_beat = self.now
         got = self.store.worker_heartbeat(ENV, report, now=self.now)
         assert got.status == known.status
