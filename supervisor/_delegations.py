@@ -274,7 +274,8 @@ class DelegationWatcher:
                 await self.flush()
                 delay = self.poll_interval
                 if failures:
-                    delay = min(self.max_backoff, self.poll_interval * 2**failures)
+                    # The exponent is capped: days of outage must not overflow a float.
+                    delay = min(self.max_backoff, self.poll_interval * 2 ** min(failures, 30))
                 due = self._next_due()
                 if due is not None:
                     delay = min(delay, max(0.0, due - trio.current_time()))

@@ -525,3 +525,15 @@ class _Listing:
     async def notify(self, session_id: str, body: str) -> None:
         await trio.lowlevel.checkpoint()
         self.messages.append(body)
+
+
+async def test_a_very_long_outage_keeps_polling_at_the_longest_pause(
+    plane: EmbeddedControlPlane, tmp_path: Path, autojump_clock: trio.testing.MockClock, watching: Any
+) -> None:
+    """Thousands of failures in a row: the pause stays max_backoff, the loop never overflows."""
+    flaky = _Outage(plane)
+    watcher = make_watcher(flaky, tmp_path, Sessions(), poll_interval=0.001, max_backoff=0.01)
+    async with watching(watcher):
+        await trio.sleep(30)
+    assert 2_900 <= flaky.attempts <= 3_100
+    assert watcher.stats().polls == 0
