@@ -528,7 +528,10 @@ class _Listing:
 
 
 async def test_a_very_long_outage_keeps_polling_at_the_longest_pause(
-    plane: EmbeddedControlPlane, tmp_path: Path, autojump_clock: trio.testing.MockClock, watching: Any
+    plane: EmbeddedControlPlane,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    watching: Any,
 ) -> None:
     """Thousands of failures in a row: the pause stays max_backoff, the loop never overflows."""
     flaky = _Outage(plane)
