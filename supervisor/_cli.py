@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pause",
         type=float,
-        default=1.0,
+        default=3.0,
         metavar="S",
         help="seconds to pause between steps, to read (default: %(default)s)",
     )

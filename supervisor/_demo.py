@@ -160,10 +160,15 @@ class _Tour:
             f"built-in demo agent and its local API at {self.worker.api_url}.",
         )
         self.show_tree()
+        snapshot = self.worker.snapshot().find("services")
+        services = (
+            [c.id for c in snapshot.supervisor.children] if snapshot and snapshot.supervisor else []
+        )
         self.notice(
-            "two branches. 'services' holds the local API and a demo 'reporter' service; "
-            "'work' holds the sessions supervisor and the poller. A failure under services "
-            "never touches work, and the poller claims an item only when a session slot is free."
+            f"two branches. 'services' holds {_listed(services)} ('reporter' is the demo's "
+            "own); 'work' holds the sessions supervisor and the poller. A failure under "
+            "services never touches work, and the poller claims an item only when a session "
+            "slot is free."
         )
         await self.breathe()
 
@@ -257,7 +262,7 @@ class _Tour:
         )
         await self._stop_item(item_id)  # it would only wedge again; the probe should succeed
         self.say(f"  (the wedging item is cancelled: {_PROG} cancel {item_id})")
-        recovery_id = await self.submit("a plain task after the wedge")
+        recovery_id = await self.submit("a plain task, to probe")
         self.show_outcome(recovery_id, await self.worker.wait(recovery_id))
         await self.until(lambda: not self.worker.wedge.is_wedged, "the wedge to clear")
         health = await self.get("/health")
@@ -294,14 +299,29 @@ class _Tour:
     async def delegation(self) -> None:
         self.step(
             "A delegation",
-            "An agent hands a sub-task to another agent, and the result comes back to it.",
+            'The word "delegate" makes the demo agent hand a sub-task to another agent through '
+            "the control plane, with its own session's credential, and wait for the result.",
         )
-        # Wire this step when delegation lands: the demo agent needs a prompt word that
-        # delegates, and this step would show the delegate's item and the delivered result.
-        self.skipped(
-            "this build has no delegation watcher yet. With it, the delegate's item runs "
-            "like any other, and its result is journalled and delivered to the session that "
-            "asked, by reference, never pasted into that session's prompt."
+        if "delegation_poll_interval" not in WorkerConfig.field_names():
+            self.skipped(
+                "this build has no delegation watcher yet. With it, the delegate's item runs "
+                "like any other, and its result is journalled and delivered to the session "
+                "that asked, by reference, never pasted into that session's prompt."
+            )
+            await self.breathe()
+            return
+        source_id = await self.submit("delegate part of the work")
+        self.show_outcome(source_id, await self.worker.wait(source_id))
+        for d in await self.worker.control_plane.list_delegations(self.worker.worker_id):
+            if d.source_id in {r.session_id for r in self.worker.sessions()}:
+                self.say(f"  delegation {d.id}: {d.task!r} ran as {d.work_id}: {d.status.value}")
+        journal = self.state / "delegations"
+        self.notice(
+            "the delegate was an ordinary work item, claimed by this worker like any other. "
+            "The delegation watcher saw its result, wrote it to the journal "
+            f"({journal}/<worker>.jsonl, fsynced) and delivered it into the asking session's "
+            "inbox file while that session still ran. The asking agent read the status; the "
+            "delegate's output is data, never pasted into a prompt."
         )
         await self.breathe()
 
@@ -351,6 +371,11 @@ class _Tour:
         )
 
 
+def _listed(names: list[str]) -> str:
+    quoted = [f"'{n}'" for n in names]
+    return ", ".join(quoted[:-1]) + f" and {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
+
+
 async def _local_outcome(worker: Worker, item_id: str) -> Outcome:
     record = next((r for r in worker.sessions() if r.work_id == item_id), None)
     if record is not None and record.outcome is not None:
@@ -360,15 +385,21 @@ async def _local_outcome(worker: Worker, item_id: str) -> Outcome:
 
 async def run_tour(state_dir: Path, console: Console, *, pause: float = 1.0) -> None:
     """Run every step on a fresh worker in ``state_dir``."""
-    config = WorkerConfig(
-        state_dir=state_dir,
-        worker_id="demo-worker",
-        max_concurrency=3,
-        lease_ttl=3.0,
-        poll_block_ms=200,
-        agent_grace=1.0,
-        drain_timeout=15.0,
-    )
+    settings: dict[str, object] = {
+        "state_dir": state_dir,
+        "worker_id": "demo-worker",
+        "max_concurrency": 3,
+        "lease_ttl": 3.0,
+        "poll_block_ms": 200,
+        "agent_grace": 1.0,
+        "drain_timeout": 15.0,
+        # Minutes in production, seconds in a one-minute tour:
+        "probe_interval": 2.0,
+        "presence_interval": 2.0,
+        "delegation_poll_interval": 0.3,
+    }
+    known = set(WorkerConfig.field_names())
+    config = WorkerConfig.from_mapping({k: v for k, v in settings.items() if k in known})
     worker = Worker(config)
     reporter = _Reporter()
     worker.add_service(

@@ -64,6 +64,12 @@ async def test_the_tour_runs_every_step_and_cleans_up(tmp_path: Path) -> None:
     assert "failed (exit code 3)" in out
     assert re.search(r"reporter\s+running\s+up [\d.]+s\s+1 restart\b", out)
     assert "cancelled" in out
+    wedge = out[out.index("A wedged agent") : out.index("An operator cancels")]
+    assert "wedged after" in wedge
+    assert wedge.index("GET /health -> 503 degraded") < wedge.index("GET /health -> 200 ok")
+    delegation = out[out.index("A delegation") : out.index("Health and metrics")]
+    assert re.search(r"done, with help: delegation dlg_\w+\s+completed", delegation)
+    assert "skipped:" not in out
     assert "GET /health -> 200" in out
     state = re.search(r"state directory: (\S+)", out)
     assert state is not None
