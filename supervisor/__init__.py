@@ -10,6 +10,7 @@ from ._agent import (
     EnvPolicy as EnvPolicy,
 )
 from ._config import WorkerConfig as WorkerConfig
+from ._delegations import DelegationWatcher as DelegationWatcher, WatcherStats as WatcherStats
 from ._events import (
     ChildCounts as ChildCounts,
     ChildExit as ChildExit,
@@ -39,9 +40,15 @@ from ._exceptions import (
     TransientError as TransientError,
     Unauthorized as Unauthorized,
 )
+from ._inbox import Inbox as Inbox, InboxClosed as InboxClosed, InboxEntry as InboxEntry
 from ._lease import Lease as Lease, LeaseKeeper as LeaseKeeper
 from ._poller import ClaimGate as ClaimGate, Poller as Poller, Slot as Slot
 from ._process import AgentResult as AgentResult, SessionOutput as SessionOutput
+from ._session_client import (
+    SessionClient as SessionClient,
+    SessionCredentials as SessionCredentials,
+    open_session_client as open_session_client,
+)
 from ._spec import (
     AutoShutdown as AutoShutdown,
     Backoff as Backoff,
@@ -89,12 +96,16 @@ __all__ = [
     "Conflict",
     "ControlPlaneError",
     "ControlPlaneUnavailable",
+    "DelegationWatcher",
     "EnvPolicy",
     "EventKind",
     "ExitKind",
     "FatalError",
     "FencingConflict",
     "Gone",
+    "Inbox",
+    "InboxClosed",
+    "InboxEntry",
     "Lease",
     "LeaseKeeper",
     "LeaseLost",
@@ -103,6 +114,8 @@ __all__ = [
     "Restart",
     "RestartIntensityExceeded",
     "ResultTimeout",
+    "SessionClient",
+    "SessionCredentials",
     "SessionOutput",
     "Shutdown",
     "Slot",
@@ -115,6 +128,7 @@ __all__ = [
     "ThreadedWorker",
     "TransientError",
     "Unauthorized",
+    "WatcherStats",
     "WedgeState",
     "WorkCancelled",
     "WorkHandle",
@@ -124,6 +138,7 @@ __all__ = [
     "WorkspaceError",
     "WorkspaceManager",
     "current_child",
+    "open_session_client",
     "open_supervisor",
     "open_worker",
 ]
