@@ -301,6 +301,8 @@ class WedgeBreaker:
 
     def statistics(self) -> BreakerStatistics:
         wedged = self.state.is_wedged
+        if wedged:
+            self._note_trip()
         return BreakerStatistics(
             open=wedged,
             probes=self._probes,
@@ -384,7 +386,12 @@ class WedgeBreaker:
             # A new wedge: the first probe comes probe_interval after it.
             self._marks_seen = self.state.marks
             since = self.state.since
-            self._tripped_at = since if since is not None else trio.current_time()
+            if since is None:  # marked from outside Trio: count from now
+                try:
+                    since = trio.current_time()
+                except RuntimeError:
+                    since = self._tripped_at
+            self._tripped_at = since
             self._last_probe_at = None
 
     def _next_probe_at(self) -> float:

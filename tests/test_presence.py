@@ -385,3 +385,22 @@ async def test_a_deregistered_worker_is_reported_once_and_the_loop_goes_on(
         await presence.run()
     assert presence.statistics().failures == 4  # t = 0, 30, 60, 90
     assert sum("deregistered" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_the_scripted_double_follows_the_status_table(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Hysteresis on recovery and ageing into offline, as the store does it."""
+    cp = ScriptedControlPlane()
+
+    async def beat(rate: float, runtime_state: str | None = None) -> WorkerStatus:
+        report = PresenceReport(worker_id=WORKER, error_rate=rate, runtime_state=runtime_state)
+        return (await cp.worker_heartbeat(report)).status
+
+    assert await beat(0.0) is WorkerStatus.ONLINE
+    assert await beat(0.0, "wedged") is WorkerStatus.DEGRADED
+    assert await beat(0.2) is WorkerStatus.DEGRADED  # cleared, but not below 0.1 yet
+    assert await beat(0.05) is WorkerStatus.ONLINE
+    await trio.sleep(cp.status_policy.offline_after)
+    assert (await cp.get_worker(WORKER)).status is WorkerStatus.OFFLINE
+    assert [w.status for w in await cp.list_workers()] == [WorkerStatus.OFFLINE]

@@ -7,15 +7,19 @@ Unit tests under ``autojump_clock``; the worker end to end is in
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import attrs
 import pytest
 import trio
 import trio.testing
 
+from supervisor._config import WorkerConfig
+from supervisor._exceptions import ConfigError
 from supervisor._lease import LeaseKeeper
 from supervisor._poller import ClaimGate, Poller, Slot
 from supervisor._process import SessionOutput
+from supervisor._settings import config_from_layers, read_environment, read_toml
 from supervisor._wedge import (
     DEFAULT_WEDGE_PATTERNS,
     WedgeBreaker,
@@ -508,3 +512,50 @@ async def test_the_scripted_double_requeues_like_the_store(
     wedged = Outcome(OutcomeStatus.WEDGED, reason=WEDGE_LINE)
     last = await cp.requeue(item.id, expected_last_heartbeat=beat.last_heartbeat, outcome=wedged)
     assert (last.state, last.attempts, last.outcome) == (WorkState.STOPPED, 2, wedged)
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def test_wedge_settings_come_from_toml_and_the_environment(tmp_path: Path) -> None:
+    toml = tmp_path / "worker.toml"
+    toml.write_text(
+        'wedge_patterns = ["control request timeout", "session (lost|gone)"]\n'
+        "wedge_timeout = 300\nprobe_interval = 45\n"
+    )
+    env = read_environment(
+        {"SUPERVISOR_WEDGE_PATTERNS": "stuck,frozen", "SUPERVISOR_PRESENCE_INTERVAL": "15"}
+    )
+    from_file = config_from_layers(read_toml(toml))
+    assert from_file.wedge_patterns == ("control request timeout", "session (lost|gone)")
+    assert (from_file.wedge_timeout, from_file.probe_interval) == (300.0, 45.0)
+    both = config_from_layers(read_toml(toml), env)
+    assert both.wedge_patterns == ("stuck", "frozen")  # comma-separated, the later layer wins
+    assert both.presence_interval == 15.0
+    defaults = WorkerConfig()
+    assert defaults.wedge_patterns == DEFAULT_WEDGE_PATTERNS
+    assert (defaults.wedge_timeout, defaults.probe_interval, defaults.presence_interval) == (
+        None,
+        60.0,
+        30.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"wedge_patterns": ["("]}, "wedge_patterns"),
+        ({"wedge_patterns": [""]}, "wedge_patterns"),
+        ({"wedge_timeout": 0}, "wedge_timeout"),
+        ({"probe_interval": -5}, "probe_interval"),
+        ({"presence_interval": math.inf}, "presence_interval"),
+    ],
+)
+def test_bad_wedge_settings_are_errors_naming_the_key(values: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_layers(values)
+    assert caught.value.key == key
+
+
+def test_a_single_pattern_string_is_one_pattern() -> None:
+    assert WorkerConfig(wedge_patterns="stuck").wedge_patterns == ("stuck",)

@@ -47,6 +47,7 @@ from ..controlplane._models import (
     WorkState,
     WorkStats,
 )
+from ..controlplane._status import StatusPolicy, evaluate, new_worker
 
 __all__ = [
     "HANG",
@@ -201,6 +202,8 @@ class ScriptedControlPlane:
         self._latency: dict[str, tuple[float, float]] = {}
         self._changed = trio.Event()
         self._workers: dict[str, WorkerRecord] = {}
+        #: Worker status thresholds; presence reports go through the real §4 table.
+        self.status_policy = StatusPolicy()
         self._polled_by: dict[str, float] = {}
         self._delegations: dict[str, Delegation] = {}
         self._messages: dict[str, list[SessionMessage]] = collections.defaultdict(list)
@@ -573,21 +576,10 @@ class ScriptedControlPlane:
             old = self._workers.get(report.worker_id)
             if old is not None and old.status is WorkerStatus.REMOVED:
                 raise Gone(f"worker {report.worker_id} was removed")
-            degraded = report.runtime_state == "wedged" or report.error_rate >= 0.5
-            record = WorkerRecord(
-                worker_id=report.worker_id,
-                environment_id=self._environment_id,
-                status=WorkerStatus.DEGRADED if degraded else WorkerStatus.ONLINE,
-                registered_at=old.registered_at if old else trio.current_time(),
-                last_heartbeat_at=trio.current_time(),
-                error_rate=report.error_rate,
-                sample_error=report.sample_error,
-                active_tasks=report.active_tasks,
-                current_task=report.current_task,
-                uptime_seconds=report.uptime_seconds,
-                runtime_state=report.runtime_state,
-                runtime_metadata=report.runtime_metadata,
-            )
+            now = trio.current_time()
+            if old is None:
+                old = new_worker(report.worker_id, self._environment_id, now=now)
+            record = evaluate(old, now=now, policy=self.status_policy, report=report)
             self._workers[report.worker_id] = record
             call.result = record
         return record
@@ -600,7 +592,7 @@ class ScriptedControlPlane:
 
     async def list_workers(self) -> Sequence[WorkerRecord]:
         async with self._recording("list_workers") as call:
-            records = list(self._workers.values())
+            records = [self._worker(worker_id) for worker_id in self._workers]
             call.result = records
         return records
 
@@ -866,9 +858,13 @@ class ScriptedControlPlane:
 
     def _worker(self, worker_id: str) -> WorkerRecord:
         try:
-            return self._workers[worker_id]
+            record = self._workers[worker_id]
         except KeyError:
             raise NotFound(f"unknown worker {worker_id}") from None
+        # Aged on every read, like the store: silence turns into offline or failed.
+        record = evaluate(record, now=trio.current_time(), policy=self.status_policy)
+        self._workers[worker_id] = record
+        return record
 
     def _new_token(self) -> str:
         return f"hb-{next(self._tokens)}"
