@@ -43,6 +43,7 @@ from ._exceptions import (
 from ._inbox import Inbox as Inbox, InboxClosed as InboxClosed, InboxEntry as InboxEntry
 from ._lease import Lease as Lease, LeaseKeeper as LeaseKeeper
 from ._poller import ClaimGate as ClaimGate, Poller as Poller, Slot as Slot
+from ._presence import Presence as Presence, RequestCounter as RequestCounter
 from ._process import AgentResult as AgentResult, SessionOutput as SessionOutput
 from ._session_client import (
     SessionClient as SessionClient,
@@ -69,7 +70,11 @@ from ._tree import (
     current_child as current_child,
     open_supervisor as open_supervisor,
 )
-from ._wedge import WedgeState as WedgeState
+from ._wedge import (
+    WedgeBreaker as WedgeBreaker,
+    WedgeDetector as WedgeDetector,
+    WedgeState as WedgeState,
+)
 from ._worker import Worker as Worker, WorkerStats as WorkerStats, open_worker as open_worker
 from ._workspace import WorkspaceError as WorkspaceError, WorkspaceManager as WorkspaceManager
 
@@ -111,6 +116,8 @@ __all__ = [
     "LeaseLost",
     "NotFound",
     "Poller",
+    "Presence",
+    "RequestCounter",
     "Restart",
     "RestartIntensityExceeded",
     "ResultTimeout",
@@ -129,6 +136,8 @@ __all__ = [
     "TransientError",
     "Unauthorized",
     "WatcherStats",
+    "WedgeBreaker",
+    "WedgeDetector",
     "WedgeState",
     "WorkCancelled",
     "WorkHandle",
