@@ -760,8 +760,8 @@ async def _live_worker(config: WorkerConfig) -> tuple[dict[str, Any] | None, str
     info = read_api_file(config.state_dir)
     if info is None:
         return None, (
-            f"No worker is running in {config.state_dir.absolute()} "
-            f"(no {API_FILENAME}); start one with: {_PROG}"
+            f"No worker's local API in {config.state_dir.absolute()} (no {API_FILENAME}): "
+            f"no worker runs here, or it runs with --no-api. Start one with: {_PROG}"
         )
     if not info.process_alive():
         return None, (

@@ -300,3 +300,28 @@ async def test_an_api_crash_is_restarted_without_touching_sessions(
         gate.release.set()
         assert (await worker.wait(item_id)).status is OutcomeStatus.COMPLETED
     assert first_url is not None
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("10.1.2.3", False),
+    ],
+)
+def test_only_loopback_addresses_count_as_private(host: str, loopback: bool) -> None:
+    from supervisor._api import _is_loopback
+
+    assert _is_loopback(host) is loopback
+
+
+async def test_an_api_bound_beyond_loopback_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No authentication on the API: binding it where others can reach it is said out loud."""
+    async with api_worker(tmp_path, Gate(), api_host="0.0.0.0") as (_, client):
+        assert (await client.get("/health")).status_code == 200
+    assert any("has no authentication" in r.getMessage() for r in caplog.records)
