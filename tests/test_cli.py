@@ -478,3 +478,19 @@ async def test_help_and_version(tmp_path: Path) -> None:
     assert "--drain-timeout" in run_help.stdout and "SIGTERM" in run_help.stdout
     version = await cli("--version", cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.startswith("python -m supervisor ")
+
+
+async def test_status_recognises_the_api_file_of_a_killed_worker(tmp_path: Path) -> None:
+    """SIGKILL leaves api.json behind; status must not pretend the worker still runs."""
+    gone = await trio.lowlevel.open_process([sys.executable, "-c", "pass"])
+    await gone.wait()
+    state = tmp_path / ".supervisor"
+    state.mkdir()
+    (state / "api.json").write_text(
+        json.dumps(
+            {"url": "http://127.0.0.1:9", "pid": gone.pid, "worker_id": "w", "started_at": 0}
+        )
+    )
+    document = await status_json(tmp_path)
+    assert document["worker"] is None
+    assert f"names process {gone.pid}, which has exited" in document["worker_note"]
