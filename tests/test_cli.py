@@ -215,7 +215,14 @@ async def test_zero_config_worker_runs_submitted_work_and_status_shows_it(tmp_pa
         assert "the built-in demo agent" in banner
         assert re.search(r"local API:\s+http://127\.0\.0\.1:\d+", banner)
         assert 'python -m supervisor submit "describe this repository"' in banner
-        ids = [await submit(tmp_path, f"task number {n}") for n in range(4)]
+        ids: list[str] = []
+
+        async def one(n: int) -> None:
+            ids.append(await submit(tmp_path, f"task number {n}"))
+
+        async with trio.open_nursery() as nursery:  # four processes submitting at once
+            for n in range(4):
+                nursery.start_soon(one, n)
         document = await wait_status(
             tmp_path, lambda d: all(outcome_of(d, i) == "completed" for i in ids)
         )
