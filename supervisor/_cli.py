@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -83,8 +84,22 @@ start here:
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the hand-made line breaks of descriptions and epilogs."""
+class _Formatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs to the terminal, keeps indented lines (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith("  ") for line in lines[1:]):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(
+                    textwrap.fill(
+                        " ".join(lines), width, initial_indent=indent, subsequent_indent=indent
+                    )
+                )
+        return "\n\n".join(paragraphs)
 
 
 # --------------------------------------------------------------------------- parser

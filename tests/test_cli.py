@@ -480,7 +480,8 @@ async def test_help_and_version(tmp_path: Path) -> None:
     assert top.returncode == 0
     for command in ("run", "submit", "status", "cancel", "serve", "demo"):
         assert command in top.stdout
-    assert "exit codes: 0 clean stop, 1 the supervisor gave up, 2 bad usage" in top.stdout
+    prose = " ".join(top.stdout.split())
+    assert "exit codes: 0 clean stop, 1 the supervisor gave up, 2 bad usage" in prose
     run_help = await cli("run", "--help", cwd=tmp_path)
     assert "--drain-timeout" in run_help.stdout and "SIGTERM" in run_help.stdout
     version = await cli("--version", cwd=tmp_path)
