@@ -178,6 +178,9 @@ class SessionOutput:
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 self._log = self.log_path.open("ab", buffering=64 * 1024)
             self._log.write(data)
+            # Flushed per chunk read (not per line): `tail -f` shows a running session, and a
+            # worker killed with SIGKILL leaves a log that says what its agents were.
+            self._log.flush()
         except OSError as exc:
             # A full disk must not kill the agent's session: the outcome matters
             # more than its log. Say so once and stop writing.
