@@ -1,4 +1,4 @@
-"""Usage: python benchmarks/scale.py [--sessions 2000] [--window 10] [--slices 5] [--lease-ttl 3]
+"""Usage: python benchmarks/scale.py [--sessions 2000] [--window 8] [--lease-ttl 3] [--gc-freeze]
 
 Memory per session and heartbeat CPU per lease per second, with ``--sessions``
 in-process sessions alive at once in one worker (``max_concurrency`` =
@@ -31,12 +31,16 @@ drains: the script reports how many final stops (outcomes) reached the
 control plane, and checks that no task or file descriptor was left behind.
 Last, with no worker running, the control plane's own traced memory per live
 lease and CPU per heartbeat call are measured (calls one after another), so
-the worker's share is the difference. Figures are printed, never asserted.
+the worker's share is the difference. ``--gc-freeze`` (a diagnosis, off by
+default) calls ``gc.freeze()`` once every session runs, which shows how much
+of the heartbeat CPU is the cyclic garbage collector walking the long-lived
+session objects. Figures are printed, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import gc
 import json
@@ -73,7 +77,7 @@ class BeatCounter:
 
     beats: int = 0
     stops: int = 0
-    latencies: list[float]
+    latencies: array.array[float]  # compact: the window holds tens of thousands
 
     async def heartbeat(
         self,
@@ -112,7 +116,7 @@ class CountingEmbedded(BeatCounter, EmbeddedControlPlane):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.latencies = []
+        self.latencies = array.array("d")
 
 
 class CountingScripted(BeatCounter, ScriptedControlPlane):
@@ -120,7 +124,7 @@ class CountingScripted(BeatCounter, ScriptedControlPlane):
 
     def __init__(self) -> None:
         super().__init__()
-        self.latencies = []
+        self.latencies = array.array("d")
 
 
 def rss_bytes() -> int:
@@ -163,7 +167,9 @@ class Figures:
     gc_share: float
     gc_longest: float
     plane: PlaneCost
+    rss_growth: float
     lost_before_release: int
+    lost_at_release: int
     alive_at_release: int
     completed: int
     outcomes_stored: int
@@ -232,13 +238,19 @@ async def measure(label: str, make_plane: OpenPlane, args: argparse.Namespace) -
 
                 # Back to the ttl asked for; each lease adopts it at its next beat.
                 grant_ttl(plane, None)
+                if args.gc_freeze:
+                    gc.freeze()  # every object alive now moves out of the collector's sight
                 await trio.sleep(args.traced_ttl / 3 + args.settle)
-                counting.latencies.clear()
+                del counting.latencies[:]
                 cpu_per_lease_s: list[float] = []
                 beats_per_s: list[float] = []
                 slice_s = args.window / args.slices
                 pauses = GcPauses()
-                window_cpu = cpu_seconds()
+                window_cpu, window_rss, window_start = (
+                    cpu_seconds(),
+                    rss_bytes(),
+                    time.perf_counter(),
+                )
                 with pauses:
                     for _ in range(args.slices):
                         cpu0, beats0, t0 = cpu_seconds(), counting.beats, time.perf_counter()
@@ -249,6 +261,7 @@ async def measure(label: str, make_plane: OpenPlane, args: argparse.Namespace) -
                         beats_per_s.append((beats1 - beats0) / (t1 - t0))
                         _forget_calls(counting)
                 window_cpu = cpu_seconds() - window_cpu
+                rss_growth = (rss_bytes() - window_rss) / (time.perf_counter() - window_start)
                 latencies = sorted(counting.latencies)
                 before_release = worker.stats()
 
@@ -274,7 +287,9 @@ async def measure(label: str, make_plane: OpenPlane, args: argparse.Namespace) -
         gc_share=sum(pauses.pauses) / window_cpu,
         gc_longest=max(pauses.pauses, default=0.0),
         plane=cost,
+        rss_growth=rss_growth,
         lost_before_release=before_release.lease_losses,
+        lost_at_release=stats.lease_losses - before_release.lease_losses,
         alive_at_release=before_release.active,
         completed=stats.outcomes.get("completed", 0),
         outcomes_stored=stored,
@@ -413,25 +428,29 @@ def report(results: list[Figures]) -> None:
         "\nplane = the control plane's CPU per heartbeat call, measured alone, x beats per"
         "\nlease-second; worker = total - plane."
     )
+    print(f"\n{'':<14}{'in the CPU window':^44}{'after releasing every agent at once':^46}")
     header = (
-        f"{'control plane':<14}{'beat p50/p99/max ms':>21}{'GC share/max ms':>17}"
-        f"{'lost':>6}{'completed':>11}{'stored':>8}{'release->end s':>16}{'leaks':>7}"
+        f"{'control plane':<14}{'beat p50/p99/max ms':>20}{'GC share/max ms':>16}{'RSS KiB/s':>10}"
+        f"{'lost':>6}{'lost':>6}{'completed':>10}{'stored':>8}{'to end s':>9}{'leaks':>7}"
     )
-    print(f"\n{header}\n{'-' * len(header)}")
+    print(f"{header}\n{'-' * len(header)}")
     for r in results:
         latency = f"{r.beat_p50 * 1e3:.1f}/{r.beat_p99 * 1e3:.0f}/{r.beat_max * 1e3:.0f}"
         gc_figures = f"{r.gc_share:.0%}/{r.gc_longest * 1e3:.0f}"
         print(
-            f"{r.label:<14}{latency:>21}{gc_figures:>17}{r.lost_before_release:>6}"
-            f"{r.completed:>11}{r.outcomes_stored:>8}{r.release_to_end:>16.2f}"
+            f"{r.label:<14}{latency:>20}{gc_figures:>16}{r.rss_growth / 1024:>10.0f}"
+            f"{r.lost_before_release:>6}{r.lost_at_release:>6}{r.completed:>10}"
+            f"{r.outcomes_stored:>8}{r.release_to_end:>9.2f}"
             f"{f'{r.leaked_tasks}/{r.leaked_fds}':>7}"
         )
     print(
-        "\nbeat = heartbeat call latency in the window; GC = share of the window's CPU spent in"
-        "\nthe garbage collector, and its longest pause; lost = sessions ended by a lost lease"
-        "\nbefore the release; completed = session outcomes; stored = final stops the control"
-        "\nplane accepted for the sessions released at once (none is sent once a lease's"
-        "\ndeadline passed); leaks = tasks / file descriptors left once the worker ended."
+        "\nbeat = heartbeat call latency; GC = share of the window's CPU spent in the garbage"
+        "\ncollector, and its longest pause; RSS KiB/s = resident growth over the window; lost ="
+        "\nsessions ended by a lost lease (before the release, ramp included; then during it);"
+        "\ncompleted = sessions that ended completed; stored = final stops (outcomes) the control"
+        "\nplane accepted for the released sessions (a stop is never sent once a lease's"
+        "\ndeadline passed); to end = release until the worker drained; leaks = tasks / file"
+        "\ndescriptors left once the worker ended."
     )
 
 
@@ -447,6 +466,8 @@ def measure_in_child(plane: str, args: argparse.Namespace) -> tuple[Figures, Cou
     command = [sys.executable, __file__, "--plane", plane]
     for name in ("sessions", "window", "slices", "settle", "traced_ttl", "lease_ttl"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.gc_freeze:
+        command.append("--gc-freeze")
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
     lines = done.stdout.splitlines()
     if done.returncode != 0 or not lines or not lines[-1].startswith(RESULT):
@@ -458,7 +479,10 @@ def measure_in_child(plane: str, args: argparse.Namespace) -> tuple[Figures, Cou
     for line in done.stderr.splitlines():
         level, _, rest = line.partition(":")
         if level in ("WARNING", "ERROR", "CRITICAL"):
-            logs[f"{level} {rest.partition(':')[0]}"] += 1
+            logger_name, _, message = rest.partition(":")
+            # Ids and numbers vary from line to line; the wording says what happened.
+            words = ["#" if any(c.isdigit() for c in w) else w for w in message.split()]
+            logs[f"{level} {logger_name}: {' '.join(words)[:90]}"] += 1
     return figures, logs
 
 
@@ -468,13 +492,18 @@ RESULT = "RESULT "
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--sessions", type=int, default=2000, help="live sessions (2000)")
-    parser.add_argument("--window", type=float, default=10.0, help="CPU window, seconds (10)")
-    parser.add_argument("--slices", type=int, default=5, help="slices of the window (5)")
+    parser.add_argument("--window", type=float, default=8.0, help="CPU window, seconds (8)")
+    parser.add_argument("--slices", type=int, default=4, help="slices of the window (4)")
     parser.add_argument("--settle", type=float, default=1.0, help="pause before the window (1)")
     parser.add_argument(
         "--traced-ttl", type=float, default=9.0, help="lease ttl granted while tracing (9)"
     )
     parser.add_argument("--lease-ttl", type=float, default=3.0, help="lease ttl asked for (3)")
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="diagnosis: gc.freeze() once every session runs, to show the collector's share",
+    )
     parser.add_argument("--plane", choices=sorted(PLANES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plane is not None:
@@ -497,8 +526,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(figures)
     report(results)
     for plane, counts in logs.items():
-        summary = ", ".join(f"{n} {what}" for what, n in counts.most_common(4)) or "none"
-        print(f"log records ({plane}): {summary}")
+        print(f"\nlog records of the {plane} run, most frequent first (ids and numbers as #):")
+        for what, n in counts.most_common(5):
+            print(f"  {n:>6}  {what}")
+        if not counts:
+            print("  none")
     print(f"\ntook {time.perf_counter() - started:.1f} s")
     return 0
 
