@@ -62,6 +62,8 @@ logger = logging.getLogger("supervisor.worker")
 _FIRST_BEAT_LIMIT = 30.0
 #: The longest an ack may take before the poller abandons the claim.
 _ACK_LIMIT = 10.0
+#: Finished sessions whose records the worker keeps (for ``wait``, status, metrics).
+_FINISHED_KEPT = 1000
 
 
 @attrs.frozen
@@ -564,6 +566,26 @@ class Worker:
             self._outcomes[record.outcome.status.value] += 1
         ended, self._session_ended = self._session_ended, trio.Event()
         ended.set()
+        self._forget_old_sessions()
+
+    def _forget_old_sessions(self) -> None:
+        """Keep the records of at most ``_FINISHED_KEPT`` finished sessions.
+
+        A worker runs for months; remembering every session it ever ran grew
+        its memory by a few KiB per session (``benchmarks/soak.py`` shows it).
+        ``wait`` asks the control plane about sessions forgotten here.
+        """
+        runner = self._runner
+        assert runner is not None
+        records = runner.records
+        excess = len(records) - _FINISHED_KEPT
+        if excess <= 0:
+            return
+        finished = [work_id for work_id, record in records.items() if record.done.is_set()]
+        for work_id in finished[:excess]:
+            record = records.pop(work_id)
+            if runner.by_session.get(record.session_id) is record:
+                del runner.by_session[record.session_id]
 
     # ------------------------------------------------------------ public API
 
@@ -650,7 +672,10 @@ class Worker:
         )
 
     def sessions(self) -> list[SessionRecord]:
-        """Records of the sessions this worker ran or runs, oldest first."""
+        """Records of the sessions running here and the last finished ones, oldest first.
+
+        At most ``1000`` finished sessions are remembered (see ``_forget_old_sessions``).
+        """
         return list(self._runner.records.values()) if self._runner is not None else []
 
 
