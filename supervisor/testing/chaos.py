@@ -1,0 +1,632 @@
+"""Chaos against the real parts: a faulty network between real workers and the real server.
+
+::
+
+    python -m supervisor.testing.chaos run [--seed S] [--items N] [--agent CMD]
+
+What runs, all on ``127.0.0.1``:
+
+* the reference control-plane server (``supervisor.controlplane._server``) in
+  its own process, on a SQLite file, with a short lease policy so that lost
+  claims come back in seconds (``python -m supervisor.testing.chaos serve``:
+  the same server as ``python -m supervisor serve``, with the store's ack lease,
+  reclaim window and attempts on flags);
+* a :class:`~supervisor.testing.ChaosProxy` in front of it, injecting latency,
+  resets (before and after the server answered), truncated answers and 503s;
+* real worker processes (``python -m supervisor run --control-plane PROXY``)
+  whose agents are real subprocesses that log when they start and end;
+* one machine crash: a worker and its agents are frozen and ``SIGKILL``\\ ed
+  mid-run (no goodbye), and a replacement worker starts.
+
+Faults stop after ``fault_time`` seconds or ``max_requests`` requests, the
+run waits for every item to end (within ``time_limit``), the workers are
+stopped with ``SIGTERM`` (drain), and then the invariants are checked from
+the records: the server's store file, the proxy's log of what the server
+really answered, and the agents' own start/end log:
+
+* every item is stopped with an outcome; attempts within ``max_attempts`` (and
+  all of them used when the outcome is a lease expiry);
+* the server accepted at most one final ``stop`` per item, and one only if the
+  outcome is not the store's own (a ``requeue`` on the last attempt also ends
+  an item with the worker's outcome);
+* no two agents ever ran for one item at the same time (split brain), and no
+  item ran more often than its attempts allow;
+* a ``completed`` item had an agent that finished with exit code 0;
+* every worker stopped on ``SIGTERM`` and no agent process was left behind.
+
+The agent protocol: its prompt is ``"SECONDS CODE LOGFILE"``; it appends JSON
+lines ``{"event": "start"|"end", "work_id", "pid", "time"}`` to LOGFILE
+(``python -m supervisor.testing.chaos agent`` is one; ``tests/agents/chaos.py``
+another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import re
+import secrets
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+import attrs
+import trio
+
+from .._exceptions import ControlPlaneError
+from ..controlplane._embedded import STORE_FILENAME
+from ..controlplane._http import HttpControlPlane
+from ..controlplane._models import OutcomeStatus, WorkItem, WorkState
+from ..controlplane._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore
+from ._proxy import ChaosProxy, ProxyFaults, ProxyRecord
+
+__all__ = ["ChaosConfig", "ChaosReport", "main", "run_chaos"]
+
+_KEY_ENV: Final = "SUPERVISOR_ENVIRONMENT_KEY"
+_ENDING_CALL: Final = re.compile(r"/work/([^/?]+)/(stop|requeue)(?:\?|$)")
+_STORE_OUTCOMES: Final = ("lease expired", "lease expired after a stop request")
+
+
+def default_agent() -> str:
+    """The built-in chaos agent (this module's ``agent`` command), as a command line."""
+    return f"{shlex.quote(sys.executable)} -m supervisor.testing.chaos agent {{prompt}}"
+
+
+@attrs.frozen(kw_only=True)
+class ChaosConfig:
+    """One chaos run.
+
+    Attributes:
+        seed: seeds the proxy's faults and the items' work.
+        items: work items submitted.
+        workers: worker processes (plus one replacement after the crash).
+        max_concurrency: sessions per worker.
+        lease_ttl: the workers' lease ttl; also the server's ack lease.
+        max_attempts: the server's attempts per item.
+        reclaim_ms: the server's reclaim window for items polled but not acked.
+        agent: the agent command (``{prompt}`` is replaced); see the module notes.
+        agent_seconds: range of an agent's work.
+        crash_rate: share of items whose agent exits 1.
+        crash_after: seconds into the run when worker 0 and its agents are
+            killed (``None``: no crash).
+        fault_time: seconds of faults; the proxy only forwards afterwards.
+        max_requests: requests after which the proxy only forwards.
+        time_limit: seconds for all items to end.
+        faults: the proxy's fault rates.
+        keep: keep the temporary directory (logs, store) for inspection.
+    """
+
+    seed: int = 0
+    items: int = attrs.field(default=12, validator=attrs.validators.ge(1))
+    workers: int = attrs.field(default=2, validator=attrs.validators.ge(1))
+    max_concurrency: int = attrs.field(default=2, validator=attrs.validators.ge(1))
+    lease_ttl: float = attrs.field(default=6.0, validator=attrs.validators.gt(0))
+    max_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    reclaim_ms: int = attrs.field(default=2000, validator=attrs.validators.ge(1))
+    agent: str = attrs.field(factory=default_agent)
+    agent_seconds: tuple[float, float] = (0.2, 3.0)
+    crash_rate: float = 0.15
+    crash_after: float | None = 5.0
+    fault_time: float = 15.0
+    max_requests: int = 3000
+    time_limit: float = 90.0
+    faults: ProxyFaults = attrs.field(factory=ProxyFaults)
+    keep: bool = False
+
+
+@attrs.frozen
+class ChaosReport:
+    """What a chaos run found.
+
+    Attributes:
+        violations: broken invariants (empty when all held).
+        outcomes: final outcome status per item, in submission order.
+        attempts: final attempts per item.
+        requests: requests through the proxy.
+        faults: injected faults by kind.
+        agent_runs: agent processes started.
+        workers: names of the worker processes started (the replacement included).
+        crashed: whether a worker was killed mid-run.
+        seconds: wall time of the run.
+        directory: where the logs and the store were (gone unless ``keep``).
+    """
+
+    violations: tuple[str, ...]
+    outcomes: tuple[str, ...]
+    attempts: tuple[int, ...]
+    requests: int
+    faults: dict[str, int]
+    agent_runs: int
+    workers: tuple[str, ...]
+    crashed: bool
+    seconds: float
+    directory: Path
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def describe(self) -> str:
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()) if k != "pass")
+        counts = Counter(self.outcomes)
+        ends = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        return (
+            f"{len(self.outcomes)} items ({ends}), {self.agent_runs} agent runs, "
+            f"{self.requests} requests ({faults or 'no faults'}), {self.seconds:.1f}s, "
+            f"{len(self.violations)} violations"
+        )
+
+
+# --- processes -------------------------------------------------------------------
+
+
+def _log_file(path: Path) -> BinaryIO:
+    """A file a child process writes its output to (the child keeps its own handle)."""
+    return open(path, "wb")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    found = []
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _crash(worker: trio.Process) -> list[int]:
+    """Freeze a worker, SIGKILL its agents' process groups, then the worker: a lost machine."""
+    os.kill(worker.pid, signal.SIGSTOP)  # no new agent may start meanwhile
+    killed = []
+    for child in _children(worker.pid):
+        try:
+            os.killpg(child, signal.SIGKILL)  # agents lead their own process groups
+            killed.append(child)
+        except (ProcessLookupError, PermissionError):
+            pass
+    os.kill(worker.pid, signal.SIGKILL)
+    return killed
+
+
+class _Run:
+    def __init__(self, config: ChaosConfig, root: Path) -> None:
+        self.config = config
+        self.root = root
+        self.key = secrets.token_urlsafe(24)
+        self.log = root / "agents.jsonl"
+        self.rng = random.Random(f"chaos:{config.seed}")
+        self.violations: list[str] = []
+        self.records: list[ProxyRecord] = []
+        self.workers: list[tuple[str, trio.Process]] = []
+        self.crashed_at: float | None = None
+        self.crashed_agents: set[int] = set()
+        self.ids: list[str] = []
+        self.agent_run_count = 0
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
+        env[_KEY_ENV] = self.key
+        env.update(extra)
+        return env
+
+    async def start_server(self, nursery: trio.Nursery) -> tuple[trio.Process, str]:
+        config = self.config
+        argv = [
+            sys.executable,
+            "-m",
+            "supervisor.testing.chaos",
+            "serve",
+            "--state-dir",
+            str(self.root / "server"),
+            "--ack-ttl",
+            str(config.lease_ttl),
+            "--reclaim-ms",
+            str(config.reclaim_ms),
+            "--max-attempts",
+            str(config.max_attempts),
+        ]
+        with _log_file(self.root / "server.log") as errors:
+            process = await trio.lowlevel.open_process(
+                argv, stdout=-1, stderr=errors, env=self.env()
+            )
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(30):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(1)
+                if not chunk:
+                    raise RuntimeError(f"the server exited; see {self.root / 'server.log'}")
+                line += chunk
+        return process, line.decode().strip()
+
+    async def start_worker(self, name: str, proxy_url: str) -> None:
+        config = self.config
+        argv = [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "run",
+            "--control-plane",
+            proxy_url,
+            "--state-dir",
+            str(self.root / name),
+            "--agent",
+            config.agent,
+            "--lease-ttl",
+            str(config.lease_ttl),
+            "--max-concurrency",
+            str(config.max_concurrency),
+            "--api-port",
+            "0",
+            "--drain-timeout",
+            "3",
+            "--log-format",
+            "json",
+        ]
+        env = self.env(
+            SUPERVISOR_WORKER_ID=name,
+            SUPERVISOR_AGENT_GRACE="1",
+            SUPERVISOR_POLL_BLOCK_MS="500",
+        )
+        with _log_file(self.root / f"{name}.log") as log:
+            process = await trio.lowlevel.open_process(
+                argv, stdin=-3, stdout=log, stderr=log, env=env
+            )
+        self.workers.append((name, process))
+
+    async def submit(self, server_url: str) -> None:
+        config = self.config
+        async with HttpControlPlane.open(server_url, key=self.key) as plane:
+            for number in range(config.items):
+                seconds = self.rng.uniform(*config.agent_seconds)
+                code = 1 if self.rng.random() < config.crash_rate else 0
+                item = await plane.submit(
+                    f"{seconds:.3f} {code} {self.log}", session_id=f"chaos-{number}"
+                )
+                self.ids.append(item.id)
+
+    async def all_ended(self, plane: HttpControlPlane) -> bool:
+        try:
+            items = await plane.list_work(limit=1000)
+        except ControlPlaneError:
+            return False
+        return len(items) >= len(self.ids) and all(i.state is WorkState.STOPPED for i in items)
+
+    async def stop_workers(self) -> None:
+        for _, process in self.workers:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in self.workers:
+            with trio.move_on_after(20) as scope:
+                await process.wait()
+            if scope.cancelled_caught:
+                self.violations.append(f"stuck: {name} did not stop within 20s of SIGTERM")
+                process.kill()
+                await process.wait()
+            elif process.returncode not in (0, -signal.SIGKILL) and name != "w0":
+                self.violations.append(f"exit: {name} exited with {process.returncode}")
+
+    # --- checks ------------------------------------------------------------------
+
+    def check(self, items: Sequence[WorkItem]) -> None:
+        config = self.config
+        by_id = {item.id: item for item in items}
+        stops: Counter[str] = Counter()
+        requeues: Counter[str] = Counter()
+        for record in self.records:
+            match = _ENDING_CALL.search(record.path)
+            if record.method == "POST" and match and record.status == 200:
+                (stops if match[2] == "stop" else requeues)[match[1]] += 1
+        runs = self._agent_runs()
+        self.agent_run_count = sum(len(v) for v in runs.values())
+        for number, work_id in enumerate(self.ids):
+            name = f"item {number}"
+            item = by_id.get(work_id)
+            if item is None:
+                self.violations.append(f"lost: {name} is not on the server")
+                continue
+            if item.state is not WorkState.STOPPED or item.outcome is None:
+                self.violations.append(f"lost: {name} is {item.state.value}")
+                continue
+            store_made = item.outcome.reason in _STORE_OUTCOMES
+            if stops[work_id] > 1:
+                self.violations.append(f"finished-twice: {name}: {stops[work_id]} stops accepted")
+            if stops[work_id] == 1 and store_made:
+                self.violations.append(f"finished-twice: {name}: a stop and a lease expiry")
+            if stops[work_id] == 0 and not store_made and not requeues[work_id]:
+                self.violations.append(
+                    f"finished-twice: {name}: outcome {item.outcome.status.value} "
+                    "recorded without an accepted stop"
+                )
+            if item.attempts > config.max_attempts:
+                self.violations.append(f"attempts: {name}: {item.attempts} attempts")
+            if item.outcome.reason == "lease expired" and item.attempts != config.max_attempts:
+                self.violations.append(
+                    f"attempts: {name}: dead-lettered after {item.attempts} attempts"
+                )
+            mine = runs.get(work_id, [])
+            if len(mine) > item.attempts + 1:
+                self.violations.append(
+                    f"attempts: {name}: {len(mine)} agent runs for {item.attempts} lost leases"
+                )
+            if item.outcome.status is OutcomeStatus.COMPLETED and not any(
+                code == 0 for _, _, _, code in mine
+            ):
+                self.violations.append(f"outcome: {name} completed but no agent finished it")
+            ordered = sorted(mine)
+            for (_, end, pid, _), (next_start, _, next_pid, _) in itertools.pairwise(ordered):
+                if next_start < end and pid != next_pid:
+                    self.violations.append(
+                        f"split-brain: {name}: agent {next_pid} started {end - next_start:.3f}s "
+                        f"before agent {pid} ended"
+                    )
+
+    def _agent_runs(self) -> dict[str, list[tuple[float, float, int, int | None]]]:
+        starts: dict[int, tuple[str, float]] = {}
+        ends: dict[int, tuple[float, int | None]] = {}
+        if self.log.exists():
+            for line in self.log.read_text(encoding="utf-8").splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by SIGKILL
+                if event["event"] == "start":
+                    starts[event["pid"]] = (event["work_id"], event["time"])
+                else:
+                    ends[event["pid"]] = (event["time"], event.get("code"))
+        runs: dict[str, list[tuple[float, float, int, int | None]]] = defaultdict(list)
+        for pid, (work_id, started) in starts.items():
+            if pid in ends:
+                ended, code = ends[pid]
+            elif pid in self.crashed_agents and self.crashed_at is not None:
+                ended, code = self.crashed_at, None
+            else:
+                self.violations.append(f"leak: agent {pid} for {work_id} never logged its end")
+                ended, code = math.inf, None
+            runs[work_id].append((started, ended, pid, code))
+        return runs
+
+
+async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
+    """One chaos run (inside a Trio run, on the real clock); see the module notes.
+
+    Raises:
+        RuntimeError: the server could not be started.
+    """
+    config = config if config is not None else ChaosConfig()
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="supervisor-chaos-"))
+    run = _Run(config, root)
+    proxy: ChaosProxy | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            server, server_url = await run.start_server(nursery)
+            try:
+                port = int(server_url.rsplit(":", 1)[1])
+                proxy = ChaosProxy(
+                    port, config.faults, seed=config.seed, observer=run.records.append
+                )
+                proxy_url = await nursery.start(proxy.run)
+                await run.submit(server_url)
+                for number in range(config.workers):
+                    await run.start_worker(f"w{number}", proxy_url)
+                await _drive(run, proxy, proxy_url, server_url, started)
+                await run.stop_workers()
+                for pid in _processes_mentioning(str(run.log)):
+                    run.violations.append(f"orphan: agent process {pid} outlived its worker")
+                    os.kill(pid, signal.SIGKILL)
+                nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    for _, process in run.workers:
+                        if process.returncode is None:
+                            process.kill()
+                            await process.wait()
+                    server.send_signal(signal.SIGTERM)
+                    with trio.move_on_after(10):
+                        await server.wait()
+                    if server.returncode is None:
+                        server.kill()
+                        await server.wait()
+        store = SQLiteStore(root / "server" / STORE_FILENAME)
+        try:
+            items = store.list_work(DEFAULT_ENVIRONMENT_ID, now=time.time(), limit=1000)
+        finally:
+            store.close()
+        run.check(items)
+        by_id = {item.id: item for item in items}
+        outcomes = tuple(
+            (by_id[i].outcome.status.value if by_id[i].outcome is not None else "none")  # type: ignore[union-attr]
+            if i in by_id
+            else "missing"
+            for i in run.ids
+        )
+        attempts = tuple(by_id[i].attempts if i in by_id else -1 for i in run.ids)
+        return ChaosReport(
+            violations=tuple(run.violations),
+            outcomes=outcomes,
+            attempts=attempts,
+            requests=proxy.requests if proxy is not None else 0,
+            faults=dict(proxy.counts) if proxy is not None else {},
+            agent_runs=run.agent_run_count,
+            workers=tuple(name for name, _ in run.workers),
+            crashed=run.crashed_at is not None,
+            seconds=time.monotonic() - started,
+            directory=root,
+        )
+    finally:
+        if not config.keep:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+
+async def _drive(
+    run: _Run, proxy: ChaosProxy, proxy_url: str, server_url: str, started: float
+) -> None:
+    """Faults, the crash, calm, and the wait for every item to end."""
+    config = run.config
+    crash_at = None if config.crash_after is None else started + config.crash_after
+    calm_at = started + config.fault_time
+    give_up_at = started + config.time_limit
+    async with HttpControlPlane.open(server_url, key=run.key, timeout=5.0) as plane:
+        while True:
+            now = time.monotonic()
+            if crash_at is not None and now >= crash_at and run.workers:
+                crash_at = None
+                _, victim = run.workers[0]
+                run.crashed_agents.update(_crash(victim))
+                run.crashed_at = time.time()
+                await victim.wait()
+                await run.start_worker(f"w{config.workers}", proxy_url)
+            if now >= calm_at or proxy.requests >= config.max_requests:
+                proxy.calm()
+            if crash_at is None and await run.all_ended(plane):
+                return
+            if now >= give_up_at:
+                return  # the check reports what did not end
+            await trio.sleep(0.25)
+
+
+# --- the server and the agent -------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from ..controlplane._server import serve_control_plane
+
+    key = os.environ.get(_KEY_ENV, "")
+    state = Path(args.state_dir)
+    policy = LeasePolicy(
+        default_ttl=args.ack_ttl,
+        min_ttl=min(0.5, args.ack_ttl),
+        max_attempts=args.max_attempts,
+        reclaim_older_than_ms=args.reclaim_ms,
+    )
+    store = SQLiteStore(state / STORE_FILENAME, lease_policy=policy)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(
+                    _partial_serve(serve_control_plane, store, args.host, args.port, key)
+                )
+                print(url, flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        store.close()
+
+
+def _partial_serve(serve: Any, store: SQLiteStore, host: str, port: int, key: str) -> Any:
+    import functools
+
+    return functools.partial(serve, store, host=host, port=port, key_provider=key)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    words = " ".join(args.prompt).split()
+    seconds, code, log = float(words[0]), int(words[1]), words[2]
+    work_id = os.environ.get("SUPERVISOR_WORK_ID", "?")
+
+    def record(event: str, **extra: object) -> None:
+        line = {"event": event, "work_id": work_id, "pid": os.getpid(), "time": time.time()}
+        line.update(extra)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_term(signum: int, frame: object) -> None:
+        record("end", signal="SIGTERM")
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    record("start")
+    time.sleep(seconds)
+    record("end", code=code)
+    if code == 0:
+        print(json.dumps({"result": f"slept {seconds}"}), flush=True)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m supervisor.testing.chaos",
+        description="Chaos run: real server, fault-injecting proxy, real workers and agents.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="one chaos run; prints the findings")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--items", type=int, default=12)
+    run.add_argument("--workers", type=int, default=2)
+    run.add_argument("--agent", default=None, help="agent command with {prompt}")
+    run.add_argument("--keep", action="store_true", help="keep the logs and the store")
+    serve = sub.add_parser("serve", help="the reference server with a short lease policy")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0)
+    serve.add_argument("--state-dir", required=True)
+    serve.add_argument("--ack-ttl", type=float, default=60.0)
+    serve.add_argument("--reclaim-ms", type=int, default=30_000)
+    serve.add_argument("--max-attempts", type=int, default=3)
+    agent = sub.add_parser("agent", help="the built-in chaos agent")
+    agent.add_argument("prompt", nargs="+", help="SECONDS CODE LOGFILE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (1 when an invariant broke)."""
+    args = _parser().parse_args(argv)
+    if args.command == "agent":
+        return _agent(args)
+    if args.command == "serve":
+        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+        trio.run(_serve, args)
+        return 0
+    config = ChaosConfig(
+        seed=args.seed,
+        items=args.items,
+        workers=args.workers,
+        agent=args.agent or default_agent(),
+        keep=args.keep,
+    )
+    report = trio.run(run_chaos, config)
+    for violation in report.violations:
+        print(violation)
+    print(report.describe())
+    if config.keep:
+        print(f"logs and store in {report.directory}")
+    return 1 if report.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
