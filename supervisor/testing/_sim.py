@@ -56,10 +56,13 @@ The faults and how they are modelled
   answers delayed by up to half a ttl). The lease keeper's deadline counts from
   the send time, so no amount of it may cause split brain; counted from the
   answer (the planted bug), it does.
-* **Agents** finish, crash, hang until ``session_timeout``, print the wedge
-  pattern and hang, or ignore cancellation for a while (a shielded clean-up
-  of at most 15 % of the ttl, inside the 20 % margin the 0.8 x ttl deadline
-  leaves before the control plane may hand the item to someone else).
+* **Agents** finish, crash, fall silent (the wedge detector's silence
+  watchdog ends them, or ``session_timeout``), print the wedge pattern and
+  hang (the detector cancels the session as ``wedged``, the item is requeued
+  and the worker's claim breaker trips), or ignore cancellation for a while (a
+  shielded clean-up of at most 15 % of the ttl, inside the 20 % margin the
+  0.8 x ttl deadline leaves before the control plane may hand the item to
+  someone else). Working agents report progress every half ttl.
 * **Operator cancels**: ``request_stop`` on an item at a random instant.
 
 Invariants
@@ -229,7 +232,9 @@ class SimConfig:
         agent: your agent, run for ``ok`` and ``slow`` attempts instead of the
             built-in sleep (crash, hang, wedge and shielded attempts stay
             simulated around it). It must not touch its workspace path.
-        worker_options: extra `WorkerConfig` fields (your configuration).
+        worker_options: extra `WorkerConfig` fields (your configuration); the
+            simulation's own defaults include ``wedge_timeout`` (two thirds of
+            ``session_timeout``) and ``probe_interval`` (five ttls).
         keeper_options: extra ``LeaseKeeper`` options for every worker (this is
             how a test plants ``measure_from=MeasureFrom.ANSWER``).
     """
@@ -740,6 +745,10 @@ class Simulation:
             "poll_block_ms": config.poll_block_ms,
             "api_enabled": False,
             "drain_timeout": 0.0,
+            # Silent agents count as wedged before the session timeout ends them,
+            # and a wedged worker probes again within a few leases.
+            "wedge_timeout": config.session_timeout * 2 / 3,
+            "probe_interval": 5 * config.lease_ttl,
         }
         values.update(config.worker_options)
         return WorkerConfig(**values)
@@ -871,7 +880,7 @@ class Simulation:
             await trio.sleep_forever()
         if kind is Behaviour.SHIELDED:
             try:
-                await trio.sleep(behaviour.duration)
+                await self._work(ctx, behaviour.duration)
             except trio.Cancelled:
                 # Ignore the cancellation for a while (a slow clean-up), then honour it.
                 with trio.CancelScope(shield=True):
@@ -879,12 +888,24 @@ class Simulation:
                 raise
             return f"done #{item}"
         if kind is Behaviour.CRASH:
-            await trio.sleep(behaviour.duration)
+            await self._work(ctx, behaviour.duration)
             raise RuntimeError(f"simulated crash of the agent for #{item}")
         if self.config.agent is not None:
             return await self.config.agent(ctx)
-        await trio.sleep(behaviour.duration)
+        await self._work(ctx, behaviour.duration)
         return f"done #{item}"
+
+    async def _work(self, ctx: AgentContext, seconds: float) -> None:
+        """Work for ``seconds``, reporting progress every half ttl (as live agents do).
+
+        Only hanging and wedged agents fall silent, so the silence watchdog
+        (``wedge_timeout``) has something to tell apart.
+        """
+        step = self.config.lease_ttl / 2
+        end = trio.current_time() + seconds
+        while (left := end - trio.current_time()) > 0:
+            await trio.sleep(min(step, left))
+            ctx.emit("progress")
 
     # --- invariants --------------------------------------------------------------
 
