@@ -250,3 +250,13 @@ def test_your_agent_and_configuration_run_under_the_simulator() -> None:
 def test_a_hand_written_schedule_must_name_existing_workers() -> None:
     with pytest.raises(ValueError, match="there are 2 workers"):
         run_simulation(0, SimConfig(), schedule=[Fault(FaultKind.KILL, 5, 1.0)])
+
+
+def test_wedged_agents_are_cancelled_requeued_and_finally_end_wedged() -> None:
+    """Every attempt prints the wedge pattern: requeued until the last attempt ends it."""
+    config = SimConfig(items=1, faults=FaultMix.none(), behaviours={Behaviour.WEDGE: 1.0})
+    result = run_simulation(0, config, keep_trace=True)
+    assert result.violations == ()
+    assert result.outcomes == ("wedged",)
+    requeues = [line for line in result.trace if " requeue #0 ok" in line]
+    assert len(requeues) == config.max_attempts
