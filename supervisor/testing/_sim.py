@@ -126,8 +126,6 @@ __all__ = [
     "run_simulation",
 ]
 
-logger = logging.getLogger("supervisor.testing.sim")
-
 #: The line a wedged agent runtime prints (DESIGN §3.5's default pattern matches it).
 WEDGE_LINE: Final = "Error: Control request timeout: initialize"
 #: POSIX time the simulated control-plane clock starts from.
@@ -651,34 +649,40 @@ class Simulation:
         )
         baseline = trio.lowlevel.current_statistics().tasks_living
         try:
-            async with trio.open_nursery() as nursery:
-                for index in range(config.workers):
-                    slot = _Slot(
-                        index,
-                        FaultyControlPlane(
-                            plane,
-                            self.schedule,
-                            worker=index,
-                            rng=random.Random(f"supervisor-sim:{self.seed}:link:{index}"),
-                            name=f"w{index}",
-                            observer=self._observe,
-                        ),
-                        MemoryWorkspaces(),
-                    )
-                    self._slots.append(slot)
-                    nursery.start_soon(self._run_slot, slot)
-                nursery.start_soon(self._drive_faults)
-                nursery.start_soon(self._monitor)
-                await self._submit_items()
-                await self._wait_until_done()
-                await self._stop_workers()
-                nursery.cancel_scope.cancel()
+            await self._run_fleet(plane)
         finally:
             with trio.CancelScope(shield=True):
                 await plane.aclose()
-        self._final_checks(baseline)
-        store.close()
+            try:
+                self._final_checks(baseline)
+            finally:
+                store.close()
         return self._now()
+
+    async def _run_fleet(self, plane: EmbeddedControlPlane) -> None:
+        config = self.config
+        async with trio.open_nursery() as nursery:
+            for index in range(config.workers):
+                slot = _Slot(
+                    index,
+                    FaultyControlPlane(
+                        plane,
+                        self.schedule,
+                        worker=index,
+                        rng=random.Random(f"supervisor-sim:{self.seed}:link:{index}"),
+                        name=f"w{index}",
+                        observer=self._observe,
+                    ),
+                    MemoryWorkspaces(),
+                )
+                self._slots.append(slot)
+                nursery.start_soon(self._run_slot, slot)
+            nursery.start_soon(self._drive_faults)
+            nursery.start_soon(self._monitor)
+            await self._submit_items()
+            await self._wait_until_done()
+            await self._stop_workers()
+            nursery.cancel_scope.cancel()
 
     async def _submit_items(self) -> None:
         config = self.config
