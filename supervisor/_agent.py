@@ -140,9 +140,14 @@ class EnvPolicy:
     allow: frozenset[str] = attrs.field(default=DEFAULT_ENV_ALLOWLIST, converter=_to_name_set)
     extra: frozenset[str] = attrs.field(factory=frozenset, converter=_to_name_set)
 
+    _patterns: tuple[str, ...] = attrs.field(init=False, repr=False, eq=False)
+
     def __attrs_post_init__(self) -> None:
         _check_env_names(self.allow, "agent_env_allow")
         _check_env_names(self.extra, "agent_env")
+        # computed once: ``admits`` runs for every variable of every session
+        patterns = tuple(p for p in (*self.allow, *self.extra) if any(c in p for c in "*?["))
+        object.__setattr__(self, "_patterns", patterns)
 
     def admits(self, name: str) -> bool:
         """Whether the variable ``name`` of the worker's environment is passed on."""
@@ -150,8 +155,7 @@ class EnvPolicy:
             return True
         if name.startswith("SUPERVISOR_") or looks_secret(name):
             return False
-        patterns = (p for p in (*self.allow, *self.extra) if any(c in p for c in "*?["))
-        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        return any(fnmatch.fnmatchcase(name, p) for p in self._patterns)
 
     def build(
         self,

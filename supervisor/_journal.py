@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -128,6 +129,9 @@ class DelegationJournal:
         if lru_size < 1:
             raise ValueError(f"lru_size must be >= 1, got {lru_size!r}")
         self.path = path
+        # Sessions are journalled from worker threads (off the event loop, since each
+        # append fsyncs) while the watcher appends from the Trio thread.
+        self._lock = threading.Lock()
         self.lru_size = lru_size
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._sessions: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -247,18 +251,20 @@ class DelegationJournal:
     def record_session(self, session_id: str, work_id: str, *, at: float) -> None:
         """Durably note that this worker claimed ``session_id``."""
         line = {"kind": "session", "session_id": session_id, "work_id": work_id, "at": at}
-        self._append([line])
-        _remember(self._sessions, session_id, self.lru_size)
+        with self._lock:
+            self._append([line])
+            _remember(self._sessions, session_id, self.lru_size)
 
     def record_results(self, results: Iterable[JournalledResult], *, at: float) -> None:
         """Durably append results (one fsync for all); then they count as seen and pending."""
         batch = list(results)
         if not batch:
             return
-        self._append([result.to_line(at) for result in batch])
-        for result in batch:
-            _remember(self._seen, result.delegation_id, self.lru_size)
-            self._pending[result.delegation_id] = result
+        with self._lock:
+            self._append([result.to_line(at) for result in batch])
+            for result in batch:
+                _remember(self._seen, result.delegation_id, self.lru_size)
+                self._pending[result.delegation_id] = result
 
     def touch(self, delegation_id: str) -> None:
         """Refresh a seen id in the LRU (it came back: keep remembering it)."""
@@ -270,9 +276,12 @@ class DelegationJournal:
         ids = [i for i in delegation_ids if i in self._pending]
         if not ids:
             return
-        self._append([{"kind": "delivered", "delegation_id": i, "via": via, "at": at} for i in ids])
-        for delegation_id in ids:
-            del self._pending[delegation_id]
+        with self._lock:
+            self._append(
+                [{"kind": "delivered", "delegation_id": i, "via": via, "at": at} for i in ids]
+            )
+            for delegation_id in ids:
+                del self._pending[delegation_id]
 
     def _append(self, records: list[dict[str, Any]]) -> None:
         self._write(

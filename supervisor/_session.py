@@ -113,6 +113,8 @@ class SessionRunner:
             and cancelled when the agent ends (the silence watchdog hooks in
             here); it stops the session through ``record.cancel``.
         on_end: called with the record when a session has ended.
+        on_start: awaited first in each session, before its lease keeper starts
+            (the worker journals the session there, off the event loop).
         keeper_options: extra keyword arguments for each ``LeaseKeeper`` (tests and
             the simulator use this to inject timing and randomness).
     """
@@ -126,6 +128,7 @@ class SessionRunner:
     keeper_options: dict[str, object] = attrs.field(factory=dict)
     watchdog: Watchdog | None = None
     on_end: Callable[[SessionRecord], None] | None = None
+    on_start: Callable[[WorkItem], Awaitable[None]] | None = None
     records: dict[str, SessionRecord] = attrs.field(factory=dict)
     #: Per-session variables for the agent (its session credential), built per item.
     session_env: Callable[[WorkItem], Mapping[str, str]] | None = None
@@ -194,8 +197,14 @@ class SessionRunner:
                 name=f"session:{item.id}",
             )
         )
+        # The hand-over is done once the session exists: the poller goes back to
+        # claiming while this session confirms its lease (its runner still starts
+        # only after that). Sessions thus start concurrently, not one by one.
+        task_status.started(session)
         try:
-            await session.run(task_status=task_status)
+            if self.on_start is not None:
+                await self.on_start(item)
+            await session.run()
         except ChildStartError:
             if record.outcome is None:
                 record.outcome = Outcome(

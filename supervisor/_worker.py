@@ -335,6 +335,7 @@ class Worker:
             session_env=self._session_env(plane),
             keeper_options=self._lease_keeper_options(),
             on_end=self._on_session_end,
+            on_start=self._journal_session,
             on_line=self.wedge_detector.on_line,
             watchdog=self.wedge_detector.watch,
         )
@@ -488,17 +489,6 @@ class Worker:
         assert self._runner is not None and self._sessions is not None
         # The session's credential must never reach a log line, even by accident.
         self._forget_secrets[item.id] = redact_secret(item.secret)
-        if self.delegations is not None:
-            try:
-                # Before the session starts: its delegation results are recognised as
-                # this worker's even after a restart.
-                self.delegations.note_session(item.data.id, item.id)
-            except OSError as exc:
-                logger.warning(
-                    "could not journal session %s for its delegation results: %s",
-                    item.data.id,
-                    exc,
-                )
         try:
             await self._sessions.start_child(self._runner.spec_for(item, slot))
         except ChildStartError as exc:
@@ -511,6 +501,19 @@ class Worker:
             logger.warning("work item %s not started: %s", item.id, exc)
             return
         self._started_sessions += 1
+
+    async def _journal_session(self, item: WorkItem) -> None:
+        """Before a session starts: its delegation results are recognised as this
+        worker's even after a restart. The journal is fsynced, so in a thread."""
+        watcher = self.delegations
+        if watcher is None:
+            return
+        try:
+            await trio.to_thread.run_sync(watcher.note_session, item.data.id, item.id)
+        except OSError as exc:
+            logger.warning(
+                "could not journal session %s for its delegation results: %s", item.data.id, exc
+            )
 
     def _presence_spec(self, plane: ControlPlane) -> ChildSpec:
         presence = self.presence = Presence(
