@@ -25,7 +25,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -54,7 +54,10 @@ from .controlplane._keys import FileKey, KeyProvider, StaticKey
 from .controlplane._models import Outcome, OutcomeStatus, WorkItem, WorkState
 from .controlplane._protocol import ControlPlane
 
-__all__ = ["Worker", "WorkerStats", "open_worker"]
+__all__ = ["Offload", "Worker", "WorkerStats", "open_worker"]
+
+#: How the worker runs a blocking call off the event loop: ``await offload(fn, *args)``.
+Offload = Callable[..., Awaitable[Any]]
 
 logger = logging.getLogger("supervisor.worker")
 
@@ -127,6 +130,10 @@ class Worker:
             `WorkspaceManager` that ``config`` describes (a simulation passes
             `supervisor.testing.MemoryWorkspaces`, which touches neither the
             file system nor worker threads).
+        offload: runs a blocking call (the fsync of a session's journal entry)
+            away from the event loop; ``trio.to_thread.run_sync`` by default. A
+            simulation under ``MockClock`` passes one that calls inline: a task
+            waiting on a thread lets the mock clock jump.
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class Worker:
         keeper_options: Mapping[str, Any] | None = None,
         rng: random.Random | None = None,
         workspaces: Workspaces | None = None,
+        offload: Offload | None = None,
     ) -> None:
         if not isinstance(config, WorkerConfig):
             raise TypeError(f"Worker needs a WorkerConfig, got {config!r}")
@@ -154,6 +162,7 @@ class Worker:
         self._keeper_options = dict(keeper_options or {})
         self._rng = rng if rng is not None else random.Random()
         self._given_workspaces = workspaces
+        self._offload: Offload = offload if offload is not None else trio.to_thread.run_sync
         self._running = False
         self._draining = False
         self._tree: Supervisor | None = None
@@ -509,7 +518,7 @@ class Worker:
         if watcher is None:
             return
         try:
-            await trio.to_thread.run_sync(watcher.note_session, item.data.id, item.id)
+            await self._offload(watcher.note_session, item.data.id, item.id)
         except OSError as exc:
             logger.warning(
                 "could not journal session %s for its delegation results: %s", item.data.id, exc
