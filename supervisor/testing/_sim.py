@@ -17,7 +17,8 @@ seeded fault schedule), the agents (in-process functions whose behaviour --
 finish, crash, hang, wedge, ignore cancellation for a while -- is drawn per
 attempt), and the workspaces (:class:`~supervisor.testing.MemoryWorkspaces`:
 directories made in worker threads would let the mock clock jump while a
-thread works).
+thread works); the worker's other blocking call, the fsync of a session's
+journal entry, runs inline (``Worker(offload=run_inline)``) for the same reason.
 
 Determinism
 -----------
@@ -123,6 +124,7 @@ __all__ = [
     "Simulation",
     "Violation",
     "generate_schedule",
+    "run_inline",
     "run_simulation",
 ]
 
@@ -427,6 +429,17 @@ def _draw_behaviour(seed: int, item: int, attempt: int, config: SimConfig) -> Ag
 
 
 # --- the run ------------------------------------------------------------------------------
+
+
+async def run_inline(function: Callable[..., Any], *args: Any) -> Any:
+    """``Worker(offload=...)`` for simulations: call the blocking function in the Trio thread.
+
+    A worker thread would let ``MockClock``'s autojump move time while it works
+    (a task waiting on a thread counts as blocked), and threads finish in an
+    order the seed does not decide. The calls are short local file writes.
+    """
+    await trio.lowlevel.checkpoint()
+    return function(*args)
 
 
 class _SimClock:
@@ -772,6 +785,7 @@ class Simulation:
                     keeper_options=keeper_options,
                     rng=random.Random(f"{seed}:poller"),
                     workspaces=slot.workspaces,
+                    offload=run_inline,
                 )
                 slot.worker = worker
                 slot.workers.append(worker)
