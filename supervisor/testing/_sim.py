@@ -1049,7 +1049,8 @@ def run_simulation(
     """Run one seeded simulation to the end and return what it found.
 
     Synchronous: it starts its own ``trio.run`` (under a ``MockClock``), so call
-    it from plain code or a thread, not from inside a Trio run. See
-    :class:`Simulation` for the arguments.
+    it from plain code, not from inside a Trio run. One at a time per process:
+    it seeds Trio's scheduler, which is process-wide (run seeds in parallel in
+    separate processes). See :class:`Simulation` for the arguments.
     """
     return Simulation(seed, config, keep_trace=keep_trace, verbose=verbose, schedule=schedule).run()

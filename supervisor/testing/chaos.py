@@ -43,6 +43,7 @@ another).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -58,7 +59,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import BinaryIO, Final
 
 import attrs
 import trio
@@ -539,7 +540,9 @@ async def _serve(args: argparse.Namespace) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(
-                    _partial_serve(serve_control_plane, store, args.host, args.port, key)
+                    functools.partial(
+                        serve_control_plane, store, host=args.host, port=args.port, key_provider=key
+                    )
                 )
                 print(url, flush=True)
                 async for _ in signals:
@@ -547,12 +550,6 @@ async def _serve(args: argparse.Namespace) -> None:
                     break
     finally:
         store.close()
-
-
-def _partial_serve(serve: Any, store: SQLiteStore, host: str, port: int, key: str) -> Any:
-    import functools
-
-    return functools.partial(serve, store, host=host, port=port, key_provider=key)
 
 
 def _agent(args: argparse.Namespace) -> int:
