@@ -143,6 +143,8 @@ class Lease:
     stop_reason: str | None = None
     stop_requested: trio.Event = attrs.field(factory=trio.Event, repr=False)
     outcome: Outcome | None = attrs.field(default=None, repr=False)
+    #: Whether the final stop (or requeue) carrying ``outcome`` was accepted.
+    reported: bool = False
 
     @property
     def confirmed(self) -> bool:
@@ -447,6 +449,7 @@ class LeaseKeeper:
                     expected_last_heartbeat=lease.token,
                     outcome=outcome,
                 )
+            lease.reported = True
         except Conflict:
             logger.debug("work item %s was already stopped", self.work_id)
         except FencingConflict as exc:

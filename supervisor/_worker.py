@@ -38,6 +38,7 @@ from ._events import SupervisorSnapshot
 from ._exceptions import ChildStartError, ConfigError, ControlPlaneError
 from ._groups import collapse_group, raise_saving_context
 from ._journal import journal_path
+from ._lease import REQUEUE_OUTCOMES
 from ._logging import redact_secret
 from ._metrics import HeartbeatMeter, timed_control_plane
 from ._poller import Poller
@@ -610,16 +611,18 @@ class Worker:
         """Wait for an item to end; returns its outcome.
 
         A session run here answers from the worker's own record the moment it
-        ends; any other item (or one whose lease this worker lost) is followed
-        on the control plane.
+        ends, if the control plane accepted that outcome. Any other item is
+        followed on the control plane: one run elsewhere, one whose lease this
+        worker lost or whose final stop did not get through (it will run again),
+        and one given back after a wedge.
         """
         while True:
             ended = self._session_ended
             if self._runner is not None:
                 record = self._runner.records.get(item_id)
-                outcome = record.outcome if record is not None and record.done.is_set() else None
-                if outcome is not None and outcome.status is not OutcomeStatus.LEASE_LOST:
-                    return outcome
+                if record is not None and record.done.is_set() and _final(record):
+                    assert record.outcome is not None
+                    return record.outcome
             item = await self.control_plane.get(item_id)
             if item.state is WorkState.STOPPED:
                 return item.outcome or Outcome(
@@ -693,6 +696,14 @@ class Worker:
 
 def _no_secret() -> None:
     return None
+
+
+def _final(record: SessionRecord) -> bool:
+    """Whether a finished session's own outcome is the item's final one."""
+    outcome, lease = record.outcome, record.lease
+    if outcome is None or lease is None or not lease.reported:
+        return False
+    return outcome.status not in REQUEUE_OUTCOMES and outcome.status is not OutcomeStatus.LEASE_LOST
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import ChildState
+from supervisor import ChildState, TransientError
 from supervisor._agent import AgentContext
 from supervisor._config import WorkerConfig
 from supervisor._process import process_group_members
@@ -257,3 +257,41 @@ async def test_bad_state_dir_is_a_clear_config_error(tmp_path: Path) -> None:
     worker = Worker(config(tmp_path, state_dir=blocker / "sub"))
     with pytest.raises(Exception, match="state_dir: cannot use"):
         await worker.run()
+
+
+class StopFailsOnce:
+    """The embedded plane, except that the first final stop gets no answer."""
+
+    def __init__(self, inner: EmbeddedControlPlane) -> None:
+        self._inner = inner
+        self.failed = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def stop(self, work_id: str, **kwargs: object) -> object:
+        if not self.failed:
+            self.failed = True
+            raise TransientError("injected: the answer to stop was lost")
+        return await self._inner.stop(work_id, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+async def test_wait_follows_the_control_plane_when_the_final_stop_did_not_get_through(
+    tmp_path: Path, plane: EmbeddedControlPlane
+) -> None:
+    """The first run's outcome never reached the store: the item runs again, and wait()
+    returns the outcome the control plane finally recorded, not the lost one."""
+    flaky = StopFailsOnce(plane)
+    cfg = config(tmp_path, lease_ttl=1.0, max_concurrency=1)
+    async with open_worker(cfg, control_plane=flaky) as worker:  # type: ignore[arg-type]
+        item_id = await worker.submit("twice")
+        with trio.fail_after(30):
+            outcome = await worker.wait(item_id, poll_interval=0.1)
+        started = worker.stats().started
+    assert flaky.failed
+    assert outcome.status is OutcomeStatus.COMPLETED
+    assert started == 2  # the first outcome was lost, so the item ran again
+    item = await plane.get(item_id)
+    assert item.state is WorkState.STOPPED
+    assert item.attempts == 1
