@@ -437,6 +437,23 @@ class LeaseKeeper:
             OutcomeStatus.FAILED, reason="the session ended without reporting an outcome"
         )
         requeue = outcome.status in REQUEUE_OUTCOMES
+        delay = 0.05
+        while True:
+            try:
+                await self._report(outcome, requeue=requeue)
+            except TransientError as exc:
+                # Worth another try while the budget (bounded by the deadline) lasts:
+                # a lost answer would otherwise turn a finished session into a re-run.
+                logger.debug(
+                    "final stop of work item %s: %s; retrying", self.work_id, self._describe(exc)
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            return
+
+    async def _report(self, outcome: Outcome, *, requeue: bool) -> None:
+        lease = self.lease
         try:
             if requeue:
                 await self.control_plane.requeue(
@@ -458,6 +475,8 @@ class LeaseKeeper:
                 self.work_id,
                 self._describe(exc),
             )
+        except TransientError:
+            raise  # retried by the caller within its budget
         except ControlPlaneError as exc:
             logger.warning(
                 "final stop of work item %s failed: %s", self.work_id, self._describe(exc)

@@ -113,7 +113,8 @@ class SessionRunner:
             and cancelled when the agent ends (the silence watchdog hooks in
             here); it stops the session through ``record.cancel``.
         on_end: called with the record when a session has ended.
-        on_start: awaited first in each session, before its lease keeper starts
+        on_start: awaited in each session once its lease is confirmed, before the
+            agent starts
             (the worker journals the session there, off the event loop).
         keeper_options: extra keyword arguments for each ``LeaseKeeper`` (tests and
             the simulator use this to inject timing and randomness).
@@ -202,8 +203,6 @@ class SessionRunner:
         # only after that). Sessions thus start concurrently, not one by one.
         task_status.started(session)
         try:
-            if self.on_start is not None:
-                await self.on_start(item)
             await session.run()
         except ChildStartError:
             if record.outcome is None:
@@ -259,6 +258,10 @@ class SessionRunner:
                 record.cancel_scope = scope
                 if record.cancel_reason is not None:
                     scope.cancel()
+                if self.on_start is not None:
+                    # after the lease is confirmed (a slow disk here cannot hold up the
+                    # first heartbeat) and before the agent can delegate anything
+                    await self.on_start(item)
                 async with (
                     self.workspaces.open(item.data.id) as path,
                     _open_inbox(record, path) as inbox,
