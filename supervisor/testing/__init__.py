@@ -6,6 +6,18 @@ the code *built on* those boundaries quickly and deterministically.
 """
 
 from ._clock import ManualClock as ManualClock
+from ._faults import (
+    CallRecord as CallRecord,
+    Fault as Fault,
+    FaultKind as FaultKind,
+    FaultyControlPlane as FaultyControlPlane,
+)
+from ._proxy import (
+    ChaosProxy as ChaosProxy,
+    ProxyFault as ProxyFault,
+    ProxyFaults as ProxyFaults,
+    ProxyRecord as ProxyRecord,
+)
 from ._scripted import (
     HANG as HANG,
     Call as Call,
@@ -16,15 +28,49 @@ from ._scripted import (
     ScriptedControlPlane as ScriptedControlPlane,
     ScriptEntry as ScriptEntry,
 )
+from ._sim import (
+    Behaviour as Behaviour,
+    FaultMix as FaultMix,
+    SimConfig as SimConfig,
+    SimResult as SimResult,
+    Simulation as Simulation,
+    Violation as Violation,
+    generate_schedule as generate_schedule,
+    run_inline as run_inline,
+    run_simulation as run_simulation,
+)
+from ._workspaces import MemoryWorkspaces as MemoryWorkspaces
+from .chaos import ChaosConfig as ChaosConfig, ChaosReport as ChaosReport, run_chaos as run_chaos
 
 __all__ = [
-    "HANG",
+    "Behaviour",
     "Call",
+    "CallRecord",
+    "ChaosConfig",
+    "ChaosProxy",
+    "ChaosReport",
     "Fail",
+    "Fault",
+    "FaultKind",
+    "FaultMix",
+    "FaultyControlPlane",
+    "HANG",
     "Hang",
     "ManualClock",
+    "MemoryWorkspaces",
+    "ProxyFault",
+    "ProxyFaults",
+    "ProxyRecord",
     "Regrant",
     "Reply",
     "ScriptEntry",
     "ScriptedControlPlane",
+    "SimConfig",
+    "SimResult",
+    "Simulation",
+    "Violation",
+    "generate_schedule",
+    "run_chaos",
+    "run_inline",
+    "run_simulation",
 ]
