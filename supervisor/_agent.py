@@ -141,6 +141,7 @@ class EnvPolicy:
     extra: frozenset[str] = attrs.field(factory=frozenset, converter=_to_name_set)
 
     _patterns: tuple[str, ...] = attrs.field(init=False, repr=False, eq=False)
+    _verdicts: dict[str, bool] = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         _check_env_names(self.allow, "agent_env_allow")
@@ -148,9 +149,18 @@ class EnvPolicy:
         # computed once: ``admits`` runs for every variable of every session
         patterns = tuple(p for p in (*self.allow, *self.extra) if any(c in p for c in "*?["))
         object.__setattr__(self, "_patterns", patterns)
+        object.__setattr__(self, "_verdicts", {})
 
     def admits(self, name: str) -> bool:
         """Whether the variable ``name`` of the worker's environment is passed on."""
+        verdict = self._verdicts.get(name)
+        if verdict is None:
+            if len(self._verdicts) > 4096:  # names come from the environment: stay bounded
+                self._verdicts.clear()
+            verdict = self._verdicts[name] = self._decide(name)
+        return verdict
+
+    def _decide(self, name: str) -> bool:
         if name in self.allow or name in self.extra:
             return True
         if name.startswith("SUPERVISOR_") or looks_secret(name):

@@ -10,6 +10,7 @@ import enum
 import inspect
 import math
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -108,12 +109,27 @@ class Backoff:
         return max(0.0, base)
 
 
+# Looking at a signature costs tens of microseconds; specs for the same function
+# (a bound method of a fresh object each time) are built once per session.
+_TAKES_TASK_STATUS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 def _accepts_task_status(target: Callable[..., Any]) -> bool:
+    key = getattr(target, "__func__", target)
+    try:
+        return _TAKES_TASK_STATUS[key]
+    except (KeyError, TypeError):
+        pass
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):  # builtins and some C callables have no signature
         return False
-    return "task_status" in params
+    found = "task_status" in params
+    try:
+        _TAKES_TASK_STATUS[key] = found
+    except TypeError:  # not weakly referenceable: just not cached
+        pass
+    return found
 
 
 def _to_args(value: Iterable[Any]) -> tuple[Any, ...]:
