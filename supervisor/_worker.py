@@ -502,8 +502,9 @@ class Worker:
         try:
             await self._sessions.start_child(self._runner.spec_for(item, slot))
         except ChildStartError as exc:
-            # The lease was never confirmed; the session released its slot. The item
-            # returns to the queue when its reclaim window or lease runs out.
+            # The session hands over before its lease is confirmed, so this is a
+            # failure to even set it up; it released its slot. The item returns to
+            # the queue when its reclaim window or lease runs out.
             logger.warning("session for work item %s did not start: %s", item.id, exc)
         except (ValueError, RuntimeError) as exc:
             slot.release()
@@ -513,8 +514,9 @@ class Worker:
         self._started_sessions += 1
 
     async def _journal_session(self, item: WorkItem) -> None:
-        """Before a session starts: its delegation results are recognised as this
-        worker's even after a restart. The journal is fsynced, so in a thread."""
+        """Once a session's lease is confirmed, before its agent starts: its delegation
+        results are then recognised as this worker's even after a restart. The journal
+        is fsynced, so this runs through ``offload``."""
         watcher = self.delegations
         if watcher is None:
             return
