@@ -1181,6 +1181,14 @@ class SQLiteStore:
         ).fetchone()
         return row
 
+    def _known_worker_row(
+        self, conn: sqlite3.Connection, environment_id: str, worker_id: str
+    ) -> sqlite3.Row:
+        row = self._worker_row(conn, environment_id, worker_id)
+        if row is None:
+            raise NotFound(f"no worker {worker_id!r} in environment {environment_id!r}")
+        return row
+
     def _save_worker(self, conn: sqlite3.Connection, record: WorkerRecord) -> None:
         conn.execute(
             "INSERT INTO workers (environment_id, worker_id, status, registered_at, "
@@ -1292,9 +1300,7 @@ class SQLiteStore:
         """
         _check_id("environment_id", environment_id)
         with self._transaction("reading a worker") as conn:
-            row = self._worker_row(conn, environment_id, worker_id)
-            if row is None:
-                raise NotFound(f"no worker {worker_id!r} in environment {environment_id!r}")
+            row = self._known_worker_row(conn, environment_id, worker_id)
             return self._evaluated_worker(conn, row, now)
 
     def list_workers(self, environment_id: str, *, now: float) -> list[WorkerRecord]:
@@ -1315,9 +1321,7 @@ class SQLiteStore:
         """
         _check_id("environment_id", environment_id)
         with self._transaction("deregistering a worker") as conn:
-            row = self._worker_row(conn, environment_id, worker_id)
-            if row is None:
-                raise NotFound(f"no worker {worker_id!r} in environment {environment_id!r}")
+            row = self._known_worker_row(conn, environment_id, worker_id)
             record = attrs.evolve(_worker(row), status=WorkerStatus.REMOVED)
             self._save_worker(conn, record)
             return record
