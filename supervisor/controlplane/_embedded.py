@@ -9,12 +9,15 @@ POSIX seconds, `time.time` by default) in the Trio thread at the start of
 each call and passes the value down, so tests can drive lease expiry and
 worker ageing with a plain mutable clock.
 
-Threads: with ``threaded=True`` (the default) each store call runs in a worker
-thread through `trio.to_thread.run_sync`, so a slow disk or another process's
-write lock never stalls the event loop; a `trio.CapacityLimiter` bounds the
-threads. A store call is short and bounded by the store's busy timeout, so it
-is not abandoned on cancellation: a cancelled caller waits for it to finish,
-and the cancellation is delivered at the next checkpoint.
+Threads: with ``threaded=True`` (the default) store calls run in a thread of
+their own (a `~supervisor._lane.ThreadLane`), so a slow disk or another
+process's write lock never stalls the event loop. The store serialises its
+one connection anyway, so one thread loses nothing, and it is much cheaper per
+call than ``trio.to_thread`` (results come back to Trio in batches). A store
+call is short and bounded by the store's busy timeout, so once running it is
+not abandoned on cancellation: a cancelled caller waits for it to finish, and
+the cancellation is delivered at the next checkpoint; a call still queued is
+dropped.
 
 Under ``trio.testing.MockClock(autojump_threshold=0)`` (pytest-trio's
 ``autojump_clock``) use ``threaded=False``: the mock clock jumps ahead whenever
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 import trio
 
 from .._exceptions import BadRequest, ControlPlaneError
+from .._lane import ThreadLane
 from ._models import (
     Delegation,
     DelegationStatus,
@@ -87,7 +91,6 @@ class EmbeddedControlPlane:
         poll_interval: how often a long poll re-checks the store, in seconds. A
             submit through the same store object wakes pollers at once; this
             bounds how late they see a submit made by another process.
-        max_threads: the most store calls in flight at once when threaded.
         lease_policy: passed to a store opened from a path.
         status_policy: passed to a store opened from a path.
 
@@ -104,14 +107,11 @@ class EmbeddedControlPlane:
         clock: Callable[[], float] = time.time,
         threaded: bool = True,
         poll_interval: float = 0.25,
-        max_threads: int = 4,
         lease_policy: LeasePolicy | None = None,
         status_policy: StatusPolicy | None = None,
     ) -> None:
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
-        if max_threads < 1:
-            raise ValueError(f"max_threads must be >= 1, got {max_threads!r}")
         if isinstance(path_or_store, SQLiteStore):
             if lease_policy is not None or status_policy is not None:
                 raise ValueError("policies belong to the store: pass them when opening it")
@@ -126,7 +126,7 @@ class EmbeddedControlPlane:
         self._clock = clock
         self._threaded = threaded
         self._poll_interval = poll_interval
-        self._limiter = trio.CapacityLimiter(max_threads)
+        self._lane = ThreadLane("supervisor-store")
         self._submitted = trio.Event()
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closed = False
@@ -168,7 +168,7 @@ class EmbeddedControlPlane:
             self._trio_token = trio.lowlevel.current_trio_token()
         call = functools.partial(fn, *args, **kwargs)
         if self._threaded:
-            return await trio.to_thread.run_sync(call, limiter=self._limiter)
+            return await self._lane.run(call)
         await trio.lowlevel.checkpoint()
         return call()
 
@@ -429,10 +429,14 @@ class EmbeddedControlPlane:
             return
         self._closed = True
         self._store.remove_submit_listener(self._on_submit)
-        if not self._owns_store:
+        if self._threaded:
+            try:
+                if self._owns_store:
+                    await self._lane.run(self._store.close)  # after every call already queued
+            finally:
+                await self._lane.aclose()
+        elif not self._owns_store:
             await trio.lowlevel.checkpoint()
-        elif self._threaded:
-            await trio.to_thread.run_sync(self._store.close)
         else:
             await trio.lowlevel.checkpoint()
             self._store.close()

@@ -98,7 +98,7 @@ async def test_four_trio_tasks_on_threads_claim_500_items_each_exactly_once(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "controlplane.sqlite3"
-    async with EmbeddedControlPlane(db, threaded=True, max_threads=4) as cp:
+    async with EmbeddedControlPlane(db, threaded=True) as cp:
         ids = [(await cp.submit(f"item {n}")).id for n in range(500)]
         claims: dict[str, list[str]] = {f"worker-{n}": [] for n in range(4)}
 
