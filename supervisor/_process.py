@@ -159,6 +159,21 @@ class SessionOutput:
         """Write one of the runner's own remarks to the log file only."""
         self._write_log(b"[supervisor] " + text.encode("utf-8", errors="replace") + b"\n")
 
+    def open_log(self) -> None:
+        """Create or open the log file now rather than at the first write.
+
+        Blocking (a new file on a busy disk can take milliseconds): a session
+        runner calls it off the event loop before its agent starts. A failure
+        disables the log, as a failed write does.
+        """
+        if self.log_path is None or self._log is not None or self._log_failed:
+            return
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_path.open("ab", buffering=64 * 1024)
+        except OSError as exc:
+            self._log_error(exc)
+
     def close(self) -> None:
         """Flush and close the log file; a later write opens it again for appending."""
         log, self._log = self._log, None
@@ -173,10 +188,11 @@ class SessionOutput:
     def _write_log(self, data: bytes) -> None:
         if self.log_path is None or self._log_failed:
             return
-        try:
+        if self._log is None:
+            self.open_log()
             if self._log is None:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                self._log = self.log_path.open("ab", buffering=64 * 1024)
+                return
+        try:
             self._log.write(data)
             # Flushed per chunk read (not per line): `tail -f` shows a running session, and a
             # worker killed with SIGKILL leaves a log that says what its agents were.

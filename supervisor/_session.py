@@ -31,6 +31,7 @@ from ._agent import AgentRunner
 from ._events import ExitKind
 from ._exceptions import ChildStartError
 from ._inbox import INBOX_FILENAME, Inbox
+from ._lane import Offload
 from ._lease import Lease, LeaseKeeper
 from ._process import SessionOutput
 from ._spec import AutoShutdown, ChildSpec, Restart, Strategy, SupervisorSpec
@@ -116,6 +117,8 @@ class SessionRunner:
         on_start: awaited in each session once its lease is confirmed, before the
             agent starts
             (the worker journals the session there, off the event loop).
+        offload: runs blocking file work (opening the session's log) away from
+            the event loop; ``trio.to_thread.run_sync`` by default.
         keeper_options: extra keyword arguments for each ``LeaseKeeper`` (tests and
             the simulator use this to inject timing and randomness).
     """
@@ -130,6 +133,7 @@ class SessionRunner:
     watchdog: Watchdog | None = None
     on_end: Callable[[SessionRecord], None] | None = None
     on_start: Callable[[WorkItem], Awaitable[None]] | None = None
+    offload: Offload = attrs.field(default=trio.to_thread.run_sync, repr=False)
     records: dict[str, SessionRecord] = attrs.field(factory=dict)
     #: Per-session variables for the agent (its session credential), built per item.
     session_env: Callable[[WorkItem], Mapping[str, str]] | None = None
@@ -266,6 +270,7 @@ class SessionRunner:
                     self.workspaces.open(item.data.id) as path,
                     _open_inbox(record, path) as inbox,
                 ):
+                    await self.offload(output.open_log)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_cancel_on_stop_request, lease, scope)
                         if self.watchdog is not None:

@@ -25,7 +25,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -38,6 +38,7 @@ from ._events import SupervisorSnapshot
 from ._exceptions import ChildStartError, ConfigError, ControlPlaneError
 from ._groups import collapse_group, raise_saving_context
 from ._journal import journal_path
+from ._lane import Offload, ThreadLane
 from ._lease import REQUEUE_OUTCOMES
 from ._logging import redact_secret
 from ._metrics import HeartbeatMeter, timed_control_plane
@@ -58,7 +59,6 @@ from .controlplane._protocol import ControlPlane
 __all__ = ["Offload", "Worker", "WorkerStats", "open_worker"]
 
 #: How the worker runs a blocking call off the event loop: ``await offload(fn, *args)``.
-Offload = Callable[..., Awaitable[Any]]
 
 logger = logging.getLogger("supervisor.worker")
 
@@ -131,10 +131,12 @@ class Worker:
             `WorkspaceManager` that ``config`` describes (a simulation passes
             `supervisor.testing.MemoryWorkspaces`, which touches neither the
             file system nor worker threads).
-        offload: runs a blocking call (the fsync of a session's journal entry)
-            away from the event loop; ``trio.to_thread.run_sync`` by default. A
-            simulation under ``MockClock`` passes one that calls inline: a task
-            waiting on a thread lets the mock clock jump.
+        offload: runs the short blocking calls of each session (its journal
+            entry's fsync, its log file, an empty workspace directory) away from
+            the event loop; by default a `~supervisor._lane.ThreadLane` the
+            worker owns while it runs. A simulation under ``MockClock`` passes
+            one that calls inline: a task waiting on a thread lets the mock
+            clock jump.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class Worker:
         self._keeper_options = dict(keeper_options or {})
         self._rng = rng if rng is not None else random.Random()
         self._given_workspaces = workspaces
+        self._given_offload = offload
         self._offload: Offload = offload if offload is not None else trio.to_thread.run_sync
         self._running = False
         self._draining = False
@@ -240,6 +243,10 @@ class Worker:
         self._draining = False
         try:
             async with contextlib.AsyncExitStack() as stack:
+                if self._given_offload is None:
+                    lane = ThreadLane("supervisor-io")
+                    stack.push_async_callback(_close_lane, lane)
+                    self._offload = lane.run
                 self._prepare_state_dir()
                 plane = self._given_control_plane
                 if plane is None:
@@ -322,6 +329,7 @@ class Worker:
         else:
             workspaces = WorkspaceManager(
                 state_dir,
+                offload=self._offload,
                 kind=config.workspace,
                 base_repo=os.fspath(config.base_repo) if config.base_repo is not None else None,
                 keep_workspaces=config.keep_workspaces,
@@ -346,6 +354,7 @@ class Worker:
             keeper_options=self._lease_keeper_options(),
             on_end=self._on_session_end,
             on_start=self._journal_session,
+            offload=self._offload,
             on_line=self.wedge_detector.on_line,
             watchdog=self.wedge_detector.watch,
         )
@@ -733,3 +742,9 @@ async def open_worker(config: WorkerConfig, **options: Any) -> AsyncIterator[Wor
         raise_saving_context(collapse_group(group))
     if body_error is not None:
         raise_saving_context(body_error)
+
+
+async def _close_lane(lane: ThreadLane) -> None:
+    """Close the worker's I/O lane once the tree is down (every session's cleanup is done)."""
+    with trio.CancelScope(shield=True):
+        await lane.aclose()

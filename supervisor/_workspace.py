@@ -66,6 +66,7 @@ import attrs
 import trio
 
 from ._exceptions import ConfigError, SupervisorError
+from ._lane import Offload
 
 __all__ = [
     "WorkspaceError",
@@ -128,6 +129,17 @@ def _make_accessible(path: str) -> bool:
         if not stat.S_ISDIR(mode) or stat.S_IMODE(mode) & stat.S_IRWXU == stat.S_IRWXU:
             return False
         os.chmod(path, stat.S_IMODE(mode) | stat.S_IRWXU)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_if_empty(path: Path) -> bool:
+    """``rmdir``; ``False`` when the directory has something in it (or cannot be removed)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
     return True
@@ -225,6 +237,11 @@ class WorkspaceManager:
         clone_timeout: limit for the local clone of a workspace.
         cleanup_timeout: limit for removing a workspace.
         git: the git executable.
+        offload: runs the short blocking steps (making a directory, removing
+            one the agent left empty) away from the event loop; a worker passes
+            its `~supervisor._lane.ThreadLane`. Removing a tree with files in
+            it, and git, always use ``trio.to_thread`` so that a long removal
+            holds up no other session.
 
     Raises:
         ConfigError: ``git`` without a ``base_repo``.
@@ -240,6 +257,7 @@ class WorkspaceManager:
     clone_timeout: float = attrs.field(default=120.0, validator=attrs.validators.gt(0))
     cleanup_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     git: str = "git"
+    offload: Offload = attrs.field(default=trio.to_thread.run_sync, repr=False)
 
     _lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, repr=False)
     _base_ready: bool = attrs.field(default=False, init=False, repr=False)
@@ -313,21 +331,27 @@ class WorkspaceManager:
         base = safe_name(session_id)
 
         def make() -> Path:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            while True:
-                path = self.root / f"{base}-{secrets.token_hex(4)}"
-                try:
-                    path.mkdir(mode=0o700)
-                except FileExistsError:
-                    continue
-                return path
+            try:
+                return self._new_dir(base)
+            except FileNotFoundError:
+                self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                return self._new_dir(base)
 
         try:
-            path = await trio.to_thread.run_sync(make)
+            path: Path = await self.offload(make)
         except OSError as exc:
             raise WorkspaceError(f"cannot create a workspace under {self.root}: {exc}") from exc
         self._created += 1
         return path
+
+    def _new_dir(self, base: str) -> Path:
+        while True:
+            path = self.root / f"{base}-{secrets.token_hex(4)}"
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            return path
 
     async def _remove(self, path: Path) -> None:
         if self.keep_workspaces:
@@ -335,6 +359,10 @@ class WorkspaceManager:
             return
         with trio.move_on_after(self.cleanup_timeout) as scope:
             try:
+                # An empty directory (the agent left nothing) goes with one rmdir.
+                if await self.offload(_remove_if_empty, path):
+                    self._removed += 1
+                    return
                 await trio.to_thread.run_sync(_remove_tree, path, abandon_on_cancel=True)
             except OSError as exc:
                 logger.warning("could not remove workspace %s: %s", path, exc)
