@@ -145,6 +145,7 @@ class Lease:
     outcome: Outcome | None = attrs.field(default=None, repr=False)
     #: Whether the final stop (or requeue) carrying ``outcome`` was accepted.
     reported: bool = False
+    _on_stop: list[trio.CancelScope] = attrs.field(factory=list, init=False, repr=False)
 
     @property
     def confirmed(self) -> bool:
@@ -165,6 +166,19 @@ class Lease:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.stop_requested.set()
+        scopes, self._on_stop = self._on_stop, []
+        for scope in scopes:
+            scope.cancel()
+
+    def cancel_on_stop_request(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` when a stop is requested (at once if it already was).
+
+        What a runner uses instead of a task waiting on `stop_requested`.
+        """
+        if self.stop_requested.is_set():
+            scope.cancel()
+        else:
+            self._on_stop.append(scope)
 
 
 class LeaseKeeper:

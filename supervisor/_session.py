@@ -262,6 +262,8 @@ class SessionRunner:
                 record.cancel_scope = scope
                 if record.cancel_reason is not None:
                     scope.cancel()
+                # a stop the control plane asks for also interrupts the workspace setup
+                lease.cancel_on_stop_request(scope)
                 if self.on_start is not None:
                     # after the lease is confirmed (a slow disk here cannot hold up the
                     # first heartbeat) and before the agent can delegate anything
@@ -272,7 +274,6 @@ class SessionRunner:
                 ):
                     await self.offload(output.open_log)
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_cancel_on_stop_request, lease, scope)
                         if self.watchdog is not None:
                             nursery.start_soon(self.watchdog, record, output)
                         result = await self.agent.run(
@@ -325,8 +326,3 @@ async def _open_inbox(record: SessionRecord, workspace: Path) -> AsyncIterator[I
         yield inbox
     finally:
         inbox.close()
-
-
-async def _cancel_on_stop_request(lease: Lease, scope: trio.CancelScope) -> None:
-    await lease.stop_requested.wait()
-    scope.cancel()

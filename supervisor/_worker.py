@@ -356,7 +356,8 @@ class Worker:
             on_start=self._journal_session,
             offload=self._offload,
             on_line=self.wedge_detector.on_line,
-            watchdog=self.wedge_detector.watch,
+            # no silence watchdog task per session unless a wedge_timeout is set
+            watchdog=self.wedge_detector.watch if config.wedge_timeout is not None else None,
         )
         slots = trio.CapacityLimiter(config.max_concurrency)
         sessions = self._sessions = Supervisor(

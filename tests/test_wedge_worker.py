@@ -40,6 +40,7 @@ from supervisor.controlplane import (
 )
 from supervisor.controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
 from supervisor.controlplane._store import SQLiteStore
+from supervisor.testing import run_inline
 
 AGENTS = Path(__file__).parent / "agents"
 WEDGE_LINE = "Error: Control request timeout: initialize"
@@ -147,6 +148,7 @@ async def mock_clock_worker(
         control_plane=cast(ControlPlane, plane),
         agent=agent,
         workspaces=DirWorkspaces(tmp_path / "ws"),
+        offload=run_inline,  # a thread would let the mock clock jump while it works
     )
     try:
         async with trio.open_nursery() as nursery:
