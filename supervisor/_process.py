@@ -634,32 +634,35 @@ async def run_agent_process(
     # The readers are shielded so that output written while the agent handles
     # SIGTERM still reaches the log; they are cancelled explicitly once the
     # group is gone and the pipes are drained (or the drain timed out).
-    readers_scope = trio.CancelScope(shield=True)
+    readers_scopes = [trio.CancelScope(shield=True) for _ in streams]
     readers_done = trio.Event()
     exec_scope = trio.CancelScope()
 
-    async def read(stream: trio.abc.ReceiveStream, splitter: _LineSplitter) -> None:
-        async with stream:
-            while chunk := await stream.receive_some(_READ_SIZE):
-                try:
-                    splitter.feed(chunk)
-                except Exception:
-                    # on_line raised: stop the session; the error is re-raised below.
-                    exec_scope.cancel()
-                    return
+    readers_left = len(streams)
 
-    async def read_all() -> None:
+    async def read(
+        stream: trio.abc.ReceiveStream, splitter: _LineSplitter, scope: trio.CancelScope
+    ) -> None:
+        nonlocal readers_left
         try:
-            with readers_scope:
-                async with trio.open_nursery() as readers:
-                    for stream, splitter in zip(streams, splitters, strict=True):
-                        readers.start_soon(read, stream, splitter)
+            with scope:
+                async with stream:
+                    while chunk := await stream.receive_some(_READ_SIZE):
+                        try:
+                            splitter.feed(chunk)
+                        except Exception:
+                            # on_line raised: stop the session; the error is re-raised below.
+                            exec_scope.cancel()
+                            return
         finally:
-            readers_done.set()
+            readers_left -= 1
+            if not readers_left:
+                readers_done.set()
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_all)
+            for stream, splitter, scope in zip(streams, splitters, readers_scopes, strict=True):
+                nursery.start_soon(read, stream, splitter, scope)
             try:
                 with exec_scope:
                     if session_timeout is not None:
@@ -678,7 +681,8 @@ async def run_agent_process(
                         ended = trio.current_time()
                     with trio.move_on_after(drain_timeout):
                         await readers_done.wait()
-                    readers_scope.cancel()
+                    for scope in readers_scopes:
+                        scope.cancel()
     except BaseExceptionGroup as group:
         raise _unwrap_group(group) from None
     finally:
