@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -77,6 +77,7 @@ class ChildContext:
     _stop_event: trio.Event | None = attrs.field(default=None, init=False, repr=False)
     _stop_set: bool = attrs.field(default=False, init=False, repr=False)
     _observed: bool = attrs.field(default=False, init=False, repr=False)
+    _stop_callbacks: list[Callable[[], None]] = attrs.field(factory=list, init=False, repr=False)
 
     @property
     def stop_requested(self) -> trio.Event:
@@ -97,10 +98,35 @@ class ChildContext:
         self._stop_set = True
         if self._stop_event is not None:
             self._stop_event.set()
+        callbacks, self._stop_callbacks = self._stop_callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def _call_on_stop(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` on a stop request (now, if one came); returns a canceller.
+
+        Counts as looking at `stop_requested`: a nested supervisor registers
+        here rather than running a task that waits on the event.
+        """
+        self._observed = True
+        if self._stop_set:
+            callback()
+            return _nothing
+        self._stop_callbacks.append(callback)
+
+        def cancel() -> None:
+            if callback in self._stop_callbacks:
+                self._stop_callbacks.remove(callback)
+
+        return cancel
 
     @property
     def observes_stop(self) -> bool:
         return self._observed
+
+
+def _nothing() -> None:
+    pass
 
 
 _current_child: ContextVar[ChildContext | None] = ContextVar("supervisor_child", default=None)
@@ -262,13 +288,14 @@ class Supervisor:
         self.exit_reason = None
         self._running = True
         parent = _current_child.get()
+        forget_parent = _nothing
         try:
             try:
                 async with trio.open_nursery() as top:
                     self._top = top
                     self._nursery = await top.start(self._host_children)
                     if parent is not None:
-                        top.start_soon(self._watch_parent, parent)
+                        forget_parent = parent._call_on_stop(self._parent_stops)
                     try:
                         await self._main(task_status)
                     finally:
@@ -279,6 +306,7 @@ class Supervisor:
             except BaseExceptionGroup as group:
                 raise_saving_context(collapse_group(group))
         finally:
+            forget_parent()
             self._running = False
             self._finished.set()
         if self._error is not None:
@@ -292,8 +320,7 @@ class Supervisor:
                 await self._closing.wait()
                 nursery.cancel_scope.cancel()
 
-    async def _watch_parent(self, parent: ChildContext) -> None:
-        await parent.stop_requested.wait()
+    def _parent_stops(self) -> None:
         self._inbox_send.send_nowait(_ShutdownRequest())
 
     async def _main(self, task_status: trio.TaskStatus[Supervisor]) -> None:
