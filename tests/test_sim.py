@@ -110,7 +110,7 @@ def test_a_failing_seed_reproduces_exactly_from_the_command_line() -> None:
 def test_cli_prints_one_line_per_failing_seed_then_the_summary(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    status = main(["--seeds", "40", "--measure-from", "answer"])
+    status = main(["--seeds", "110", "--measure-from", "answer"])
     lines = capsys.readouterr().out.splitlines()
     failing = [line for line in lines[:-1] if line.startswith("seed ")]
     assert status == 1
@@ -118,7 +118,7 @@ def test_cli_prints_one_line_per_failing_seed_then_the_summary(
     assert all(re.match(r"seed \d+: split-brain at t=", line) for line in failing)
     match = SUMMARY.match(lines[-1])
     assert match is not None
-    assert int(match[1]) == 40
+    assert int(match[1]) == 110
     assert int(match[2]) >= len(failing)
 
 
