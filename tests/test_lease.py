@@ -776,3 +776,18 @@ async def test_split_brain_check_catches_deadline_from_answer(
     problems = await split_brain_run(MeasureFrom.ANSWER)
     assert any("still ran at the re-grant" in p for p in problems)
     assert any("called stop" in p for p in problems)  # the stale stop of defect 2
+
+
+async def test_a_stop_request_cancels_the_scopes_registered_for_it() -> None:
+    """What the runner uses instead of a task waiting on ``stop_requested``."""
+    lease = Lease("w1")
+    before = trio.CancelScope()
+    lease.cancel_on_stop_request(before)
+    assert not before.cancel_called
+    lease.request_stop("control plane state is stopping")
+    lease.request_stop("a second reason is not kept")
+    assert before.cancel_called
+    assert lease.stop_reason == "control plane state is stopping"
+    after = trio.CancelScope()
+    lease.cancel_on_stop_request(after)  # already requested: cancelled at once
+    assert after.cancel_called

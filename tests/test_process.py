@@ -437,3 +437,25 @@ def test_emit_splits_text_into_lines_and_finds_results() -> None:
     output.emit('one\n{"result": "r1"}\ntwo')
     assert seen == ["one", '{"result": "r1"}', "two"]
     assert output.result_text() == "r1"
+
+
+def test_open_log_creates_the_file_before_any_output(tmp_path: Path) -> None:
+    output = SessionOutput(log_path=tmp_path / "logs" / "s.log")
+    output.open_log()
+    assert (tmp_path / "logs" / "s.log").exists()
+    output.note("started")
+    output.close()
+    assert (tmp_path / "logs" / "s.log").read_bytes() == b"[supervisor] started\n"
+
+
+def test_open_log_failing_disables_the_log_and_keeps_the_tail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    output = SessionOutput(log_path=blocker / "s.log")
+    output.open_log()
+    output.emit("still counted")
+    output.close()
+    assert output.tail() == ("still counted",)
+    assert sum("session log" in r.message for r in caplog.records) == 1

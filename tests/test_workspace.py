@@ -7,6 +7,7 @@ import re
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -398,3 +399,26 @@ async def test_a_base_left_by_an_earlier_run_is_reused_and_fetched(
 async def test_workspaces_are_private_to_the_worker_user(tmp_path: Path) -> None:
     async with WorkspaceManager(tmp_path).open("s") as path:
         assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+async def test_short_steps_go_through_the_offload_and_a_full_tree_through_a_thread(
+    tmp_path: Path,
+) -> None:
+    """mkdir and the rmdir of an empty workspace use ``offload``; files fall back to rmtree."""
+    calls: list[str] = []
+
+    async def offload(function: Any, *args: Any) -> Any:
+        calls.append(getattr(function, "__name__", repr(function)))
+        return function(*args)
+
+    manager = WorkspaceManager(tmp_path, offload=offload)
+    async with manager.open("empty") as empty:
+        assert empty.is_dir()
+    async with manager.open("full") as full:
+        (full / "sub").mkdir()
+        (full / "sub" / "f.txt").write_text("x")
+    assert calls == ["make", "_remove_if_empty", "make", "_remove_if_empty"]
+    assert not empty.exists()
+    assert not full.exists()  # the offloaded rmdir refused; the tree went in a thread
+    stats = manager.statistics()
+    assert (stats.created, stats.removed, stats.active) == (2, 2, 0)
