@@ -120,8 +120,13 @@ class ThreadLane:
                 raise RuntimeError(f"thread lane {self.name!r} is closed")
             self._queue.put(job)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+                try:
+                    thread.start()
+                except BaseException:
+                    job.state = _State.ABANDONED  # nobody would ever run it
+                    raise
+                self._thread = thread
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             with self._lock:
