@@ -152,3 +152,22 @@ async def test_close_finishes_queued_calls_then_refuses_new_ones() -> None:
 def test_idle_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="idle_timeout"):
         ThreadLane("x", idle_timeout=0)
+
+
+async def test_a_thread_that_cannot_start_raises_and_the_next_call_tries_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lane = ThreadLane("test-lane-7")
+    real_start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran: list[str] = []
+    with pytest.raises(RuntimeError, match="can't start"):
+        await lane.run(ran.append, "refused")
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    await lane.run(ran.append, "second")
+    assert ran == ["second"]  # the refused call was dropped, not run later
+    await lane.aclose()
