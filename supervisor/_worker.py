@@ -58,8 +58,6 @@ from .controlplane._protocol import ControlPlane
 
 __all__ = ["Offload", "Worker", "WorkerStats", "open_worker"]
 
-#: How the worker runs a blocking call off the event loop: ``await offload(fn, *args)``.
-
 logger = logging.getLogger("supervisor.worker")
 
 #: The longest a lease keeper retries a claim's first heartbeat (its own default).
