@@ -76,6 +76,9 @@ ASSUMED_TTL: Final = 60.0
 MAX_START_TIMEOUT: Final = 30.0
 
 _STOP_STATES: Final = frozenset({WorkState.STOPPING, WorkState.STOPPED})
+#: The jitter source of keepers given no ``rng``: one for all of them, since
+#: seeding a fresh ``random.Random`` reads the OS's entropy on every session.
+_SHARED_RNG: Final = random.Random()
 #: Outcomes that give the item back (``requeue``) instead of stopping it: the
 #: session could not be served here, but another worker may serve it.
 REQUEUE_OUTCOMES: Final = frozenset({OutcomeStatus.WEDGED})
@@ -209,7 +212,8 @@ class LeaseKeeper:
             another worker that claimed the item since.
         stop_timeout: upper bound for the final ``stop`` call (it is also
             bounded by the time left to the deadline).
-        rng: random source of the retry jitter (inject a seeded one in tests).
+        rng: random source of the retry jitter (inject a seeded one in tests);
+            keepers without one share a module-wide generator.
         measure_from: test hook, see :class:`MeasureFrom`; never change it in
             production.
 
@@ -255,7 +259,7 @@ class LeaseKeeper:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.measure_from = MeasureFrom(measure_from)
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else _SHARED_RNG
         # The last tokens this keeper held, so that none leaks into a log line
         # through a control-plane error message (older ones are worthless).
         self._tokens: collections.deque[str] = collections.deque(maxlen=4)
