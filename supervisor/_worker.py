@@ -163,6 +163,7 @@ class Worker:
         self._keeper_options = dict(keeper_options or {})
         self._rng = rng if rng is not None else random.Random()
         self._given_workspaces = workspaces
+        self._workspace_manager: WorkspaceManager | None = None
         self._given_offload = offload
         self._offload: Offload = offload if offload is not None else trio.to_thread.run_sync
         self._running = False
@@ -251,6 +252,12 @@ class Worker:
                     plane = await stack.enter_async_context(self._open_control_plane())
                 self._control_plane = plane
                 tree = self._build_tree(plane)
+                manager = self._workspace_manager
+                if manager is not None:
+                    # After the tree is down, every session's workspace is gone: give up
+                    # the run directory. Before it starts: what killed workers left.
+                    stack.push_async_callback(manager.aclose)
+                    await manager.sweep()
                 await self._register(plane)
                 await tree.run(task_status=_Relay(task_status, self))
         finally:
@@ -325,7 +332,7 @@ class Worker:
         if self._given_workspaces is not None:
             workspaces = self._given_workspaces
         else:
-            workspaces = WorkspaceManager(
+            workspaces = self._workspace_manager = WorkspaceManager(
                 state_dir,
                 offload=self._offload,
                 kind=config.workspace,

@@ -42,11 +42,22 @@ A workspace is removed when the ``open()`` block exits, however it exits
 (cancellation included), in a shielded scope bounded by ``cleanup_timeout``,
 unless ``keep_workspaces`` is set (then its path is logged). Removal runs in a
 worker thread and copes with read-only directories an agent left behind.
+
+A worker that is killed (SIGKILL, a power cut) runs no cleanup at all, so each
+manager makes its workspaces in a run directory of its own,
+``STATE_DIR/workspaces/run-<random>/``, and holds an exclusive ``flock`` on
+``run-<random>.lock`` next to it for as long as it lives. The kernel drops
+that lock when the process dies, however it dies. `WorkspaceManager.sweep`,
+which a worker calls as it starts, removes the run directories whose lock
+nobody holds: what crashed workers left behind, never a live worker's
+workspaces, even when several workers share one state directory. A manager
+with ``keep_workspaces`` takes no lock, so what it keeps is never swept.
 """
 
 from __future__ import annotations
 
 import enum
+import fcntl
 import hashlib
 import logging
 import os
@@ -57,6 +68,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -145,6 +157,13 @@ def _remove_if_empty(path: Path) -> bool:
     return True
 
 
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _remove_tree(path: Path) -> None:
     """``shutil.rmtree`` that also removes directories an agent made read-only."""
 
@@ -216,16 +235,85 @@ def _to_base_repo(value: str | os.PathLike[str] | None) -> str | None:
     return text if _looks_remote(text) else os.path.abspath(text)
 
 
+_RUN_PREFIX = "run-"
+_LOCK_SUFFIX = ".lock"
+
+
+def _lock_run(lock_path: Path, *, create: bool) -> int | None:
+    """Open and ``flock`` a run's lock file: the descriptor, or ``None`` if someone holds it.
+
+    Raises:
+        FileNotFoundError: ``create`` is false and the file is gone.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    fd = os.open(lock_path, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sweep_dead_runs(workspaces: Path, own_run: str) -> int:
+    """Remove the run directories under ``workspaces`` whose lock nobody holds.
+
+    Returns how many workspaces they held. Errors are logged, never raised:
+    a sweep that fails leaves the leftovers for the next one.
+    """
+    try:
+        names = os.listdir(workspaces)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in sorted(names):
+        run = name.removesuffix(_LOCK_SUFFIX)
+        if run in (name, own_run) or not run.startswith(_RUN_PREFIX):
+            continue
+        lock_path = workspaces / name
+        try:
+            fd = _lock_run(lock_path, create=False)
+        except FileNotFoundError:
+            continue  # its worker closed it meanwhile
+        except OSError as exc:
+            logger.warning("cannot check %s for a live worker: %s", lock_path, exc)
+            continue
+        if fd is None:
+            continue  # a live worker's run
+        try:
+            run_dir = workspaces / run
+            try:
+                left = len(os.listdir(run_dir))
+            except FileNotFoundError:
+                left = 0
+            else:
+                _remove_tree(run_dir)
+            removed += left
+            # Last, so that a sweep interrupted above finds the run again.
+            _unlink_quietly(lock_path)
+        except OSError as exc:
+            logger.warning("could not remove the leftovers in %s: %s", workspaces / run, exc)
+        finally:
+            os.close(fd)
+    return removed
+
+
 @attrs.define(eq=False)
 class WorkspaceManager:
     """Makes and removes per-session workspaces under a state directory.
 
     One manager is shared by all sessions of a worker (it holds the shared
-    git base and its fetch schedule).
+    git base and its fetch schedule). Call `aclose` when done with it (a
+    manager that is never closed leaves an empty run directory, which the next
+    `sweep` after its process ended removes).
 
     Args:
-        state_dir: the worker's state directory; workspaces live in
-            ``state_dir/workspaces``, the git base in ``state_dir/git-base``.
+        state_dir: the worker's state directory; workspaces live in this
+            manager's run directory ``state_dir/workspaces/run-<random>``
+            (`root`), the git base in ``state_dir/git-base``.
         kind: ``none`` or ``git``.
         base_repo: the repository a ``git`` workspace comes from (a path or a URL).
         keep_workspaces: leave workspaces on disk after the session (debugging).
@@ -269,15 +357,96 @@ class WorkspaceManager:
     _base_clones: int = attrs.field(default=0, init=False, repr=False)
     _fetches: int = attrs.field(default=0, init=False, repr=False)
     _fetch_failures: int = attrs.field(default=0, init=False, repr=False)
+    _run: str = attrs.field(
+        factory=lambda: _RUN_PREFIX + secrets.token_hex(6), init=False, repr=False
+    )
+    _run_lock_fd: int | None = attrs.field(default=None, init=False, repr=False)
+    _run_ready: bool = attrs.field(default=False, init=False, repr=False)
+    # Guards the one-time creation of the run directory: with the default
+    # offload two sessions may make their directories in two threads at once.
+    _run_mutex: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.kind is WorkspaceKind.GIT and self.base_repo is None:
             raise ConfigError("a git workspace needs a base repository", key="base_repo")
 
     @property
-    def root(self) -> Path:
-        """Where workspaces are made."""
+    def workspaces_dir(self) -> Path:
+        """Where the run directories of every manager on this state directory live."""
         return self.state_dir / "workspaces"
+
+    @property
+    def root(self) -> Path:
+        """Where this manager makes workspaces: its own run directory."""
+        return self.workspaces_dir / self._run
+
+    async def sweep(self) -> int:
+        """Remove the workspaces that managers which no longer run left behind.
+
+        Those of a worker that was killed before it could clean up, found by
+        their run lock that no live process holds (see the module's notes).
+        Never raises for what it cannot remove: that is logged, and left for
+        the next sweep.
+
+        Returns:
+            how many workspaces were removed.
+        """
+        removed = await trio.to_thread.run_sync(
+            _sweep_dead_runs, self.workspaces_dir, self._run, abandon_on_cancel=True
+        )
+        if removed:
+            logger.warning(
+                "removed %d workspace(s) left in %s by a worker that did not clean up",
+                removed,
+                self.workspaces_dir,
+            )
+        return removed
+
+    async def aclose(self) -> None:
+        """Give up the run directory (if empty) and its lock; the manager can then be swept.
+
+        Call it once every workspace is closed; it does not wait for removals
+        still running in the background after ``cleanup_timeout``.
+        """
+        if not self._run_ready:
+            return
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._release_run)
+
+    def _release_run(self) -> None:
+        with self._run_mutex:
+            if not self._run_ready:
+                return
+            self._run_ready = False
+            fd, self._run_lock_fd = self._run_lock_fd, None
+            try:
+                # While still locked: no sweep takes this run for a dead one meanwhile.
+                _remove_if_empty(self.root)
+                if fd is not None:
+                    _unlink_quietly(self.workspaces_dir / (self._run + _LOCK_SUFFIX))
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def _ensure_run_dir(self) -> None:
+        """Create the run directory, and lock it first unless workspaces are kept."""
+        with self._run_mutex:
+            if self._run_ready:
+                return
+            self.workspaces_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.keep_workspaces:
+                fd = _lock_run(self.workspaces_dir / (self._run + _LOCK_SUFFIX), create=True)
+                assert fd is not None, "a fresh run name is never locked"
+                self._run_lock_fd = fd
+            try:
+                self.root.mkdir(mode=0o700)
+            except BaseException:
+                fd, self._run_lock_fd = self._run_lock_fd, None
+                if fd is not None:
+                    _unlink_quietly(self.workspaces_dir / (self._run + _LOCK_SUFFIX))
+                    os.close(fd)
+                raise
+            self._run_ready = True
 
     @property
     def base_path(self) -> Path | None:
@@ -331,11 +500,9 @@ class WorkspaceManager:
         base = safe_name(session_id)
 
         def make() -> Path:
-            try:
-                return self._new_dir(base)
-            except FileNotFoundError:
-                self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-                return self._new_dir(base)
+            if not self._run_ready:
+                self._ensure_run_dir()
+            return self._new_dir(base)
 
         try:
             path: Path = await self.offload(make)

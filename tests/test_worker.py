@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -102,6 +102,19 @@ async def test_fifty_items_complete_with_never_more_than_eight_at_once(
     assert all(i.outcome is not None and i.outcome.status is OutcomeStatus.COMPLETED for i in items)
     assert trio.lowlevel.current_statistics().tasks_living == tasks_before
     assert open_fds() <= fds_before
+
+
+@pytest.mark.slow
+async def test_a_worker_removes_workspaces_a_killed_worker_left_and_leaves_none_itself(
+    tmp_path: Path, plane: EmbeddedControlPlane, killed_worker_workspace: Callable[..., Path]
+) -> None:
+    cfg = config(tmp_path)
+    leftover = killed_worker_workspace(cfg.state_dir)
+    async with open_worker(cfg, control_plane=plane) as worker:
+        assert not leftover.exists()
+        outcome = await worker.wait(await worker.submit("after the crash"))
+        assert outcome.status is OutcomeStatus.COMPLETED
+    assert os.listdir(cfg.state_dir / "workspaces") == []
 
 
 @pytest.mark.slow

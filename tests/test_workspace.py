@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,48 @@ async def test_keep_workspaces_leaves_them_on_disk(tmp_path: Path) -> None:
     async with manager.open("s") as path:
         (path / "evidence").write_text("x")
     assert (path / "evidence").read_text() == "x"
+
+
+async def test_a_sweep_removes_what_a_killed_worker_left_and_spares_live_ones(
+    tmp_path: Path, killed_worker_workspace: Callable[..., Path]
+) -> None:
+    state = tmp_path / "state"
+    dead = killed_worker_workspace(state)
+    kept = killed_worker_workspace(state, keep=True)
+    live = WorkspaceManager(state)
+    sweeper = WorkspaceManager(state)
+    async with live.open("live") as live_path:
+        (live_path / "busy.txt").write_text("running")
+        assert await sweeper.sweep() == 1
+        assert not dead.parent.exists()  # the dead run's directory, not just the workspace
+        assert not (state / "workspaces" / f"{dead.parent.name}.lock").exists()
+        # A live manager's lock is held, even by another manager in this process.
+        assert (live_path / "busy.txt").read_text() == "running"
+        # What a keep_workspaces run kept is the operator's to look at.
+        assert (kept / "work.txt").read_text() == "half done"
+        assert await sweeper.sweep() == 0
+    await live.aclose()
+    # Closed: its run directory and lock are gone; only the kept run is left.
+    assert entries(state / "workspaces") == [kept.parent.name]
+
+
+async def test_a_closed_manager_leaves_nothing_and_can_open_again(tmp_path: Path) -> None:
+    manager = WorkspaceManager(tmp_path)
+    async with manager.open("s"):
+        assert entries(manager.workspaces_dir) == sorted(
+            [manager.root.name, f"{manager.root.name}.lock"]
+        )
+    await manager.aclose()
+    assert entries(manager.workspaces_dir) == []
+    async with manager.open("s") as path:
+        assert path.parent == manager.root
+    await manager.aclose()
+    assert entries(manager.workspaces_dir) == []
+
+
+async def test_a_sweep_of_a_fresh_state_directory_finds_nothing(tmp_path: Path) -> None:
+    assert await WorkspaceManager(tmp_path / "new").sweep() == 0
+    assert not (tmp_path / "new").exists()
 
 
 async def test_read_only_leftovers_are_removed_too(tmp_path: Path) -> None:
