@@ -35,6 +35,12 @@ worker round (control-plane call latencies, the poller's claim cycle,
 sessions in flight) and the worker's rate at 2, 8 and 32 slots.
 ``--profile`` adds one worker round under cProfile (event-loop thread only).
 Figures are printed, never asserted: they depend on the machine.
+
+The worker rows keep their state (SQLite file, workspaces, logs, journal) in
+a temporary directory; the header names it and its file system. Creating a
+file costs from a few µs (tmpfs) to over 0.5 ms of kernel CPU (a busy
+ext4), and a worker creates two per session, so run once more with
+``TMPDIR=/dev/shm`` to see the worker without the disk.
 """
 
 from __future__ import annotations
@@ -482,6 +488,24 @@ async def run(args: argparse.Namespace) -> None:
         print_profile(profiler, result.seconds)
 
 
+def _file_system(path: str) -> str:
+    """The type of the file system ``path`` is on (Linux), else ``"?"``."""
+    best, kind = "", "?"
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1]
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--items", type=int, default=300, help="sessions per round (300)")
@@ -495,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"throughput: {args.items} sessions per round, concurrency {args.concurrency}, "
         f"median of {args.rounds} rounds, agent {AGENT}, "
-        f"python {sys.version.split()[0]}, {os.cpu_count()} cpus\n"
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cpus"
     )
+    state = os.path.realpath(tempfile.gettempdir())
+    print(f"worker state in {state} ({_file_system(state)}; set TMPDIR to move it)\n")
     trio.run(run, args)
     print(f"\ntook {time.perf_counter() - started:.1f} s")
     return 0
