@@ -380,6 +380,10 @@ class WorkspaceManager:
         """Where this manager makes workspaces: its own run directory."""
         return self.workspaces_dir / self._run
 
+    @property
+    def _lock_path(self) -> Path:
+        return self.workspaces_dir / (self._run + _LOCK_SUFFIX)
+
     async def sweep(self) -> int:
         """Remove the workspaces that managers which no longer run left behind.
 
@@ -421,9 +425,10 @@ class WorkspaceManager:
             fd, self._run_lock_fd = self._run_lock_fd, None
             try:
                 # While still locked: no sweep takes this run for a dead one meanwhile.
-                _remove_if_empty(self.root)
-                if fd is not None:
-                    _unlink_quietly(self.workspaces_dir / (self._run + _LOCK_SUFFIX))
+                # A removal still running after its timeout leaves the directory and
+                # its lock file behind, so that a later sweep can finish the job.
+                if _remove_if_empty(self.root) and fd is not None:
+                    _unlink_quietly(self._lock_path)
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -435,7 +440,7 @@ class WorkspaceManager:
                 return
             self.workspaces_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not self.keep_workspaces:
-                fd = _lock_run(self.workspaces_dir / (self._run + _LOCK_SUFFIX), create=True)
+                fd = _lock_run(self._lock_path, create=True)
                 assert fd is not None, "a fresh run name is never locked"
                 self._run_lock_fd = fd
             try:
@@ -443,7 +448,7 @@ class WorkspaceManager:
             except BaseException:
                 fd, self._run_lock_fd = self._run_lock_fd, None
                 if fd is not None:
-                    _unlink_quietly(self.workspaces_dir / (self._run + _LOCK_SUFFIX))
+                    _unlink_quietly(self._lock_path)
                     os.close(fd)
                 raise
             self._run_ready = True

@@ -158,6 +158,18 @@ async def test_a_closed_manager_leaves_nothing_and_can_open_again(tmp_path: Path
     assert entries(manager.workspaces_dir) == []
 
 
+async def test_a_run_closed_with_something_left_in_it_is_swept_later(tmp_path: Path) -> None:
+    """A removal still going after its timeout: the run stays sweepable, not orphaned."""
+    manager = WorkspaceManager(tmp_path)
+    async with manager.open("s"):
+        pass
+    (manager.root / "still-being-removed").mkdir()
+    await manager.aclose()
+    assert (manager.workspaces_dir / f"{manager.root.name}.lock").exists()
+    assert await WorkspaceManager(tmp_path).sweep() == 1
+    assert entries(manager.workspaces_dir) == []
+
+
 async def test_a_sweep_of_a_fresh_state_directory_finds_nothing(tmp_path: Path) -> None:
     assert await WorkspaceManager(tmp_path / "new").sweep() == 0
     assert not (tmp_path / "new").exists()
