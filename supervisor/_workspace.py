@@ -283,8 +283,8 @@ def _sweep_dead_runs(workspaces: Path, own_run: str) -> int:
             continue
         if fd is None:
             continue  # a live worker's run
+        run_dir = workspaces / run
         try:
-            run_dir = workspaces / run
             try:
                 left = len(os.listdir(run_dir))
             except FileNotFoundError:
@@ -295,7 +295,7 @@ def _sweep_dead_runs(workspaces: Path, own_run: str) -> int:
             # Last, so that a sweep interrupted above finds the run again.
             _unlink_quietly(lock_path)
         except OSError as exc:
-            logger.warning("could not remove the leftovers in %s: %s", workspaces / run, exc)
+            logger.warning("could not remove the leftovers in %s: %s", run_dir, exc)
         finally:
             os.close(fd)
     return removed
