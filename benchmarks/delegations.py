@@ -30,8 +30,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor._delegations import DelegationWatcher
-from supervisor._journal import DelegationJournal
+from supervisor._worker._delegations import DelegationWatcher
+from supervisor._worker._journal import DelegationJournal
 from supervisor.controlplane import NO_HEARTBEAT, Delegation, DelegationStatus, Outcome
 from supervisor.controlplane._embedded import EmbeddedControlPlane
 

@@ -63,9 +63,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor._agent import AgentContext
-from supervisor._config import WorkerConfig
-from supervisor._worker import Worker
+from supervisor._worker._agent import AgentContext
+from supervisor._worker._config import WorkerConfig
+from supervisor._worker._worker import Worker
 from supervisor.controlplane import NO_HEARTBEAT, ControlPlane, LeasePolicy
 from supervisor.controlplane._embedded import EmbeddedControlPlane
 from supervisor.controlplane._models import HeartbeatResult, Outcome, WorkItem

@@ -3,15 +3,8 @@
 The public surface is re-exported here; modules with a leading underscore are private.
 """
 
-from ._agent import (
-    AgentContext as AgentContext,
-    AgentRunner as AgentRunner,
-    AgentSpec as AgentSpec,
-    EnvPolicy as EnvPolicy,
-)
-from ._config import WorkerConfig as WorkerConfig
-from ._delegations import DelegationWatcher as DelegationWatcher, WatcherStats as WatcherStats
-from ._events import (
+from ._base._exceptions import ConfigError as ConfigError, SupervisorError as SupervisorError
+from ._tree._events import (
     ChildCounts as ChildCounts,
     ChildExit as ChildExit,
     ChildInfo as ChildInfo,
@@ -22,35 +15,12 @@ from ._events import (
     SupervisorEvent as SupervisorEvent,
     SupervisorSnapshot as SupervisorSnapshot,
 )
-from ._exceptions import (
-    BadRequest as BadRequest,
+from ._tree._exceptions import (
     ChildStartError as ChildStartError,
-    ConfigError as ConfigError,
-    Conflict as Conflict,
-    ControlPlaneError as ControlPlaneError,
-    ControlPlaneUnavailable as ControlPlaneUnavailable,
-    FatalError as FatalError,
-    FencingConflict as FencingConflict,
-    Gone as Gone,
-    LeaseLost as LeaseLost,
-    NotFound as NotFound,
     RestartIntensityExceeded as RestartIntensityExceeded,
     Shutdown as Shutdown,
-    SupervisorError as SupervisorError,
-    TransientError as TransientError,
-    Unauthorized as Unauthorized,
 )
-from ._inbox import Inbox as Inbox, InboxClosed as InboxClosed, InboxEntry as InboxEntry
-from ._lease import Lease as Lease, LeaseKeeper as LeaseKeeper
-from ._poller import ClaimGate as ClaimGate, Poller as Poller, Slot as Slot
-from ._presence import Presence as Presence, RequestCounter as RequestCounter
-from ._process import AgentResult as AgentResult, SessionOutput as SessionOutput
-from ._session_client import (
-    SessionClient as SessionClient,
-    SessionCredentials as SessionCredentials,
-    open_session_client as open_session_client,
-)
-from ._spec import (
+from ._tree._spec import (
     AutoShutdown as AutoShutdown,
     Backoff as Backoff,
     ChildSpec as ChildSpec,
@@ -58,27 +28,66 @@ from ._spec import (
     Strategy as Strategy,
     SupervisorSpec as SupervisorSpec,
 )
-from ._threaded import (
-    ResultTimeout as ResultTimeout,
-    ThreadedWorker as ThreadedWorker,
-    WorkCancelled as WorkCancelled,
-    WorkHandle as WorkHandle,
-)
-from ._tree import (
+from ._tree._supervisor import (
     ChildContext as ChildContext,
     Supervisor as Supervisor,
     current_child as current_child,
     open_supervisor as open_supervisor,
 )
-from ._wedge import (
+from ._version import __version__ as __version__
+from ._worker._agent import (
+    AgentContext as AgentContext,
+    AgentRunner as AgentRunner,
+    AgentSpec as AgentSpec,
+    EnvPolicy as EnvPolicy,
+)
+from ._worker._config import WorkerConfig as WorkerConfig
+from ._worker._delegations import (
+    DelegationWatcher as DelegationWatcher,
+    WatcherStats as WatcherStats,
+)
+from ._worker._inbox import Inbox as Inbox, InboxClosed as InboxClosed, InboxEntry as InboxEntry
+from ._worker._lease import Lease as Lease, LeaseKeeper as LeaseKeeper, LeaseLost as LeaseLost
+from ._worker._poller import ClaimGate as ClaimGate, Poller as Poller, Slot as Slot
+from ._worker._presence import Presence as Presence, RequestCounter as RequestCounter
+from ._worker._process import AgentResult as AgentResult, SessionOutput as SessionOutput
+from ._worker._threaded import (
+    ResultTimeout as ResultTimeout,
+    ThreadedWorker as ThreadedWorker,
+    WorkCancelled as WorkCancelled,
+    WorkHandle as WorkHandle,
+)
+from ._worker._wedge import (
     WedgeBreaker as WedgeBreaker,
     WedgeDetector as WedgeDetector,
     WedgeState as WedgeState,
 )
-from ._worker import Worker as Worker, WorkerStats as WorkerStats, open_worker as open_worker
-from ._workspace import WorkspaceError as WorkspaceError, WorkspaceManager as WorkspaceManager
-
-__version__ = "0.1.0.dev0"
+from ._worker._worker import (
+    Worker as Worker,
+    WorkerStats as WorkerStats,
+    open_worker as open_worker,
+)
+from ._worker._workspace import (
+    WorkspaceError as WorkspaceError,
+    WorkspaceManager as WorkspaceManager,
+)
+from .controlplane._exceptions import (
+    BadRequest as BadRequest,
+    Conflict as Conflict,
+    ControlPlaneError as ControlPlaneError,
+    ControlPlaneUnavailable as ControlPlaneUnavailable,
+    FatalError as FatalError,
+    FencingConflict as FencingConflict,
+    Gone as Gone,
+    NotFound as NotFound,
+    TransientError as TransientError,
+    Unauthorized as Unauthorized,
+)
+from .controlplane._session_client import (
+    SessionClient as SessionClient,
+    SessionCredentials as SessionCredentials,
+    open_session_client as open_session_client,
+)
 
 __all__ = [
     "AgentContext",

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from .._exceptions import BadRequest
+from ._exceptions import BadRequest
 from ._models import (
     Delegation,
     DelegationStatus,

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import trio
 
-from .._exceptions import BadRequest, ControlPlaneError
-from .._lane import ThreadLane
+from .._base._lane import ThreadLane
+from ._exceptions import BadRequest, ControlPlaneError
 from ._models import (
     Delegation,
     DelegationStatus,

@@ -32,9 +32,10 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from .._exceptions import (
+from .._base._exceptions import ConfigError
+from . import _codec as codec
+from ._exceptions import (
     BadRequest,
-    ConfigError,
     Conflict,
     ControlPlaneError,
     ControlPlaneUnavailable,
@@ -45,7 +46,6 @@ from .._exceptions import (
     TransientError,
     Unauthorized,
 )
-from . import _codec as codec
 from ._keys import KeyProvider, as_key_provider, check_key_syntax
 from ._models import (
     Delegation,

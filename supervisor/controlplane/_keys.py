@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .._exceptions import ConfigError
+from .._base._exceptions import ConfigError
 
 __all__ = [
     "KEY_ENV",

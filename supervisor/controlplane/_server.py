@@ -49,17 +49,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._exceptions import (
-    BadRequest,
-    ConfigError,
-    ControlPlaneError,
-    NotFound,
-    TransientError,
-    Unauthorized,
-)
-from .._logging import configure_logging
+from .._base._exceptions import ConfigError
+from .._base._logging import configure_logging
 from . import _codec as codec
 from ._embedded import STORE_FILENAME, EmbeddedControlPlane
+from ._exceptions import BadRequest, ControlPlaneError, NotFound, TransientError, Unauthorized
 from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider, key_provider_from_env
 from ._models import DelegationStatus, WorkState
 from ._openapi import API_PREFIX, openapi_document

@@ -75,7 +75,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
-from .._exceptions import (
+from ._exceptions import (
     BadRequest,
     Conflict,
     ControlPlaneError,

@@ -40,7 +40,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from .._exceptions import (
+from ..controlplane._exceptions import (
     ControlPlaneUnavailable,
     FencingConflict,
     TransientError,

@@ -24,7 +24,7 @@ from typing import Final, TypeAlias
 import attrs
 import trio
 
-from .._exceptions import (
+from ..controlplane._exceptions import (
     Conflict,
     ControlPlaneUnavailable,
     FencingConflict,

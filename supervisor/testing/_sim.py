@@ -105,11 +105,12 @@ import attrs
 import trio
 import trio.testing
 
-from .._agent import AgentContext
-from .._config import WorkerConfig
-from .._exceptions import ControlPlaneError, RestartIntensityExceeded
-from .._worker import Worker
+from .._tree._exceptions import RestartIntensityExceeded
+from .._worker._agent import AgentContext
+from .._worker._config import WorkerConfig
+from .._worker._worker import Worker
 from ..controlplane._embedded import EmbeddedControlPlane
+from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._models import Outcome, WorkState
 from ..controlplane._store import LeasePolicy, SQLiteStore
 from ._faults import CallRecord, Fault, FaultKind, FaultyControlPlane

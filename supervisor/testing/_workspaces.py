@@ -17,7 +17,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .._workspace import safe_name
+from .._worker._workspace import safe_name
 
 __all__ = ["MemoryWorkspaces"]
 

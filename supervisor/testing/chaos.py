@@ -64,8 +64,8 @@ from typing import BinaryIO, Final
 import attrs
 import trio
 
-from .._exceptions import ControlPlaneError
 from ..controlplane._embedded import STORE_FILENAME
+from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._http import HttpControlPlane
 from ..controlplane._models import OutcomeStatus, WorkItem, WorkState
 from ..controlplane._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore

@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .._lease import MeasureFrom
+from .._worker._lease import MeasureFrom
 from ._sim import (
     AgentBehaviour,
     Behaviour,

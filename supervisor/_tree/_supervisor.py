@@ -1,0 +1,883 @@
+"""The generic supervision tree: OTP restart strategies on Trio nurseries.
+
+This module knows nothing about agents, leases or control planes; any Trio
+application can put its own services under a :class:`Supervisor`.
+
+How a supervisor is laid out in Trio terms::
+
+    run()
+    └─ top nursery
+       ├─ body: the decision loop (start children, react to exits, restart, escalate)
+       ├─ host task ── shielded ── children nursery ── one wrapper task per child
+       └─ restart timers, the parent-stop watcher
+
+The children live under a *shielded* nursery so that when the host application
+cancels ``run()`` the supervisor can still stop them the orderly way (reverse
+start order, cooperative stop request first) before the cancellation goes on.
+That cleanup is bounded by the children's own ``shutdown`` settings.
+
+Exceptions that cross ``run()``: ``RestartIntensityExceeded`` and
+``ChildStartError`` are raised after every child has stopped. A
+``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``,
+``SystemExit``) is never caught: it tears the tree down and propagates. When
+several such exceptions arrive at once Trio groups them; ``run()`` re-raises a
+lone exception bare (ignoring the ``Cancelled`` that came with it), a lone
+``Cancelled`` bare, and anything else as the group it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import attrs
+import trio
+
+from .._base._groups import collapse_group, raise_saving_context
+from ._events import (
+    ChildCounts,
+    ChildExit,
+    ChildInfo,
+    ChildSnapshot,
+    ChildState,
+    EventKind,
+    ExitKind,
+    SupervisorEvent,
+    SupervisorSnapshot,
+)
+from ._exceptions import ChildStartError, RestartIntensityExceeded, Shutdown
+from ._spec import AutoShutdown, ChildSpec, Restart, Strategy, SupervisorSpec
+
+__all__ = ["ChildContext", "Supervisor", "current_child", "open_supervisor"]
+
+logger = logging.getLogger("supervisor")
+
+_LIVE = (ChildState.STARTING, ChildState.RUNNING)
+
+
+@attrs.define(eq=False)
+class ChildContext:
+    """What a supervised child can learn about itself; see :func:`current_child`.
+
+    Attributes:
+        id: the child's id.
+        supervisor: the name of its supervisor.
+        restart_count: how many times it was restarted before this run.
+    """
+
+    id: str
+    supervisor: str
+    restart_count: int
+    _stop_event: trio.Event | None = attrs.field(default=None, init=False, repr=False)
+    _stop_set: bool = attrs.field(default=False, init=False, repr=False)
+    _observed: bool = attrs.field(default=False, init=False, repr=False)
+    _stop_callbacks: list[Callable[[], None]] = attrs.field(factory=list, init=False, repr=False)
+
+    @property
+    def stop_requested(self) -> trio.Event:
+        """Set when the supervisor asks this child to stop.
+
+        Looking at it is how a child says it will cooperate (like an OTP process
+        that traps exits): it then gets its ``shutdown`` grace before being
+        cancelled. A child that never looks is cancelled at once.
+        """
+        self._observed = True
+        if self._stop_event is None:  # made on first use: most children never look
+            self._stop_event = trio.Event()
+            if self._stop_set:
+                self._stop_event.set()
+        return self._stop_event
+
+    def _request_stop(self) -> None:
+        self._stop_set = True
+        if self._stop_event is not None:
+            self._stop_event.set()
+        callbacks, self._stop_callbacks = self._stop_callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def _call_on_stop(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` on a stop request (now, if one came); returns a canceller.
+
+        Counts as looking at `stop_requested`: a nested supervisor registers
+        here rather than running a task that waits on the event.
+        """
+        self._observed = True
+        if self._stop_set:
+            callback()
+            return _nothing
+        self._stop_callbacks.append(callback)
+
+        def cancel() -> None:
+            if callback in self._stop_callbacks:
+                self._stop_callbacks.remove(callback)
+
+        return cancel
+
+    @property
+    def observes_stop(self) -> bool:
+        return self._observed
+
+
+def _nothing() -> None:
+    pass
+
+
+_current_child: ContextVar[ChildContext | None] = ContextVar("supervisor_child", default=None)
+
+
+def current_child() -> ChildContext:
+    """The :class:`ChildContext` of the supervised child this task belongs to.
+
+    Raises:
+        RuntimeError: outside a supervised child.
+    """
+    ctx = _current_child.get()
+    if ctx is None:
+        raise RuntimeError("current_child() called outside a supervised child")
+    return ctx
+
+
+class _Ready:
+    """Wraps a child's ``task_status`` to remember whether it has started."""
+
+    __slots__ = ("_inner", "done", "value")
+
+    def __init__(self, inner: trio.TaskStatus[Any]) -> None:
+        self._inner = inner
+        self.done = False
+        self.value: Any = None
+
+    def started(self, value: Any = None) -> None:
+        if self.done:
+            raise RuntimeError("task_status.started() called twice")
+        self.done = True
+        self.value = value
+        self._inner.started(value)
+
+
+@attrs.define(eq=False)
+class _Child:
+    spec: ChildSpec
+    state: ChildState = ChildState.STOPPED
+    generation: int = 0
+    scope: trio.CancelScope | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+    ctx: ChildContext | None = None
+    value: Any = None
+    terminating: bool = False
+    restart_count: int = 0
+    consecutive: int = 0
+    started_at: float | None = None  # trio clock
+    started_wall: float | None = None
+    last_exit: ChildExit | None = None
+    pending: object | None = None  # token of a scheduled restart
+
+
+@attrs.frozen
+class _Exited:
+    child: _Child
+    generation: int
+    exit: ChildExit
+
+
+@attrs.frozen
+class _RestartDue:
+    children: tuple[_Child, ...]
+    token: object
+
+
+class _ShutdownRequest:
+    pass
+
+
+class _StartFailedError(Exception):
+    def __init__(self, child: _Child, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.child = child
+        self.exc = exc
+
+
+def _restarts(restart: Restart, kind: ExitKind) -> bool:
+    if restart is Restart.PERMANENT:
+        return True
+    if restart is Restart.TRANSIENT:
+        return kind is ExitKind.ABNORMAL
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Supervisor:
+    """Runs children per a :class:`SupervisorSpec` and restarts them by its rules.
+
+    Use ``await nursery.start(sup.run)`` (returns once every child has started)
+    or :func:`open_supervisor`. A supervisor can be a child of another: use
+    ``ChildSpec(id, Supervisor(spec).run)``; its escalation is then its
+    parent's abnormal child exit, and its parent's stop request stops it gracefully.
+
+    Events: :meth:`subscribe` returns a receive channel of
+    :class:`SupervisorEvent`; a subscriber that falls behind loses events (the
+    supervisor never blocks on a slow reader) and ``dropped_events`` counts them.
+
+    ``total_restarts`` counts the restarts this supervisor's policy made over
+    the object's whole life (re-runs do not reset it, unlike the per-child
+    counts in a snapshot): a monotonic figure for metrics.
+    """
+
+    def __init__(self, spec: SupervisorSpec) -> None:
+        if not isinstance(spec, SupervisorSpec):
+            raise TypeError(f"Supervisor needs a SupervisorSpec, got {spec!r}")
+        self.spec = spec
+        self.exit_reason: ChildExit | None = None
+        self.dropped_events = 0
+        self.total_restarts = 0
+        self._crash_log: dict[str, tuple[float | None, int]] = {}
+        self._subscribers: list[trio.MemorySendChannel[SupervisorEvent]] = []
+        self._running = False
+        self._children: list[_Child] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        # (time, exit) of each restart decision still inside the intensity window
+        self._restarts: deque[tuple[float, ChildExit]] = deque()
+        self._lock = trio.Lock()
+        self._inbox_send, self._inbox = trio.open_memory_channel[object](math.inf)
+        self._finished = trio.Event()
+        self._closing = trio.Event()
+        self._error: BaseException | None = None
+        self._tearing_down = False
+        self._top: trio.Nursery | None = None
+        self._nursery: trio.Nursery | None = None
+        self._children = []
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    # ------------------------------------------------------------------ run
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start the children in order and supervise them until stopped.
+
+        Returns normally after :meth:`shutdown`, an auto-shutdown (see
+        ``exit_reason``) or a parent's stop request.
+
+        Raises:
+            ChildStartError: a child failed to start (the others were stopped first).
+            RestartIntensityExceeded: the restart budget was spent.
+        """
+        if self._running:
+            raise RuntimeError(f"supervisor {self.name!r} is already running")
+        self._reset()
+        self.exit_reason = None
+        self._running = True
+        parent = _current_child.get()
+        forget_parent = _nothing
+        try:
+            try:
+                async with trio.open_nursery() as top:
+                    self._top = top
+                    self._nursery = await top.start(self._host_children)
+                    if parent is not None:
+                        forget_parent = parent._call_on_stop(self._parent_stops)
+                    try:
+                        await self._main(task_status)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._terminate_all()
+                        self._closing.set()
+                        top.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise_saving_context(collapse_group(group))
+        finally:
+            forget_parent()
+            self._running = False
+            self._finished.set()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    async def _host_children(self, *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                task_status.started(nursery)
+                await self._closing.wait()
+                nursery.cancel_scope.cancel()
+
+    def _parent_stops(self) -> None:
+        self._inbox_send.send_nowait(_ShutdownRequest())
+
+    async def _main(self, task_status: trio.TaskStatus[Supervisor]) -> None:
+        self._children = [_Child(spec) for spec in self.spec.children]
+        for child in list(self._children):
+            try:
+                await self._start(child)
+            except _StartFailedError as failure:
+                await self._terminate_all()
+                error = ChildStartError(self.name, child.spec.id, _describe(failure.exc))
+                error.__cause__ = failure.exc
+                self._error = error
+                return
+        task_status.started(self)
+        async for message in self._inbox:
+            # Take the lock without a second trip through the scheduler when it is free
+            # (the common case: trio.Lock.acquire always yields once more).
+            try:
+                self._lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self._lock.acquire()
+            try:
+                if await self._handle(message):
+                    return
+            finally:
+                self._lock.release()
+
+    # ------------------------------------------------------------ children
+
+    async def _start(self, child: _Child) -> None:
+        """Start ``child`` and wait for it to be ready; ``_StartFailedError`` if it fails."""
+        assert self._nursery is not None
+        child.generation += 1
+        child.state = ChildState.STARTING
+        child.done = trio.Event()
+        child.terminating = False
+        child.pending = None
+        child.value = None
+        scope = child.scope = trio.CancelScope()
+        try:
+            if child.spec.accepts_task_status:
+                child.value = await self._nursery.start(
+                    self._child_main, child, child.generation, scope
+                )
+            else:
+                self._nursery.start_soon(self._child_main, child, child.generation, scope)
+        except Exception as exc:
+            child.state = ChildState.STOPPED
+            child.scope = None
+            child.last_exit = ChildExit(child.spec.id, ExitKind.ABNORMAL, trio.current_time(), exc)
+            raise _StartFailedError(child, exc) from exc
+        if child.state is ChildState.STARTING:
+            child.state = ChildState.RUNNING
+        child.started_at = trio.current_time()
+        child.started_wall = time.time()
+        self._emit(EventKind.CHILD_STARTED, child.spec.id)
+
+    async def _child_main(
+        self,
+        child: _Child,
+        generation: int,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        ready = _Ready(task_status)
+        done = child.done
+        ctx = child.ctx = ChildContext(
+            id=child.spec.id,
+            supervisor=self.name,
+            restart_count=child.restart_count,
+        )
+        _current_child.set(ctx)
+        kind = ExitKind.NORMAL
+        error: BaseException | None = None
+        try:
+            with scope:
+                try:
+                    if child.spec.accepts_task_status:
+                        await child.spec.target(*child.spec.args, task_status=ready)
+                    else:
+                        ready.done = True
+                        await child.spec.target(*child.spec.args)
+                except Shutdown as exc:
+                    if not ready.done:
+                        raise
+                    kind, error = ExitKind.SHUTDOWN, exc
+                except Exception as exc:
+                    if not ready.done:
+                        raise
+                    kind, error = ExitKind.ABNORMAL, exc
+            if scope.cancelled_caught:
+                kind = ExitKind.SHUTDOWN
+        finally:
+            done.set()
+        if not ready.done:
+            return  # trio's start() reports "exited without calling started()"
+        exit_ = ChildExit(
+            child.spec.id, kind, trio.current_time(), error, requested=child.terminating
+        )
+        if generation == child.generation:
+            child.last_exit = exit_
+            child.state = ChildState.STOPPED
+            child.scope = None
+        self._emit(EventKind.CHILD_EXITED, child.spec.id, exit=exit_)
+        self._inbox_send.send_nowait(_Exited(child, generation, exit_))
+
+    async def _terminate(self, child: _Child) -> None:
+        """Stop one child: stop request, grace, cancel, and say so if it will not end."""
+        if child.state is ChildState.BACKOFF:
+            child.pending = None
+            child.state = ChildState.STOPPED
+        elif child.state in _LIVE or (
+            child.state is ChildState.STOPPING and not child.done.is_set()
+        ):
+            child.terminating = True
+            child.state = ChildState.STOPPING
+            done = child.done
+            ctx = child.ctx
+            if ctx is not None:
+                ctx._request_stop()
+            grace = child.spec.shutdown
+            if ctx is not None and ctx.observes_stop and grace != 0:
+                if grace is None:
+                    await done.wait()
+                else:
+                    with trio.move_on_after(grace):
+                        await done.wait()
+            if not done.is_set() and child.scope is not None:
+                child.scope.cancel()
+            if not done.is_set():
+                with trio.move_on_after(self.spec.unresponsive_after):
+                    await done.wait()
+            if not done.is_set():
+                self._emit(EventKind.CHILD_UNRESPONSIVE, child.spec.id)
+                await done.wait()
+            child.state = ChildState.STOPPED
+        if child.spec.restart is Restart.TEMPORARY and child in self._children:
+            self._children.remove(child)
+
+    async def _terminate_all(self) -> None:
+        self._tearing_down = True
+        if self.spec.parallel_stop:
+            async with trio.open_nursery() as nursery:
+                for child in list(self._children):
+                    nursery.start_soon(self._terminate, child)
+            return
+        for child in reversed(list(self._children)):
+            await self._terminate(child)
+
+    # ------------------------------------------------------------- decisions
+
+    async def _handle(self, message: object) -> bool:
+        """React to one message; ``True`` when the supervisor must stop."""
+        if isinstance(message, _ShutdownRequest):
+            return True
+        if isinstance(message, _RestartDue):
+            due = [
+                c for c in message.children if c.pending is message.token and c in self._children
+            ]
+            await self._restart_group(due)
+            return False
+        assert isinstance(message, _Exited)
+        child, exit_ = message.child, message.exit
+        if message.generation != child.generation or child.terminating:
+            return False  # stopped on purpose, or already replaced
+        if child not in self._children:
+            return False
+        ran_for = exit_.time - (child.started_at if child.started_at is not None else exit_.time)
+        if child.spec.restart is Restart.TEMPORARY:
+            self._children.remove(child)
+        if not _restarts(child.spec.restart, exit_.kind):
+            if child.spec.significant and self._auto_shutdown_due():
+                self.exit_reason = exit_
+                self._emit(EventKind.SUPERVISOR_AUTO_SHUTDOWN, child.spec.id, exit=exit_)
+                return True
+            return False
+        if self._budget_spent(exit_):
+            self._escalate(exit_)
+            return True
+        group = self._group_for(child)
+        for other in reversed(group):
+            if other is not child:
+                await self._terminate(other)
+        group = [c for c in group if c in self._children]
+        backoff = child.spec.backoff or self.spec.backoff
+        delay = 0.0
+        if backoff is not None:
+            reset_after = (
+                backoff.reset_after if backoff.reset_after is not None else self.spec.period
+            )
+            if ran_for >= reset_after:
+                child.consecutive = 0
+            delay = backoff.delay(child.consecutive)
+        child.consecutive += 1
+        for c in group:
+            c.restart_count += 1
+            self.total_restarts += 1
+            self._emit(
+                EventKind.CHILD_RESTARTING,
+                c.spec.id,
+                exit=exit_ if c is child else None,
+                delay=delay,
+            )
+        if delay > 0:
+            self._schedule(group, delay)
+        else:
+            await self._restart_group(group)
+        return False
+
+    def _auto_shutdown_due(self) -> bool:
+        mode = self.spec.auto_shutdown
+        if mode is AutoShutdown.ANY_SIGNIFICANT:
+            return True
+        if mode is AutoShutdown.ALL_SIGNIFICANT:
+            return not any(
+                c.spec.significant and c.state in (*_LIVE, ChildState.BACKOFF)
+                for c in self._children
+            )
+        return False
+
+    def _budget_spent(self, exit_: ChildExit) -> bool:
+        now = trio.current_time()
+        self._restarts.append((now, exit_))
+        horizon = now - self.spec.period
+        while self._restarts and self._restarts[0][0] <= horizon:
+            self._restarts.popleft()
+        return len(self._restarts) > self.spec.intensity
+
+    def _escalate(self, exit_: ChildExit) -> None:
+        # the exits that spent the budget, oldest first; the escalating one is last
+        history = [counted for _, counted in self._restarts]
+        error = RestartIntensityExceeded(self.name, self.spec.intensity, self.spec.period, history)
+        error.__cause__ = exit_.exception
+        self._error = error
+        self._emit(EventKind.SUPERVISOR_ESCALATED, exit_.child_id, exit=exit_)
+
+    def _group_for(self, child: _Child) -> list[_Child]:
+        strategy = self.spec.strategy
+        if strategy is Strategy.ONE_FOR_ONE:
+            return [child]
+        if strategy is Strategy.ONE_FOR_ALL:
+            return list(self._children)
+        index = self._children.index(child)
+        return self._children[index:]
+
+    def _schedule(self, group: list[_Child], delay: float) -> None:
+        token = object()
+        for c in group:
+            c.pending = token
+            c.state = ChildState.BACKOFF
+        assert self._top is not None
+        self._top.start_soon(self._restart_timer, _RestartDue(tuple(group), token), delay)
+
+    async def _restart_timer(self, due: _RestartDue, delay: float) -> None:
+        await trio.sleep(delay)
+        self._inbox_send.send_nowait(due)
+
+    async def _restart_group(self, group: list[_Child]) -> None:
+        for position, child in enumerate(group):
+            try:
+                await self._start(child)
+            except _StartFailedError as failure:
+                # The failed start counts as an abnormal exit of that child; the rest of
+                # the group stays stopped until that exit is handled (which restarts it).
+                for rest in group[position + 1 :]:
+                    rest.state = ChildState.STOPPED
+                    rest.pending = None
+                exit_ = child.last_exit or ChildExit(
+                    child.spec.id, ExitKind.ABNORMAL, trio.current_time(), failure.exc
+                )
+                self._inbox_send.send_nowait(_Exited(child, child.generation, exit_))
+                return
+
+    # ------------------------------------------------------------- events
+
+    def subscribe(self, max_buffer: int = 256) -> trio.MemoryReceiveChannel[SupervisorEvent]:
+        """A channel receiving every lifecycle event from now on.
+
+        Close the receive end to unsubscribe. Events beyond ``max_buffer``
+        unread ones are dropped for that subscriber (counted in ``dropped_events``).
+        """
+        send, receive = trio.open_memory_channel[SupervisorEvent](max_buffer)
+        self._subscribers.append(send)
+        return receive
+
+    def _emit(
+        self,
+        kind: EventKind,
+        child_id: str | None,
+        *,
+        exit: ChildExit | None = None,
+        delay: float | None = None,
+    ) -> None:
+        if self._subscribers:
+            event = SupervisorEvent(kind, self.name, child_id, trio.current_time(), exit, delay)
+            for send in list(self._subscribers):
+                try:
+                    send.send_nowait(event)
+                except trio.WouldBlock:
+                    self.dropped_events += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._subscribers.remove(send)
+        self._log(kind, child_id, exit, delay)
+
+    def _log_crash(self, child_id: str | None, exit: ChildExit) -> None:
+        """One WARNING per child per ``period``; repeats within it go to DEBUG.
+
+        A child crashing in a tight loop would otherwise flood the log with
+        the same line; the next WARNING after the quiet spell says how many
+        crashes it summarises. Tracebacks only at DEBUG (escalation logs one at ERROR).
+        """
+        key = child_id or ""
+        last, suppressed = self._crash_log.get(key, (None, 0))
+        if last is not None and exit.time - last < self.spec.period:
+            self._crash_log[key] = (last, suppressed + 1)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "%s: child %r exited abnormally again: %s",
+                    self.name,
+                    child_id,
+                    exit.reason,
+                    exc_info=exit.exception,
+                )
+            return
+        if len(self._crash_log) >= 1024:  # dynamic children come and go: stay bounded
+            self._crash_log.pop(next(iter(self._crash_log)))
+        self._crash_log[key] = (exit.time, 0)
+        if logger.isEnabledFor(logging.WARNING):
+            logger.warning(
+                "%s: child %r exited abnormally: %s%s",
+                self.name,
+                child_id,
+                exit.reason,
+                f" (and {suppressed} more times in the last {self.spec.period:g}s)"
+                if suppressed
+                else "",
+                exc_info=exit.exception if logger.isEnabledFor(logging.DEBUG) else None,
+            )
+
+    def _log(
+        self, kind: EventKind, child_id: str | None, exit: ChildExit | None, delay: float | None
+    ) -> None:
+        if kind is EventKind.CHILD_EXITED:
+            assert exit is not None
+            if exit.kind is ExitKind.ABNORMAL and not exit.requested:
+                self._log_crash(child_id, exit)
+            elif logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s: child %r exited (%s)", self.name, child_id, exit.reason)
+        elif kind is EventKind.CHILD_STARTED:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s: child %r started", self.name, child_id)
+        elif kind is EventKind.CHILD_RESTARTING:
+            if logger.isEnabledFor(logging.INFO):
+                logger.info("%s: restarting child %r in %.3gs", self.name, child_id, delay or 0.0)
+        elif kind is EventKind.CHILD_UNRESPONSIVE:
+            logger.warning(
+                "%s: child %r still running after cancellation (shielded?); waiting",
+                self.name,
+                child_id,
+            )
+        elif kind is EventKind.SUPERVISOR_ESCALATED:
+            assert exit is not None
+            logger.error(
+                "%s: restart intensity exceeded (%d in %gs) after child %r exited: %s; giving up",
+                self.name,
+                self.spec.intensity,
+                self.spec.period,
+                child_id,
+                exit.reason,
+                exc_info=exit.exception,
+            )
+        elif kind is EventKind.SUPERVISOR_AUTO_SHUTDOWN:
+            assert exit is not None
+            logger.info(
+                "%s: significant child %r exited (%s); shutting down",
+                self.name,
+                child_id,
+                exit.reason,
+            )
+
+    # ----------------------------------------------------------- public API
+
+    def _require_running(self) -> None:
+        if not self._running or self._tearing_down:
+            raise RuntimeError(f"supervisor {self.name!r} is not running")
+
+    def _find(self, child_id: str) -> _Child:
+        for child in self._children:
+            if child.spec.id == child_id:
+                return child
+        raise LookupError(f"supervisor {self.name!r} has no child {child_id!r}")
+
+    async def start_child(self, spec: ChildSpec) -> Any:
+        """Add a child and start it; returns what it passed to ``task_status.started``.
+
+        Raises:
+            ValueError: the id is taken, or the child cannot belong here (significance).
+            ChildStartError: it failed to start (it is not kept).
+        """
+        self._require_running()
+        self.spec.check_child(spec)
+        async with self._lock:
+            self._require_running()
+            if any(c.spec.id == spec.id for c in self._children):
+                raise ValueError(f"supervisor {self.name!r} already has a child {spec.id!r}")
+            child = _Child(spec)
+            self._children.append(child)
+            try:
+                await self._start(child)
+            except _StartFailedError as failure:
+                if child in self._children:
+                    self._children.remove(child)
+                raise ChildStartError(self.name, spec.id, _describe(failure.exc)) from failure.exc
+            return child.value
+
+    async def terminate_child(self, child_id: str) -> None:
+        """Stop a child on purpose (no restart). A ``TEMPORARY`` child is then removed."""
+        self._require_running()
+        async with self._lock:
+            await self._terminate(self._find(child_id))
+
+    async def restart_child(self, child_id: str) -> Any:
+        """Stop the child if it runs, then start it again (not counted against intensity)."""
+        self._require_running()
+        async with self._lock:
+            child = self._find(child_id)
+            if child.state is not ChildState.STOPPED:
+                index = self._children.index(child)
+                await self._terminate(child)
+                if child not in self._children:  # a TEMPORARY child keeps its place here
+                    self._children.insert(index, child)
+            child.restart_count += 1
+            try:
+                await self._start(child)
+            except _StartFailedError as failure:
+                if child.spec.restart is Restart.TEMPORARY and child in self._children:
+                    self._children.remove(child)  # it has ended: a temporary child is not kept
+                raise ChildStartError(self.name, child_id, _describe(failure.exc)) from failure.exc
+            return child.value
+
+    async def delete_child(self, child_id: str) -> None:
+        """Forget a stopped child's spec.
+
+        Raises:
+            RuntimeError: the child is still running (terminate it first).
+        """
+        self._require_running()
+        async with self._lock:
+            child = self._find(child_id)
+            if child.state in (*_LIVE, ChildState.STOPPING):
+                raise RuntimeError(
+                    f"child {child_id!r} of {self.name!r} is running; terminate it first"
+                )
+            child.pending = None
+            self._children.remove(child)
+
+    def which_children(self) -> list[ChildInfo]:
+        """The children in start order."""
+        return [
+            ChildInfo(c.spec.id, c.state, c.spec.restart.value, isinstance(c.value, Supervisor))
+            for c in self._children
+        ]
+
+    def count_children(self) -> ChildCounts:
+        children = self._children
+        supervisors = sum(1 for c in children if isinstance(c.value, Supervisor))
+        return ChildCounts(
+            specs=len(children),
+            active=sum(1 for c in children if c.state in _LIVE),
+            supervisors=supervisors,
+            workers=len(children) - supervisors,
+        )
+
+    def snapshot(self) -> SupervisorSnapshot:
+        """A frozen, JSON-convertible picture of this supervisor and those below it."""
+        try:
+            now: float | None = trio.current_time()
+        except RuntimeError:  # called from outside Trio (e.g. another thread)
+            now = None
+        in_window = len(self._restarts)
+        if now is not None:
+            in_window = sum(1 for t, _ in self._restarts if t > now - self.spec.period)
+        children = []
+        for c in self._children:
+            running = c.state in _LIVE or c.state is ChildState.STOPPING
+            nested = c.value.snapshot() if isinstance(c.value, Supervisor) and running else None
+            uptime = None
+            if running and now is not None and c.started_at is not None:
+                uptime = now - c.started_at
+            children.append(
+                ChildSnapshot(
+                    id=c.spec.id,
+                    state=c.state,
+                    restart=c.spec.restart.value,
+                    significant=c.spec.significant,
+                    restart_count=c.restart_count,
+                    last_exit_kind=c.last_exit.kind if c.last_exit else None,
+                    last_exit_reason=c.last_exit.reason if c.last_exit else None,
+                    started_at=c.started_wall,
+                    uptime=uptime,
+                    supervisor=nested,
+                )
+            )
+        return SupervisorSnapshot(
+            name=self.name,
+            strategy=self.spec.strategy.value,
+            running=self._running,
+            restarts_in_window=in_window,
+            intensity=self.spec.intensity,
+            period=self.spec.period,
+            children=tuple(children),
+        )
+
+    async def shutdown(self) -> None:
+        """Stop every child in reverse start order and make ``run()`` return.
+
+        Waits for ``run()`` to finish, except when called from one of this
+        supervisor's own children (that would wait for itself).
+        """
+        if not self._running:
+            return
+        self._inbox_send.send_nowait(_ShutdownRequest())
+        ctx = _current_child.get()
+        if (
+            ctx is not None
+            and ctx.supervisor == self.name
+            and any(c.ctx is ctx for c in self._children)
+        ):
+            return
+        await self._finished.wait()
+
+
+@asynccontextmanager
+async def open_supervisor(spec: SupervisorSpec) -> AsyncIterator[Supervisor]:
+    """Run a :class:`Supervisor` for the duration of an ``async with`` block.
+
+    The block starts once every child has started; leaving it shuts the
+    supervisor down gracefully (children stop in reverse order). If the
+    supervisor gives up while the block runs, the block is cancelled and the
+    supervisor's exception (e.g. ``RestartIntensityExceeded``) is raised bare.
+    """
+    sup = Supervisor(spec)
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            try:
+                yield sup
+            except (
+                BaseException
+            ) as exc:  # re-raised below, outside the nursery, so it is not grouped
+                body_error = exc
+            finally:
+                with trio.CancelScope(shield=True):
+                    await sup.shutdown()
+    except BaseExceptionGroup as group:
+        raise_saving_context(collapse_group(group))
+    if body_error is not None:
+        raise_saving_context(body_error)

@@ -1,0 +1,277 @@
+"""``WorkerConfig``: every setting of a worker, validated once, frozen.
+
+Each field matches a ``python -m supervisor run`` flag (``--max-concurrency``
+is ``max_concurrency``, and so on). Wrong values raise :class:`ConfigError`
+naming the field, at construction, never later at the first session.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .._base._exceptions import ConfigError
+from ._wedge import DEFAULT_WEDGE_PATTERNS, compile_wedge_patterns
+
+__all__ = ["DEFAULT_AGENT", "WorkerConfig"]
+
+#: The built-in demo agent: a tiny subprocess that shows the runner at work.
+DEFAULT_AGENT = f"{shlex.quote(sys.executable)} -m supervisor._worker._demo_agent {{prompt}}"
+
+_WORKSPACE_KINDS = ("none", "git")
+_LOG_FORMATS = ("text", "json")
+
+
+def _default_worker_id() -> str:
+    host = socket.gethostname().split(".")[0] or "worker"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _check(
+    predicate: Callable[[Any], bool], requirement: str
+) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not predicate(value):
+            raise ConfigError(f"{requirement}, got {value!r}", key=attribute.name)
+
+    return validate
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def _optional(predicate: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or predicate(value)
+
+
+def _path(value: Any) -> Path:
+    if isinstance(value, str | os.PathLike):
+        return Path(value)
+    raise ConfigError(f"expected a path, got {value!r}")
+
+
+def _optional_path(value: Any) -> Path | None:
+    return None if value is None or value == "" else _path(value)
+
+
+def _patterns(value: Any) -> Any:
+    # A lone string would otherwise become a tuple of its characters.
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple):
+        raise ConfigError(f"expected a list of patterns, got {value!r}", key=attribute.name)
+    try:
+        compile_wedge_patterns(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=attribute.name) from None
+
+
+@attrs.frozen(kw_only=True)
+class WorkerConfig:
+    """A worker's settings.
+
+    Attributes:
+        state_dir: where the embedded control plane, logs, workspaces and journals live.
+        control_plane: URL of a remote control plane; ``None`` = the embedded one in ``state_dir``.
+        environment_id: the environment to claim work from.
+        environment_key: the bearer key for a remote control plane (never logged, never
+            passed to agents). ``environment_key_file`` is re-read on 401 instead.
+        worker_id: this worker's id on the control plane (default: host-pid-random).
+        max_concurrency: sessions at once; the poller never claims beyond it.
+        agent: the agent: a command line (split like a shell, never run by one;
+            ``{prompt}``, ``{work_id}``, ``{session_id}`` are substituted per argument)
+            or ``package.module:function`` for an in-process async callable.
+        agent_env: names of extra environment variables passed on to agents.
+        agent_grace: seconds between SIGTERM and SIGKILL for an agent being stopped.
+        workspace: ``none`` (a fresh temporary directory) or ``git`` (a local clone of
+            ``base_repo``).
+        base_repo: the repository ``git`` workspaces clone.
+        keep_workspaces: leave workspaces on disk after sessions (for debugging).
+        api_host, api_port: the local HTTP API (port 0 picks a free one and writes the URL
+            to ``state_dir/api.json``); ``api_enabled=False`` turns it off.
+        lease_ttl: the lease ttl to ask the control plane for, in seconds.
+        session_timeout: seconds of execution a session may take (never the wait for a slot).
+        poll_block_ms: how long one poll may wait on the server for work.
+        delegation_poll_interval: seconds between the delegation watcher's polls for
+            results of this worker's delegations.
+        delegation_cooldown: seconds after a follow-up message to a finished session during
+            which it gets no other; results arriving meanwhile are batched into the next one
+            (never dropped).
+        delegation_lru_size: delegation results (and sessions) the watcher remembers in memory
+            to recognise repeats; the rest of its memory is the journal on disk.
+        log_format: ``text`` or ``json``.
+        drain_timeout: on SIGTERM, seconds running sessions get to finish before cancellation.
+        wedge_patterns: agent output that means the agent runtime is wedged: regular
+            expressions, searched case-insensitively in every output line (plain text works
+            as is). A match cancels that session with outcome ``wedged`` and gives its item
+            back. Empty turns output detection off. In the environment: comma-separated.
+        wedge_timeout: seconds without any agent output after which a session counts as
+            wedged (the silence watchdog); ``None`` (the default) turns it off, because an
+            agent that prints only at its end would look wedged.
+        probe_interval: while wedged, the worker claims no work but one probe session every
+            this many seconds (the first this long after the wedge); a probe that completes
+            clears the wedge.
+        presence_interval: seconds between the worker's presence reports to the control
+            plane (its ``offline_after`` should be about three of them).
+    """
+
+    state_dir: Path = attrs.field(default=Path(".supervisor"), converter=_path)
+    control_plane: str | None = attrs.field(
+        default=None, validator=_check(_optional(lambda v: isinstance(v, str)), "expected a URL")
+    )
+    environment_id: str = attrs.field(
+        default="default",
+        validator=_check(
+            lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v,
+            "expected a non-empty id without '/'",
+        ),
+    )
+    environment_key: str | None = attrs.field(default=None, repr=False)
+    environment_key_file: Path | None = attrs.field(default=None, converter=_optional_path)
+    worker_id: str = attrs.field(
+        factory=_default_worker_id,
+        validator=_check(
+            lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v,
+            "expected a non-empty id without '/'",
+        ),
+    )
+    max_concurrency: int = attrs.field(
+        default=4,
+        validator=_check(
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10_000,
+            "expected a whole number from 1 to 10000",
+        ),
+    )
+    agent: str = attrs.field(
+        default=DEFAULT_AGENT,
+        validator=_check(lambda v: isinstance(v, str) and v.strip() != "", "expected a command"),
+    )
+    agent_env: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    agent_grace: float = attrs.field(
+        default=5.0, validator=_check(_non_negative, "expected seconds >= 0")
+    )
+    workspace: str = attrs.field(
+        default="none",
+        validator=_check(lambda v: v in _WORKSPACE_KINDS, f"expected one of {_WORKSPACE_KINDS}"),
+    )
+    base_repo: Path | None = attrs.field(default=None, converter=_optional_path)
+    keep_workspaces: bool = False
+    api_enabled: bool = True
+    api_host: str = "127.0.0.1"
+    api_port: int = attrs.field(
+        default=0,
+        validator=_check(
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535,
+            "expected a port from 0 to 65535",
+        ),
+    )
+    lease_ttl: float = attrs.field(
+        default=60.0, validator=_check(_positive, "expected seconds > 0")
+    )
+    session_timeout: float | None = attrs.field(
+        default=None, validator=_check(_optional(_positive), "expected seconds > 0")
+    )
+    poll_block_ms: int = attrs.field(
+        default=1000,
+        validator=_check(
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 60_000,
+            "expected milliseconds from 0 to 60000",
+        ),
+    )
+    delegation_poll_interval: float = attrs.field(
+        default=5.0, validator=_check(_positive, "expected seconds > 0")
+    )
+    delegation_cooldown: float = attrs.field(
+        default=60.0, validator=_check(_non_negative, "expected seconds >= 0")
+    )
+    delegation_lru_size: int = attrs.field(
+        default=10_000,
+        validator=_check(
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10_000_000,
+            "expected a whole number from 1 to 10000000",
+        ),
+    )
+    log_format: str = attrs.field(
+        default="text",
+        validator=_check(lambda v: v in _LOG_FORMATS, f"expected one of {_LOG_FORMATS}"),
+    )
+    drain_timeout: float = attrs.field(
+        default=30.0, validator=_check(_non_negative, "expected seconds >= 0")
+    )
+
+    wedge_patterns: tuple[str, ...] = attrs.field(
+        default=DEFAULT_WEDGE_PATTERNS, converter=_patterns, validator=_valid_patterns
+    )
+    wedge_timeout: float | None = attrs.field(
+        default=None, validator=_check(_optional(_positive), "expected seconds > 0")
+    )
+    probe_interval: float = attrs.field(
+        default=60.0, validator=_check(_positive, "expected seconds > 0")
+    )
+    presence_interval: float = attrs.field(
+        default=30.0, validator=_check(_positive, "expected seconds > 0")
+    )
+
+    def __attrs_post_init__(self) -> None:
+        for name in self.agent_env:
+            if not isinstance(name, str) or not name or "=" in name:
+                raise ConfigError(
+                    f"expected environment variable names, got {name!r}", key="agent_env"
+                )
+        if self.workspace == "git" and self.base_repo is None:
+            raise ConfigError(
+                "workspace 'git' needs base_repo (the repository to clone)", key="base_repo"
+            )
+        if self.control_plane is not None and not self.control_plane.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"expected an http(s):// URL, got {self.control_plane!r}", key="control_plane"
+            )
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the worker runs on the embedded control plane in ``state_dir``."""
+        return self.control_plane is None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(a.name for a in attrs.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> WorkerConfig:
+        """Build from plain data (a TOML table, parsed environment), naming unknown keys."""
+        known = set(cls.field_names())
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting; known settings are: {', '.join(sorted(known))}", key=unknown[0]
+            )
+        try:
+            return cls(**values)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None

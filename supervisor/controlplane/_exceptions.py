@@ -1,0 +1,96 @@
+"""What the control plane can answer: ``ControlPlaneError`` and its transient/fatal branches."""
+
+from __future__ import annotations
+
+from .._base._exceptions import SupervisorError
+
+__all__ = [
+    "BadRequest",
+    "Conflict",
+    "ControlPlaneError",
+    "ControlPlaneUnavailable",
+    "FatalError",
+    "FencingConflict",
+    "Gone",
+    "NotFound",
+    "TransientError",
+    "Unauthorized",
+]
+
+
+class ControlPlaneError(SupervisorError):
+    """The control plane refused a call, or could not be asked.
+
+    Attributes:
+        status_code: the HTTP status it maps to (``None`` when no answer came).
+        error_type: the stable error type from the ``{"error": {"type": ...}}`` body.
+    """
+
+    status_code: int | None = None
+    error_type: str = "control_plane_error"
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+        self.message = message
+
+
+class TransientError(ControlPlaneError):
+    """Worth retrying later: 5xx, 408, 429, timeouts, connection errors."""
+
+    error_type = "transient"
+
+
+class ControlPlaneUnavailable(TransientError):
+    """No answer at all: connection refused or reset, DNS failure, timeout."""
+
+    error_type = "unavailable"
+
+
+class FatalError(ControlPlaneError):
+    """Retrying the same call will not help."""
+
+    error_type = "fatal"
+
+
+class BadRequest(FatalError):
+    """The request itself was malformed (bad JSON, wrong types, too large)."""
+
+    status_code = 400
+    error_type = "invalid_request"
+
+
+class Unauthorized(FatalError):
+    """The key is missing, wrong or revoked."""
+
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class NotFound(FatalError):
+    """Unknown environment, work item, worker or delegation."""
+
+    status_code = 404
+    error_type = "not_found"
+
+
+class Gone(FatalError):
+    """The resource was removed for good (for example a deregistered worker)."""
+
+    status_code = 410
+    error_type = "gone"
+
+
+class Conflict(FatalError):
+    """The call does not fit the resource's current state (for example a second ack)."""
+
+    status_code = 409
+    error_type = "conflict"
+
+
+class FencingConflict(FatalError):
+    """The fencing token is stale: the lease has moved on, so this holder lost it."""
+
+    status_code = 412
+    error_type = "fencing_conflict"

@@ -1,0 +1,262 @@
+"""What a running agent may ask of the control plane, with its session's own credential.
+
+The worker that claims a work item receives the item's session credential (a
+secret minted by the control plane for that claim). It hands the credential to
+the session's agent in the environment, never the environment key, so that the
+agent can delegate a task and exchange messages *for its own session only*:
+
+========================================  =============================================
+variable                                  meaning
+========================================  =============================================
+``SUPERVISOR_SESSION_ID``                 the session (set for every agent)
+``SUPERVISOR_SESSION_TOKEN``              the session credential
+``SUPERVISOR_SESSION_CONTROL_PLANE``      the control plane's ``http(s)://`` URL, or the
+                                          path of the embedded store's SQLite file
+``SUPERVISOR_SESSION_ENVIRONMENT_ID``     the environment
+========================================  =============================================
+
+Over HTTP the credential is the bearer token, and the reference server accepts
+it only on the delegate and message routes of that session, only while the
+claim is live (a requeue, a re-claim or a stop voids it). With the embedded
+control plane there is no server: `open_session_client` opens the store file
+and checks the credential the same way before each call. (Any process that can
+write the store file can of course change anything in it; the check keeps an
+agent's delegations tied to its own live session, it is not a sandbox.)
+
+``python -m supervisor delegate TASK`` is the command-line form (see
+`cli_delegate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
+import trio
+
+from .._base._exceptions import ConfigError
+from ._embedded import EmbeddedControlPlane
+from ._exceptions import ControlPlaneError, Unauthorized
+from ._http import HttpControlPlane
+from ._models import Delegation, SessionMessage
+from ._protocol import ControlPlane
+
+__all__ = [
+    "SESSION_CONTROL_PLANE_ENV",
+    "SESSION_ENVIRONMENT_ENV",
+    "SESSION_ID_ENV",
+    "SESSION_TOKEN_ENV",
+    "SessionClient",
+    "SessionCredentials",
+    "add_delegate_arguments",
+    "cli_delegate",
+    "open_session_client",
+    "session_location",
+]
+
+SESSION_ID_ENV: Final = "SUPERVISOR_SESSION_ID"
+SESSION_TOKEN_ENV: Final = "SUPERVISOR_SESSION_TOKEN"
+SESSION_CONTROL_PLANE_ENV: Final = "SUPERVISOR_SESSION_CONTROL_PLANE"
+SESSION_ENVIRONMENT_ENV: Final = "SUPERVISOR_SESSION_ENVIRONMENT_ID"
+
+_PROG: Final = "python -m supervisor delegate"
+
+
+def _is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+@attrs.frozen
+class SessionCredentials:
+    """Where a session's control plane is and the credential that works there.
+
+    Attributes:
+        session_id: the session the credential belongs to.
+        token: the session credential (never in ``repr``).
+        control_plane: an ``http(s)://`` URL, or the embedded store's file path.
+        environment_id: the environment of the session.
+    """
+
+    session_id: str
+    token: str = attrs.field(repr=False)
+    control_plane: str
+    environment_id: str = "default"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> SessionCredentials:
+        """Read the ``SUPERVISOR_SESSION_*`` variables an agent is started with.
+
+        Raises:
+            ConfigError: a variable is missing or empty (named; the token's value never is).
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        for name in (SESSION_ID_ENV, SESSION_TOKEN_ENV, SESSION_CONTROL_PLANE_ENV):
+            value = env.get(name, "").strip()
+            if not value:
+                raise ConfigError(
+                    "not set: this command works inside a session started by a supervisor "
+                    "worker, which passes the session's credential to its agent",
+                    key=name,
+                )
+            values[name] = value
+        return cls(
+            session_id=values[SESSION_ID_ENV],
+            token=values[SESSION_TOKEN_ENV],
+            control_plane=values[SESSION_CONTROL_PLANE_ENV],
+            environment_id=env.get(SESSION_ENVIRONMENT_ENV, "").strip() or "default",
+        )
+
+    def to_environ(self) -> dict[str, str]:
+        """The variables to give an agent (what `from_environ` reads back)."""
+        return {
+            SESSION_ID_ENV: self.session_id,
+            SESSION_TOKEN_ENV: self.token,
+            SESSION_CONTROL_PLANE_ENV: self.control_plane,
+            SESSION_ENVIRONMENT_ENV: self.environment_id,
+        }
+
+
+def session_location(plane: ControlPlane) -> str | None:
+    """Where an agent can reach ``plane`` with a session credential, if anywhere.
+
+    A control plane of another kind (a test double, a custom implementation)
+    has no such place, and its agents get no credential.
+    """
+    if isinstance(plane, HttpControlPlane):
+        return plane.base_url
+    if isinstance(plane, EmbeddedControlPlane):
+        return os.path.abspath(plane.store.path)
+    return None
+
+
+class SessionClient:
+    """The calls a session credential allows: delegate, and messages of its own session."""
+
+    def __init__(self, plane: ControlPlane, credentials: SessionCredentials, *, check: bool):
+        self._plane = plane
+        self._credentials = credentials
+        self._check = check
+
+    def __repr__(self) -> str:
+        return f"<SessionClient session={self._credentials.session_id!r}>"
+
+    @property
+    def session_id(self) -> str:
+        return self._credentials.session_id
+
+    async def _verify(self) -> None:
+        if not self._check:
+            return
+        assert isinstance(self._plane, EmbeddedControlPlane)
+        creds = self._credentials
+        if not await self._plane.verify_session_secret(creds.session_id, creds.token):
+            raise Unauthorized(
+                f"the session credential is not live for session {creds.session_id!r} "
+                "(the session ended, or its lease was lost)"
+            )
+
+    async def delegate(self, task: str) -> Delegation:
+        """Hand ``task`` to another agent: a new work item linked to this session."""
+        await self._verify()
+        return await self._plane.delegate(self._credentials.session_id, task)
+
+    async def post_message(self, body: str) -> SessionMessage:
+        await self._verify()
+        return await self._plane.post_message(self._credentials.session_id, body)
+
+    async def list_messages(self) -> Sequence[SessionMessage]:
+        await self._verify()
+        return await self._plane.list_messages(self._credentials.session_id)
+
+
+@contextlib.asynccontextmanager
+async def open_session_client(
+    credentials: SessionCredentials | None = None,
+) -> AsyncIterator[SessionClient]:
+    """A `SessionClient` for the block (credentials default to this process's environment).
+
+    Raises:
+        ConfigError: the credentials are missing, or the embedded store file does not exist.
+    """
+    creds = credentials if credentials is not None else SessionCredentials.from_environ()
+    if _is_url(creds.control_plane):
+        async with HttpControlPlane.open(
+            creds.control_plane, environment_id=creds.environment_id, key=creds.token
+        ) as http:
+            yield SessionClient(http, creds, check=False)
+        return
+    path = Path(creds.control_plane)
+    if not await trio.to_thread.run_sync(path.is_file):
+        raise ConfigError(f"no control-plane store at {str(path)!r}", key=SESSION_CONTROL_PLANE_ENV)
+    plane = await trio.to_thread.run_sync(
+        lambda: EmbeddedControlPlane(path, environment_id=creds.environment_id)
+    )
+    try:
+        yield SessionClient(plane, creds, check=True)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await plane.aclose()
+
+
+# --- python -m supervisor delegate ----------------------------------------------------
+
+
+def add_delegate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``delegate`` sub-command's arguments (everything else comes from the session)."""
+    parser.add_argument("task", help="the task for another agent; '-' reads it from stdin")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the delegation as JSON instead of its id",
+    )
+
+
+def cli_delegate(args: argparse.Namespace) -> int:
+    """``python -m supervisor delegate TASK``: delegate from inside a session.
+
+    Prints the new delegation's id (or the delegation as JSON with ``--json``).
+    The result comes back to this session: into its inbox file
+    (``$SUPERVISOR_WORKSPACE/.supervisor-inbox.jsonl``) while it runs, otherwise
+    as a follow-up message.
+
+    Returns:
+        0 on success; 1 when the control plane refused or failed (the session
+        ended, the credential is not valid, it cannot be reached); 2 for a usage
+        or configuration problem (an empty task, no session credentials).
+    """
+    task = sys.stdin.read() if args.task == "-" else args.task
+    if not task.strip():
+        print(f"{_PROG}: error: the task is empty", file=sys.stderr)
+        return 2
+    try:
+        credentials = SessionCredentials.from_environ()
+    except ConfigError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+    async def go() -> Delegation:
+        async with open_session_client(credentials) as client:
+            return await client.delegate(task)
+
+    try:
+        delegation = trio.run(go)
+    except ConfigError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except ControlPlaneError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        from ._codec import dumps, encode_delegation
+
+        print(dumps(encode_delegation(delegation)).decode())
+    else:
+        print(delegation.id)
+    return 0

@@ -1,0 +1,115 @@
+"""Chaos run: real server process, fault-injecting proxy, two real workers, real agent processes.
+
+One bounded run (about twenty seconds, a few hundred requests, loopback only)
+with a worker and its agents killed mid-run; the invariants are then checked
+from the server's store file, the proxy's record of the server's answers and
+the agents' own start/end log. The checker itself is also tested on records
+made up to break each invariant.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor.controlplane import Outcome, OutcomeStatus, SessionData, WorkItem, WorkState
+from supervisor.testing._proxy import ProxyFault, ProxyFaults, ProxyRecord
+from supervisor.testing.chaos import ChaosConfig, _Run, run_chaos
+
+AGENT = Path(__file__).resolve().parents[1] / "agents" / "chaos.py"
+
+
+@pytest.mark.slow
+async def test_chaos_run_against_the_real_server_keeps_every_invariant() -> None:
+    config = ChaosConfig(
+        seed=3,
+        items=12,
+        agent=f"{shlex.quote(sys.executable)} {shlex.quote(str(AGENT))} {{prompt}}",
+        faults=ProxyFaults(
+            latency=(0.0, 0.03),
+            error_rate=0.05,
+            drop_rate=0.03,
+            reset_rate=0.05,
+            truncate_rate=0.05,
+        ),
+        crash_after=4.0,
+        fault_time=12.0,
+        time_limit=80.0,
+    )
+    report = await run_chaos(config)
+    assert report.violations == (), report.describe()
+    assert len(report.outcomes) == 12
+    assert set(report.outcomes) <= {"completed", "failed"}
+    assert report.crashed and report.workers == ("w0", "w1", "w2")
+    assert report.agent_runs >= 12
+    assert sum(n for kind, n in report.faults.items() if kind != "pass") > 0
+    assert not report.directory.exists()  # cleaned up
+
+
+def _item(work_id: str, *, attempts: int, outcome: Outcome) -> WorkItem:
+    return WorkItem(
+        id=work_id,
+        environment_id="default",
+        state=WorkState.STOPPED,
+        data=SessionData(id=f"s-{work_id}", prompt="p"),
+        attempts=attempts,
+        outcome=outcome,
+    )
+
+
+def _stop(work_id: str) -> ProxyRecord:
+    return ProxyRecord(
+        "POST", f"/v1/environments/default/work/{work_id}/stop", ProxyFault.PASS, 200, 0.0
+    )
+
+
+def test_the_checker_reports_each_broken_invariant(tmp_path: Path) -> None:
+    """Made-up records: overlap, two stops, an early dead letter, a lost item, a ghost outcome."""
+    run = _Run(ChaosConfig(), tmp_path)
+    run.ids = ["a", "b", "c", "d", "e"]
+    done = Outcome(OutcomeStatus.COMPLETED)
+    expired = Outcome(OutcomeStatus.FAILED, reason="lease expired")
+    lines = [
+        {"event": "start", "work_id": "a", "pid": 1, "time": 10.0},
+        {"event": "start", "work_id": "a", "pid": 2, "time": 11.0},  # while pid 1 still runs
+        {"event": "end", "work_id": "a", "pid": 1, "time": 12.0, "code": 0},
+        {"event": "end", "work_id": "a", "pid": 2, "time": 13.0, "code": 0},
+        {"event": "start", "work_id": "b", "pid": 3, "time": 20.0},
+        {"event": "end", "work_id": "b", "pid": 3, "time": 21.0, "code": 0},
+    ]
+    run.log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run.records = [_stop("a"), _stop("b"), _stop("b")]
+    items = [
+        _item("a", attempts=1, outcome=done),
+        _item("b", attempts=0, outcome=done),
+        _item("c", attempts=1, outcome=expired),
+        _item("e", attempts=0, outcome=done),
+    ]
+    run.check(items)
+    found = "\n".join(run.violations)
+    assert "split-brain: item 0" in found
+    assert "finished-twice: item 1: 2 stops accepted" in found
+    assert "attempts: item 2: dead-lettered after 1 attempts" in found
+    assert "lost: item 3 is not on the server" in found
+    assert "item 4: outcome completed recorded without an accepted stop" in found
+    assert "outcome: item 4 completed but no agent finished it" in found
+
+
+def test_the_checker_accepts_a_clean_history(tmp_path: Path) -> None:
+    run = _Run(ChaosConfig(), tmp_path)
+    run.ids = ["a"]
+    lines = [
+        {"event": "start", "work_id": "a", "pid": 1, "time": 10.0},
+        {"event": "end", "work_id": "a", "pid": 1, "time": 11.0, "signal": "SIGTERM"},
+        {"event": "start", "work_id": "a", "pid": 2, "time": 15.0},
+        {"event": "end", "work_id": "a", "pid": 2, "time": 16.0, "code": 0},
+    ]
+    run.log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run.records = [_stop("a")]
+    run.check([_item("a", attempts=1, outcome=Outcome(OutcomeStatus.COMPLETED))])
+    assert run.violations == []
+    assert run.agent_run_count == 2
