@@ -19,8 +19,8 @@ This module uses only the tree's public API.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +38,7 @@ from ._agent import AgentRunner
 from ._inbox import INBOX_FILENAME, Inbox
 from ._lease import Lease, LeaseKeeper
 from ._process import SessionOutput
+from ._reaper import Reaper, ReaperTicket
 from ._workspace import WorkspaceError, safe_name
 
 __all__ = ["SessionRecord", "SessionRunner", "Slot", "Workspaces"]
@@ -139,6 +140,11 @@ class SessionRunner:
     session_env: Callable[[WorkItem], Mapping[str, str]] | None = None
     #: The same records by session id (delegation results name their source session).
     by_session: dict[str, SessionRecord] = attrs.field(factory=dict)
+    #: Enforces each subprocess agent's lease deadline from outside the event loop
+    #: (DESIGN §3.8); ``None`` leaves it to the event loop alone.
+    reaper: Reaper | None = attrs.field(default=None, repr=False)
+    #: The most each session's log may take on disk (see `SessionOutput.log_max_bytes`).
+    log_max_bytes: int | None = None
 
     def session(self, session_id: str) -> SessionRecord | None:
         """The record of a session this runner ran or runs, by session id."""
@@ -255,6 +261,7 @@ class SessionRunner:
         output = SessionOutput(
             log_path=self.logs_dir / f"{safe_name(item.id)}.log",
             on_line=(lambda line: hook(record, line)) if hook is not None else None,
+            log_max_bytes=self.log_max_bytes,
         )
         started = trio.current_time()
         try:
@@ -276,17 +283,20 @@ class SessionRunner:
                     async with trio.open_nursery() as nursery:
                         if self.watchdog is not None:
                             nursery.start_soon(self.watchdog, record, output)
-                        result = await self.agent.run(
-                            prompt=item.data.prompt,
-                            work_id=item.id,
-                            session_id=item.data.id,
-                            workspace=path,
-                            output=output,
-                            session_env=(
-                                self.session_env(item) if self.session_env is not None else None
-                            ),
-                            inbox=inbox,
-                        )
+                        with self._guard(lease) as ticket:
+                            env = dict(self.session_env(item)) if self.session_env else {}
+                            if ticket is not None:
+                                env.update(ticket.env)
+                            result = await self.agent.run(
+                                prompt=item.data.prompt,
+                                work_id=item.id,
+                                session_id=item.data.id,
+                                workspace=path,
+                                output=output,
+                                session_env=env,
+                                inbox=inbox,
+                                on_spawn=ticket.spawned if ticket is not None else None,
+                            )
                         nursery.cancel_scope.cancel()
                     lease.outcome = record.outcome = result.to_outcome()
             if scope.cancelled_caught:
@@ -305,6 +315,15 @@ class SessionRunner:
                 status = OutcomeStatus.LEASE_LOST if lease.lost else OutcomeStatus.CANCELLED
                 detail = lease.lost or "worker stopping"
                 lease.outcome = record.outcome = _interrupted(status, detail, output, started)
+
+    @contextmanager
+    def _guard(self, lease: Lease) -> Iterator[ReaperTicket | None]:
+        """The reaper's watch over one subprocess agent run (nothing for in-process agents)."""
+        if self.reaper is None or not self.agent.spec.is_process:
+            yield None
+            return
+        with self.reaper.guard(lease) as ticket:
+            yield ticket
 
 
 def _interrupted(
