@@ -55,7 +55,7 @@ def _default_grace(lease_ttl: Any) -> float:
     """5 s, or less when the lease is short: three quarters of ``0.2 x lease_ttl``."""
     if not _positive(lease_ttl):
         return DEFAULT_AGENT_GRACE  # lease_ttl's own validator names the problem
-    return min(DEFAULT_AGENT_GRACE, 0.75 * (1 - DEADLINE_FRACTION) * lease_ttl)
+    return min(DEFAULT_AGENT_GRACE, 0.75 * (1 - DEADLINE_FRACTION) * float(lease_ttl))
 
 
 def _identity(value: Any) -> Any:
