@@ -32,8 +32,8 @@ pytestmark = pytest.mark.slow
 KEY = "e2e-secret-" + secrets.token_hex(12)
 #: Prints the worker's initial environment (one variable a line), then the key file ($0).
 SNOOP = (
-    "sh -c 'exec 2>&1; tr \"\\000\" \"\\n\" < /proc/$PPID/environ; "
-    "echo ---; cat \"$0\"; echo ---' {prompt}"
+    'sh -c \'exec 2>&1; tr "\\000" "\\n" < /proc/$PPID/environ; '
+    'echo ---; cat "$0"; echo ---\' {prompt}'
 )
 
 
