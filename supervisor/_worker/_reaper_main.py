@@ -62,12 +62,16 @@ SCAN_INTERVAL = 0.25
 #: How long the reaper keeps killing after the lifeline broke (a child forked
 #: by the worker just before it died execs with the tag a moment later).
 FINAL_SWEEP = 0.5
+#: How long an untracked run's leftovers are still looked for.
+UNTRACK_WATCH = 1.0
+#: The soonest a sweep follows an untrack.
+UNTRACK_DELAY = 0.05
 
 
 class Run:
     """One tracked agent run."""
 
-    __slots__ = ("deadline", "grace", "kill_at", "pid", "state", "tag")
+    __slots__ = ("deadline", "forget_at", "grace", "kill_at", "pid", "state", "tag")
 
     def __init__(self, tag: str, deadline: float, grace: float) -> None:
         self.tag = tag
@@ -75,6 +79,7 @@ class Run:
         self.deadline = deadline
         self.grace = grace
         self.kill_at = float("inf")
+        self.forget_at = float("inf")
         #: "live", "terminating" (SIGTERM sent), "killing" (SIGKILL sent), "dead".
         self.state = "live"
 
@@ -134,16 +139,35 @@ class Reaper:
         #: (pid, start time) -> tag, for every member a walk has seen.
         self.known: dict[tuple[int, int], str] = {}
         self.protected = {os.getpid(), worker_pid, 1}
+        #: Where orphans end up: the worker (a child subreaper), or PID 1 once it is gone.
+        self.orphanage = {worker_pid, 1}
+        #: A run was untracked since the last sweep (its leftovers are due soon).
+        self.untracked = False
 
     # -- membership ----------------------------------------------------------
 
-    def members(self, procs: dict[int, Proc], tags: set[str], *, environ: bool) -> dict[int, str]:
-        """Live members (pid -> tag) of the runs named by ``tags``."""
+    def members(
+        self, procs: dict[int, Proc], tags: set[str], *, environ: bool, everyone: bool = False
+    ) -> dict[int, str]:
+        """Live members (pid -> tag) of the runs named by ``tags``.
+
+        ``environ`` reads the tag from the environment of orphans (``everyone``:
+        of every process, once the worker is gone and its orphans went who
+        knows where: PID 1, or a subreaper above the worker).
+        """
         leaders = {run.pid: run.tag for run in self.runs.values() if run.pid and run.tag in tags}
         found: dict[int, str] = {}
         for pid, (_ppid, pgrp, sid, start, _state) in procs.items():
             tag = leaders.get(pgrp) or leaders.get(sid) or self.known.get((pid, start))
-            if tag is None and environ and pid not in self.protected:
+            if (
+                tag is None
+                and environ
+                and pid not in self.protected
+                and (everyone or procs[pid][0] in self.orphanage)
+            ):
+                # Only orphans are read (children of the worker, a subreaper, or of
+                # PID 1): a process that left the group and lost its parent. Any
+                # other process is found through its ancestry, or is no agent's.
                 tag = environ_tag(pid)
             if tag is not None and tag in tags:
                 found[pid] = tag
@@ -171,12 +195,14 @@ class Reaper:
 
     # -- killing -------------------------------------------------------------
 
-    def signal_runs(self, tags: set[str], sig: int, *, environ: bool = True) -> int:
+    def signal_runs(
+        self, tags: set[str], sig: int, *, environ: bool = True, everyone: bool = False
+    ) -> int:
         """Send ``sig`` to every member of the runs; how many processes got it."""
         if not tags:
             return 0
         procs = snapshot()
-        members = self.members(procs, tags, environ=environ)
+        members = self.members(procs, tags, environ=environ, everyone=everyone)
         for run in self.runs.values():
             if run.tag in tags and run.pid:
                 try:
@@ -191,14 +217,13 @@ class Reaper:
         return len(members)
 
     def kill_now(self, tags: set[str], *, until: float) -> None:
-        """SIGKILL every member of the runs, again and again until none is left."""
+        """SIGKILL every member of the runs, again and again, until none is left
+        and ``until`` has passed."""
         quiet = 0
         while True:
-            sent = self.signal_runs(tags, signal.SIGKILL)
+            sent = self.signal_runs(tags, signal.SIGKILL, everyone=True)
             quiet = quiet + 1 if sent == 0 else 0
             if quiet >= 2 and time.monotonic() >= until:
-                return
-            if quiet >= 2 and until == 0:
                 return
             time.sleep(0.005 if sent else 0.02)
 
@@ -218,10 +243,12 @@ class Reaper:
                 run.deadline = max(run.deadline, float(message["deadline"]))  # type: ignore[arg-type]
                 run.grace = float(message["grace"])  # type: ignore[arg-type]
         elif op == "untrack":
-            # The worker stopped the group itself; whatever of the run is left escaped it.
-            self.kill_now({tag}, until=0)
-            del self.runs[tag]
-            self.known = {key: t for key, t in self.known.items() if t != tag}
+            # The worker stopped the group itself; whatever of the run is left escaped
+            # it. Such leftovers get SIGKILL from the next `enforce` for a short while
+            # (one snapshot for every run untracked meanwhile), then the run is forgotten.
+            run.state = "dead"
+            run.forget_at = time.monotonic() + UNTRACK_WATCH
+            self.untracked = True
 
     def enforce(self, now: float) -> None:
         """SIGTERM the runs whose deadline passed, SIGKILL those whose grace ran out."""
@@ -239,16 +266,29 @@ class Reaper:
                 run.state = "killing"
                 say(f"run {run.tag} (pid {run.pid}): grace over, SIGKILL")
             if run.state == "killing" and not self.signal_runs({run.tag}, signal.SIGKILL):
-                # Gone. A frozen worker may untrack it much later: meanwhile the
-                # ancestry walk keeps an eye on it, without the costly environ reads.
+                # Gone. A frozen worker may untrack it much later: meanwhile each
+                # sweep kills whatever of it shows up again.
                 run.state = "dead"
                 say(f"run {run.tag} (pid {run.pid}) is dead")
-            elif run.state == "dead" and now >= run.kill_at + SCAN_INTERVAL:
-                run.kill_at = now
-                self.signal_runs({run.tag}, signal.SIGKILL, environ=False)
 
-    def next_wakeup(self, now: float) -> float:
-        wake = now + SCAN_INTERVAL if self.runs else now + 3600.0
+    def sweep(self, procs: dict[int, Proc], now: float) -> None:
+        """The periodic pass, on one snapshot: remember every run's members, SIGKILL
+        what is left of the dead and untracked runs, forget the runs watched long enough."""
+        self.remember(procs)
+        dead = {tag for tag, run in self.runs.items() if run.state == "dead"}
+        if dead:
+            for pid in self.members(procs, dead, environ=True):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        for run in [r for r in self.runs.values() if now >= r.forget_at]:
+            del self.runs[run.tag]
+            self.known = {key: t for key, t in self.known.items() if t != run.tag}
+        self.untracked = False
+
+    def next_wakeup(self, now: float, next_sweep: float) -> float:
+        wake = next_sweep if self.runs else now + 3600.0
         for run in self.runs.values():
             if run.state == "live":
                 wake = min(wake, run.deadline)
@@ -272,14 +312,18 @@ def serve(fd: int, worker_pid: int) -> None:
     """Read commands from ``fd`` until it closes, enforcing deadlines meanwhile."""
     reaper = Reaper(worker_pid)
     buffer = b""
-    next_scan = 0.0
+    last_sweep = 0.0
     while True:
         now = time.monotonic()
         reaper.enforce(now)
-        if reaper.runs and now >= next_scan:
-            reaper.remember(snapshot())
-            next_scan = now + SCAN_INTERVAL
-        timeout = max(0.0, reaper.next_wakeup(time.monotonic()) - time.monotonic())
+        # Leftovers of untracked runs are looked for soon, not at once: at hundreds of
+        # sessions a second, one snapshot then serves every run untracked meanwhile.
+        next_sweep = last_sweep + (UNTRACK_DELAY if reaper.untracked else SCAN_INTERVAL)
+        if reaper.runs and now >= next_sweep:
+            reaper.sweep(snapshot(), now)
+            last_sweep = now
+            next_sweep = now + SCAN_INTERVAL
+        timeout = max(0.0, reaper.next_wakeup(now, next_sweep) - time.monotonic())
         try:
             ready, _, _ = select.select([fd], [], [], timeout)
         except InterruptedError:
@@ -295,6 +339,14 @@ def serve(fd: int, worker_pid: int) -> None:
         if not data:
             break
         buffer += data
+        while len(data) == 65536:  # drain what is waiting: one enforce pass for the batch
+            ready, _, _ = select.select([fd], [], [], 0)
+            if not ready:
+                break
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            buffer += data
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             try:
@@ -302,10 +354,13 @@ def serve(fd: int, worker_pid: int) -> None:
                 reaper.apply(message)
             except (ValueError, KeyError, TypeError) as exc:
                 say(f"ignored a bad command: {exc}")
-    tags = set(reaper.runs)
-    if tags:
-        say(f"the worker is gone: killing {len(tags)} agent run(s)")
-        reaper.kill_now(tags, until=time.monotonic() + FINAL_SWEEP)
+    live = {tag for tag, run in reaper.runs.items() if run.state != "dead"}
+    if live:
+        say(f"the worker is gone: killing {len(live)} agent run(s)")
+        reaper.kill_now(set(reaper.runs), until=time.monotonic() + FINAL_SWEEP)
+    elif reaper.runs:
+        # A clean close: only what escaped runs the worker already ended may be left.
+        reaper.signal_runs(set(reaper.runs), signal.SIGKILL)
 
 
 def main() -> int:

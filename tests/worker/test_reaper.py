@@ -61,6 +61,16 @@ def reaper() -> Iterator[Reaper]:
         reaper.close()
 
 
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path: Path) -> Iterator[None]:
+    """Whatever a failed test left alive is killed (each process wrote its pid)."""
+    yield
+    for path in tmp_path.glob("*.pids"):
+        for pid in read_pids(path):
+            if alive(pid):
+                os.kill(pid, 9)
+
+
 def start_stubborn(tmp_path: Path, tag: str) -> tuple[subprocess.Popen[bytes], Path]:
     pids = tmp_path / f"{tag}.pids"
     process = subprocess.Popen(
