@@ -37,7 +37,7 @@ from ..controlplane._protocol import ControlPlane
 from ._agent import AgentRunner
 from ._inbox import INBOX_FILENAME, Inbox
 from ._lease import Lease, LeaseKeeper
-from ._process import SessionOutput
+from ._process import AgentResult, SessionOutput
 from ._reaper import Reaper, ReaperTicket
 from ._workspace import WorkspaceError, safe_name
 
@@ -298,7 +298,7 @@ class SessionRunner:
                                 on_spawn=ticket.spawned if ticket is not None else None,
                             )
                         nursery.cancel_scope.cancel()
-                    lease.outcome = record.outcome = result.to_outcome()
+                    lease.outcome = record.outcome = _outcome_of(result, lease)
             if scope.cancelled_caught:
                 status = record.cancel_reason or OutcomeStatus.CANCELLED
                 detail = record.cancel_detail or lease.stop_reason or "stop requested"
@@ -324,6 +324,24 @@ class SessionRunner:
             return
         with self.reaper.guard(lease) as ticket:
             yield ticket
+
+
+def _outcome_of(result: AgentResult, lease: Lease) -> Outcome:
+    """The run's outcome; ``lease_lost`` for an agent killed once its lease deadline passed.
+
+    The reaper (DESIGN §3.8) kills an agent at the deadline, which may come a
+    moment before the lease keeper notices the same deadline and cancels the
+    runner: the signal is then the lease's doing, not the agent's failure.
+    """
+    outcome = result.to_outcome()
+    killed = result.exit_code is not None and result.exit_code < 0
+    if killed and lease.confirmed and lease.time_left() <= 0:
+        return attrs.evolve(
+            outcome,
+            status=OutcomeStatus.LEASE_LOST,
+            reason=f"{outcome.reason}: the lease deadline had passed",
+        )
+    return outcome
 
 
 def _interrupted(

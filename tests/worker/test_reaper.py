@@ -15,11 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from supervisor._base._exceptions import ConfigError
 from supervisor._worker._config import WorkerConfig
 from supervisor._worker._lease import Lease
+from supervisor._worker._process import AgentResult
 from supervisor._worker._reaper import TAG_VARIABLE, Reaper, kill_grace
+from supervisor._worker._session import _outcome_of
+from supervisor.controlplane import OutcomeStatus
 
 pytestmark = pytest.mark.slow
 
@@ -216,3 +220,15 @@ def test_the_reaper_gets_no_environment(reaper: Reaper) -> None:
     with open(f"/proc/{reaper.pid}/environ", "rb") as f:
         assert f.read() == b""
     assert os.getsid(reaper.pid) == reaper.pid  # out of reach of the worker's group signals
+
+
+async def test_an_agent_killed_after_its_lease_deadline_ended_with_the_lease_not_failed() -> None:
+    """The reaper's signal may beat the keeper to the deadline: still ``lease_lost``."""
+    lease = Lease("w", beats=1, deadline=trio.current_time() - 0.01)
+    killed = AgentResult(exit_code=-15, result="", tail=(), duration=1.0)
+    assert _outcome_of(killed, lease).status is OutcomeStatus.LEASE_LOST
+    lease.deadline = trio.current_time() + 10  # a signal from someone else: a failure
+    assert _outcome_of(killed, lease).status is OutcomeStatus.FAILED
+    lease.deadline = trio.current_time() - 0.01
+    done = AgentResult(exit_code=0, result="ok", tail=(), duration=1.0)
+    assert _outcome_of(done, lease).status is OutcomeStatus.COMPLETED  # it finished first
