@@ -50,6 +50,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .._base._exceptions import ConfigError
+from .._base._groups import collapse_group, raise_saving_context
 from .._base._logging import configure_logging
 from . import _codec as codec
 from ._embedded import STORE_FILENAME, EmbeddedControlPlane
@@ -798,27 +799,7 @@ async def open_control_plane_server(
         # The nursery is an implementation detail: the server task ends only by
         # cancellation, so a group holding one exception carries the caller's own
         # (or a startup ConfigError). Hand it back as itself, as a plain call would.
-        leaves = _leaves(group)
-        if len(leaves) != 1:
-            raise
-        leaf = leaves[0]
-        context, suppress = leaf.__context__, leaf.__suppress_context__
-        try:
-            raise leaf from leaf.__cause__
-        finally:
-            # Re-raising inside this handler would chain the group in as context.
-            leaf.__context__, leaf.__suppress_context__ = context, suppress
-            del leaf
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves
+        raise_saving_context(collapse_group(group))
 
 
 # --- command line --------------------------------------------------------------------------
