@@ -41,6 +41,7 @@ from .._worker._config import DEFAULT_AGENT, WorkerConfig
 from ..controlplane._exceptions import Conflict, ControlPlaneError, NotFound
 from ..controlplane._models import WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
+from ._common import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE, PROG
 from ._settings import (
     config_from_layers,
     config_path_from_environment,
@@ -50,11 +51,6 @@ from ._settings import (
 
 __all__ = ["EXIT_GAVE_UP", "EXIT_OK", "EXIT_USAGE", "build_parser", "load_config", "main"]
 
-EXIT_OK: Final = 0
-EXIT_GAVE_UP: Final = 1
-EXIT_USAGE: Final = 2
-
-_PROG: Final = "python -m supervisor"
 #: The run loop's own notices (signals, the final summary) go through logging, so that
 #: ``--log-format json`` output stays one JSON object per line.
 logger = logging.getLogger("supervisor.cli")
@@ -246,10 +242,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (one sub-parser per command)."""
     from .._version import __version__
-    from ..controlplane._server import add_serve_arguments
+    from ._serve import add_serve_arguments
 
     parser = argparse.ArgumentParser(
-        prog=_PROG,
+        prog=PROG,
         description="A Trio supervisor for self-hosted agent workers: it claims work items "
         "from a control plane, keeps each item's lease alive, runs an agent per item in its "
         "own workspace, and records how each session ended.\n\n"
@@ -356,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to pause between steps, to read (default: %(default)s)",
     )
-    from ..controlplane._session_client import add_delegate_arguments
+    from ._delegate import add_delegate_arguments
 
     delegate = sub.add_parser(
         "delegate",
@@ -399,7 +395,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None)
 
 
 def _error(message: str) -> int:
-    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -465,18 +461,18 @@ def cli_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _error(str(exc))
     except RestartIntensityExceeded as exc:
-        print(f"{_PROG}: the supervisor gave up: {exc}", file=sys.stderr)
+        print(f"{PROG}: the supervisor gave up: {exc}", file=sys.stderr)
         return EXIT_GAVE_UP
     except ChildStartError as exc:
         cause = _config_cause(exc)
         if cause is not None:
             return _error(str(cause))
-        print(f"{_PROG}: the worker could not start: {exc}", file=sys.stderr)
+        print(f"{PROG}: the worker could not start: {exc}", file=sys.stderr)
         return EXIT_GAVE_UP
     except ControlPlaneError as exc:
         if not started:
             return _error(f"cannot use the control plane: {exc}")
-        print(f"{_PROG}: the supervisor gave up: {exc}", file=sys.stderr)
+        print(f"{PROG}: the supervisor gave up: {exc}", file=sys.stderr)
         return EXIT_GAVE_UP
     return EXIT_OK
 
@@ -509,9 +505,9 @@ def _banner(worker: Any, config: WorkerConfig) -> str:
             f"  session logs:  {state / 'logs'}",
             f"  local API:     {api}" + ("  (/health /metrics /status)" if worker.api_url else ""),
             "Try, from another terminal in this directory:",
-            f'  {_PROG} submit{target} "describe this repository"',
-            f"  {_PROG} status{target}",
-            f"  {_PROG} cancel{target} ITEM_ID",
+            f'  {PROG} submit{target} "describe this repository"',
+            f"  {PROG} status{target}",
+            f"  {PROG} cancel{target} ITEM_ID",
             f"Stop with Ctrl-C: running sessions get {config.drain_timeout:g}s to finish; "
             "a second Ctrl-C cancels them.",
         ]
@@ -637,7 +633,7 @@ def _run_one_shot(action: Callable[[], Awaitable[int]]) -> int:
         return trio.run(bounded)
     except trio.TooSlowError:
         print(
-            f"{_PROG}: error: no answer from the control plane within {_ONE_SHOT_TIMEOUT:g}s",
+            f"{PROG}: error: no answer from the control plane within {_ONE_SHOT_TIMEOUT:g}s",
             file=sys.stderr,
         )
         return EXIT_GAVE_UP
@@ -646,7 +642,7 @@ def _run_one_shot(action: Callable[[], Awaitable[int]]) -> int:
     except NotFound as exc:
         return _error(str(exc))
     except ControlPlaneError as exc:
-        print(f"{_PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_GAVE_UP
 
 
@@ -667,7 +663,7 @@ def cli_submit(args: argparse.Namespace) -> int:
             item = await plane.submit(args.prompt, metadata=metadata)
         print(item.id, flush=True)
         if sys.stderr.isatty():
-            _say(f"queued; follow it with: {_PROG} status{_target_flags(args)}")
+            _say(f"queued; follow it with: {PROG} status{_target_flags(args)}")
         return EXIT_OK
 
     return _run_one_shot(action)
@@ -771,7 +767,7 @@ async def _live_worker(config: WorkerConfig) -> tuple[dict[str, Any] | None, str
     if info is None:
         return None, (
             f"No worker's local API in {config.state_dir.absolute()} (no {API_FILENAME}): "
-            f"no worker runs here, or it runs with --no-api. Start one with: {_PROG}"
+            f"no worker runs here, or it runs with --no-api. Start one with: {PROG}"
         )
     if not info.process_alive():
         return None, (
@@ -803,7 +799,7 @@ async def _status_document(config: WorkerConfig, limit: int) -> dict[str, Any]:
     if _store_missing(config):
         document["hint"] = (
             f"Nothing here yet: no work was submitted to {config.state_dir.absolute()}. "
-            f'Try: {_PROG} submit "a task"'
+            f'Try: {PROG} submit "a task"'
         )
         return document
     async with _open_target(config) as plane:
@@ -868,8 +864,8 @@ def cli_status(args: argparse.Namespace) -> int:
 
 
 def cli_serve(args: argparse.Namespace) -> int:
-    """``serve``: see ``supervisor.controlplane._server.cli_serve``."""
-    from ..controlplane._server import cli_serve as serve
+    """``serve``: see ``supervisor._cli._serve``."""
+    from ._serve import cli_serve as serve
 
     return serve(args)
 
@@ -882,8 +878,8 @@ def cli_demo(args: argparse.Namespace) -> int:
 
 
 def cli_delegate(args: argparse.Namespace) -> int:
-    """``delegate``: see ``supervisor._session_client``."""
-    from ..controlplane._session_client import cli_delegate as delegate
+    """``delegate``: see ``supervisor._cli._delegate``."""
+    from ._delegate import cli_delegate as delegate
 
     return delegate(args)
 
