@@ -27,7 +27,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -584,36 +584,11 @@ def _target_config(args: argparse.Namespace) -> WorkerConfig:
     return config
 
 
-@contextlib.asynccontextmanager
-async def _open_target(config: WorkerConfig) -> AsyncIterator[ControlPlane]:
-    if config.embedded:
-        from ..controlplane._embedded import open_embedded_control_plane
-
-        async with open_embedded_control_plane(
-            config.state_dir, environment_id=config.environment_id
-        ) as plane:
-            yield plane
-        return
-    from ..controlplane._http import HttpControlPlane
-    from ..controlplane._keys import FileKey, KeyProvider, StaticKey
-
-    key: KeyProvider
-    if config.environment_key_file is not None:
-        key = FileKey(config.environment_key_file)
-        key.current()  # an unreadable file is a clear ConfigError now, not a 401 later
-    elif config.environment_key:
-        key = StaticKey(config.environment_key)
-    else:
-        raise ConfigError(
-            "--control-plane needs the environment key: set SUPERVISOR_ENVIRONMENT_KEY_FILE "
-            "(a file holding it) or SUPERVISOR_ENVIRONMENT_KEY",
-            key="environment_key",
-        )
-    assert config.control_plane is not None
-    async with HttpControlPlane.open(
-        config.control_plane, environment_id=config.environment_id, key=key
-    ) as plane:
-        yield plane
+def _open_target(config: WorkerConfig) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+    return config.open_control_plane(
+        missing_key="--control-plane needs the environment key: set "
+        "SUPERVISOR_ENVIRONMENT_KEY_FILE (a file holding it) or SUPERVISOR_ENVIRONMENT_KEY",
+    )
 
 
 def _store_missing(config: WorkerConfig) -> bool:

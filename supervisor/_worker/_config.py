@@ -7,6 +7,7 @@ naming the field, at construction, never later at the first session.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
@@ -20,6 +21,8 @@ from typing import Any
 import attrs
 
 from .._base._exceptions import ConfigError
+from ..controlplane._connect import open_control_plane, remote_scheme
+from ..controlplane._protocol import ControlPlane
 from ._wedge import DEFAULT_WEDGE_PATTERNS, compile_wedge_patterns
 
 __all__ = ["DEFAULT_AGENT", "WorkerConfig"]
@@ -244,9 +247,7 @@ class WorkerConfig:
             raise ConfigError(
                 "workspace 'git' needs base_repo (the repository to clone)", key="base_repo"
             )
-        if self.control_plane is not None and not self.control_plane.startswith(
-            ("http://", "https://")
-        ):
+        if self.control_plane is not None and remote_scheme(self.control_plane) is None:
             raise ConfigError(
                 f"expected an http(s):// URL, got {self.control_plane!r}", key="control_plane"
             )
@@ -255,6 +256,24 @@ class WorkerConfig:
     def embedded(self) -> bool:
         """Whether the worker runs on the embedded control plane in ``state_dir``."""
         return self.control_plane is None
+
+    def open_control_plane(
+        self, *, missing_key: str
+    ) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+        """The control plane these settings name, to open with ``async with``.
+
+        Args:
+            missing_key: the message when a remote plane has no key; the worker and
+                the command line name different settings.
+        """
+        return open_control_plane(
+            self.state_dir if self.control_plane is None else self.control_plane,
+            environment_id=self.environment_id,
+            key=self.environment_key,
+            key_file=self.environment_key_file,
+            setting="state_dir" if self.embedded else "control_plane",
+            missing_key=missing_key,
+        )
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -39,10 +39,7 @@ from .._tree._events import SupervisorSnapshot
 from .._tree._exceptions import ChildStartError
 from .._tree._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from .._tree._supervisor import Supervisor
-from ..controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
 from ..controlplane._exceptions import ControlPlaneError
-from ..controlplane._http import HttpControlPlane
-from ..controlplane._keys import FileKey, KeyProvider, StaticKey
 from ..controlplane._models import Outcome, OutcomeStatus, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
 from ..controlplane._session_client import SessionCredentials, session_location
@@ -280,36 +277,10 @@ class Worker:
                 key="state_dir",
             ) from None
 
-    @contextlib.asynccontextmanager
-    async def _open_control_plane(self) -> AsyncIterator[ControlPlane]:
-        config = self.config
-        if config.control_plane is None:
-            plane = await trio.to_thread.run_sync(
-                lambda: EmbeddedControlPlane(
-                    config.state_dir / STORE_FILENAME, environment_id=config.environment_id
-                )
-            )
-            try:
-                yield plane
-            finally:
-                with trio.CancelScope(shield=True):
-                    await plane.aclose()
-            return
-        key: KeyProvider
-        if config.environment_key_file is not None:
-            key = FileKey(config.environment_key_file)
-            key.current()  # fail now, with the file named, rather than at the first call
-        elif config.environment_key:
-            key = StaticKey(config.environment_key)
-        else:
-            raise ConfigError(
-                "a remote control plane needs environment_key or environment_key_file",
-                key="environment_key",
-            )
-        async with HttpControlPlane.open(
-            config.control_plane, environment_id=config.environment_id, key=key
-        ) as http:
-            yield http
+    def _open_control_plane(self) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+        return self.config.open_control_plane(
+            missing_key="a remote control plane needs environment_key or environment_key_file"
+        )
 
     async def _register(self, plane: ControlPlane) -> None:
         metadata = {

@@ -32,13 +32,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import Final
 
 import attrs
-import trio
 
 from .._base._exceptions import ConfigError
+from ._connect import open_control_plane
 from ._embedded import EmbeddedControlPlane
 from ._exceptions import Unauthorized
 from ._http import HttpControlPlane
@@ -60,10 +59,6 @@ SESSION_ID_ENV: Final = "SUPERVISOR_SESSION_ID"
 SESSION_TOKEN_ENV: Final = "SUPERVISOR_SESSION_TOKEN"
 SESSION_CONTROL_PLANE_ENV: Final = "SUPERVISOR_SESSION_CONTROL_PLANE"
 SESSION_ENVIRONMENT_ENV: Final = "SUPERVISOR_SESSION_ENVIRONMENT_ID"
-
-
-def _is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
 
 
 @attrs.frozen
@@ -180,20 +175,13 @@ async def open_session_client(
         ConfigError: the credentials are missing, or the embedded store file does not exist.
     """
     creds = credentials if credentials is not None else SessionCredentials.from_environ()
-    if _is_url(creds.control_plane):
-        async with HttpControlPlane.open(
-            creds.control_plane, environment_id=creds.environment_id, key=creds.token
-        ) as http:
-            yield SessionClient(http, creds, check=False)
-        return
-    path = Path(creds.control_plane)
-    if not await trio.to_thread.run_sync(path.is_file):
-        raise ConfigError(f"no control-plane store at {str(path)!r}", key=SESSION_CONTROL_PLANE_ENV)
-    plane = await trio.to_thread.run_sync(
-        lambda: EmbeddedControlPlane(path, environment_id=creds.environment_id)
-    )
-    try:
-        yield SessionClient(plane, creds, check=True)
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await plane.aclose()
+    async with open_control_plane(
+        creds.control_plane,
+        environment_id=creds.environment_id,
+        key=creds.token,
+        create=False,
+        setting=SESSION_CONTROL_PLANE_ENV,
+        missing_key="the session credential is empty",
+    ) as plane:
+        # The embedded plane has no server to check the credential: the client does.
+        yield SessionClient(plane, creds, check=isinstance(plane, EmbeddedControlPlane))
