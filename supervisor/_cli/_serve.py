@@ -20,7 +20,7 @@ import trio
 
 from .._base._exceptions import ConfigError
 from .._base._logging import configure_logging
-from ..controlplane._embedded import STORE_FILENAME
+from ..controlplane._connect import store_file
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, key_provider_from_env
 from ..controlplane._server import DEFAULT_PORT, require_key, serve_control_plane
@@ -63,15 +63,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_store(state_dir: Path) -> SQLiteStore:
+    path = store_file(state_dir, create=True, setting="--state-dir")
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create the state directory {str(state_dir)!r}: {exc.strerror or exc}",
-            key="--state-dir",
-        ) from None
-    try:
-        return SQLiteStore(state_dir / STORE_FILENAME)
+        return SQLiteStore(path)
     except ControlPlaneError as exc:
         raise ConfigError(f"cannot open the store: {exc}", key="--state-dir") from None
 

@@ -34,7 +34,7 @@ from ._keys import FileKey, KeyProvider, StaticKey
 from ._protocol import ControlPlane
 from ._store import DEFAULT_ENVIRONMENT_ID
 
-__all__ = ["DEFAULT_STATE_DIR", "open_control_plane", "remote_scheme"]
+__all__ = ["DEFAULT_STATE_DIR", "open_control_plane", "remote_scheme", "store_file"]
 
 #: Where the embedded control plane lives when no location is given.
 DEFAULT_STATE_DIR: Final = Path(".supervisor")
@@ -81,10 +81,11 @@ def remote_scheme(location: str) -> str | None:
     return scheme if sep and scheme in _REMOTE else None
 
 
-def _store_file(location: str, *, create: bool, setting: str) -> Path:
-    """The store file a path names; the directory is created when ``create``.
+def store_file(location: str | os.PathLike[str], *, create: bool, setting: str) -> Path:
+    """The embedded store's file that a path names: the file itself, or the one in a directory.
 
-    Runs in a thread: it touches the file system.
+    A missing directory is created when ``create`` (a new, empty store), else it is a
+    ``ConfigError`` naming ``setting``. Blocking: call it in a thread from async code.
     """
     path = Path(location)
     if path.is_file():
@@ -106,7 +107,7 @@ def _store_file(location: str, *, create: bool, setting: str) -> Path:
 @asynccontextmanager
 async def _open_embedded(request: _Request) -> AsyncIterator[ControlPlane]:
     def open_it() -> EmbeddedControlPlane:
-        path = _store_file(request.location, create=request.create, setting=request.setting)
+        path = store_file(request.location, create=request.create, setting=request.setting)
         return EmbeddedControlPlane(path, environment_id=request.environment_id)
 
     plane = await trio.to_thread.run_sync(open_it)
