@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import attrs
 import trio
 
 from .._base._exceptions import ConfigError
@@ -48,7 +47,7 @@ from ._config import WorkerConfig
 from ._delegations import DelegationWatcher
 from ._journal import journal_path
 from ._lease import REQUEUE_OUTCOMES
-from ._metrics import HeartbeatMeter, timed_control_plane
+from ._metrics import HeartbeatMeter, WorkerStats, timed_control_plane
 from ._poller import Poller
 from ._presence import Activity, Presence, RequestCounter, counting_control_plane, default_version
 from ._session import SessionRecord, SessionRunner, Slot, Workspaces
@@ -65,35 +64,6 @@ _FIRST_BEAT_LIMIT = 30.0
 _ACK_LIMIT = 10.0
 #: Finished sessions whose records the worker keeps (for ``wait``, status, metrics).
 _FINISHED_KEPT = 1000
-
-
-@attrs.frozen
-class WorkerStats:
-    """Counters for health checks and metrics.
-
-    Attributes:
-        worker_id: this worker's id.
-        capacity: ``max_concurrency``.
-        active: sessions running now.
-        outcomes: finished sessions by outcome status.
-        lease_losses: sessions that ended because their lease was lost.
-        started: sessions started since the worker started.
-        draining: whether the worker stopped claiming work.
-        restarts: restarts the worker's supervisors made (services, poller, ...).
-    """
-
-    worker_id: str
-    capacity: int
-    active: int
-    outcomes: Mapping[str, int]
-    lease_losses: int
-    started: int
-    draining: bool
-    restarts: int = 0
-
-    @property
-    def busy(self) -> bool:
-        return self.active >= self.capacity
 
 
 class _Relay:
