@@ -48,9 +48,9 @@ from ._delegations import DelegationWatcher
 from ._journal import journal_path
 from ._lease import REQUEUE_OUTCOMES
 from ._metrics import HeartbeatMeter, WorkerStats, timed_control_plane
-from ._poller import Poller
+from ._poller import Poller, Slot
 from ._presence import Activity, Presence, RequestCounter, counting_control_plane, default_version
-from ._session import SessionRecord, SessionRunner, Slot, Workspaces
+from ._session import SessionRecord, SessionRunner, Workspaces
 from ._wedge import WedgeBreaker, WedgeDetector, WedgeState
 from ._workspace import WorkspaceManager
 
