@@ -74,6 +74,8 @@ DEFAULT_PORT: Final = 8790
 MAX_BODY_BYTES: Final = 1 << 20
 #: Longest long poll a client may ask for.
 MAX_BLOCK_MS: Final = 60_000
+#: The header a poller may name itself with instead of ``worker_id=``.
+WORKER_ID_HEADER: Final = "Anthropic-Worker-ID"
 #: Largest page ``GET /work`` returns.
 MAX_PAGE_SIZE: Final = 1000
 #: At most one re-read of the key file per this many seconds when a presented key
@@ -266,6 +268,26 @@ class _Query:
         return value
 
 
+def _poller_id(request: Request, query: _Query) -> str | None:
+    """The worker a poll names: ``worker_id=`` or the ``Anthropic-Worker-ID`` header, or none.
+
+    Both may be given only if they agree: a poll must not be bound to one worker
+    in the query and another in the header.
+    """
+    in_query = query.opt_str("worker_id")
+    header = request.headers.getlist(WORKER_ID_HEADER)
+    if len(header) > 1:
+        raise BadRequest(f"the {WORKER_ID_HEADER} header is given more than once")
+    in_header = header[0].strip() if header else None
+    if in_query == "" or in_header == "":
+        raise BadRequest("an empty worker id: name the worker, or leave the field out")
+    if in_query is not None and in_header is not None and in_query != in_header:
+        raise BadRequest(
+            f"worker_id {in_query!r} and the {WORKER_ID_HEADER} header {in_header!r} disagree"
+        )
+    return in_query if in_query is not None else in_header
+
+
 async def _read_body(request: Request, limit: int, *, required: bool) -> object:
     """The decoded JSON body, read no further than ``limit`` bytes.
 
@@ -418,7 +440,7 @@ class _App:
 
     async def poll(self, request: Request, plane: ControlPlane) -> Response:
         query = _Query(request, ("worker_id", "block_ms", "reclaim_older_than_ms"))
-        worker_id = query.required_str("worker_id")
+        worker_id = _poller_id(request, query)
         block_ms = query.opt_int("block_ms", default=0, minimum=0, maximum=MAX_BLOCK_MS)
         reclaim = query.opt_int("reclaim_older_than_ms", default=None, minimum=0)
         item = await plane.poll(
@@ -430,7 +452,7 @@ class _App:
 
     async def ack(self, request: Request, plane: ControlPlane) -> Response:
         _Query(request, ())
-        body = codec.decode_ack_request(await self.body(request))
+        body = codec.decode_ack_request(await self.body(request, required=False))
         item = await plane.ack(request.path_params["work_id"], worker_id=body.worker_id)
         return _json(codec.encode_work_item(item))
 
