@@ -37,7 +37,7 @@ import trio
 from .._base._exceptions import ConfigError
 from .._base._logging import configure_logging
 from .._tree._exceptions import ChildStartError, RestartIntensityExceeded
-from .._worker._config import DEFAULT_AGENT, WorkerConfig
+from .._worker._config import DEFAULT_AGENT, WorkerConfig, agent_text
 from ..controlplane._exceptions import Conflict, ControlPlaneError, NotFound
 from ..controlplane._models import WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
@@ -155,7 +155,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CMD",
         help='the agent command, e.g. "claude -p {prompt} --output-format json": split like '
         "a shell but never run by one; {prompt}, {work_id} and {session_id} are substituted "
-        "in each argument; or package.module:function for an in-process async agent "
+        "in each argument; or package.module:function for an in-process async agent; "
+        "in a TOML file it may also be a list of the arguments, never split "
         "(default: the built-in demo agent)",
     )
     parser.add_argument(
@@ -490,7 +491,7 @@ def _banner(worker: Any, config: WorkerConfig) -> str:
     agent = (
         "the built-in demo agent (prompt words crash, hang, wedge, slow make it misbehave)"
         if config.agent == DEFAULT_AGENT
-        else config.agent
+        else agent_text(config.agent)
     )
     api = worker.api_url or "off (--no-api)"
     return "\n".join(

@@ -122,7 +122,7 @@ class Worker:
             raise TypeError(f"Worker needs a WorkerConfig, got {config!r}")
         self.config = config
         if agent is None:
-            self.agent_spec = AgentSpec.parse(config.agent)
+            self.agent_spec = AgentSpec.from_setting(config.agent)
         elif isinstance(agent, AgentSpec):
             self.agent_spec = agent
         else:
