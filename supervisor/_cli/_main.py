@@ -34,6 +34,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from .._base._describe import describe_exception
 from .._base._exceptions import ConfigError
 from .._base._logging import configure_logging
 from .._tree._exceptions import ChildStartError, RestartIntensityExceeded
@@ -618,7 +619,7 @@ def _run_one_shot(action: Callable[[], Awaitable[int]]) -> int:
     except NotFound as exc:
         return _error(str(exc))
     except ControlPlaneError as exc:
-        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {describe_exception(exc)}", file=sys.stderr)
         return EXIT_GAVE_UP
 
 

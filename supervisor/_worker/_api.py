@@ -45,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._base._describe import describe_exception
 from .._base._exceptions import ConfigError
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._models import WorkStats
@@ -114,7 +115,7 @@ async def _queue_stats(worker: ServedWorker) -> tuple[WorkStats | None, str | No
         try:
             return await plane.stats(), None
         except ControlPlaneError as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+            return None, describe_exception(exc)
     return None, f"no answer within {QUEUE_STATS_TIMEOUT:g}s"
 
 
