@@ -42,6 +42,7 @@ from typing import Final, NoReturn
 import attrs
 import trio
 
+from .._base._describe import describe_exception
 from .._base._exceptions import SupervisorError
 from ..controlplane._exceptions import (
     Conflict,
@@ -438,14 +439,8 @@ class LeaseKeeper:
         )
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}"
-        status = getattr(exc, "status_code", None)
-        if status is not None:
-            text += f" ({status})"
-        message = str(exc)
-        for token in self._tokens:
-            message = message.replace(token, "<token>")
-        return f"{text}: {message}" if message else text
+        # Fencing tokens are capabilities: never in a log line.
+        return describe_exception(exc, status=True, redact=self._tokens)
 
     # --- the final stop ------------------------------------------------------
 

@@ -37,18 +37,13 @@ from ..controlplane._protocol import ControlPlane
 from ._agent import AgentRunner
 from ._inbox import INBOX_FILENAME, Inbox
 from ._lease import Lease, LeaseKeeper
+from ._poller import Slot
 from ._process import SessionOutput
 from ._workspace import WorkspaceError, safe_name
 
-__all__ = ["SessionRecord", "SessionRunner", "Slot", "Workspaces"]
+__all__ = ["SessionRecord", "SessionRunner", "Workspaces"]
 
 logger = logging.getLogger("supervisor.session")
-
-
-class Slot(Protocol):
-    """A session slot handed over by the poller; released when the session ends."""
-
-    def release(self) -> None: ...
 
 
 class Workspaces(Protocol):

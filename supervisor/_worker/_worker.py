@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import attrs
 import trio
 
 from .._base._exceptions import ConfigError
@@ -39,10 +38,7 @@ from .._tree._events import SupervisorSnapshot
 from .._tree._exceptions import ChildStartError
 from .._tree._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from .._tree._supervisor import Supervisor
-from ..controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
 from ..controlplane._exceptions import ControlPlaneError
-from ..controlplane._http import HttpControlPlane
-from ..controlplane._keys import FileKey, KeyProvider, StaticKey
 from ..controlplane._models import Outcome, OutcomeStatus, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
 from ..controlplane._session_client import SessionCredentials, session_location
@@ -51,10 +47,10 @@ from ._config import WorkerConfig
 from ._delegations import DelegationWatcher
 from ._journal import journal_path
 from ._lease import REQUEUE_OUTCOMES
-from ._metrics import HeartbeatMeter, timed_control_plane
-from ._poller import Poller
+from ._metrics import HeartbeatMeter, WorkerStats, timed_control_plane
+from ._poller import Poller, Slot
 from ._presence import Activity, Presence, RequestCounter, counting_control_plane, default_version
-from ._session import SessionRecord, SessionRunner, Slot, Workspaces
+from ._session import SessionRecord, SessionRunner, Workspaces
 from ._wedge import WedgeBreaker, WedgeDetector, WedgeState
 from ._workspace import WorkspaceManager
 
@@ -68,35 +64,6 @@ _FIRST_BEAT_LIMIT = 30.0
 _ACK_LIMIT = 10.0
 #: Finished sessions whose records the worker keeps (for ``wait``, status, metrics).
 _FINISHED_KEPT = 1000
-
-
-@attrs.frozen
-class WorkerStats:
-    """Counters for health checks and metrics.
-
-    Attributes:
-        worker_id: this worker's id.
-        capacity: ``max_concurrency``.
-        active: sessions running now.
-        outcomes: finished sessions by outcome status.
-        lease_losses: sessions that ended because their lease was lost.
-        started: sessions started since the worker started.
-        draining: whether the worker stopped claiming work.
-        restarts: restarts the worker's supervisors made (services, poller, ...).
-    """
-
-    worker_id: str
-    capacity: int
-    active: int
-    outcomes: Mapping[str, int]
-    lease_losses: int
-    started: int
-    draining: bool
-    restarts: int = 0
-
-    @property
-    def busy(self) -> bool:
-        return self.active >= self.capacity
 
 
 class _Relay:
@@ -155,7 +122,7 @@ class Worker:
             raise TypeError(f"Worker needs a WorkerConfig, got {config!r}")
         self.config = config
         if agent is None:
-            self.agent_spec = AgentSpec.parse(config.agent)
+            self.agent_spec = AgentSpec.from_setting(config.agent)
         elif isinstance(agent, AgentSpec):
             self.agent_spec = agent
         else:
@@ -280,36 +247,10 @@ class Worker:
                 key="state_dir",
             ) from None
 
-    @contextlib.asynccontextmanager
-    async def _open_control_plane(self) -> AsyncIterator[ControlPlane]:
-        config = self.config
-        if config.control_plane is None:
-            plane = await trio.to_thread.run_sync(
-                lambda: EmbeddedControlPlane(
-                    config.state_dir / STORE_FILENAME, environment_id=config.environment_id
-                )
-            )
-            try:
-                yield plane
-            finally:
-                with trio.CancelScope(shield=True):
-                    await plane.aclose()
-            return
-        key: KeyProvider
-        if config.environment_key_file is not None:
-            key = FileKey(config.environment_key_file)
-            key.current()  # fail now, with the file named, rather than at the first call
-        elif config.environment_key:
-            key = StaticKey(config.environment_key)
-        else:
-            raise ConfigError(
-                "a remote control plane needs environment_key or environment_key_file",
-                key="environment_key",
-            )
-        async with HttpControlPlane.open(
-            config.control_plane, environment_id=config.environment_id, key=key
-        ) as http:
-            yield http
+    def _open_control_plane(self) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+        return self.config.open_control_plane(
+            missing_key="a remote control plane needs environment_key or environment_key_file"
+        )
 
     async def _register(self, plane: ControlPlane) -> None:
         metadata = {

@@ -472,7 +472,9 @@ class _AgentRun:
 
 
 @attrs.define(eq=False)
-class _Slot:
+class _WorkerSlot:
+    """One simulated worker process across its incarnations (killed, restarted)."""
+
     index: int
     link: FaultyControlPlane
     workspaces: MemoryWorkspaces
@@ -573,7 +575,7 @@ class Simulation:
         self._starts: dict[int, int] = {}
         self._live: list[_AgentRun] = []
         self._workers: dict[str, Worker] = {}
-        self._slots: list[_Slot] = []
+        self._slots: list[_WorkerSlot] = []
         self._accepted_stops: dict[str, list[Outcome | None]] = {}
         self._stopping = False
         self._store: SQLiteStore | None = None
@@ -677,7 +679,7 @@ class Simulation:
         config = self.config
         async with trio.open_nursery() as nursery:
             for index in range(config.workers):
-                slot = _Slot(
+                slot = _WorkerSlot(
                     index,
                     FaultyControlPlane(
                         plane,
@@ -771,7 +773,7 @@ class Simulation:
         values.update(config.worker_options)
         return WorkerConfig(**values)
 
-    async def _run_slot(self, slot: _Slot) -> None:
+    async def _run_slot(self, slot: _WorkerSlot) -> None:
         try:
             while not self._stopping:
                 name = f"w{slot.index}" + (f".{slot.incarnation}" if slot.incarnation else "")
@@ -831,7 +833,7 @@ class Simulation:
         finally:
             slot.done.set()
 
-    def _kill(self, slot: _Slot, fault: Fault) -> None:
+    def _kill(self, slot: _WorkerSlot, fault: Fault) -> None:
         if slot.done.is_set() or self._stopping:
             return
         if slot.killed_until is not None:

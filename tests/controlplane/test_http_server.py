@@ -268,10 +268,10 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         "outcome.status",
     ),
     (
-        "ack-no-worker",
+        "ack-empty-worker",
         "POST",
         "/work/{queued}/ack",
-        {"json": {}},
+        {"json": {"worker_id": ""}},
         400,
         "invalid_request",
         "worker_id",
@@ -312,7 +312,24 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         "invalid_request",
         "block_ms",
     ),
-    ("poll-no-worker", "GET", "/work/poll", {}, 400, "invalid_request", "worker_id"),
+    (
+        "poll-empty-worker",
+        "GET",
+        "/work/poll",
+        {"params": {"worker_id": ""}},
+        400,
+        "invalid_request",
+        "empty worker id",
+    ),
+    (
+        "poll-worker-ids-disagree",
+        "GET",
+        "/work/poll",
+        {"params": {"worker_id": "w2"}, "headers": {"Anthropic-Worker-ID": "w3"}},
+        400,
+        "invalid_request",
+        "disagree",
+    ),
     (
         "unknown-query-parameter",
         "GET",
@@ -701,3 +718,103 @@ async def test_http_and_embedded_views_agree(url: str, store: SQLiteStore) -> No
         direct: WorkItem = store.get("default", item.id, now=record.last_heartbeat_at or 0.0)
         assert direct == item
         assert store.get_worker("default", "w1", now=record.last_heartbeat_at or 0.0) == record
+
+
+# --- who polls and who acks (DESIGN §4: worker_id, the header, or neither) --------------
+
+
+async def _submit(client: httpx.AsyncClient) -> str:
+    response = await client.post(f"{ENV}/work", json={"data": {"prompt": "p"}})
+    assert response.status_code == 201
+    item_id: str = response.json()["id"]
+    return item_id
+
+
+async def test_a_poll_named_by_the_header_binds_an_ack_with_no_body(
+    client: httpx.AsyncClient,
+) -> None:
+    """``Anthropic-Worker-ID`` names the poller; the ack then needs no body at all."""
+    item_id = await _submit(client)
+    polled = await client.get(f"{ENV}/work/poll", headers={"Anthropic-Worker-ID": "w-head"})
+    assert (polled.status_code, polled.json()["id"]) == (200, item_id)
+    acked = await client.post(f"{ENV}/work/{item_id}/ack")
+    assert acked.status_code == 200, acked.text
+    assert (acked.json()["state"], acked.json()["worker_id"]) == ("starting", "w-head")
+    stats = (await client.get(f"{ENV}/work/stats")).json()
+    assert stats["workers_polling"] == 1
+
+
+async def test_a_query_poll_and_an_empty_ack_body_bind_the_poller(
+    client: httpx.AsyncClient,
+) -> None:
+    """``worker_id=`` in the query and an ack with an empty body (or ``{}``) bind the poller."""
+    first, second = await _submit(client), await _submit(client)
+    for item_id, body in ((first, b""), (second, b"{}")):
+        polled = await client.get(f"{ENV}/work/poll", params={"worker_id": "w-q"})
+        assert polled.json()["id"] == item_id
+        acked = await client.post(
+            f"{ENV}/work/{item_id}/ack",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert acked.status_code == 200, acked.text
+        assert acked.json()["worker_id"] == "w-q"
+
+
+async def test_an_anonymous_poll_is_bound_to_the_worker_the_ack_names(
+    client: httpx.AsyncClient,
+) -> None:
+    """A poll that names nobody is bound at ack, to the worker the ack names."""
+    item_id = await _submit(client)
+    polled = await client.get(f"{ENV}/work/poll")
+    assert (polled.status_code, polled.json()["id"]) == (200, item_id)
+    assert polled.json()["secret"]
+    acked = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-late"})
+    assert (acked.json()["state"], acked.json()["worker_id"]) == ("starting", "w-late")
+    stats = (await client.get(f"{ENV}/work/stats")).json()
+    assert stats["workers_polling"] == 0  # an anonymous poller is no worker
+
+
+async def test_an_anonymous_poll_and_ack_leave_the_item_unbound_but_leased(
+    client: httpx.AsyncClient,
+) -> None:
+    """Neither naming a worker: the item starts with no worker, and its lease works."""
+    item_id = await _submit(client)
+    assert (await client.get(f"{ENV}/work/poll")).status_code == 200
+    acked = await client.post(f"{ENV}/work/{item_id}/ack")
+    assert acked.status_code == 200, acked.text
+    assert (acked.json()["state"], acked.json()["worker_id"]) == ("starting", None)
+    beat = await client.post(
+        f"{ENV}/work/{item_id}/heartbeat", params={"expected_last_heartbeat": "NO_HEARTBEAT"}
+    )
+    assert (beat.status_code, beat.json()["state"]) == (200, "active")
+
+
+async def test_an_ack_naming_another_worker_than_the_poll_is_refused(
+    client: httpx.AsyncClient, db_path: Path
+) -> None:
+    """The worker the poll named holds the item: an ack in another's name is a 409, and
+    an ack of an item never handed out is one too; neither changes anything."""
+    item_id = await _submit(client)
+    never_polled = await client.post(f"{ENV}/work/{item_id}/ack")
+    assert_error(never_polled, 409, "conflict", "poll for it first")
+    await client.get(f"{ENV}/work/poll", headers={"Anthropic-Worker-ID": "w-a"})
+    before = dump(db_path)
+    other = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-b"})
+    assert_error(other, 409, "conflict", "another worker")
+    assert dump(db_path) == before
+    same = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-a"})
+    assert same.json()["worker_id"] == "w-a"
+
+
+async def test_the_http_client_polls_and_acks_anonymously(url: str) -> None:
+    """``HttpControlPlane.poll()`` without a worker sends none; ``ack()`` then sends no body."""
+    async with HttpControlPlane.open(url, key=KEY) as cp:
+        item = await cp.submit("anonymous")
+        polled = await cp.poll()
+        assert polled is not None and polled.id == item.id
+        acked = await cp.ack(item.id)
+        assert (acked.state, acked.worker_id) == (WorkState.STARTING, None)
+        second = await cp.submit("named at ack")
+        assert (await cp.poll()) is not None
+        assert (await cp.ack(second.id, worker_id="w-c")).worker_id == "w-c"
