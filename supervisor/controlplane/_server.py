@@ -48,6 +48,7 @@ from starlette.routing import Route
 from .._base._exceptions import ConfigError
 from .._base._groups import collapse_group, raise_saving_context
 from . import _codec as codec
+from ._dashboard import dashboard_routes
 from ._embedded import EmbeddedControlPlane
 from ._exceptions import BadRequest, ControlPlaneError, NotFound, TransientError, Unauthorized
 from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider
@@ -696,7 +697,8 @@ def _build(
         raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes}")
     environments = _Environments.from_source(source)
     handlers = _App(environments, keys, max_body_bytes)
-    app = Starlette(routes=handlers.routes(), exception_handlers={HTTPException: _http_exception})
+    routes = [*handlers.routes(), *dashboard_routes(handlers.endpoint)]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
     return app, environments
 
 
