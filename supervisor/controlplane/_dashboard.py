@@ -538,7 +538,12 @@ async def worker_fragment(request: Request, plane: ControlPlane) -> Response:
         ("Wedge / reason", h("span", {"class": "reason"}, wedge_reason(worker)) or "none"),
         ("Capacity", capacity_cell(worker.active_tasks, worker_capacity(worker))),
         ("Error rate", f"{worker.error_rate:.0%}"),
-        ("Current task", worker.current_task or "none"),
+        (
+            "Current task",
+            h("a", {"href": item_href(worker.current_task)}, worker.current_task)
+            if worker.current_task
+            else "none",
+        ),
         ("Labels", ", ".join(worker_labels(worker)) or "none"),
         ("Last seen", age(worker.last_heartbeat_at, now) or "never"),
         ("Registered", age(worker.registered_at, now)),

@@ -11,6 +11,7 @@ Each test saves screenshots under ``$SUPERVISOR_SCREENSHOTS`` (default
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -228,6 +229,11 @@ def test_signed_in_a_submitted_item_appears_without_reloading_and_its_prompt_is_
     assert "<b>ops</b>" in page.locator("table", has_text="Metadata").inner_text()
     assert page.evaluate("window.__pwned") is None
     _shot(page, "04-item-queued")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(url + "/dashboard/items")
+    page.get_by_role("link", name=work_id).wait_for()
+    _shot(page, "04b-items-phone")
+    page.set_viewport_size({"width": 1280, "height": 800})
 
     # Filter by text and state: the item is found by a word of its prompt, not by another.
     page.goto(url + "/dashboard/items?q=pwned&state=queued")
@@ -254,6 +260,19 @@ def test_the_cancel_button_stops_a_running_item_and_the_page_shows_it(
         page.locator("dl.facts .badge", has_text="active").wait_for()
         _shot(page, "05-item-active")
 
+        # The worker's page while it runs the session: the session in its supervision tree.
+        worker_id = api.get(f"/work/{work_id}").json()["worker_id"]
+        page.get_by_role("link", name=worker_id).click()
+        page.get_by_role("heading", name=f"Worker {worker_id}").wait_for()
+        page.locator("ul.tree", has_text=work_id).wait_for()
+        assert page.locator("dl.facts .badge", has_text="online").count() == 1
+        page.get_by_role("table", name="Sessions on this worker").get_by_role(
+            "link", name=work_id
+        ).wait_for()
+        _shot(page, "06-worker-busy")
+
+        page.get_by_role("link", name=work_id).click()
+        page.locator("dl.facts .badge", has_text="active").wait_for()
         page.get_by_role("button", name=f"Cancel {work_id}").click()
         page.locator("#notice", has_text="Stop requested").wait_for()
         page.locator("dl.facts .badge", has_text="stopped").wait_for()
@@ -263,16 +282,7 @@ def test_the_cancel_button_stops_a_running_item_and_the_page_shows_it(
         item = api.get(f"/work/{work_id}").json()
         assert item["state"] == "stopped"
         assert item["outcome"]["status"] == "cancelled"
-        _shot(page, "06-item-cancelled")
-
-        # The worker's page: its record and the supervision tree from its presence report.
-        worker_id = item["worker_id"]
-        page.goto(url + f"/dashboard/workers/{worker_id}")
-        page.get_by_role("heading", name=f"Worker {worker_id}").wait_for()
-        page.locator("ul.tree").wait_for()
-        assert "worker" in page.locator("ul.tree").inner_text()
-        assert page.locator("dl.facts .badge", has_text="online").count() == 1
-        _shot(page, "07-worker")
+        _shot(page, "07-item-cancelled")
 
         page.goto(url + "/")
         page.get_by_role("img", name="Session outcomes over the last hour: 1 cancelled.").wait_for()
@@ -284,8 +294,6 @@ def test_the_cancel_button_stops_a_running_item_and_the_page_shows_it(
         # The worker's own page, on its local API: no key, its sessions and its tree.
         api_file = tmp_path / "worker" / "api.json"
         _wait_for(api_file.exists, "the worker's api.json")
-        import json
-
         local = json.loads(api_file.read_text())["url"]
         page.goto(local + "/")
         page.get_by_role("heading", name="This worker").wait_for()
