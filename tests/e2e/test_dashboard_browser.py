@@ -207,7 +207,12 @@ def test_signed_in_a_submitted_item_appears_without_reloading_and_its_prompt_is_
     page: Any, server: tuple[str, subprocess.Popen[str]], api: httpx.Client
 ) -> None:
     url, _ = server
-    _sign_in(page, url, path="/dashboard/items")
+    # Signing in by keyboard alone: the key field has the focus, Enter submits.
+    page.goto(url + "/dashboard/items")
+    page.get_by_role("heading", name="Sign in").wait_for()
+    assert page.evaluate("document.activeElement.id") == "key"
+    page.keyboard.type(KEY)
+    page.keyboard.press("Enter")
     page.get_by_role("heading", name="Items").wait_for()
     page.get_by_text("No items match.").wait_for()
     assert KEY not in page.url
@@ -221,6 +226,12 @@ def test_signed_in_a_submitted_item_appears_without_reloading_and_its_prompt_is_
     assert page.evaluate("window.__pwned") is None
     assert page.dialogs == []
     _shot(page, "03-items")
+
+    # A refresh that changes the table keeps the keyboard focus where it was.
+    page.get_by_role("button", name=f"Cancel {work_id}").focus()
+    other = _submit(api, "another one")
+    page.get_by_role("link", name=other).wait_for()
+    assert page.evaluate("document.activeElement.id") == f"cancel-{work_id}"
 
     page.get_by_role("link", name=work_id).click()
     page.get_by_role("heading", name=f"Item {work_id}").wait_for()
@@ -266,12 +277,13 @@ def test_the_cancel_button_stops_a_running_item_and_the_page_shows_it(
         page.get_by_role("heading", name=f"Worker {worker_id}").wait_for()
         page.locator("ul.tree", has_text=work_id).wait_for()
         assert page.locator("dl.facts .badge", has_text="online").count() == 1
-        page.get_by_role("table", name="Sessions on this worker").get_by_role(
+        session_link = page.get_by_role("table", name="Sessions on this worker").get_by_role(
             "link", name=work_id
-        ).wait_for()
+        )
+        session_link.wait_for()
         _shot(page, "06-worker-busy")
 
-        page.get_by_role("link", name=work_id).click()
+        session_link.click()
         page.locator("dl.facts .badge", has_text="active").wait_for()
         page.get_by_role("button", name=f"Cancel {work_id}").click()
         page.locator("#notice", has_text="Stop requested").wait_for()
@@ -338,6 +350,14 @@ def test_a_wedged_worker_shows_degraded_and_its_reason(
     page.set_viewport_size({"width": 390, "height": 844})
     row.wait_for()
     _shot(page, "12-workers-phone")
+
+    for prompt in ("first in line", "second", "third"):
+        _submit(api, prompt)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.get_by_role("link", name="Queue").click()
+    page.get_by_role("img", name="Queue depth over the last hour: now 3, peak 3.").wait_for()
+    page.get_by_role("table", name="Oldest queued items").get_by_text("first in line").wait_for()
+    _shot(page, "09b-queue-waiting")
 
 
 def test_the_page_says_when_the_connection_is_lost(
