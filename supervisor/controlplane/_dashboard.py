@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Final
@@ -77,7 +78,7 @@ PAGE_SIZE: Final = 50
 #: A text search reads at most this many items, newest first.
 SEARCH_LIMIT: Final = 5000
 #: The charts read at most this many stopped items, newest first.
-CHART_LIMIT: Final = 5000
+CHART_LIMIT: Final = 2000
 #: Largest page the protocol hands out in one call.
 _BATCH: Final = 1000
 #: The store refuses pages beyond this index; counting never asks past it.
@@ -104,21 +105,42 @@ _SECURITY_HEADERS: Final = {
 # --- reading through the protocol --------------------------------------------------------
 
 
-async def count_items(plane: ControlPlane, state: WorkState | None) -> int:
-    """How many items ``list_work`` would list, found in O(log n) one-item pages.
+#: The last count of each plane and state, where each count starts its search.
+_count_hints: weakref.WeakKeyDictionary[ControlPlane, dict[WorkState | None, int]] = (
+    weakref.WeakKeyDictionary()
+)
 
-    The protocol has no count; a galloping search over page indexes finds the last item
-    without reading the others. Items submitted meanwhile may or may not be counted.
+
+async def count_items(plane: ControlPlane, state: WorkState | None) -> int:
+    """How many items ``list_work`` would list, found with one-item pages.
+
+    The protocol has no count. A galloping search over page indexes finds the
+    last item in O(log n) calls without reading the others, and it starts
+    from the previous count of the same plane and state: items are only ever
+    added (or purged by retention), so while the dashboard polls, a count
+    usually costs two calls. Items submitted meanwhile may or may not be counted.
     """
 
     async def exists(index: int) -> bool:
         return bool(await plane.list_work(state=state, limit=1, page=index))
 
-    if not await exists(0):
+    try:
+        hints = _count_hints.setdefault(plane, {})
+    except TypeError:  # a plane that cannot be weakly referenced just gets no hint
+        hints = {}
+    hint = hints.get(state, 0)
+    if hint and await exists(hint - 1):
+        low, step = hint - 1, 1
+    elif await exists(0):
+        low, step = 0, 1
+    else:
+        hints[state] = 0
         return 0
-    low, high = 0, 1
+    # exists(low); gallop up until an index past the end, then bisect.
+    high = low + step
     while high <= _MAX_PAGE and await exists(high):
-        low, high = high, high * 2
+        low, step = high, step * 2
+        high = low + step
     high = min(high, _MAX_PAGE + 1)
     while high - low > 1:
         middle = (low + high) // 2
@@ -126,6 +148,7 @@ async def count_items(plane: ControlPlane, state: WorkState | None) -> int:
             low = middle
         else:
             high = middle
+    hints[state] = low + 1
     return low + 1
 
 
@@ -151,18 +174,29 @@ async def items_window(
 
 
 async def newest_items(
-    plane: ControlPlane, state: WorkState | None, limit: int, *, total: int | None = None
+    plane: ControlPlane,
+    state: WorkState | None,
+    limit: int,
+    *,
+    created_after: float | None = None,
 ) -> list[WorkItem]:
-    """Up to ``limit`` items, newest first."""
-    if total is None:
-        total = await count_items(plane, state)
+    """Up to ``limit`` items, newest first, read a page at a time from the end.
+
+    With ``created_after``, reading also stops at the first page that reaches
+    back past that time (list order is creation order).
+    """
+    total = await count_items(plane, state)
+    size = max(1, min(limit, _BATCH))
     newest: list[WorkItem] = []
-    stop = total
-    while stop > 0 and len(newest) < limit:
-        start = max(0, stop - min(_BATCH, limit - len(newest)))
-        newest.extend(reversed(await items_window(plane, state, start, stop)))
-        stop = start
-    return newest
+    for page in range((total - 1) // size, -1, -1):
+        batch = await plane.list_work(state=state, limit=size, page=page)
+        newest.extend(reversed(batch))
+        if len(newest) >= limit:
+            break
+        oldest = batch[0].created_at if batch else None
+        if created_after is not None and oldest is not None and oldest < created_after:
+            break
+    return newest[:limit]
 
 
 async def live_items(plane: ControlPlane) -> list[WorkItem]:
@@ -188,7 +222,7 @@ async def chart_items(plane: ControlPlane, now: float) -> list[WorkItem]:
     """
     items = await live_items(plane)
     horizon = now - 3600 - 86400
-    stopped = await newest_items(plane, WorkState.STOPPED, CHART_LIMIT)
+    stopped = await newest_items(plane, WorkState.STOPPED, CHART_LIMIT, created_after=horizon)
     items.extend(i for i in stopped if i.created_at is None or i.created_at >= horizon)
     return items
 
