@@ -299,7 +299,7 @@ def tree_view(tree: Mapping[str, Any] | None) -> Markup:
     """
     if not isinstance(tree, Mapping):
         return h("p", {"class": "empty"}, "No supervision tree reported.")
-    return h("ul", {"class": "tree", "role": "tree", "aria_label": "supervision tree"}, _node(tree))
+    return h("ul", {"class": "tree", "aria_label": "supervision tree"}, _node(tree))
 
 
 def _node(supervisor: Mapping[str, Any]) -> Markup:
@@ -326,9 +326,9 @@ def _node(supervisor: Mapping[str, Any]) -> Markup:
     )
     return h(
         "li",
-        {"role": "treeitem", "aria_expanded": "true"},
+        None,
         summary,
-        h("ul", {"role": "group"}, child_items) if child_items else "",
+        h("ul", None, child_items) if child_items else "",
     )
 
 
@@ -347,7 +347,7 @@ def _child(child: Mapping[str, Any]) -> Markup:
     reason = child.get("last_exit_reason")
     if reason:
         parts += [" ", h("span", {"class": "reason"}, f"last exit: {reason}")]
-    return h("li", {"role": "treeitem"}, parts)
+    return h("li", None, parts)
 
 
 # --- charts -------------------------------------------------------------------------------

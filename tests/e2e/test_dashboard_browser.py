@@ -159,10 +159,23 @@ def page(browser: Any) -> Iterator[Any]:
     dialogs: list[str] = []
     opened.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
     opened.dialogs = dialogs
+    # Script errors and refused inline content (the CSP) show up on the console.
+    errors: list[str] = []
+    opened.on(
+        "console",
+        lambda message: errors.append(message.text) if message.type == "error" else None,
+    )
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.console_errors = errors
     try:
         yield opened
     finally:
         context.close()
+
+
+def _assert_no_script_errors(page: Any) -> None:
+    """Nothing but failed loads (a refused key, a stopped server) on the console."""
+    assert [e for e in page.console_errors if "Failed to load resource" not in e] == []
 
 
 def _sign_in(page: Any, url: str, key: str = KEY, path: str = "/") -> None:
@@ -201,6 +214,7 @@ def test_without_the_key_there_is_only_a_sign_in_prompt_and_a_wrong_key_is_refus
     raw = httpx.get(f"{url}/dashboard/data/default/items", timeout=10)
     assert raw.status_code == 401
     assert "secret plans" not in raw.text
+    _assert_no_script_errors(page)
 
 
 def test_signed_in_a_submitted_item_appears_without_reloading_and_its_prompt_is_text(
@@ -251,6 +265,7 @@ def test_signed_in_a_submitted_item_appears_without_reloading_and_its_prompt_is_
     page.get_by_role("link", name=work_id).wait_for()
     page.goto(url + "/dashboard/items?q=nothing-like-it")
     page.get_by_text("No items match.").wait_for()
+    _assert_no_script_errors(page)
 
 
 def test_the_cancel_button_stops_a_running_item_and_the_page_shows_it(
@@ -260,7 +275,7 @@ def test_the_cancel_button_stops_a_running_item_and_the_page_shows_it(
     agent = f"{sys.executable} {AGENTS / 'slow_ok.py'} {{prompt}}"
     argv = [sys.executable, "-m", "supervisor", "run", "--control-plane", url]
     argv += ["--state-dir", str(tmp_path / "worker"), "--agent", agent, "--api-port", "0"]
-    argv += ["--max-concurrency", "2", "--drain-timeout", "1"]
+    argv += ["--max-concurrency", "2", "--drain-timeout", "1", "--lease-ttl", "6"]
     env = _env(SUPERVISOR_PRESENCE_INTERVAL="1")
     with _process(argv, env, tmp_path / "worker.log"):
         work_id = _submit(api, "120")  # slow_ok.py sleeps this many seconds
@@ -314,6 +329,7 @@ def test_the_cancel_button_stops_a_running_item_and_the_page_shows_it(
             "table", name="Sessions (running first, then the latest ended)"
         ).get_by_text(work_id).wait_for()
         _shot(page, "10-worker-local")
+        _assert_no_script_errors(page)
 
 
 def test_a_wedged_worker_shows_degraded_and_its_reason(
@@ -358,6 +374,7 @@ def test_a_wedged_worker_shows_degraded_and_its_reason(
     page.get_by_role("img", name="Queue depth over the last hour: now 3, peak 3.").wait_for()
     page.get_by_role("table", name="Oldest queued items").get_by_text("first in line").wait_for()
     _shot(page, "09b-queue-waiting")
+    _assert_no_script_errors(page)
 
 
 def test_the_page_says_when_the_connection_is_lost(
