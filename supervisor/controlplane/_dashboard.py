@@ -27,7 +27,7 @@ import json
 import math
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from typing import Final
 from urllib.parse import quote, urlencode
@@ -235,11 +235,11 @@ def _matches(item: WorkItem, needle: str) -> bool:
     return any(needle in value.casefold() for value in fields)
 
 
-async def all_delegations(plane: ControlPlane, workers: Sequence[WorkerRecord]) -> list[Delegation]:
-    """Every delegation the protocol can list: those of each known worker."""
+async def all_delegations(plane: ControlPlane, worker_ids: Iterable[str]) -> list[Delegation]:
+    """Every delegation the protocol can list for these workers (it lists them by worker)."""
     found: dict[str, Delegation] = {}
-    for worker in workers:
-        for delegation in await plane.list_delegations(worker.worker_id):
+    for worker_id in dict.fromkeys(worker_ids):
+        for delegation in await plane.list_delegations(worker_id):
             found[delegation.id] = delegation
     return list(found.values())
 
@@ -531,10 +531,13 @@ async def item_fragment(request: Request, plane: ControlPlane) -> Response:
         empty="No metadata.",
         class_="narrow",
     )
-    workers = await plane.list_workers()
+    # Delegations are listed by the worker their source session had: this item's own
+    # worker (which may never have registered) and every registered one.
+    worker_ids = [item.worker_id] if item.worker_id else []
+    worker_ids += [worker.worker_id for worker in await plane.list_workers()]
     delegations = [
         d
-        for d in await all_delegations(plane, workers)
+        for d in await all_delegations(plane, worker_ids)
         if d.source_id == item.data.id or d.work_id == item.id
     ]
     messages = await plane.list_messages(item.data.id)

@@ -297,3 +297,34 @@ async def test_a_presence_report_with_a_tree_is_drawn_on_the_worker_fragment(
     body = (await client.get(f"{DATA}/workers/w1", headers=AUTH)).text
     assert "<strong>worker</strong>" in body and "<code>poller</code>" in body
     assert "2 restarts" in body and "up 3.5 s" in body
+
+
+async def test_an_items_delegations_show_on_both_ends(client: httpx.AsyncClient) -> None:
+    """The delegating item and the delegate item both list the delegation, escaped."""
+    submitted = await client.post(f"{API}/work", json={"data": {"prompt": "lead"}}, headers=AUTH)
+    source = submitted.json()
+    polled = await client.get(f"{API}/work/poll", params={"worker_id": "w1"}, headers=AUTH)
+    assert polled.json()["id"] == source["id"]
+    acked = await client.post(
+        f"{API}/work/{source['id']}/ack", json={"worker_id": "w1"}, headers=AUTH
+    )
+    assert acked.status_code == 200
+    made = await client.post(
+        f"{API}/sessions/{source['data']['id']}/delegate",
+        json={"task": "check <the> tests"},
+        headers=AUTH,
+    )
+    assert made.status_code == 201, made.text
+    delegation = made.json()
+    # The source's page finds it through the item's own worker, registered or not.
+    body = (await client.get(f"{DATA}/items/{source['id']}", headers=AUTH)).text
+    assert f"<code>{delegation['id']}</code>" in body
+    # The delegate's page, through the registered workers (a real worker reports).
+    beat = await client.post(f"{API}/workers/w1/heartbeat", json={}, headers=AUTH)
+    assert beat.status_code == 200
+    for work_id in (source["id"], delegation["work_id"]):
+        body = (await client.get(f"{DATA}/items/{work_id}", headers=AUTH)).text
+        assert f"<code>{delegation['id']}</code>" in body
+        assert "check &lt;the&gt; tests" in body
+    worker = (await client.get(f"{DATA}/workers/w1", headers=AUTH)).text
+    assert f"<code>{delegation['id']}</code>" in worker
