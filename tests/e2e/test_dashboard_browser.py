@@ -268,6 +268,15 @@ def test_signed_in_a_submitted_item_appears_without_reloading_and_its_prompt_is_
     page.get_by_role("link", name=work_id).wait_for()
     page.goto(url + "/dashboard/items?q=nothing-like-it")
     page.get_by_text("No items match.").wait_for()
+
+    # Signing out forgets the key and takes the data off the page.
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("heading", name="Sign in").wait_for()
+    assert page.evaluate("sessionStorage.length") == 0
+    assert page.locator("#live").inner_html() == ""
+    page.goto(url + "/dashboard/items")
+    page.get_by_role("heading", name="Sign in").wait_for()
+    assert "another one" not in page.content()
     _assert_no_script_errors(page)
 
 

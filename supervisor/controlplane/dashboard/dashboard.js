@@ -26,6 +26,7 @@
   let environment = sessionStorage.getItem(ENVIRONMENT) || "default";
   let timer = null;
   let generation = 0;
+  let shown = null; // the HTML now in the live region, to skip identical refreshes
 
   function authHeaders() {
     return key ? { Authorization: "Bearer " + key } : {};
@@ -54,6 +55,7 @@
     key = null;
     sessionStorage.removeItem(KEY);
     live.replaceChildren(); // no data stays on the page once the key is gone
+    shown = null;
     main.hidden = true;
     signIn.hidden = false;
     signOut.hidden = true;
@@ -86,7 +88,7 @@
 
   // Replace the live region's content, keeping keyboard focus where it was.
   function swap(html) {
-    if (live.dataset.html === html) return;
+    if (shown === html) return;
     const active = document.activeElement;
     let focusId = null;
     let focusHref = null;
@@ -95,7 +97,7 @@
       focusHref = active.getAttribute("href");
     }
     live.innerHTML = html;
-    live.dataset.html = html;
+    shown = html;
     live.setAttribute("aria-busy", "false");
     let target = null;
     if (focusId) target = document.getElementById(focusId);
@@ -127,7 +129,7 @@
         p.setAttribute("role", "alert");
         p.textContent = text;
         live.replaceChildren(p);
-        live.dataset.html = "";
+        shown = null;
       }
       return;
     }
