@@ -11,7 +11,9 @@ What it guarantees at the boundary:
   ``Authorization: Bearer <key>``, compared with ``hmac.compare_digest``. With
   no key configured the server refuses to start (``ConfigError``), and if the
   key later reads as empty (an emptied key file) it refuses every request.
-  ``GET /healthz`` is the only unauthenticated route.
+  ``GET /healthz`` and the dashboard's page shells and static files (``/``,
+  ``/dashboard/...``; they hold no data, see ``_dashboard``) are the only
+  unauthenticated routes; the dashboard's data needs the key like the API.
 - A request that cannot be honoured changes nothing: the body is read (at
   most ``max_body_bytes``, else 413), decoded and validated completely before
   the store is called, and the store's own refusals are atomic.
