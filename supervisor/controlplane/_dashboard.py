@@ -816,7 +816,8 @@ async def static_endpoint(request: Request) -> Response:
     try:
         return static_response(request.path_params["name"])
     except NotFound as exc:
-        return Response(str(exc), status_code=404, media_type="text/plain")
+        body = {"error": {"type": exc.error_type, "message": exc.message}}
+        return Response(json.dumps(body), status_code=404, media_type="application/json")
 
 
 def dashboard_routes(endpoint: Endpoint) -> list[Route]:

@@ -172,7 +172,8 @@ async def test_static_files_are_served_and_nothing_else(client: httpx.AsyncClien
     style = await client.get("/dashboard/static/dashboard.css")
     assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
     assert (await client.get("/dashboard/static/..%2F_server.py")).status_code == 404
-    assert (await client.get("/dashboard/static/other.js")).status_code == 404
+    other = await client.get("/dashboard/static/other.js")
+    assert (other.status_code, other.json()["error"]["type"]) == (404, "not_found")
 
 
 async def test_the_items_fragment_pages_newest_first_and_filters_by_text(
