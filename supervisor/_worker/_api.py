@@ -1,4 +1,4 @@
-"""The worker's local HTTP API: ``/health``, ``/metrics``, ``/status``.
+"""The worker's local HTTP API: ``/health``, ``/metrics``, ``/status``, a page at ``/``.
 
 A Starlette app on Hypercorn's Trio worker, run by the worker as the ``api``
 child of its ``services`` supervisor (``config.api_enabled``). It only reads:
@@ -13,6 +13,7 @@ nothing here can start, stop or change a session, and its failures stay under
   registry of the worker's own (see ``supervisor._metrics``).
 - ``GET /status``: the live snapshot as JSON: the supervision tree with states,
   restarts and uptimes, the sessions with their leases, the counters.
+- ``GET /``: the same, as a live page (``supervisor._worker._api_dashboard``).
 
 It binds to loopback by default and has no authentication: it exposes no
 secret and no control, but prompts' sizes and item ids are still nobody
@@ -49,6 +50,7 @@ from .._base._describe import describe_exception
 from .._base._exceptions import ConfigError
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._models import WorkStats
+from ._api_dashboard import local_dashboard_routes
 from ._config import DEFAULT_AGENT
 from ._metrics import CONTENT_TYPE, MeteredWorker, render_metrics, worker_registry
 
@@ -288,6 +290,9 @@ def create_api_app(worker: ServedWorker) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/status", status, methods=["GET"]),
+            *local_dashboard_routes(
+                lambda: status_document(worker), lambda: health_document(worker)
+            ),
         ],
         exception_handlers={HTTPException: _http_exception},
     )

@@ -515,8 +515,17 @@ class Worker:
         return Activity(status=status, active_tasks=active, current_task=current)
 
     def runtime_metadata(self) -> dict[str, Any]:
-        """The default ``runtime_metadata`` of presence reports: capabilities, capacity, version."""
+        """The default ``runtime_metadata`` of presence reports.
+
+        Capabilities, capacity and version, plus the live supervision tree
+        (``tree``), so the control plane's dashboard can draw it without
+        reaching the worker's local API.
+        """
         config = self.config
+        try:
+            tree: dict[str, Any] | None = self.snapshot().as_dict()
+        except RuntimeError:
+            tree = None
         return {
             "capabilities": {
                 "agent": "process" if self.agent_spec.is_process else "in_process",
@@ -528,6 +537,7 @@ class Worker:
             },
             "capacity": config.max_concurrency,
             "version": default_version(),
+            "tree": tree,
         }
 
     def _on_session_end(self, record: SessionRecord) -> None:

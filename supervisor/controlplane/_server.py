@@ -11,7 +11,9 @@ What it guarantees at the boundary:
   ``Authorization: Bearer <key>``, compared with ``hmac.compare_digest``. With
   no key configured the server refuses to start (``ConfigError``), and if the
   key later reads as empty (an emptied key file) it refuses every request.
-  ``GET /healthz`` is the only unauthenticated route.
+  ``GET /healthz`` and the dashboard's page shells and static files (``/``,
+  ``/dashboard/...``; they hold no data, see ``_dashboard``) are the only
+  unauthenticated routes; the dashboard's data needs the key like the API.
 - A request that cannot be honoured changes nothing: the body is read (at
   most ``max_body_bytes``, else 413), decoded and validated completely before
   the store is called, and the store's own refusals are atomic.
@@ -48,6 +50,7 @@ from starlette.routing import Route
 from .._base._exceptions import ConfigError
 from .._base._groups import collapse_group, raise_saving_context
 from . import _codec as codec
+from ._dashboard import dashboard_routes
 from ._embedded import EmbeddedControlPlane
 from ._exceptions import BadRequest, ControlPlaneError, NotFound, TransientError, Unauthorized
 from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider
@@ -696,7 +699,8 @@ def _build(
         raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes}")
     environments = _Environments.from_source(source)
     handlers = _App(environments, keys, max_body_bytes)
-    app = Starlette(routes=handlers.routes(), exception_handlers={HTTPException: _http_exception})
+    routes = [*handlers.routes(), *dashboard_routes(handlers.endpoint)]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
     return app, environments
 
 

@@ -21,6 +21,7 @@ from supervisor import (
     TransientError,
 )
 from supervisor.controlplane import ControlPlane, PresenceReport, WorkItem, WorkState
+from supervisor.controlplane._dashboard import DASHBOARD_PREFIX
 from supervisor.controlplane._embedded import EmbeddedControlPlane
 from supervisor.controlplane._http import HttpControlPlane
 from supervisor.controlplane._keys import FileKey
@@ -570,10 +571,13 @@ async def test_plane_failures_become_json_5xx(
 
 
 def _mounted_routes(store: SQLiteStore) -> set[tuple[str, str]]:
+    """The API's routes; the dashboard's HTML pages and fragments are not part of the API."""
     app = create_app(store, key_provider=KEY)
     mounted = set()
     for route in app.routes:
         assert isinstance(route, Route)
+        if route.path == "/" or route.path.startswith(DASHBOARD_PREFIX + "/"):
+            continue
         for method in route.methods or ():
             if method != "HEAD":
                 mounted.add((method.lower(), route.path))

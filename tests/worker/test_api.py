@@ -325,3 +325,27 @@ async def test_an_api_bound_beyond_loopback_is_warned_about(
     async with api_worker(tmp_path, Gate(), api_host="0.0.0.0") as (_, client):
         assert (await client.get("/health")).status_code == 200
     assert any("has no authentication" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_worker_page_draws_its_sessions_and_tree_without_secrets(
+    tmp_path: Path,
+) -> None:
+    """``/`` is a page shell; its live region shows sessions, health and the tree."""
+    gate = Gate()
+    async with api_worker(tmp_path, gate) as (worker, client):
+        item_id = await worker.submit("look at me <script>")
+        await wait_for(lambda: gate.running == 1)
+        page = await client.get("/")
+        fragment = await client.get("/dashboard/local")
+        script = await client.get("/dashboard/static/dashboard.js")
+        gate.release.set()
+        await worker.wait(item_id)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'data-auth="none"' in page.text and "/dashboard/local" in page.text
+    assert script.status_code == 200
+    body = fragment.text
+    assert fragment.status_code == 200
+    assert "<code>w-api</code>" in body and item_id in body
+    assert f"session:{item_id}" in body and "<code>lease</code>" in body
+    assert "badge-running" in body
+    assert SECRET_KEY not in body and "look at me" not in body

@@ -308,3 +308,29 @@ async def test_wait_follows_the_control_plane_when_the_final_stop_did_not_get_th
     item = await plane.get(item_id)
     assert item.state is WorkState.STOPPED
     assert item.attempts == 1
+
+
+async def test_presence_reports_carry_the_live_supervision_tree(
+    tmp_path: Path, plane: EmbeddedControlPlane
+) -> None:
+    """The dashboard draws a worker's tree from ``runtime_metadata["tree"]``."""
+    release = trio.Event()
+
+    async def agent(ctx: AgentContext) -> str:
+        await release.wait()
+        return "done"
+
+    async with open_worker(config(tmp_path), control_plane=plane, agent=agent) as worker:
+        item_id = await worker.submit("hello")
+        await wait_for(lambda: worker.stats().active == 1)
+        tree = worker.runtime_metadata()["tree"]
+        assert tree["name"] == worker.snapshot().name == "worker"
+        sessions = next(c for c in tree["children"] if c["id"] == "work")["supervisor"]
+        assert f"session:{item_id}" in str(sessions)
+        with trio.fail_after(20):
+            while "tree" not in (await plane.get_worker(worker.worker_id)).runtime_metadata:
+                await trio.sleep(0.02)
+        record = await plane.get_worker(worker.worker_id)
+        assert record.runtime_metadata["tree"]["name"] == tree["name"] == "worker"
+        release.set()
+        await worker.wait(item_id)
