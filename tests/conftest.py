@@ -29,7 +29,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # that dies without running any cleanup.
 _DOOMED = """
 import sys, trio
-from supervisor._worker._workspace import WorkspaceManager
+from supervisor.lowlevel import WorkspaceManager
 
 async def main():
     manager = WorkspaceManager(sys.argv[1], keep_workspaces=sys.argv[2] == "keep")

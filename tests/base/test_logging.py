@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from supervisor import AgentContext, WorkerConfig, open_worker
 from supervisor._base._logging import RedactSecrets, configure_logging, redact_secret
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import open_worker
-from supervisor.controlplane import WorkItem
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane import EmbeddedControlPlane, WorkItem
 
 KEY = "environment-key-0123456789"
 

@@ -23,13 +23,16 @@ from pathlib import Path
 import attrs
 import pytest
 
-from supervisor.controlplane import ControlPlane
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
-from supervisor.testing._clock import ManualClock
+from supervisor.controlplane import (
+    ControlPlane,
+    EmbeddedControlPlane,
+    HttpControlPlane,
+    LeasePolicy,
+    SQLiteStore,
+    StatusPolicy,
+    open_control_plane_server,
+)
+from supervisor.testing import ManualClock
 
 #: Policies every implementation runs with (the defaults, spelled out so tests can use them).
 LEASE_POLICY = LeasePolicy(

@@ -35,16 +35,18 @@ from supervisor import (
 from supervisor.controlplane import (
     NO_HEARTBEAT,
     DelegationStatus,
+    FileKey,
+    HttpControlPlane,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    SQLiteStore,
+    StaticKey,
     WorkerStatus,
     WorkState,
+    open_control_plane_server,
+    open_http_control_plane,
 )
-from supervisor.controlplane._http import HttpControlPlane, open_http_control_plane
-from supervisor.controlplane._keys import FileKey, StaticKey
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._store import SQLiteStore
 
 KEY = "client-test-key-0123456789abcdef"
 

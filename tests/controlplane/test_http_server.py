@@ -20,17 +20,20 @@ from supervisor import (
     NotFound,
     TransientError,
 )
-from supervisor.controlplane import ControlPlane, PresenceReport, WorkItem, WorkState
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._keys import FileKey
-from supervisor.controlplane._openapi import API_PREFIX
-from supervisor.controlplane._server import (
-    create_app,
+from supervisor.controlplane import (
+    ControlPlane,
+    EmbeddedControlPlane,
+    FileKey,
+    HttpControlPlane,
+    PresenceReport,
+    SQLiteStore,
+    WorkItem,
+    WorkState,
     open_control_plane_server,
     serve_control_plane,
 )
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane._openapi import API_PREFIX
+from supervisor.controlplane._server import create_app
 
 KEY = "server-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}

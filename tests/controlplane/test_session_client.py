@@ -14,22 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import ConfigError, Unauthorized
+from supervisor import ConfigError, SessionCredentials, Unauthorized, open_session_client
 from supervisor._cli._settings import read_environment
-from supervisor.controlplane import NO_HEARTBEAT, Outcome, OutcomeStatus, WorkItem
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    EmbeddedControlPlane,
+    HttpControlPlane,
+    Outcome,
+    OutcomeStatus,
+    SQLiteStore,
+    WorkItem,
+    open_control_plane_server,
+)
 from supervisor.controlplane._session_client import (
     SESSION_CONTROL_PLANE_ENV,
     SESSION_ENVIRONMENT_ENV,
     SESSION_ID_ENV,
     SESSION_TOKEN_ENV,
-    SessionCredentials,
-    open_session_client,
     session_location,
 )
-from supervisor.controlplane._store import SQLiteStore
 
 KEY = "session-client-test-key-0123456789"
 WORKER = "worker-1"

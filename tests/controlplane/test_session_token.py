@@ -13,10 +13,15 @@ from pathlib import Path
 import pytest
 
 from supervisor import Unauthorized
-from supervisor.controlplane import NO_HEARTBEAT, Outcome, OutcomeStatus, WorkItem
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    HttpControlPlane,
+    Outcome,
+    OutcomeStatus,
+    SQLiteStore,
+    WorkItem,
+    open_control_plane_server,
+)
 
 KEY = "session-token-test-key-0123456789"
 WORKER = "worker-1"

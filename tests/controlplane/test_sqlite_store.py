@@ -22,13 +22,15 @@ from supervisor import (
 from supervisor.controlplane import (
     NO_HEARTBEAT,
     DelegationStatus,
+    LeasePolicy,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    SQLiteStore,
+    StatusPolicy,
     WorkState,
 )
-from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import SCHEMA_VERSION, LeasePolicy, SQLiteStore
+from supervisor.controlplane._store import SCHEMA_VERSION
 
 ENV = "default"
 T0 = 1_700_000_000.0

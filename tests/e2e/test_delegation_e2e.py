@@ -20,20 +20,24 @@ from typing import Any
 import pytest
 import trio
 
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._journal import journal_path
-from supervisor._worker._worker import Worker, open_worker
-from supervisor.controlplane import DelegationStatus, OutcomeStatus
-from supervisor.controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._session_client import (
-    SESSION_CONTROL_PLANE_ENV,
-    SESSION_TOKEN_ENV,
+from supervisor import (
+    AgentContext,
     SessionCredentials,
+    Worker,
+    WorkerConfig,
     open_session_client,
+    open_worker,
 )
-from supervisor.controlplane._store import SQLiteStore
+from supervisor._worker._journal import journal_path
+from supervisor.controlplane import (
+    DelegationStatus,
+    EmbeddedControlPlane,
+    OutcomeStatus,
+    SQLiteStore,
+    open_control_plane_server,
+)
+from supervisor.controlplane._embedded import STORE_FILENAME
+from supervisor.controlplane._session_client import SESSION_CONTROL_PLANE_ENV, SESSION_TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 AGENTS = Path(__file__).resolve().parents[1] / "agents"

@@ -16,19 +16,20 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor._worker._poller import Poller, Slot
-from supervisor.controlplane import NO_HEARTBEAT, WorkItem, WorkState
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._exceptions import (
-    ControlPlaneUnavailable,
+from supervisor import ControlPlaneUnavailable, TransientError
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    ControlPlane,
+    EmbeddedControlPlane,
     FencingConflict,
-    TransientError,
+    LeasePolicy,
+    SQLiteStore,
     Unauthorized,
+    WorkItem,
+    WorkState,
 )
-from supervisor.controlplane._protocol import ControlPlane
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
-from supervisor.testing._faults import CallRecord, Fault, FaultKind, FaultyControlPlane
-from supervisor.testing._workspaces import MemoryWorkspaces
+from supervisor.lowlevel import Poller, Slot
+from supervisor.testing import CallRecord, Fault, FaultKind, FaultyControlPlane, MemoryWorkspaces
 
 
 @pytest.fixture

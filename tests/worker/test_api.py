@@ -15,14 +15,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor import ChildStartError
-from supervisor._base._exceptions import ConfigError
-from supervisor._worker._agent import AgentContext
+from supervisor import AgentContext, ChildStartError, ConfigError, Worker, WorkerConfig, open_worker
 from supervisor._worker._api import API_FILENAME, ApiFile, check_api_address, read_api_file
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import Worker, open_worker
-from supervisor.controlplane import OutcomeStatus, WorkItem
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, WorkItem
 
 pytestmark = pytest.mark.slow
 

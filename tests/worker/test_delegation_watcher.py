@@ -17,20 +17,20 @@ import attrs
 import pytest
 import trio
 
-from supervisor import TransientError
-from supervisor._worker._delegations import DelegationWatcher, follow_up_body, notification_body
-from supervisor._worker._inbox import Inbox, InboxClosed
+from supervisor import Inbox, InboxClosed, TransientError
+from supervisor._worker._delegations import follow_up_body, notification_body
 from supervisor._worker._journal import JournalledResult
 from supervisor.controlplane import (
     NO_HEARTBEAT,
     Delegation,
     DelegationStatus,
+    EmbeddedControlPlane,
     Outcome,
     OutcomeStatus,
     SessionMessage,
     WorkItem,
 )
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.lowlevel import DelegationWatcher
 
 WORKER = "worker-1"
 DELEGATE_WORKER = "worker-delegates"

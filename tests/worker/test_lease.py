@@ -19,37 +19,20 @@ import attrs
 import pytest
 import trio
 
-from supervisor._worker._lease import (
-    DEADLINE_FRACTION,
-    Lease,
-    LeaseKeeper,
-    LeaseLost,
-    MeasureFrom,
-    heartbeat_interval,
-)
+from supervisor import ControlPlaneUnavailable, FatalError, LeaseLost, TransientError
+from supervisor._worker._lease import DEADLINE_FRACTION, MeasureFrom, heartbeat_interval
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    FencingConflict,
+    Gone,
     HeartbeatResult,
+    NotFound,
     Outcome,
     OutcomeStatus,
     WorkState,
 )
-from supervisor.controlplane._exceptions import (
-    ControlPlaneUnavailable,
-    FatalError,
-    FencingConflict,
-    Gone,
-    NotFound,
-    TransientError,
-)
-from supervisor.testing._scripted import (
-    HANG,
-    Call,
-    Regrant,
-    Reply,
-    ScriptedControlPlane,
-    ScriptEntry,
-)
+from supervisor.lowlevel import Lease, LeaseKeeper
+from supervisor.testing import HANG, Call, Regrant, Reply, ScriptedControlPlane, ScriptEntry
 
 TTL = 9.0  # interval 3 s, deadline 7.2 s after each good send
 EPS = 1e-9

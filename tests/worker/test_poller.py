@@ -10,24 +10,18 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor._worker._poller import (
-    ClaimGate,
-    OpenGate,
-    Poller,
-    PollerState,
-    Slot,
-    poll_backoff,
-)
-from supervisor.controlplane import WorkItem, WorkState
-from supervisor.controlplane._exceptions import (
+from supervisor import ControlPlaneUnavailable, TransientError
+from supervisor._worker._poller import OpenGate, PollerState, poll_backoff
+from supervisor.controlplane import (
     BadRequest,
     Conflict,
-    ControlPlaneUnavailable,
     NotFound,
-    TransientError,
     Unauthorized,
+    WorkItem,
+    WorkState,
 )
-from supervisor.testing._scripted import ScriptedControlPlane
+from supervisor.lowlevel import ClaimGate, Poller, Slot
+from supervisor.testing import ScriptedControlPlane
 
 
 class Sessions:

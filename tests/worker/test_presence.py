@@ -19,24 +19,21 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import Conflict, FencingConflict, NotFound, TransientError, Unauthorized
-from supervisor._worker._presence import (
-    Activity,
-    CountingControlPlane,
-    Presence,
-    RequestCounter,
-    counting_control_plane,
+from supervisor import Conflict, FencingConflict, NotFound, TransientError, Unauthorized, WedgeState
+from supervisor._worker._presence import Activity, CountingControlPlane, counting_control_plane
+from supervisor.controlplane import (
+    ControlPlane,
+    EmbeddedControlPlane,
+    FileKey,
+    HttpControlPlane,
+    PresenceReport,
+    SQLiteStore,
+    StatusPolicy,
+    WorkerStatus,
+    open_control_plane_server,
 )
-from supervisor._worker._wedge import WedgeState
-from supervisor.controlplane import ControlPlane, PresenceReport, WorkerStatus
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._keys import FileKey
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import SQLiteStore
-from supervisor.testing._clock import ManualClock
-from supervisor.testing._scripted import ScriptedControlPlane
+from supervisor.lowlevel import Presence, RequestCounter
+from supervisor.testing import ManualClock, ScriptedControlPlane
 
 KEY = "presence-key-0123456789abcdef"
 WORKER = "w-presence"

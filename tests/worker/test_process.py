@@ -18,13 +18,9 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from supervisor._worker._process import (
-    AgentResult,
-    SessionOutput,
-    _LineSplitter,
-    run_agent_process,
-)
-from supervisor.controlplane._models import OutcomeStatus
+from supervisor._worker._process import _LineSplitter, run_agent_process
+from supervisor.controlplane import OutcomeStatus
+from supervisor.lowlevel import AgentResult, SessionOutput
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 GRACE = 0.2

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import ConfigError
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._threaded import ResultTimeout, ThreadedWorker, WorkCancelled
+from supervisor import (
+    AgentContext,
+    ConfigError,
+    ResultTimeout,
+    ThreadedWorker,
+    WorkCancelled,
+    WorkerConfig,
+)
 from supervisor.controlplane import OutcomeStatus
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"

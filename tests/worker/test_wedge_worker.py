@@ -24,22 +24,20 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import TransientError
+from supervisor import AgentContext, TransientError, Worker, WorkerConfig
 from supervisor._cli._main import main
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import Worker
 from supervisor.controlplane import (
     ControlPlane,
+    EmbeddedControlPlane,
     OutcomeStatus,
     PresenceReport,
+    SQLiteStore,
     WorkerRecord,
     WorkerStatus,
     WorkItem,
     WorkState,
 )
-from supervisor.controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane._embedded import STORE_FILENAME
 from supervisor.testing import run_inline
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"

@@ -11,13 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import ChildState, TransientError
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
+from supervisor import AgentContext, ChildState, TransientError, Worker, WorkerConfig, open_worker
 from supervisor._worker._process import process_group_members
-from supervisor._worker._worker import Worker, open_worker
-from supervisor.controlplane import OutcomeStatus, WorkState
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, WorkState
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 

@@ -15,14 +15,9 @@ import trio
 import trio.testing
 
 import supervisor._worker._worker as worker_module
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import Worker
-from supervisor.controlplane import OutcomeStatus
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
-from supervisor.testing._faults import Fault, FaultKind, FaultyControlPlane
-from supervisor.testing._workspaces import MemoryWorkspaces
+from supervisor import AgentContext, Worker, WorkerConfig
+from supervisor.controlplane import EmbeddedControlPlane, LeasePolicy, OutcomeStatus, SQLiteStore
+from supervisor.testing import Fault, FaultKind, FaultyControlPlane, MemoryWorkspaces
 
 
 @pytest.fixture
