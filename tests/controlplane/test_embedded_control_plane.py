@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor import BadRequest, ControlPlaneError
+from supervisor import ControlPlaneError
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
     ControlPlane,
     EmbeddedControlPlane,
     LeasePolicy,

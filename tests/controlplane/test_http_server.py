@@ -14,17 +14,13 @@ import pytest
 import trio
 from starlette.routing import Route
 
-from supervisor import (
-    ConfigError,
-    ControlPlaneUnavailable,
-    NotFound,
-    TransientError,
-)
+from supervisor import ConfigError, ControlPlaneUnavailable, TransientError
 from supervisor.controlplane import (
     ControlPlane,
     EmbeddedControlPlane,
     FileKey,
     HttpControlPlane,
+    NotFound,
     PresenceReport,
     SQLiteStore,
     WorkItem,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import ConfigError, SessionCredentials, Unauthorized, open_session_client
+from supervisor import ConfigError, SessionCredentials, open_session_client
 from supervisor._cli._settings import read_environment
 from supervisor.controlplane import (
     NO_HEARTBEAT,
@@ -23,6 +23,7 @@ from supervisor.controlplane import (
     Outcome,
     OutcomeStatus,
     SQLiteStore,
+    Unauthorized,
     WorkItem,
     open_control_plane_server,
 )

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import Unauthorized
 from supervisor.controlplane import (
     NO_HEARTBEAT,
     HttpControlPlane,
     Outcome,
     OutcomeStatus,
     SQLiteStore,
+    Unauthorized,
     WorkItem,
     open_control_plane_server,
 )

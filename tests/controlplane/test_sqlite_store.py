@@ -12,17 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import (
-    BadRequest,
-    ControlPlaneError,
-    FatalError,
-    NotFound,
-    TransientError,
-)
+from supervisor import ControlPlaneError, FatalError, TransientError
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
     DelegationStatus,
     LeasePolicy,
+    NotFound,
     Outcome,
     OutcomeStatus,
     PresenceReport,

@@ -28,9 +28,12 @@ from hypothesis.stateful import (
     rule,
 )
 
-from supervisor import BadRequest, Conflict, FencingConflict, Gone
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
+    Conflict,
+    FencingConflict,
+    Gone,
     LeasePolicy,
     Outcome,
     OutcomeStatus,

@@ -61,7 +61,8 @@ def test_parse_resolves_module_function_to_an_in_process_agent() -> None:
     assert spec.name == "asyncio:sleep"
     import asyncio
 
-    assert spec.function is asyncio.sleep
+    sleep: object = asyncio.sleep
+    assert spec.function is sleep
 
 
 @pytest.mark.parametrize(
@@ -344,7 +345,6 @@ async def test_cancelling_an_in_process_agent_propagates(
         except trio.Cancelled:
             cancelled_inside = True
             raise
-        return "never"
 
     runner = AgentRunner(AgentSpec.from_callable(agent))
     with trio.move_on_after(5) as scope:

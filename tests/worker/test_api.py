@@ -263,9 +263,10 @@ async def test_worker_does_not_start_on_a_taken_port(tmp_path: Path) -> None:
 async def test_an_api_crash_is_restarted_without_touching_sessions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from hypercorn.trio import serve as real_serve
+
     import supervisor._worker._api as api_module
 
-    real_serve = api_module.hypercorn_serve
     crash = trio.Event()
     runs = 0
 

@@ -19,16 +19,20 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import Conflict, FencingConflict, NotFound, TransientError, Unauthorized, WedgeState
+from supervisor import TransientError, WedgeState
 from supervisor._worker._presence import Activity, CountingControlPlane, counting_control_plane
 from supervisor.controlplane import (
+    Conflict,
     ControlPlane,
     EmbeddedControlPlane,
+    FencingConflict,
     FileKey,
     HttpControlPlane,
+    NotFound,
     PresenceReport,
     SQLiteStore,
     StatusPolicy,
+    Unauthorized,
     WorkerStatus,
     open_control_plane_server,
 )

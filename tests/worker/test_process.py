@@ -323,11 +323,13 @@ async def test_a_flood_of_output_does_not_grow_memory(tmp_path: Path) -> None:
     """200 MB of lines and one 100 MB line without a newline: bounded memory, full log."""
     lines_mb, long_mb = 200, 100
     truncated: list[str] = []
+
+    def on_line(line: str) -> None:
+        if line.endswith("[line truncated]"):
+            truncated.append(line[:10])
+
     output = SessionOutput(
-        log_path=tmp_path / "flood.log",
-        tail_lines=100,
-        tail_chars=10_000,
-        on_line=lambda line: line.endswith("[line truncated]") and truncated.append(line[:10]),
+        log_path=tmp_path / "flood.log", tail_lines=100, tail_chars=10_000, on_line=on_line
     )
     baseline = _rss_bytes()
     peak = baseline
