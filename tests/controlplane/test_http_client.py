@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -49,13 +49,6 @@ from supervisor.controlplane import (
 )
 
 KEY = "client-test-key-0123456789abcdef"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "controlplane.sqlite3")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

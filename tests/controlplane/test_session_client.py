@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,13 +38,6 @@ from supervisor.controlplane._session_client import (
 KEY = "session-client-test-key-0123456789"
 WORKER = "worker-1"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "controlplane.sqlite3")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ that minted it is live, and nowhere else; it never shows up in a log line.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -25,13 +24,6 @@ from supervisor.controlplane import (
 
 KEY = "session-token-test-key-0123456789"
 WORKER = "worker-1"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "controlplane.sqlite3")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

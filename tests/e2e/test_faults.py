@@ -1,16 +1,16 @@
 """FaultyControlPlane, MemoryWorkspaces, and the poller's ack bound the simulator called for.
 
 The wrapper is a test double: its tests run it over the embedded control
-plane on an in-memory SQLite store, in the Trio thread (``threaded=False``),
-under ``autojump_clock``.
+plane (the ``plane`` fixture: store calls in the Trio thread, the store's time
+Trio's), under ``autojump_clock``.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -23,7 +23,6 @@ from supervisor.controlplane import (
     EmbeddedControlPlane,
     FencingConflict,
     LeasePolicy,
-    SQLiteStore,
     Unauthorized,
     WorkItem,
     WorkState,
@@ -33,16 +32,8 @@ from supervisor.testing import CallRecord, Fault, FaultKind, FaultyControlPlane,
 
 
 @pytest.fixture
-async def plane() -> AsyncIterator[EmbeddedControlPlane]:
-    store = SQLiteStore(":memory:", lease_policy=LeasePolicy(default_ttl=6.0, min_ttl=0.5))
-    cp = EmbeddedControlPlane(
-        store, threaded=False, clock=lambda: 1_700_000_000.0 + trio.current_time()
-    )
-    try:
-        yield cp
-    finally:
-        await cp.aclose()
-        store.close()
+def store_options() -> dict[str, Any]:
+    return {"lease_policy": LeasePolicy(default_ttl=6.0, min_ttl=0.5)}
 
 
 def link(

@@ -55,19 +55,6 @@ class Sessions:
         return self.known.get(session_id)
 
 
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[EmbeddedControlPlane]:
-    cp = EmbeddedControlPlane(
-        tmp_path / "cp.sqlite3",
-        threaded=False,
-        clock=lambda: 1_700_000_000.0 + trio.current_time(),
-    )
-    try:
-        yield cp
-    finally:
-        await cp.aclose()
-
-
 async def source_session(plane: EmbeddedControlPlane, prompt: str = "source") -> WorkItem:
     """A session claimed by WORKER, with an hour-long lease."""
     item = await plane.submit(prompt)

@@ -8,7 +8,7 @@ client records every answer on the wire through an httpx event hook.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -91,10 +91,8 @@ class Rig:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "controlplane.sqlite3", status_policy=POLICY)
-    yield opened
-    opened.close()
+def store_options() -> dict[str, Any]:
+    return {"status_policy": POLICY}
 
 
 @asynccontextmanager
