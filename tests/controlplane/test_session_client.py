@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 async def plane(store: SQLiteStore) -> AsyncIterator[EmbeddedControlPlane]:
+    """On the wall clock, unlike the shared one: agents in other processes use the store too."""
     async with EmbeddedControlPlane(store) as embedded:
         yield embedded
 
