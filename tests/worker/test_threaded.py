@@ -119,6 +119,14 @@ def test_start_errors_surface_from_start(
         bad_agent.start()
 
 
+def test_an_unknown_worker_option_is_refused_when_the_worker_is_made(
+    config: Callable[..., WorkerConfig],
+) -> None:
+    """Not later, in the background thread, when the worker would start."""
+    with pytest.raises(TypeError, match="keeper_option"):
+        ThreadedWorker(config(), keeper_option={"rng": None})  # type: ignore[call-arg]
+
+
 def test_submit_on_a_stopped_worker_fails_the_handle_at_once(
     config: Callable[..., WorkerConfig],
 ) -> None:
