@@ -88,7 +88,11 @@ class RecordingPlane(EmbeddedControlPlane):
     secrets: list[str]
 
     async def poll(
-        self, *, worker_id: str, block_ms: int = 0, reclaim_older_than_ms: int | None = None
+        self,
+        *,
+        worker_id: str | None = None,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
         item = await super().poll(
             worker_id=worker_id, block_ms=block_ms, reclaim_older_than_ms=reclaim_older_than_ms

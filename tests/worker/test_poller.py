@@ -233,7 +233,11 @@ class ImpatientPlane(ScriptedControlPlane):
     """A control plane that ignores ``block_ms`` and answers empty polls at once."""
 
     async def poll(
-        self, *, worker_id: str, block_ms: int = 0, reclaim_older_than_ms: int | None = None
+        self,
+        *,
+        worker_id: str | None = None,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
         return await super().poll(worker_id=worker_id, reclaim_older_than_ms=reclaim_older_than_ms)
 
