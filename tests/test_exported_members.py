@@ -139,7 +139,7 @@ def test_importing_the_package_loads_no_server_metrics_or_http_library() -> None
     assert loaded == "[]"
 
 
-def test_the_worker_loads_on_first_use_without_the_server_or_metrics() -> None:
+def test_the_worker_loads_on_first_use_without_the_http_libraries() -> None:
     loaded = _fresh_python(
         "import sys\n"
         "from supervisor import ThreadedWorker, Worker, open_worker\n"
@@ -147,9 +147,29 @@ def test_the_worker_loads_on_first_use_without_the_server_or_metrics() -> None:
         "assert ThreadedWorker.__module__ == 'supervisor._worker._threaded'\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
     )
-    # The worker talks HTTP to a remote control plane; the local API's server
-    # and the metrics registry load only when the API starts.
-    assert loaded == "['httpx']"
+    # The HTTP client loads when a worker opens a remote control plane, the
+    # local API's server and the metrics registry when the API starts.
+    assert loaded == "[]"
+
+
+def test_a_worker_on_the_embedded_plane_without_its_api_loads_none_of_them(
+    tmp_path: Path,
+) -> None:
+    """Serving a session end to end needs Trio, attrs and SQLite, nothing else heavy."""
+    loaded = _fresh_python(
+        "import sys, trio\n"
+        "from supervisor import WorkerConfig, open_worker\n"
+        "async def agent(ctx):\n"
+        "    return 'done ' + ctx.prompt\n"
+        "async def main():\n"
+        f"    config = WorkerConfig(state_dir={str(tmp_path)!r}, api_enabled=False)\n"
+        "    async with open_worker(config, agent=agent) as worker:\n"
+        "        outcome = await worker.wait(await worker.submit('x'))\n"
+        "    assert outcome.result == 'done x', outcome\n"
+        "trio.run(main)\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    )
+    assert loaded == "[]"
 
 
 def test_dir_shows_the_names_loaded_on_first_use() -> None:
