@@ -778,7 +778,7 @@ async def test_an_anonymous_poll_and_ack_leave_the_item_unbound_but_leased(
 
 
 async def test_an_ack_naming_another_worker_than_the_poll_is_refused(
-    client: httpx.AsyncClient, db_path: Path
+    client: httpx.AsyncClient, store_path: Path
 ) -> None:
     """The worker the poll named holds the item: an ack in another's name is a 409, and
     an ack of an item never handed out is one too; neither changes anything."""
@@ -786,10 +786,10 @@ async def test_an_ack_naming_another_worker_than_the_poll_is_refused(
     never_polled = await client.post(f"{ENV}/work/{item_id}/ack")
     assert_error(never_polled, 409, "conflict", "poll for it first")
     await client.get(f"{ENV}/work/poll", headers={"Anthropic-Worker-ID": "w-a"})
-    before = dump(db_path)
+    before = dump(store_path)
     other = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-b"})
     assert_error(other, 409, "conflict", "another worker")
-    assert dump(db_path) == before
+    assert dump(store_path) == before
     same = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-a"})
     assert same.json()["worker_id"] == "w-a"
 
