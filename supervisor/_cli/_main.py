@@ -29,7 +29,7 @@ import textwrap
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -49,6 +49,9 @@ from ._settings import (
     read_environment,
     read_toml,
 )
+
+if TYPE_CHECKING:
+    from .._worker._worker import Worker
 
 __all__ = ["EXIT_GAVE_UP", "EXIT_OK", "EXIT_USAGE", "build_parser", "load_config", "main"]
 
@@ -479,7 +482,7 @@ def cli_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _banner(worker: Any, config: WorkerConfig) -> str:
+def _banner(worker: Worker, config: WorkerConfig) -> str:
     state = config.state_dir.absolute()
     if config.embedded:
         where = f"the embedded control plane in {state}"
@@ -517,7 +520,7 @@ def _banner(worker: Any, config: WorkerConfig) -> str:
 
 
 async def _run_until_signalled(
-    worker: Any, config: WorkerConfig, on_started: Callable[[], None]
+    worker: Worker, config: WorkerConfig, on_started: Callable[[], None]
 ) -> None:
     """Run the worker; the first signal drains it, the second cancels its sessions.
 
@@ -533,7 +536,7 @@ async def _run_until_signalled(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
-                async def run_worker(*, task_status: trio.TaskStatus[None]) -> None:
+                async def run_worker(*, task_status: trio.TaskStatus[Worker]) -> None:
                     try:
                         with worker_scope:
                             await worker.run(task_status=task_status)

@@ -37,7 +37,7 @@ import enum
 import logging
 import math
 import random
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypedDict
 
 import attrs
 import trio
@@ -59,6 +59,7 @@ __all__ = [
     "DEADLINE_FRACTION",
     "MAX_INTERVAL",
     "MIN_INTERVAL",
+    "KeeperOptions",
     "Lease",
     "LeaseKeeper",
     "MeasureFrom",
@@ -122,6 +123,23 @@ class MeasureFrom(enum.StrEnum):
 
     SEND = "send"
     ANSWER = "answer"
+
+
+class KeeperOptions(TypedDict, total=False):
+    """The `LeaseKeeper` keywords a worker passes on to every keeper it makes.
+
+    A worker sets ``start_timeout`` from its lease ttl; the others keep the
+    keeper's defaults unless given here (tests and the simulator inject timing
+    and a seeded ``rng``). Each key means what the `LeaseKeeper` argument of the
+    same name means.
+    """
+
+    retry_initial: float
+    retry_max: float
+    start_timeout: float | None
+    stop_timeout: float
+    rng: random.Random | None
+    measure_from: MeasureFrom | str
 
 
 @attrs.define(eq=False)

@@ -12,7 +12,9 @@ a registry nor a text format:
   metrics, and nothing lands in ``prometheus_client``'s global registry.
 
 Every figure is read at scrape time from the worker itself, so the counters
-cannot drift from what ``status`` and ``/health`` show.
+cannot drift from what ``status`` and ``/health`` show. ``prometheus_client`` is
+imported only by the second half, when a registry is made: a worker's own
+import does not load it.
 """
 
 from __future__ import annotations
@@ -24,20 +26,15 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import attrs
 import trio
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
 
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._models import HeartbeatResult, OutcomeStatus, WorkStats
 from ..controlplane._protocol import ControlPlane
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
     from ._config import WorkerConfig
     from ._wedge import WedgeState
 
@@ -251,6 +248,13 @@ class WorkerCollector:
         self.queue: WorkStats | None = None
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+        )
+
         worker = self.worker
         stats = worker.stats()
         info = InfoMetricFamily(
@@ -328,6 +332,8 @@ class WorkerCollector:
 
 def worker_registry(worker: MeteredWorker) -> tuple[CollectorRegistry, WorkerCollector]:
     """A registry of the worker's own, holding only its collector."""
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     collector = WorkerCollector(worker)
     registry.register(collector)
@@ -336,4 +342,6 @@ def worker_registry(worker: MeteredWorker) -> tuple[CollectorRegistry, WorkerCol
 
 def render_metrics(registry: CollectorRegistry) -> bytes:
     """The registry in the Prometheus text format (``CONTENT_TYPE``)."""
+    from prometheus_client import generate_latest
+
     return bytes(generate_latest(registry))

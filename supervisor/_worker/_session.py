@@ -36,7 +36,7 @@ from ..controlplane._models import Outcome, OutcomeStatus, WorkItem
 from ..controlplane._protocol import ControlPlane
 from ._agent import AgentRunner
 from ._inbox import INBOX_FILENAME, Inbox
-from ._lease import Lease, LeaseKeeper
+from ._lease import KeeperOptions, Lease, LeaseKeeper
 from ._poller import Slot
 from ._process import SessionOutput
 from ._workspace import WorkspaceError, safe_name
@@ -124,7 +124,7 @@ class SessionRunner:
     logs_dir: Path
     lease_ttl: float | None = None
     on_line: LineHook | None = None
-    keeper_options: dict[str, object] = attrs.field(factory=dict)
+    keeper_options: KeeperOptions = attrs.field(factory=KeeperOptions)
     watchdog: Watchdog | None = None
     on_end: Callable[[SessionRecord], None] | None = None
     on_start: Callable[[WorkItem], Awaitable[None]] | None = None
@@ -170,7 +170,7 @@ class SessionRunner:
             item.id,
             desired_ttl=self.lease_ttl,
             lease=lease,
-            **self.keeper_options,  # type: ignore[arg-type]
+            **self.keeper_options,
         )
         session = Supervisor(
             SupervisorSpec(

@@ -46,7 +46,7 @@ from ._agent import AgentFunction, AgentRunner, AgentSpec, EnvPolicy
 from ._config import WorkerConfig
 from ._delegations import DelegationWatcher
 from ._journal import journal_path
-from ._lease import REQUEUE_OUTCOMES
+from ._lease import REQUEUE_OUTCOMES, KeeperOptions
 from ._metrics import HeartbeatMeter, WorkerStats, timed_control_plane
 from ._poller import Poller, Slot
 from ._presence import Activity, Presence, RequestCounter, counting_control_plane, default_version
@@ -113,7 +113,7 @@ class Worker:
         control_plane: ControlPlane | None = None,
         agent: AgentFunction | AgentSpec | None = None,
         base_env: Mapping[str, str] | None = None,
-        keeper_options: Mapping[str, Any] | None = None,
+        keeper_options: KeeperOptions | None = None,
         rng: random.Random | None = None,
         workspaces: Workspaces | None = None,
         offload: Offload | None = None,
@@ -129,7 +129,7 @@ class Worker:
             self.agent_spec = AgentSpec.from_callable(agent)
         self._given_control_plane = control_plane
         self._base_env = base_env
-        self._keeper_options = dict(keeper_options or {})
+        self._keeper_options = KeeperOptions(**(keeper_options or {}))
         self._rng = rng if rng is not None else random.Random()
         self._given_workspaces = workspaces
         self._workspace_manager: WorkspaceManager | None = None
@@ -358,7 +358,7 @@ class Worker:
         )
         return tree
 
-    def _lease_keeper_options(self) -> dict[str, object]:
+    def _lease_keeper_options(self) -> KeeperOptions:
         """``LeaseKeeper`` options: the caller's, over defaults tied to the lease ttl.
 
         The first heartbeat names no worker, so the control plane fences it by
@@ -372,7 +372,7 @@ class Worker:
         inside the control plane's default 60 s ack lease). The simulator in
         ``supervisor.testing`` finds the split brain without these bounds.
         """
-        options: dict[str, object] = {"start_timeout": self._claim_limits()[1]}
+        options = KeeperOptions(start_timeout=self._claim_limits()[1])
         options.update(self._keeper_options)
         return options
 
@@ -677,14 +677,34 @@ def _final(record: SessionRecord) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_worker(config: WorkerConfig, **options: Any) -> AsyncIterator[Worker]:
+async def open_worker(
+    config: WorkerConfig,
+    *,
+    control_plane: ControlPlane | None = None,
+    agent: AgentFunction | AgentSpec | None = None,
+    base_env: Mapping[str, str] | None = None,
+    keeper_options: KeeperOptions | None = None,
+    rng: random.Random | None = None,
+    workspaces: Workspaces | None = None,
+    offload: Offload | None = None,
+) -> AsyncIterator[Worker]:
     """Run a :class:`Worker` for the duration of an ``async with`` block.
 
     On a normal exit from the block the worker is drained (sessions may finish
     within ``config.drain_timeout``); if the block raises or is cancelled,
     sessions are cancelled at once. Either way every item gets its outcome.
+    The keyword arguments are :class:`Worker`'s.
     """
-    worker = Worker(config, **options)
+    worker = Worker(
+        config,
+        control_plane=control_plane,
+        agent=agent,
+        base_env=base_env,
+        keeper_options=keeper_options,
+        rng=rng,
+        workspaces=workspaces,
+        offload=offload,
+    )
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

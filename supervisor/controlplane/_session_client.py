@@ -40,7 +40,6 @@ from .._base._exceptions import ConfigError
 from ._connect import open_control_plane
 from ._embedded import EmbeddedControlPlane
 from ._exceptions import Unauthorized
-from ._http import HttpControlPlane
 from ._models import Delegation, SessionMessage
 from ._protocol import ControlPlane
 
@@ -118,10 +117,13 @@ def session_location(plane: ControlPlane) -> str | None:
     A control plane of another kind (a test double, a custom implementation)
     has no such place, and its agents get no credential.
     """
-    if isinstance(plane, HttpControlPlane):
-        return plane.base_url
     if isinstance(plane, EmbeddedControlPlane):
         return os.path.abspath(plane.store.path)
+    # Imported here so that a worker on the embedded plane never loads the HTTP client.
+    from ._http import HttpControlPlane
+
+    if isinstance(plane, HttpControlPlane):
+        return plane.base_url
     return None
 
 

@@ -108,6 +108,7 @@ import trio.testing
 from .._tree._exceptions import RestartIntensityExceeded
 from .._worker._agent import AgentContext
 from .._worker._config import WorkerConfig
+from .._worker._lease import KeeperOptions
 from .._worker._worker import Worker
 from ..controlplane._embedded import EmbeddedControlPlane
 from ..controlplane._exceptions import ControlPlaneError
@@ -255,7 +256,7 @@ class SimConfig:
     behaviours: Mapping[Behaviour, float] = attrs.field(factory=_default_behaviours)
     agent: SimAgent | None = None
     worker_options: Mapping[str, Any] = attrs.field(factory=dict)
-    keeper_options: Mapping[str, Any] = attrs.field(factory=dict)
+    keeper_options: KeeperOptions = attrs.field(factory=KeeperOptions)
 
 
 @attrs.frozen
@@ -779,7 +780,7 @@ class Simulation:
                 name = f"w{slot.index}" + (f".{slot.incarnation}" if slot.incarnation else "")
                 slot.link.name = name
                 seed = f"supervisor-sim:{self.seed}:{name}"
-                keeper_options: dict[str, Any] = {"rng": random.Random(f"{seed}:lease")}
+                keeper_options = KeeperOptions(rng=random.Random(f"{seed}:lease"))
                 keeper_options.update(self.config.keeper_options)
                 worker = Worker(
                     self._worker_config(name, slot.index),

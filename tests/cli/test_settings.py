@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor._base._exceptions import ConfigError
+from supervisor import ConfigError, WorkerConfig
 from supervisor._cli._main import build_parser, load_config
-from supervisor._worker._config import WorkerConfig
 
 
 def run_args(*flags: str) -> argparse.Namespace:

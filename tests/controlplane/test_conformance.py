@@ -12,10 +12,14 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from supervisor import BadRequest, Conflict, FencingConflict, Gone, NotFound
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
+    Conflict,
     DelegationStatus,
+    FencingConflict,
+    Gone,
+    NotFound,
     Outcome,
     OutcomeStatus,
     PresenceReport,
@@ -25,7 +29,7 @@ from supervisor.controlplane import (
 )
 
 if TYPE_CHECKING:
-    from conftest import ConformanceTarget
+    from controlplane.conformance import ConformanceTarget
 
 W1 = "worker-1"
 W2 = "worker-2"

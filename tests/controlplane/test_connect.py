@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from supervisor._base._exceptions import ConfigError
-from supervisor._worker._config import WorkerConfig
+from supervisor import ConfigError, WorkerConfig
+from supervisor.controlplane import (
+    EmbeddedControlPlane,
+    HttpControlPlane,
+    SQLiteStore,
+    open_control_plane_server,
+)
 from supervisor.controlplane._connect import open_control_plane, remote_scheme
-from supervisor.controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane._embedded import STORE_FILENAME
 
 KEY = "connect-test-key-0123456789abcdef"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,40 +14,27 @@ import pytest
 import trio
 from starlette.routing import Route
 
-from supervisor import (
-    ConfigError,
-    ControlPlaneUnavailable,
+from supervisor import ConfigError, ControlPlaneUnavailable, TransientError
+from supervisor.controlplane import (
+    ControlPlane,
+    EmbeddedControlPlane,
+    FileKey,
+    HttpControlPlane,
     NotFound,
-    TransientError,
-)
-from supervisor.controlplane import ControlPlane, PresenceReport, WorkItem, WorkState
-from supervisor.controlplane._dashboard import DASHBOARD_PREFIX
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._keys import FileKey
-from supervisor.controlplane._openapi import API_PREFIX
-from supervisor.controlplane._server import (
-    create_app,
+    PresenceReport,
+    SQLiteStore,
+    WorkItem,
+    WorkState,
     open_control_plane_server,
     serve_control_plane,
 )
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane._dashboard import DASHBOARD_PREFIX
+from supervisor.controlplane._openapi import API_PREFIX
+from supervisor.controlplane._server import create_app
 
 KEY = "server-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ENV = f"{API_PREFIX.replace('{environment_id}', 'default')}"
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "controlplane.sqlite3"
-
-
-@pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(db_path)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture
@@ -62,9 +49,9 @@ async def client(url: str) -> AsyncIterator[httpx.AsyncClient]:
         yield raw
 
 
-def dump(db_path: Path) -> list[str]:
+def dump(store_path: Path) -> list[str]:
     """Every row of every table, read through a separate connection: the ground truth."""
-    with sqlite3.connect(db_path) as conn:
+    with sqlite3.connect(store_path) as conn:
         return list(conn.iterdump())
 
 
@@ -118,10 +105,10 @@ async def test_healthz_needs_no_key(url: str) -> None:
     ids=["missing", "wrong", "not-bearer", "empty"],
 )
 async def test_requests_without_the_right_key_are_401(
-    url: str, db_path: Path, headers: dict[str, str], message: str
+    url: str, store_path: Path, headers: dict[str, str], message: str
 ) -> None:
     """Missing, wrong or malformed credentials: 401 in the JSON error form, nothing stored."""
-    before = dump(db_path)
+    before = dump(store_path)
     async with httpx.AsyncClient(base_url=url, headers=headers) as raw:
         for response in (
             await raw.post(f"{ENV}/work", json={"data": {"prompt": "x"}}),
@@ -130,7 +117,7 @@ async def test_requests_without_the_right_key_are_401(
         ):
             assert_error(response, 401, "unauthorized", message)
             assert response.headers["www-authenticate"] == "Bearer"
-    assert dump(db_path) == before
+    assert dump(store_path) == before
 
 
 @pytest.mark.parametrize("configured", ["", "   \n"], ids=["empty", "whitespace-file"])
@@ -431,7 +418,7 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
 )
 async def test_bad_requests_get_a_json_4xx_and_change_nothing(
     client: httpx.AsyncClient,
-    db_path: Path,
+    store_path: Path,
     method: str,
     path: str,
     kwargs: dict[str, Any],
@@ -442,12 +429,12 @@ async def test_bad_requests_get_a_json_4xx_and_change_nothing(
     """Each class of bad request answers the right 4xx with a clear message; the store is
     byte-for-byte what it was."""
     ids = await seed(client)
-    before = dump(db_path)
+    before = dump(store_path)
     if callable(kwargs.get("content")):
         kwargs = {**kwargs, "content": kwargs["content"]()}
     response = await client.request(method, ENV + path.format(**ids), **kwargs)
     assert_error(response, status, kind, message)
-    assert dump(db_path) == before
+    assert dump(store_path) == before
 
 
 @pytest.mark.parametrize(
@@ -461,23 +448,23 @@ async def test_unknown_routes_are_json_404s(client: httpx.AsyncClient, path: str
 
 @pytest.mark.parametrize("environment", ["-leading-dash", "a" * 201, "sp ace"])
 async def test_invalid_environment_ids_are_404_and_change_nothing(
-    client: httpx.AsyncClient, db_path: Path, environment: str
+    client: httpx.AsyncClient, store_path: Path, environment: str
 ) -> None:
     """An environment id that could never exist is a 404 naming it; nothing is created."""
-    before = dump(db_path)
+    before = dump(store_path)
     response = await client.post(
         f"/v1/environments/{environment}/work", json={"data": {"prompt": "p"}}
     )
     assert_error(response, 404, "not_found", "unknown environment")
-    assert dump(db_path) == before
+    assert dump(store_path) == before
 
 
 async def test_reads_in_a_never_used_environment_create_nothing(
-    client: httpx.AsyncClient, db_path: Path
+    client: httpx.AsyncClient, store_path: Path
 ) -> None:
     """A new environment reads as empty (and its unknown ids as 404) without being created:
     environments come into being on first write, not on a look."""
-    before = dump(db_path)
+    before = dump(store_path)
     base = "/v1/environments/never-used"
     stats = await client.get(f"{base}/work/stats")
     assert stats.status_code == 200
@@ -485,11 +472,11 @@ async def test_reads_in_a_never_used_environment_create_nothing(
     assert (await client.get(f"{base}/work")).json() == {"data": []}
     assert_error(await client.get(f"{base}/work/work_x"), 404, "not_found")
     assert_error(await client.get(f"{base}/workers/w_x"), 404, "not_found")
-    assert dump(db_path) == before
+    assert dump(store_path) == before
 
 
 async def test_single_plane_server_knows_only_its_environment(
-    db_path: Path, store: SQLiteStore
+    store_path: Path, store: SQLiteStore
 ) -> None:
     """Serving one ControlPlane, any other environment id is a 404 naming the served one."""
     async with (
@@ -795,7 +782,7 @@ async def test_an_anonymous_poll_and_ack_leave_the_item_unbound_but_leased(
 
 
 async def test_an_ack_naming_another_worker_than_the_poll_is_refused(
-    client: httpx.AsyncClient, db_path: Path
+    client: httpx.AsyncClient, store_path: Path
 ) -> None:
     """The worker the poll named holds the item: an ack in another's name is a 409, and
     an ack of an item never handed out is one too; neither changes anything."""
@@ -803,10 +790,10 @@ async def test_an_ack_naming_another_worker_than_the_poll_is_refused(
     never_polled = await client.post(f"{ENV}/work/{item_id}/ack")
     assert_error(never_polled, 409, "conflict", "poll for it first")
     await client.get(f"{ENV}/work/poll", headers={"Anthropic-Worker-ID": "w-a"})
-    before = dump(db_path)
+    before = dump(store_path)
     other = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-b"})
     assert_error(other, 409, "conflict", "another worker")
-    assert dump(db_path) == before
+    assert dump(store_path) == before
     same = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-a"})
     assert same.json()["worker_id"] == "w-a"
 

@@ -160,7 +160,12 @@ def page(browser: Any) -> Iterator[Any]:
     opened = context.new_page()
     opened.set_default_timeout(WAIT_MS)
     dialogs: list[str] = []
-    opened.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+
+    def answer(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.accept()
+
+    opened.on("dialog", answer)
     opened.dialogs = dialogs
     # Script errors and refused inline content (the CSP) show up on the console.
     errors: list[str] = []

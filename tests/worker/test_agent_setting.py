@@ -13,12 +13,9 @@ from typing import Any
 
 import pytest
 
-from supervisor._base._exceptions import ConfigError
-from supervisor._worker._agent import AgentContext, AgentSpec
-from supervisor._worker._config import WorkerConfig, agent_text
-from supervisor._worker._worker import open_worker
-from supervisor.controlplane import OutcomeStatus
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor import AgentContext, AgentSpec, ConfigError, WorkerConfig, open_worker
+from supervisor._worker._config import agent_text
+from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 
