@@ -35,11 +35,14 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor.controlplane import NO_HEARTBEAT, ControlPlane
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    ControlPlane,
+    EmbeddedControlPlane,
+    HttpControlPlane,
+    SQLiteStore,
+    open_control_plane_server,
+)
 
 ENV = "default"
 

@@ -69,12 +69,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor._worker._agent import AgentRunner, AgentSpec
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._process import SessionOutput
-from supervisor._worker._worker import Worker
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._models import HeartbeatResult, Outcome, WorkItem
+from supervisor import AgentSpec, Worker, WorkerConfig
+from supervisor.controlplane import EmbeddedControlPlane, HeartbeatResult, Outcome, WorkItem
+from supervisor.lowlevel import AgentRunner, SessionOutput
 
 AGENT = "/bin/true"
 

@@ -67,7 +67,9 @@ __all__ = [
     "AgentRunner",
     "AgentSpec",
     "EnvPolicy",
+    "is_async_callable",
     "looks_secret",
+    "qualified_name",
 ]
 
 logger = logging.getLogger("supervisor.agent")
@@ -241,7 +243,9 @@ class AgentContext:
 AgentFunction = Callable[[AgentContext], Awaitable[object]]
 
 
-def _is_async_callable(obj: object) -> bool:
+def is_async_callable(obj: object) -> bool:
+    """Whether calling ``obj`` gives a coroutine: an ``async def``, or an object whose
+    ``__call__`` is one."""
     if inspect.iscoroutinefunction(obj):
         return True
     call = getattr(obj, "__call__", None)  # noqa: B004 - instances with an async __call__
@@ -296,10 +300,10 @@ class AgentSpec:
     def __attrs_post_init__(self) -> None:
         if (self.argv is None) == (self.function is None):
             raise ConfigError("an agent is either a command or a callable", key="agent")
-        if self.function is not None and not _is_async_callable(self.function):
+        if self.function is not None and not is_async_callable(self.function):
             raise ConfigError(f"agent {self.name!r} is not an async callable", key="agent")
         if not self.name:
-            label = self.argv[0] if self.argv is not None else _qualname(self.function)
+            label = self.argv[0] if self.argv is not None else qualified_name(self.function)
             object.__setattr__(self, "name", label)
 
     @property
@@ -334,6 +338,16 @@ class AgentSpec:
         return cls(argv=tuple(argv))
 
     @classmethod
+    def from_setting(cls, value: str | Sequence[str] | AgentFunction) -> AgentSpec:
+        """The agent ``WorkerConfig.agent`` names: text is parsed (see :meth:`parse`), a
+        sequence is the command's arguments as they are, and a callable runs in-process."""
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, Sequence):
+            return cls.from_argv(value)
+        return cls.from_callable(value)
+
+    @classmethod
     def from_argv(cls, argv: Sequence[str]) -> AgentSpec:
         """An agent command given as its arguments (no splitting at all)."""
         return cls(argv=tuple(argv))
@@ -359,7 +373,8 @@ class AgentSpec:
         return [_PLACEHOLDER.sub(substitute, arg) for arg in self.argv]
 
 
-def _qualname(obj: object) -> str:
+def qualified_name(obj: object) -> str:
+    """``module:qualname`` of a function or object, for messages and status pages."""
     module = getattr(obj, "__module__", None)
     name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
     return f"{module}:{name}" if module else str(name)
@@ -383,7 +398,7 @@ def _import_callable(ref: str) -> AgentFunction:
         raise ConfigError(
             f"agent {ref!r}: module {module_name!r} has no attribute {attr!r}", key="agent"
         ) from None
-    if not _is_async_callable(function):
+    if not is_async_callable(function):
         raise ConfigError(f"agent {ref!r} is not an async callable (async def)", key="agent")
     result: AgentFunction = function
     return result

@@ -7,6 +7,7 @@ naming the field, at construction, never later at the first session.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
@@ -20,10 +21,13 @@ from typing import Any
 import attrs
 
 from .._base._exceptions import ConfigError
+from ..controlplane._connect import open_control_plane, remote_scheme
+from ..controlplane._protocol import ControlPlane
+from ._agent import AgentFunction, is_async_callable, qualified_name
 from ._lease import DEADLINE_FRACTION
 from ._wedge import DEFAULT_WEDGE_PATTERNS, compile_wedge_patterns
 
-__all__ = ["DEFAULT_AGENT", "WorkerConfig"]
+__all__ = ["DEFAULT_AGENT", "AgentSetting", "WorkerConfig", "agent_text"]
 
 #: The built-in demo agent: a tiny subprocess that shows the runner at work.
 DEFAULT_AGENT = f"{shlex.quote(sys.executable)} -m supervisor._worker._demo_agent {{prompt}}"
@@ -119,6 +123,52 @@ def _patterns(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
+AgentSetting = str | tuple[str, ...] | AgentFunction
+"""What ``WorkerConfig.agent`` holds: a command line, the command's arguments, or a callable."""
+
+
+def _agent_setting(value: Any) -> AgentSetting:
+    """The agent setting in its kept form, or a ``ConfigError`` saying what was expected."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError("expected a command, got an empty one", key="agent")
+        return value
+    if isinstance(value, list | tuple):
+        wrong = [arg for arg in value if not isinstance(arg, str)]
+        if wrong:
+            raise ConfigError(
+                f"expected the command's arguments as strings, got {wrong[0]!r} in {value!r}",
+                key="agent",
+            )
+        if not value or not value[0].strip():
+            raise ConfigError(
+                f"expected a command: the first argument names the program, got {value!r}",
+                key="agent",
+            )
+        return tuple(value)
+    if callable(value):
+        if not is_async_callable(value):
+            raise ConfigError(
+                f"expected an async callable (async def agent(ctx)), got {value!r}", key="agent"
+            )
+        function: AgentFunction = value
+        return function
+    raise ConfigError(
+        "expected a command (text, or a list of its arguments) or an async callable, "
+        f"got {value!r}",
+        key="agent",
+    )
+
+
+def agent_text(value: AgentSetting) -> str:
+    """The agent setting as a person reads it (status pages, the start-up banner)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        return shlex.join(value)
+    return qualified_name(value)
+
+
 def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, tuple):
         raise ConfigError(f"expected a list of patterns, got {value!r}", key=attribute.name)
@@ -140,9 +190,12 @@ class WorkerConfig:
             passed to agents). ``environment_key_file`` is re-read on 401 instead.
         worker_id: this worker's id on the control plane (default: host-pid-random).
         max_concurrency: sessions at once; the poller never claims beyond it.
-        agent: the agent: a command line (split like a shell, never run by one;
-            ``{prompt}``, ``{work_id}``, ``{session_id}`` are substituted per argument)
-            or ``package.module:function`` for an in-process async callable.
+        agent: the agent, in whichever form is natural where it is written: the
+            command's arguments as a list (``["claude", "-p", "{prompt}"]``, nothing is
+            split); a command line as text (split like a shell, never run by one); an
+            async callable (``async def agent(ctx)``, in-process); or the text
+            ``package.module:function`` naming one. ``{prompt}``, ``{work_id}`` and
+            ``{session_id}`` are substituted in each argument. A list is kept as a tuple.
         agent_env: names of extra environment variables passed on to agents.
         agent_grace: seconds between SIGTERM and SIGKILL for an agent being stopped.
             It must end before the server's lease expiry: the worker kills an agent
@@ -223,10 +276,7 @@ class WorkerConfig:
             "expected a whole number from 1 to 10000",
         ),
     )
-    agent: str = attrs.field(
-        default=DEFAULT_AGENT,
-        validator=_check(lambda v: isinstance(v, str) and v.strip() != "", "expected a command"),
-    )
+    agent: AgentSetting = attrs.field(default=DEFAULT_AGENT, converter=_agent_setting)
     agent_env: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     agent_user: str | int | None = attrs.field(default=None, converter=_identity)
     agent_group: str | int | None = attrs.field(default=None, converter=_identity)
@@ -327,9 +377,7 @@ class WorkerConfig:
             raise ConfigError(
                 "workspace 'git' needs base_repo (the repository to clone)", key="base_repo"
             )
-        if self.control_plane is not None and not self.control_plane.startswith(
-            ("http://", "https://")
-        ):
+        if self.control_plane is not None and remote_scheme(self.control_plane) is None:
             raise ConfigError(
                 f"expected an http(s):// URL, got {self.control_plane!r}", key="control_plane"
             )
@@ -338,6 +386,24 @@ class WorkerConfig:
     def embedded(self) -> bool:
         """Whether the worker runs on the embedded control plane in ``state_dir``."""
         return self.control_plane is None
+
+    def open_control_plane(
+        self, *, missing_key: str
+    ) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+        """The control plane these settings name, to open with ``async with``.
+
+        Args:
+            missing_key: the message when a remote plane has no key; the worker and
+                the command line name different settings.
+        """
+        return open_control_plane(
+            self.state_dir if self.control_plane is None else self.control_plane,
+            environment_id=self.environment_id,
+            key=self.environment_key,
+            key_file=self.environment_key_file,
+            setting="state_dir" if self.embedded else "control_plane",
+            missing_key=missing_key,
+        )
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

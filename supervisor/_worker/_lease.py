@@ -39,11 +39,12 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypedDict
 
 import attrs
 import trio
 
+from .._base._describe import describe_exception
 from .._base._exceptions import SupervisorError
 from ..controlplane._exceptions import (
     Conflict,
@@ -60,6 +61,7 @@ __all__ = [
     "DEADLINE_FRACTION",
     "MAX_INTERVAL",
     "MIN_INTERVAL",
+    "KeeperOptions",
     "Lease",
     "LeaseKeeper",
     "MeasureFrom",
@@ -123,6 +125,23 @@ class MeasureFrom(enum.StrEnum):
 
     SEND = "send"
     ANSWER = "answer"
+
+
+class KeeperOptions(TypedDict, total=False):
+    """The `LeaseKeeper` keywords a worker passes on to every keeper it makes.
+
+    A worker sets ``start_timeout`` from its lease ttl; the others keep the
+    keeper's defaults unless given here (tests and the simulator inject timing
+    and a seeded ``rng``). Each key means what the `LeaseKeeper` argument of the
+    same name means.
+    """
+
+    retry_initial: float
+    retry_max: float
+    start_timeout: float | None
+    stop_timeout: float
+    rng: random.Random | None
+    measure_from: MeasureFrom | str
 
 
 @attrs.define(eq=False)
@@ -465,14 +484,8 @@ class LeaseKeeper:
         )
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}"
-        status = getattr(exc, "status_code", None)
-        if status is not None:
-            text += f" ({status})"
-        message = str(exc)
-        for token in self._tokens:
-            message = message.replace(token, "<token>")
-        return f"{text}: {message}" if message else text
+        # Fencing tokens are capabilities: never in a log line.
+        return describe_exception(exc, status=True, redact=self._tokens)
 
     # --- the final stop ------------------------------------------------------
 

@@ -56,6 +56,7 @@ from typing import BinaryIO
 import attrs
 import trio
 
+from .._base._groups import collapse_group
 from ..controlplane._models import Outcome, OutcomeStatus
 
 __all__ = [
@@ -599,16 +600,6 @@ def _primary_group(user: str | int) -> int | None:
     return entry.pw_gid
 
 
-def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception in a nursery's group, so callers see plain ``Cancelled``."""
-    if len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if isinstance(inner, BaseExceptionGroup):
-            return _unwrap_group(inner)
-        return inner
-    return group
-
-
 async def run_agent_process(
     argv: Sequence[str],
     *,
@@ -757,7 +748,7 @@ async def run_agent_process(
                     for scope in readers_scopes:
                         scope.cancel()
     except BaseExceptionGroup as group:
-        raise _unwrap_group(group) from None
+        raise collapse_group(group) from None
     finally:
         for splitter in splitters:
             try:

@@ -36,20 +36,15 @@ from ..controlplane._models import Outcome, OutcomeStatus, WorkItem
 from ..controlplane._protocol import ControlPlane
 from ._agent import AgentRunner
 from ._inbox import INBOX_FILENAME, Inbox
-from ._lease import Lease, LeaseKeeper
+from ._lease import KeeperOptions, Lease, LeaseKeeper
+from ._poller import Slot
 from ._process import AgentResult, SessionOutput
 from ._reaper import Reaper, ReaperTicket
 from ._workspace import WorkspaceError, safe_name
 
-__all__ = ["SessionRecord", "SessionRunner", "Slot", "Workspaces"]
+__all__ = ["SessionRecord", "SessionRunner", "Workspaces"]
 
 logger = logging.getLogger("supervisor.session")
-
-
-class Slot(Protocol):
-    """A session slot handed over by the poller; released when the session ends."""
-
-    def release(self) -> None: ...
 
 
 class Workspaces(Protocol):
@@ -130,7 +125,7 @@ class SessionRunner:
     logs_dir: Path
     lease_ttl: float | None = None
     on_line: LineHook | None = None
-    keeper_options: dict[str, object] = attrs.field(factory=dict)
+    keeper_options: KeeperOptions = attrs.field(factory=KeeperOptions)
     watchdog: Watchdog | None = None
     on_end: Callable[[SessionRecord], None] | None = None
     on_start: Callable[[WorkItem], Awaitable[None]] | None = None
@@ -181,7 +176,7 @@ class SessionRunner:
             item.id,
             desired_ttl=self.lease_ttl,
             lease=lease,
-            **self.keeper_options,  # type: ignore[arg-type]
+            **self.keeper_options,
         )
         session = Supervisor(
             SupervisorSpec(

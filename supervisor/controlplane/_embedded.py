@@ -208,7 +208,7 @@ class EmbeddedControlPlane:
     async def poll(
         self,
         *,
-        worker_id: str,
+        worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
@@ -245,7 +245,7 @@ class EmbeddedControlPlane:
             with trio.move_on_after(min(self._poll_interval, remaining)):
                 await wake.wait()
 
-    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
+    async def ack(self, work_id: str, *, worker_id: str | None = None) -> WorkItem:
         return await self._run(
             self._store.ack, self._environment_id, work_id, worker_id=worker_id, now=self._clock()
         )

@@ -391,11 +391,13 @@ class HttpControlPlane:
     async def poll(
         self,
         *,
-        worker_id: str,
+        worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
-        params = {"worker_id": worker_id, "block_ms": str(block_ms)}
+        params = {"block_ms": str(block_ms)}
+        if worker_id is not None:
+            params["worker_id"] = worker_id
         if reclaim_older_than_ms is not None:
             params["reclaim_older_than_ms"] = str(reclaim_older_than_ms)
         answer = await self._call(
@@ -408,12 +410,10 @@ class HttpControlPlane:
             return None
         return self._decode("poll", answer, codec.decode_work_item)
 
-    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
-        answer = await self._call(
-            "POST",
-            f"/work/{_segment(work_id, 'work_id')}/ack",
-            body=codec.encode_ack_request(codec.AckRequest(worker_id)),
-        )
+    async def ack(self, work_id: str, *, worker_id: str | None = None) -> WorkItem:
+        # Without a worker to name there is no body at all: the poll named the worker.
+        body = None if worker_id is None else codec.encode_ack_request(codec.AckRequest(worker_id))
+        answer = await self._call("POST", f"/work/{_segment(work_id, 'work_id')}/ack", body=body)
         return self._decode("ack", answer, codec.decode_work_item)
 
     async def heartbeat(

@@ -778,7 +778,7 @@ class SQLiteStore:
         self,
         environment_id: str,
         *,
-        worker_id: str,
+        worker_id: str | None = None,
         now: float,
         reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
@@ -787,10 +787,12 @@ class SQLiteStore:
         Claimable: ``queued`` and not handed out within the last
         ``reclaim_older_than_ms`` (default from the lease policy). The claim
         records the hand-out and mints a fresh session secret, returned here
-        and nowhere else.
+        and nowhere else. An anonymous poll (``worker_id=None``) records a
+        hand-out to nobody in particular; the ack binds it.
         """
         _check_id("environment_id", environment_id)
-        _check_id("worker_id", worker_id)
+        if worker_id is not None:
+            _check_id("worker_id", worker_id)
         window_ms = (
             self.lease_policy.reclaim_older_than_ms
             if reclaim_older_than_ms is None
@@ -803,12 +805,13 @@ class SQLiteStore:
         with self._transaction("polling for work") as conn:
             self._ensure_environment(conn, environment_id, now)
             self._expire_leases(conn, now)
-            conn.execute(
-                "INSERT INTO pollers (environment_id, worker_id, last_poll_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (environment_id, worker_id) DO UPDATE SET "
-                "last_poll_at = excluded.last_poll_at",
-                (environment_id, worker_id, now),
-            )
+            if worker_id is not None:
+                conn.execute(
+                    "INSERT INTO pollers (environment_id, worker_id, last_poll_at) "
+                    "VALUES (?, ?, ?) ON CONFLICT (environment_id, worker_id) DO UPDATE SET "
+                    "last_poll_at = excluded.last_poll_at",
+                    (environment_id, worker_id, now),
+                )
             row = conn.execute(
                 "SELECT id FROM work_items WHERE environment_id = ? AND state = 'queued' "
                 "AND (delivered_at IS NULL OR delivered_at <= ?) "
@@ -829,16 +832,22 @@ class SQLiteStore:
                 secret=secret,
             )
 
-    def ack(self, environment_id: str, work_id: str, *, worker_id: str, now: float) -> WorkItem:
+    def ack(
+        self, environment_id: str, work_id: str, *, worker_id: str | None = None, now: float
+    ) -> WorkItem:
         """``queued -> starting``, binding the item to the worker it was handed to.
+
+        The worker is the one the poll named; after an anonymous poll, the one
+        this ack names (``None`` leaves the item unbound).
 
         Raises:
             NotFound: unknown item.
-            Conflict: the item is not queued (a second ack), or was last handed
-                to another worker (or to nobody).
+            Conflict: the item is not queued (a second ack), was never handed out,
+                or was last handed to another worker than ``worker_id``.
         """
         _check_id("environment_id", environment_id)
-        _check_id("worker_id", worker_id)
+        if worker_id is not None:
+            _check_id("worker_id", worker_id)
         with self._transaction("acknowledging work") as conn:
             self._expire_leases(conn, now)
             row = self._item_row(conn, environment_id, work_id)
@@ -847,16 +856,20 @@ class SQLiteStore:
                     f"work item {work_id!r} is {row['state']}, not queued: it was already "
                     "acknowledged"
                 )
-            if row["delivered_to"] != worker_id:
-                holder = "nobody" if row["delivered_to"] is None else "another worker"
+            holder = row["delivered_to"]
+            if row["delivered_at"] is None:
                 raise Conflict(
-                    f"work item {work_id!r} was last handed out to {holder}, not {worker_id!r}: "
-                    "poll for it first"
+                    f"work item {work_id!r} was last handed out to nobody: poll for it first"
+                )
+            if worker_id is not None and holder is not None and holder != worker_id:
+                raise Conflict(
+                    f"work item {work_id!r} was last handed out to another worker, not "
+                    f"{worker_id!r}: poll for it first"
                 )
             conn.execute(
                 "UPDATE work_items SET state = 'starting', worker_id = ?, acknowledged_at = ?, "
                 "lease_expires_at = ? WHERE id = ?",
-                (worker_id, now, now + self.lease_policy.default_ttl, work_id),
+                (holder or worker_id, now, now + self.lease_policy.default_ttl, work_id),
             )
             return self._read_item(conn, work_id)
 

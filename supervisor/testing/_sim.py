@@ -108,6 +108,7 @@ import trio.testing
 from .._tree._exceptions import RestartIntensityExceeded
 from .._worker._agent import AgentContext
 from .._worker._config import WorkerConfig
+from .._worker._lease import KeeperOptions
 from .._worker._worker import Worker
 from ..controlplane._embedded import EmbeddedControlPlane
 from ..controlplane._exceptions import ControlPlaneError
@@ -255,7 +256,7 @@ class SimConfig:
     behaviours: Mapping[Behaviour, float] = attrs.field(factory=_default_behaviours)
     agent: SimAgent | None = None
     worker_options: Mapping[str, Any] = attrs.field(factory=dict)
-    keeper_options: Mapping[str, Any] = attrs.field(factory=dict)
+    keeper_options: KeeperOptions = attrs.field(factory=KeeperOptions)
 
 
 @attrs.frozen
@@ -472,7 +473,9 @@ class _AgentRun:
 
 
 @attrs.define(eq=False)
-class _Slot:
+class _WorkerSlot:
+    """One simulated worker process across its incarnations (killed, restarted)."""
+
     index: int
     link: FaultyControlPlane
     workspaces: MemoryWorkspaces
@@ -573,7 +576,7 @@ class Simulation:
         self._starts: dict[int, int] = {}
         self._live: list[_AgentRun] = []
         self._workers: dict[str, Worker] = {}
-        self._slots: list[_Slot] = []
+        self._slots: list[_WorkerSlot] = []
         self._accepted_stops: dict[str, list[Outcome | None]] = {}
         self._stopping = False
         self._store: SQLiteStore | None = None
@@ -677,7 +680,7 @@ class Simulation:
         config = self.config
         async with trio.open_nursery() as nursery:
             for index in range(config.workers):
-                slot = _Slot(
+                slot = _WorkerSlot(
                     index,
                     FaultyControlPlane(
                         plane,
@@ -773,13 +776,13 @@ class Simulation:
         values.update(config.worker_options)
         return WorkerConfig(**values)
 
-    async def _run_slot(self, slot: _Slot) -> None:
+    async def _run_slot(self, slot: _WorkerSlot) -> None:
         try:
             while not self._stopping:
                 name = f"w{slot.index}" + (f".{slot.incarnation}" if slot.incarnation else "")
                 slot.link.name = name
                 seed = f"supervisor-sim:{self.seed}:{name}"
-                keeper_options: dict[str, Any] = {"rng": random.Random(f"{seed}:lease")}
+                keeper_options = KeeperOptions(rng=random.Random(f"{seed}:lease"))
                 keeper_options.update(self.config.keeper_options)
                 worker = Worker(
                     self._worker_config(name, slot.index),
@@ -833,7 +836,7 @@ class Simulation:
         finally:
             slot.done.set()
 
-    def _kill(self, slot: _Slot, fault: Fault) -> None:
+    def _kill(self, slot: _WorkerSlot, fault: Fault) -> None:
         if slot.done.is_set() or self._stopping:
             return
         if slot.killed_until is not None:

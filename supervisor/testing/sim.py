@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .._worker._lease import MeasureFrom
+from .._worker._lease import KeeperOptions, MeasureFrom
 from ._sim import (
     AgentBehaviour,
     Behaviour,
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
-    keeper: dict[str, object] = {}
+    keeper = KeeperOptions()
     if args.measure_from != MeasureFrom.SEND.value:
         keeper["measure_from"] = MeasureFrom(args.measure_from)
     return SimConfig(

@@ -28,17 +28,21 @@ from hypothesis.stateful import (
     rule,
 )
 
-from supervisor import BadRequest, Conflict, FencingConflict, Gone
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
+    Conflict,
+    FencingConflict,
+    Gone,
+    LeasePolicy,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    SQLiteStore,
+    StatusPolicy,
     WorkerStatus,
     WorkState,
 )
-from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
 
 ENV = "default"
 WORKERS = ("w1", "w2", "w3")

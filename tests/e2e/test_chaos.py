@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from supervisor.controlplane import Outcome, OutcomeStatus, SessionData, WorkItem, WorkState
-from supervisor.testing._proxy import ProxyFault, ProxyFaults, ProxyRecord
-from supervisor.testing.chaos import ChaosConfig, _Run, run_chaos
+from supervisor.testing import ChaosConfig, ProxyFault, ProxyFaults, ProxyRecord, run_chaos
+from supervisor.testing.chaos import _Run
 
 AGENT = Path(__file__).resolve().parents[1] / "agents" / "chaos.py"
 

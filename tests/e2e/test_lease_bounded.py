@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ def kill_leftovers(log: Path) -> None:
             os.kill(event["pid"], signal.SIGKILL)
 
 
-async def all_stopped(url: str, count: int) -> list[WorkItem]:
+async def all_stopped(url: str, count: int) -> Sequence[WorkItem]:
     async with HttpControlPlane.open(url, key=KEY) as plane:
         with trio.fail_after(60):
             while True:

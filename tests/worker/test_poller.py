@@ -10,24 +10,18 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor._worker._poller import (
-    ClaimGate,
-    OpenGate,
-    Poller,
-    PollerState,
-    Slot,
-    poll_backoff,
-)
-from supervisor.controlplane import WorkItem, WorkState
-from supervisor.controlplane._exceptions import (
+from supervisor import ControlPlaneUnavailable, TransientError
+from supervisor._worker._poller import OpenGate, PollerState, poll_backoff
+from supervisor.controlplane import (
     BadRequest,
     Conflict,
-    ControlPlaneUnavailable,
     NotFound,
-    TransientError,
     Unauthorized,
+    WorkItem,
+    WorkState,
 )
-from supervisor.testing._scripted import ScriptedControlPlane
+from supervisor.lowlevel import ClaimGate, Poller, Slot
+from supervisor.testing import ScriptedControlPlane
 
 
 class Sessions:
@@ -239,7 +233,11 @@ class ImpatientPlane(ScriptedControlPlane):
     """A control plane that ignores ``block_ms`` and answers empty polls at once."""
 
     async def poll(
-        self, *, worker_id: str, block_ms: int = 0, reclaim_older_than_ms: int | None = None
+        self,
+        *,
+        worker_id: str | None = None,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
         return await super().poll(worker_id=worker_id, reclaim_older_than_ms=reclaim_older_than_ms)
 

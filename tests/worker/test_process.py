@@ -18,13 +18,9 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from supervisor._worker._process import (
-    AgentResult,
-    SessionOutput,
-    _LineSplitter,
-    run_agent_process,
-)
-from supervisor.controlplane._models import OutcomeStatus
+from supervisor._worker._process import _LineSplitter, run_agent_process
+from supervisor.controlplane import OutcomeStatus
+from supervisor.lowlevel import AgentResult, SessionOutput
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 GRACE = 0.2
@@ -327,11 +323,13 @@ async def test_a_flood_of_output_does_not_grow_memory(tmp_path: Path) -> None:
     """200 MB of lines and one 100 MB line without a newline: bounded memory, full log."""
     lines_mb, long_mb = 200, 100
     truncated: list[str] = []
+
+    def on_line(line: str) -> None:
+        if line.endswith("[line truncated]"):
+            truncated.append(line[:10])
+
     output = SessionOutput(
-        log_path=tmp_path / "flood.log",
-        tail_lines=100,
-        tail_chars=10_000,
-        on_line=lambda line: line.endswith("[line truncated]") and truncated.append(line[:10]),
+        log_path=tmp_path / "flood.log", tail_lines=100, tail_chars=10_000, on_line=on_line
     )
     baseline = _rss_bytes()
     peak = baseline

@@ -15,13 +15,9 @@ import trio
 import trio.testing
 from hypothesis import given, settings, strategies as st
 
-from supervisor._base._exceptions import ConfigError
-from supervisor._worker._workspace import (
-    WorkspaceError,
-    WorkspaceKind,
-    WorkspaceManager,
-    safe_name,
-)
+from supervisor import ConfigError, WorkspaceError
+from supervisor._worker._workspace import WorkspaceKind, safe_name
+from supervisor.lowlevel import WorkspaceManager
 
 pytestmark = pytest.mark.slow
 
