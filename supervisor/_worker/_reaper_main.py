@@ -155,7 +155,14 @@ class Reaper:
         of every process, once the worker is gone and its orphans went who
         knows where: PID 1, or a subreaper above the worker).
         """
-        leaders = {run.pid: run.tag for run in self.runs.values() if run.pid and run.tag in tags}
+        # A dead run's group and session ids are not trusted: its leader is gone, and
+        # after a long freeze its pid may belong to someone else. Its members are
+        # known by pid and start time, or by the tag.
+        leaders = {
+            run.pid: run.tag
+            for run in self.runs.values()
+            if run.pid and run.tag in tags and run.state != "dead"
+        }
         found: dict[int, str] = {}
         for pid, (_ppid, pgrp, sid, start, _state) in procs.items():
             tag = leaders.get(pgrp) or leaders.get(sid) or self.known.get((pid, start))
