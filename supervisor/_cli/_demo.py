@@ -391,7 +391,7 @@ async def run_tour(state_dir: Path, console: Console, *, pause: float = 1.0) -> 
         "max_concurrency": 3,
         "lease_ttl": 3.0,
         "poll_block_ms": 200,
-        "agent_grace": 1.0,
+        "agent_grace": 0.5,
         "drain_timeout": 15.0,
         # Minutes in production, seconds in a one-minute tour:
         "probe_interval": 2.0,

@@ -171,11 +171,29 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "allowlist otherwise, and never the environment key",
     )
     parser.add_argument(
+        "--agent-user",
+        metavar="USER",
+        help="run agents as this user (name or uid; the worker must run as root), so they "
+        "can read neither the worker's environment nor its key file",
+    )
+    parser.add_argument(
+        "--agent-group",
+        metavar="GROUP",
+        help="the agents' group with --agent-user (default: the user's primary group)",
+    )
+    parser.add_argument(
+        "--session-log-max-bytes",
+        type=int,
+        metavar="N",
+        help="the most one session's log may take on disk; it is rotated once at half of it "
+        f"(default: {_default('session_log_max_bytes')})",
+    )
+    parser.add_argument(
         "--agent-grace",
         type=float,
         metavar="S",
-        help="seconds an agent gets between SIGTERM and SIGKILL when it is stopped "
-        f"(default: {_default('agent_grace')})",
+        help="seconds an agent gets between SIGTERM and SIGKILL when it is stopped; "
+        "must be under 0.2 x the lease ttl (default: 5, or 0.15 x the lease ttl if less)",
     )
     parser.add_argument(
         "--workspace",
@@ -450,7 +468,13 @@ def cli_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     configure_logging(config.log_format, secrets=_secrets(config))
     from .._worker._api import check_api_address
+    from .._worker._protect import hide_secrets, warn_if_readable
     from .._worker._worker import Worker
+
+    # The configuration is read: nothing needs the key in the environment any more,
+    # and an agent must not find it in /proc/$PPID/environ.
+    hide_secrets()
+    warn_if_readable(config.environment_key_file)
 
     if config.api_enabled:
         check_api_address(config.api_host, config.api_port)

@@ -429,6 +429,10 @@ class AgentRunner:
             :func:`supervisor._process.enable_orphan_reaping` (process-wide).
         base_env: the environment the allowlist reads from; ``None`` means
             ``os.environ`` at the time of each run.
+        user: run subprocess agents as this user (name or uid), so that they
+            cannot read the worker's memory, environment or key file; the
+            worker needs the privilege to switch users (it runs as root).
+        group: their group (default: the user's primary group).
     """
 
     spec: AgentSpec
@@ -438,6 +442,8 @@ class AgentRunner:
     kill_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     reap_orphans: bool = False
     base_env: Mapping[str, str] | None = attrs.field(default=None, repr=False)
+    user: str | int | None = None
+    group: str | int | None = None
 
     async def run(
         self,
@@ -449,6 +455,7 @@ class AgentRunner:
         output: SessionOutput | None = None,
         session_env: Mapping[str, str] | None = None,
         inbox: Inbox | None = None,
+        on_spawn: Callable[[int], object] | None = None,
     ) -> AgentResult:
         """Run the agent to its end.
 
@@ -462,6 +469,7 @@ class AgentRunner:
             session_env: per-session variables for the agent (never logged).
             inbox: the session's inbox, handed to an in-process agent as
                 ``ctx.inbox`` (a subprocess agent reads its file in the workspace).
+            on_spawn: called with a subprocess agent's pid once it exists.
 
         Returns:
             the result; ``result.to_outcome()`` is what ``stop`` reports. A
@@ -492,6 +500,9 @@ class AgentRunner:
                 grace=self.grace,
                 kill_timeout=self.kill_timeout,
                 reap_orphans=self.reap_orphans,
+                on_spawn=on_spawn,
+                user=self.user,
+                group=self.group,
             )
         assert self.spec.function is not None
         ctx = AgentContext(

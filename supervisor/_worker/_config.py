@@ -24,6 +24,7 @@ from .._base._exceptions import ConfigError
 from ..controlplane._connect import open_control_plane, remote_scheme
 from ..controlplane._protocol import ControlPlane
 from ._agent import AgentFunction, is_async_callable, qualified_name
+from ._lease import DEADLINE_FRACTION
 from ._wedge import DEFAULT_WEDGE_PATTERNS, compile_wedge_patterns
 
 __all__ = ["DEFAULT_AGENT", "AgentSetting", "WorkerConfig", "agent_text"]
@@ -48,6 +49,45 @@ def _check(
             raise ConfigError(f"{requirement}, got {value!r}", key=attribute.name)
 
     return validate
+
+
+#: The grace an agent gets by default, when the lease leaves room for it.
+DEFAULT_AGENT_GRACE = 5.0
+
+
+def _default_grace(lease_ttl: Any) -> float:
+    """5 s, or less when the lease is short: three quarters of ``0.2 x lease_ttl``."""
+    if not _positive(lease_ttl):
+        return DEFAULT_AGENT_GRACE  # lease_ttl's own validator names the problem
+    return min(DEFAULT_AGENT_GRACE, 0.75 * (1 - DEADLINE_FRACTION) * float(lease_ttl))
+
+
+def _identity(value: Any) -> Any:
+    """A numeric user or group given as text is an id, not a name."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def _check_identity(key: str, value: Any) -> None:
+    """A user or group that exists on this machine, by name or id."""
+    if value is None:
+        return
+    import grp
+    import pwd
+
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise ConfigError(f"expected a name or a numeric id, got {value!r}", key=key)
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"expected a name or a numeric id, got {value!r}", key=key)
+        return  # a numeric id needs no entry
+    lookup = pwd.getpwnam if key == "agent_user" else grp.getgrnam
+    try:
+        lookup(value)
+    except KeyError:
+        what = "user" if key == "agent_user" else "group"
+        raise ConfigError(f"no such {what} on this machine: {value!r}", key=key) from None
 
 
 def _is_number(value: Any) -> bool:
@@ -158,6 +198,25 @@ class WorkerConfig:
             ``{session_id}`` are substituted in each argument. A list is kept as a tuple.
         agent_env: names of extra environment variables passed on to agents.
         agent_grace: seconds between SIGTERM and SIGKILL for an agent being stopped.
+            It must end before the server's lease expiry: the worker kills an agent
+            whose lease deadline (``0.8 x lease_ttl`` after the last good heartbeat
+            was sent) passed, so ``0.8 x lease_ttl + agent_grace < lease_ttl``, i.e.
+            ``agent_grace < 0.2 x lease_ttl``. A larger value is refused, not
+            clamped: the operator asked for a grace the lease cannot give, and a
+            silently shorter one would surprise an agent that counts on it. Left
+            unset it is 5 s, or ``0.15 x lease_ttl`` when that is less.
+        agent_user: run subprocess agents as this user (a name or a uid), so that
+            they can read neither the worker's environment and memory nor its key
+            file. Needs a worker allowed to switch users (root). Workspaces are
+            then owned by that user. ``None``: agents run as the worker's user.
+        agent_group: the agents' group with ``agent_user`` (default: its primary group).
+        agent_reaper: enforce each agent's lease deadline from a separate reaper
+            process too (DESIGN §3.8), so that no agent outlives its lease when the
+            worker is killed or frozen. Leave it on; off only reproduces the old
+            behaviour (or suits a platform without ``/proc``).
+        session_log_max_bytes: the most one session's log may take on disk; beyond
+            half of it the log is rotated once (``<log>.1``), so the last half to
+            whole of it is kept. ``None``: no cap.
         workspace: ``none`` (a fresh temporary directory) or ``git`` (a local clone of
             ``base_repo``).
         base_repo: the repository ``git`` workspaces clone.
@@ -219,8 +278,15 @@ class WorkerConfig:
     )
     agent: AgentSetting = attrs.field(default=DEFAULT_AGENT, converter=_agent_setting)
     agent_env: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    agent_grace: float = attrs.field(
-        default=5.0, validator=_check(_non_negative, "expected seconds >= 0")
+    agent_user: str | int | None = attrs.field(default=None, converter=_identity)
+    agent_group: str | int | None = attrs.field(default=None, converter=_identity)
+    agent_reaper: bool = True
+    session_log_max_bytes: int | None = attrs.field(
+        default=64 * 1024 * 1024,
+        validator=_check(
+            _optional(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 4096),
+            "expected a whole number of bytes >= 4096",
+        ),
     )
     workspace: str = attrs.field(
         default="none",
@@ -239,6 +305,10 @@ class WorkerConfig:
     )
     lease_ttl: float = attrs.field(
         default=60.0, validator=_check(_positive, "expected seconds > 0")
+    )
+    agent_grace: float = attrs.field(
+        default=attrs.Factory(lambda self: _default_grace(self.lease_ttl), takes_self=True),
+        validator=_check(_non_negative, "expected seconds >= 0"),
     )
     session_timeout: float | None = attrs.field(
         default=None, validator=_check(_optional(_positive), "expected seconds > 0")
@@ -290,6 +360,19 @@ class WorkerConfig:
                 raise ConfigError(
                     f"expected environment variable names, got {name!r}", key="agent_env"
                 )
+        if not self.agent_grace < (1 - DEADLINE_FRACTION) * self.lease_ttl:
+            raise ConfigError(
+                f"agent_grace ({self.agent_grace:g}s) must be shorter than 0.2 x lease_ttl "
+                f"({(1 - DEADLINE_FRACTION) * self.lease_ttl:g}s for lease_ttl "
+                f"{self.lease_ttl:g}s): an agent stopped at its lease deadline (0.8 x lease_ttl) "
+                "must be dead before the control plane gives its item to another worker; "
+                "lower agent_grace or raise lease_ttl",
+                key="agent_grace",
+            )
+        for name in ("agent_user", "agent_group"):
+            _check_identity(name, getattr(self, name))
+        if self.agent_group is not None and self.agent_user is None:
+            raise ConfigError("agent_group needs agent_user", key="agent_group")
         if self.workspace == "git" and self.base_repo is None:
             raise ConfigError(
                 "workspace 'git' needs base_repo (the repository to clone)", key="base_repo"

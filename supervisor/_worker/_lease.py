@@ -33,10 +33,12 @@ smaller ttl, and no client can act on an answer it never received.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import math
 import random
+from collections.abc import Callable
 from typing import Final, NoReturn, TypedDict
 
 import attrs
@@ -183,6 +185,7 @@ class Lease:
     #: Whether the final stop (or requeue) carrying ``outcome`` was accepted.
     reported: bool = False
     _on_stop: list[trio.CancelScope] = attrs.field(factory=list, init=False, repr=False)
+    _on_renew: list[Callable[[], None]] = attrs.field(factory=list, init=False, repr=False)
 
     @property
     def confirmed(self) -> bool:
@@ -206,6 +209,29 @@ class Lease:
         scopes, self._on_stop = self._on_stop, []
         for scope in scopes:
             scope.cancel()
+
+    def on_renew(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` each time the deadline moves; returns what unsubscribes it.
+
+        The reaper (DESIGN §3.8) hears of every new deadline this way, so that
+        it can kill the agent at that deadline even if this worker freezes.
+        A callback runs on the event loop, synchronously, and must be quick.
+        """
+        self._on_renew.append(callback)
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):
+                self._on_renew.remove(callback)
+
+        return forget
+
+    def renewed(self) -> None:
+        """Tell the subscribers that the deadline moved (the keeper calls this)."""
+        for callback in list(self._on_renew):
+            try:
+                callback()
+            except Exception:
+                logger.exception("a lease renewal callback of work item %s failed", self.work_id)
 
     def cancel_on_stop_request(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when a stop is requested (at once if it already was).
@@ -419,6 +445,7 @@ class LeaseKeeper:
             lease.ttl = ttl
             lease.last_sent_at = t_send
             lease.deadline = basis + DEADLINE_FRACTION * ttl
+            lease.renewed()
         if result.state in _STOP_STATES:
             self._request_stop(f"control plane state is {result.state.value}")
         elif not result.lease_extended:

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -50,6 +51,7 @@ from ._lease import REQUEUE_OUTCOMES, KeeperOptions
 from ._metrics import HeartbeatMeter, WorkerStats, timed_control_plane
 from ._poller import Poller, Slot
 from ._presence import Activity, Presence, RequestCounter, counting_control_plane, default_version
+from ._reaper import Reaper
 from ._session import SessionRecord, SessionRunner, Workspaces
 from ._wedge import WedgeBreaker, WedgeDetector, WedgeState
 from ._workspace import WorkspaceManager
@@ -133,6 +135,7 @@ class Worker:
         self._rng = rng if rng is not None else random.Random()
         self._given_workspaces = workspaces
         self._workspace_manager: WorkspaceManager | None = None
+        self._reaper: Reaper | None = None
         self._given_offload = offload
         self._offload: Offload = offload if offload is not None else trio.to_thread.run_sync
         self._running = False
@@ -216,6 +219,10 @@ class Worker:
                     stack.push_async_callback(_close_lane, lane)
                     self._offload = lane.run
                 self._prepare_state_dir()
+                if self._wants_reaper():
+                    reaper = self._reaper = Reaper(grace=self.config.agent_grace)
+                    await trio.to_thread.run_sync(reaper.start)
+                    stack.push_async_callback(self._close_reaper)
                 plane = self._given_control_plane
                 if plane is None:
                     plane = await stack.enter_async_context(self._open_control_plane())
@@ -232,6 +239,21 @@ class Worker:
         finally:
             self._running = False
             self._control_plane = None
+
+    def _wants_reaper(self) -> bool:
+        """A reaper for subprocess agents, where ``/proc`` lets it find them."""
+        return (
+            self.config.agent_reaper
+            and self.agent_spec.is_process
+            and sys.platform.startswith("linux")
+            and os.path.isdir("/proc/self")
+        )
+
+    async def _close_reaper(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(reaper.close)
 
     def _prepare_state_dir(self) -> None:
         state = self.config.state_dir
@@ -281,6 +303,7 @@ class Worker:
                 kind=config.workspace,
                 base_repo=os.fspath(config.base_repo) if config.base_repo is not None else None,
                 keep_workspaces=config.keep_workspaces,
+                owner=_owner(config),
             )
         agent = AgentRunner(
             self.agent_spec,
@@ -291,6 +314,8 @@ class Worker:
             # A worker owns its agents' whole process trees: adopt orphaned
             # grandchildren so they can be reaped, not left as zombies.
             reap_orphans=True,
+            user=config.agent_user,
+            group=config.agent_group,
         )
         self._runner = SessionRunner(
             control_plane=timed_control_plane(counted, self.heartbeat_meter),
@@ -306,6 +331,8 @@ class Worker:
             on_line=self.wedge_detector.on_line,
             # no silence watchdog task per session unless a wedge_timeout is set
             watchdog=self.wedge_detector.watch if config.wedge_timeout is not None else None,
+            reaper=self._reaper,
+            log_max_bytes=config.session_log_max_bytes,
         )
         slots = trio.CapacityLimiter(config.max_concurrency)
         sessions = self._sessions = Supervisor(
@@ -662,6 +689,25 @@ class Worker:
         At most ``1000`` finished sessions are remembered (see ``_forget_old_sessions``).
         """
         return list(self._runner.records.values()) if self._runner is not None else []
+
+
+def _owner(config: WorkerConfig) -> tuple[int, int] | None:
+    """``(uid, gid)`` of ``agent_user``, who then owns the workspaces."""
+    if config.agent_user is None:
+        return None
+    import grp
+    import pwd
+
+    user = config.agent_user
+    entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    group = config.agent_group
+    if group is None:
+        gid = entry.pw_gid
+    elif isinstance(group, int):
+        gid = group
+    else:
+        gid = grp.getgrnam(group).gr_gid
+    return entry.pw_uid, gid
 
 
 def _no_secret() -> None:

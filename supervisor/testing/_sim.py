@@ -762,6 +762,8 @@ class Simulation:
             "worker_id": name,
             "max_concurrency": config.max_concurrency,
             "lease_ttl": config.lease_ttl,
+            # in-process agents have no grace; it only has to fit the lease
+            "agent_grace": 0.1 * config.lease_ttl,
             "session_timeout": config.session_timeout,
             "poll_block_ms": config.poll_block_ms,
             "api_enabled": False,

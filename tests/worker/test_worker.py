@@ -116,7 +116,7 @@ async def test_operator_cancel_stops_the_agent_group(
     config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
 ) -> None:
     """request-stop -> the next heartbeat says stopping -> agent group gone -> cancelled."""
-    cfg = config(agent=agent_cmd("grandchild"), lease_ttl=1.5)
+    cfg = config(agent=agent_cmd("grandchild"), lease_ttl=1.5, agent_grace=0.25)
     async with open_worker(cfg, control_plane=plane) as worker:
         item_id = await worker.submit("spawn")
         await wait_for(lambda: any(r.work_id == item_id for r in worker.sessions()))
@@ -155,7 +155,7 @@ async def test_lease_loss_cancels_the_session_and_sends_no_stop(
     """The store's clock jumps past the lease: 412 -> lease_lost, agent gone, item requeued."""
     clock = FakeClock()
     plane = EmbeddedControlPlane(tmp_path / "cp.sqlite3", clock=clock)
-    cfg = config(agent=agent_cmd("hang"), lease_ttl=1.5, max_concurrency=1)
+    cfg = config(agent=agent_cmd("hang"), lease_ttl=1.5, agent_grace=0.25, max_concurrency=1)
     try:
         async with open_worker(cfg, control_plane=plane) as worker:
             item_id = await worker.submit("hang around")
@@ -280,7 +280,7 @@ async def test_wait_follows_the_control_plane_when_the_final_stop_did_not_get_th
     """The first run's outcome never reached the store: the item runs again, and wait()
     returns the outcome the control plane finally recorded, not the lost one."""
     flaky = StopLostOnFirstAttempt(plane)
-    cfg = config(lease_ttl=1.0, max_concurrency=1)
+    cfg = config(lease_ttl=1.0, agent_grace=0.15, max_concurrency=1)
     async with open_worker(cfg, control_plane=flaky) as worker:  # type: ignore[arg-type]
         item_id = await worker.submit("twice")
         with trio.fail_after(30):
