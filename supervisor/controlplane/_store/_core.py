@@ -43,6 +43,8 @@ class StoreCore:
 
     lease_policy: LeasePolicy
     status_policy: StatusPolicy
+    #: Whether submit listeners hear commits made by other processes too.
+    wakes_across_processes: bool = False
 
     def __init__(
         self, lease_policy: LeasePolicy | None, status_policy: StatusPolicy | None
