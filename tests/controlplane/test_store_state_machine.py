@@ -1,4 +1,7 @@
-"""Hypothesis state machines on the SQLite store, each checked against a small pure model.
+"""Hypothesis state machines on both stores, each checked against a small pure model.
+
+Each machine runs on SQLite and on PostgreSQL (a private schema per example, on the
+caller's clock), with fewer examples on PostgreSQL to keep the run short.
 
 ``WorkStoreMachine`` drives the item lifecycle (submit, poll, ack, heartbeats
 with current and stale tokens, stop, request-stop, clock advances that expire
@@ -14,6 +17,7 @@ worker's status with the DESIGN §4 table written out independently below.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -38,7 +42,7 @@ from supervisor.controlplane import (
     WorkState,
 )
 from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
+from supervisor.controlplane._store import LeasePolicy, SQLiteStore, Store
 
 ENV = "default"
 WORKERS = ("w1", "w2", "w3")
@@ -48,6 +52,30 @@ LIVE = ("starting", "active", "stopping")
 # max_examples comes from the loaded profile (tests/conftest.py), so HYPOTHESIS_PROFILE=thorough
 # runs these machines harder.
 MACHINE_SETTINGS = settings(stateful_step_count=40, deadline=None)
+#: PostgreSQL round trips cost more than SQLite's: fewer examples, the same steps.
+POSTGRES_SETTINGS = settings(MACHINE_SETTINGS, max_examples=20)
+
+
+def open_sqlite(
+    stack: ExitStack, lease: LeasePolicy | None = None, status: StatusPolicy | None = None
+) -> Store:
+    directory = stack.enter_context(TemporaryDirectory())
+    store = SQLiteStore(Path(directory) / "cp.sqlite3", lease_policy=lease, status_policy=status)
+    stack.callback(store.close)
+    return store
+
+
+def open_postgres(
+    stack: ExitStack, lease: LeasePolicy | None = None, status: StatusPolicy | None = None
+) -> Store:
+    from postgres_db import private_schema
+
+    from supervisor.controlplane._store._postgres import PostgresStore
+
+    url = stack.enter_context(private_schema())
+    store = PostgresStore(url, lease_policy=lease, status_policy=status, time_source="caller")
+    stack.callback(store.close)
+    return store
 
 
 # --- the work-item model ----------------------------------------------------------------
@@ -93,10 +121,12 @@ def model_expire(items: list[ModelItem], now: float) -> None:
 
 
 class WorkStoreMachine(RuleBasedStateMachine):
+    open_store = staticmethod(open_sqlite)
+
     def __init__(self) -> None:
         super().__init__()
-        self._dir = TemporaryDirectory()
-        self.store = SQLiteStore(Path(self._dir.name) / "cp.sqlite3", lease_policy=POLICY)
+        self._stack = ExitStack()
+        self.store = self.open_store(self._stack, POLICY)
         self.now = 1_000_000.0
         self.items: list[ModelItem] = []
         self.seen_attempts: dict[str, int] = {}
@@ -104,8 +134,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
         self.leases: dict[str, dict[str, float]] = {}
 
     def teardown(self) -> None:
-        self.store.close()
-        self._dir.cleanup()
+        self._stack.close()
 
     def pick(self, index: int) -> ModelItem:
         return self.items[index % len(self.items)]
@@ -376,6 +405,14 @@ TestWorkStore = WorkStoreMachine.TestCase
 TestWorkStore.settings = MACHINE_SETTINGS
 
 
+class PostgresWorkStoreMachine(WorkStoreMachine):
+    open_store = staticmethod(open_postgres)
+
+
+TestPostgresWorkStore = PostgresWorkStoreMachine.TestCase
+TestPostgresWorkStore.settings = POSTGRES_SETTINGS
+
+
 # --- the worker status model: the DESIGN §4 table, written out row by row ---------------
 
 STATUS = StatusPolicy()
@@ -425,16 +462,17 @@ SILENCES = st.sampled_from([0.0, 1.0, 29.0, 30.0, 60.0, 89.5, 90.0, 91.0, 200.0,
 
 
 class WorkerStatusMachine(RuleBasedStateMachine):
+    open_store = staticmethod(open_sqlite)
+
     def __init__(self) -> None:
         super().__init__()
-        self._dir = TemporaryDirectory()
-        self.store = SQLiteStore(Path(self._dir.name) / "cp.sqlite3", status_policy=STATUS)
+        self._stack = ExitStack()
+        self.store = self.open_store(self._stack, None, STATUS)
         self.now = 5_000_000.0
         self.workers: dict[str, ModelWorker] = {}
 
     def teardown(self) -> None:
-        self.store.close()
-        self._dir.cleanup()
+        self._stack.close()
 
     def age(self) -> None:
         for w in self.workers.values():
@@ -502,3 +540,11 @@ class WorkerStatusMachine(RuleBasedStateMachine):
 
 TestWorkerStatus = WorkerStatusMachine.TestCase
 TestWorkerStatus.settings = MACHINE_SETTINGS
+
+
+class PostgresWorkerStatusMachine(WorkerStatusMachine):
+    open_store = staticmethod(open_postgres)
+
+
+TestPostgresWorkerStatus = PostgresWorkerStatusMachine.TestCase
+TestPostgresWorkerStatus.settings = POSTGRES_SETTINGS
