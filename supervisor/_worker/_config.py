@@ -88,6 +88,22 @@ def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> 
         raise ConfigError(str(exc), key=attribute.name) from None
 
 
+def _check_control_plane(value: str) -> None:
+    from ..controlplane._store._dburl import is_postgres_url, redact
+
+    urls = [part.strip() for part in value.split(",")]
+    if len(urls) == 1 and is_postgres_url(urls[0]):
+        return
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            shown = redact(url) if is_postgres_url(url) else repr(url)
+            raise ConfigError(
+                "expected an http(s):// URL (or several, comma-separated) or one "
+                f"postgresql:// URL, got {shown}",
+                key="control_plane",
+            )
+
+
 @attrs.frozen(kw_only=True)
 class WorkerConfig:
     """A worker's settings.
@@ -95,6 +111,8 @@ class WorkerConfig:
     Attributes:
         state_dir: where the embedded control plane, logs, workspaces and journals live.
         control_plane: URL of a remote control plane; ``None`` = the embedded one in ``state_dir``.
+            Several served replicas are comma-separated ``http(s)://`` URLs (tried in turn);
+            a ``postgresql://`` URL is the fleet database itself, used directly.
         environment_id: the environment to claim work from.
         environment_key: the bearer key for a remote control plane (never logged, never
             passed to agents). ``environment_key_file`` is re-read on 401 instead.
@@ -244,12 +262,8 @@ class WorkerConfig:
             raise ConfigError(
                 "workspace 'git' needs base_repo (the repository to clone)", key="base_repo"
             )
-        if self.control_plane is not None and not self.control_plane.startswith(
-            ("http://", "https://")
-        ):
-            raise ConfigError(
-                f"expected an http(s):// URL, got {self.control_plane!r}", key="control_plane"
-            )
+        if self.control_plane is not None:
+            _check_control_plane(self.control_plane)
 
     @property
     def embedded(self) -> bool:

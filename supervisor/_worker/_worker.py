@@ -282,6 +282,8 @@ class Worker:
 
     @contextlib.asynccontextmanager
     async def _open_control_plane(self) -> AsyncIterator[ControlPlane]:
+        from ..controlplane._store._dburl import is_postgres_url
+
         config = self.config
         if config.control_plane is None:
             plane = await trio.to_thread.run_sync(
@@ -294,6 +296,14 @@ class Worker:
             finally:
                 with trio.CancelScope(shield=True):
                     await plane.aclose()
+            return
+        if is_postgres_url(config.control_plane):
+            from ..controlplane._store._postgres import open_postgres_control_plane
+
+            async with open_postgres_control_plane(
+                config.control_plane, environment_id=config.environment_id
+            ) as direct:
+                yield direct
             return
         key: KeyProvider
         if config.environment_key_file is not None:

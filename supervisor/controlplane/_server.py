@@ -850,6 +850,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory holding the SQLite store (default: %(default)s); created if missing",
     )
     parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="serve the fleet store in PostgreSQL at URL (postgresql://...) instead of "
+        "--state-dir's SQLite file; any number of replicas may serve one database. The "
+        "password comes from SUPERVISOR_DATABASE_URL_FILE or PGPASSFILE, never this flag",
+    )
+    parser.add_argument(
         "--log-format",
         choices=("text", "json"),
         default="text",
@@ -871,7 +878,20 @@ def _open_store(state_dir: Path) -> SQLiteStore:
         raise ConfigError(f"cannot open the store: {exc}", key="--state-dir") from None
 
 
-def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, SQLiteStore]:
+def _open_database(url: str) -> Store:
+    from ._store._dburl import is_postgres_url
+
+    if not is_postgres_url(url):
+        raise ConfigError("expected a postgresql:// URL", key="--database")
+    from ._store._postgres import PostgresStore
+
+    try:
+        return PostgresStore(url)
+    except ControlPlaneError as exc:
+        raise ConfigError(f"cannot open the database: {exc}", key="--database") from None
+
+
+def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, Store]:
     """Everything ``serve`` needs before it binds, or the ``ConfigError`` that stops it."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"must be between 0 and 65535, got {args.port}", key="--port")
@@ -882,12 +902,13 @@ def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, SQLiteStore]:
             "the control plane refuses to start without one"
         )
     _require_key(keys)
+    database = getattr(args, "database", None)
+    if database:
+        return keys, _open_database(database)
     return keys, _open_store(Path(args.state_dir))
 
 
-async def _serve_until_signalled(
-    store: SQLiteStore, host: str, port: int, keys: KeyProvider
-) -> int:
+async def _serve_until_signalled(store: Store, host: str, port: int, keys: KeyProvider) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:

@@ -46,6 +46,7 @@ from ._exceptions import ControlPlaneError, Unauthorized
 from ._http import HttpControlPlane
 from ._models import Delegation, SessionMessage
 from ._protocol import ControlPlane
+from ._store._dburl import is_postgres_url
 
 __all__ = [
     "SESSION_CONTROL_PLANE_ENV",
@@ -131,8 +132,9 @@ def session_location(plane: ControlPlane) -> str | None:
     """
     if isinstance(plane, HttpControlPlane):
         return plane.base_url
-    if isinstance(plane, EmbeddedControlPlane):
+    if isinstance(plane, EmbeddedControlPlane) and not plane.store.wakes_across_processes:
         return os.path.abspath(plane.store.path)
+    # A database shared by a fleet is reached with its password, which no agent may see.
     return None
 
 
@@ -186,6 +188,14 @@ async def open_session_client(
         ConfigError: the credentials are missing, or the embedded store file does not exist.
     """
     creds = credentials if credentials is not None else SessionCredentials.from_environ()
+    if is_postgres_url(creds.control_plane):
+        from ._store._postgres import open_postgres_control_plane
+
+        async with open_postgres_control_plane(
+            creds.control_plane, environment_id=creds.environment_id
+        ) as direct:
+            yield SessionClient(direct, creds, check=True)
+        return
     if _is_url(creds.control_plane):
         async with HttpControlPlane.open(
             creds.control_plane, environment_id=creds.environment_id, key=creds.token

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeGuard
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._exceptions import ControlPlaneError
@@ -39,7 +39,7 @@ _SCHEMES: Final = ("postgresql", "postgres")
 _SCHEMA_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
-def is_postgres_url(target: object) -> bool:
+def is_postgres_url(target: object) -> TypeGuard[str]:
     """Whether ``target`` names a PostgreSQL database (``postgresql://`` or ``postgres://``)."""
     return (
         isinstance(target, str)
