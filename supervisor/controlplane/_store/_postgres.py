@@ -322,11 +322,18 @@ class PostgresStore(Store):
         """
         channel = _channel(self._schema)
         pause = 0.1
+        failures = 0
         while not self._stopping.is_set():
             try:
                 with self._connect() as conn:
                     conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
-                    pause = 0.1
+                    if failures:
+                        log.info(
+                            "control-plane LISTEN connection back after %d attempt(s)", failures
+                        )
+                        # What was sent meanwhile is lost: let every poller look once.
+                        self._notify_all_environments()
+                    pause, failures = 0.1, 0
                     for note in conn.notifies():
                         if self._stopping.is_set():
                             return
@@ -334,12 +341,21 @@ class PostgresStore(Store):
             except psycopg.Error as exc:
                 if self._stopping.is_set():
                     return
-                log.warning(
+                failures += 1
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
                     "control-plane LISTEN connection lost, reconnecting: %s",
                     _translate(exc, "listening"),
                 )
             self._stopping.wait(pause)
             pause = min(pause * 2, 2.0)
+
+    def _notify_all_environments(self) -> None:
+        try:
+            environments = self.list_environments()
+        except ControlPlaneError:
+            return
+        self._notify_submitted(environments)
 
     def close(self) -> None:
         """Stop listening and close every connection; idempotent."""
