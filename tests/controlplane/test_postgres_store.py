@@ -358,3 +358,27 @@ async def test_a_worker_fails_over_to_the_next_replica(url: str) -> None:
         assert plane.base_url == live
         assert plane.failovers == 2
         assert (await plane.get(item.id)).id == item.id
+
+
+# --- without a server ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ci", "outcome"), [("", "1 skipped"), ("true", "1 error")])
+def test_without_a_server_the_tests_skip_with_how_to_enable_them_or_fail_in_ci(
+    ci: str, outcome: str
+) -> None:
+    env = {
+        **os.environ,
+        "SUPERVISOR_TEST_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/nothing",
+        "CI": ci,
+    }
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+            "tests/controlplane/test_postgres_store.py", "-k", "database_clock",
+        ],
+        capture_output=True, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert outcome in done.stdout, done.stdout
+    assert "set SUPERVISOR_TEST_DATABASE_URL" in done.stdout
