@@ -53,7 +53,7 @@ from supervisor.controlplane import NO_HEARTBEAT, ControlPlane, Outcome, Outcome
 from supervisor.controlplane._embedded import EmbeddedControlPlane
 from supervisor.controlplane._http import HttpControlPlane
 from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane._store import SQLiteStore, Store
 
 ENV = "default"
 
@@ -99,22 +99,27 @@ def bench_store(directory: Path, ops: int) -> LayerFigures:
     """The synchronous store with no async layer: the floor for every layer above."""
     store = SQLiteStore(directory / "store.sqlite3")
     try:
-        now = time.time()
-        ids = [store.submit(ENV, f"item {n}", now=now).id for n in range(ops)]
-        start = time.perf_counter()
-        for _ in ids:
-            item = store.poll(ENV, worker_id="bench", now=time.time())
-            assert item is not None
-            store.ack(ENV, item.id, worker_id="bench", now=time.time())
-        claim = (time.perf_counter() - start) / ops
-        token = NO_HEARTBEAT
-        start = time.perf_counter()
-        for _ in range(ops):
-            beat = store.heartbeat(ENV, ids[0], expected_last_heartbeat=token, now=time.time())
-            token = beat.last_heartbeat
-        heartbeat = (time.perf_counter() - start) / ops
+        return bench_store_calls(store, ops)
     finally:
         store.close()
+
+
+def bench_store_calls(store: Store, ops: int) -> LayerFigures:
+    """Claims then heartbeats on an open store (either engine), one caller."""
+    now = time.time()
+    ids = [store.submit(ENV, f"item {n}", now=now).id for n in range(ops)]
+    start = time.perf_counter()
+    for _ in ids:
+        item = store.poll(ENV, worker_id="bench", now=time.time())
+        assert item is not None
+        store.ack(ENV, item.id, worker_id="bench", now=time.time())
+    claim = (time.perf_counter() - start) / ops
+    token = NO_HEARTBEAT
+    start = time.perf_counter()
+    for _ in range(ops):
+        beat = store.heartbeat(ENV, ids[0], expected_last_heartbeat=token, now=time.time())
+        token = beat.last_heartbeat
+    heartbeat = (time.perf_counter() - start) / ops
     return LayerFigures(claim=claim, heartbeat=heartbeat)
 
 
@@ -215,23 +220,9 @@ def _postgres_store(url: str):  # type: ignore[no-untyped-def]
 def bench_postgres_store(url: str, ops: int) -> LayerFigures:
     store = _postgres_store(url)
     try:
-        now = time.time()
-        ids = [store.submit(ENV, f"item {n}", now=now).id for n in range(ops)]
-        start = time.perf_counter()
-        for _ in ids:
-            item = store.poll(ENV, worker_id="bench", now=time.time())
-            assert item is not None
-            store.ack(ENV, item.id, worker_id="bench", now=time.time())
-        claim = (time.perf_counter() - start) / ops
-        token = NO_HEARTBEAT
-        start = time.perf_counter()
-        for _ in range(ops):
-            beat = store.heartbeat(ENV, ids[0], expected_last_heartbeat=token, now=time.time())
-            token = beat.last_heartbeat
-        heartbeat = (time.perf_counter() - start) / ops
+        return bench_store_calls(store, ops)
     finally:
         store.close()
-    return LayerFigures(claim=claim, heartbeat=heartbeat)
 
 
 async def _pg_store_layer(url: str, ops: int) -> LayerFigures:
