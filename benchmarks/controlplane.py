@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import statistics
@@ -337,6 +338,9 @@ def bench_cycle_procrastinate(database: str, schema: str, ops: int) -> float | s
         from procrastinate import jobs
     except ImportError:
         return "procrastinate not installed (pip install -e '.[bench]')"
+
+    # It warns that the App is defined in __main__ (a concern for its workers, not here).
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)
 
     async def run() -> float:
         connector = procrastinate.PsycopgConnector(
