@@ -88,6 +88,13 @@ def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> 
         raise ConfigError(str(exc), key=attribute.name) from None
 
 
+def _shown_control_plane(value: str) -> str:
+    """The setting as it may be printed: a database password never is."""
+    from ..controlplane._store._dburl import is_postgres_url, redact
+
+    return ",".join(redact(u) if is_postgres_url(u) else u for u in value.split(","))
+
+
 def _check_control_plane(value: str) -> None:
     from ..controlplane._store._dburl import is_postgres_url, redact
 
@@ -157,7 +164,9 @@ class WorkerConfig:
 
     state_dir: Path = attrs.field(default=Path(".supervisor"), converter=_path)
     control_plane: str | None = attrs.field(
-        default=None, validator=_check(_optional(lambda v: isinstance(v, str)), "expected a URL")
+        default=None,
+        validator=_check(_optional(lambda v: isinstance(v, str)), "expected a URL"),
+        repr=lambda v: "None" if v is None else repr(_shown_control_plane(v)),
     )
     environment_id: str = attrs.field(
         default="default",

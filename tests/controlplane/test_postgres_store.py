@@ -382,3 +382,37 @@ def test_without_a_server_the_tests_skip_with_how_to_enable_them_or_fail_in_ci(
     )  # fmt: skip
     assert outcome in done.stdout, done.stdout
     assert "set SUPERVISOR_TEST_DATABASE_URL" in done.stdout
+
+
+def test_a_worker_config_never_shows_the_database_password() -> None:
+    from supervisor._worker._config import WorkerConfig
+
+    config = WorkerConfig(control_plane="postgresql://fleet:hunter2@db/sup")
+    assert "hunter2" not in repr(config)
+    assert "postgresql://fleet:***@db/sup" in repr(config)
+
+
+@pytest.mark.slow
+def test_submit_status_cancel_work_directly_and_status_hides_the_password(url: str) -> None:
+    """The password reaches libpq (trust auth ignores it) and no output line."""
+    with_password = url.replace("postgresql://postgres@", "postgresql://postgres:hunter2@")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "supervisor", *args, "--control-plane", with_password],
+            capture_output=True, text=True, env=env, check=True, cwd=ROOT,
+        )  # fmt: skip
+        assert "hunter2" not in done.stdout + done.stderr
+        return done.stdout
+
+    work_id = cli("submit", "via the database").strip()
+    assert work_id.startswith("work_")
+    status = cli("status", "--json")
+    assert work_id in status and "postgresql://postgres:***@" in status
+    cli("cancel", work_id)
+    store = _store(url)
+    try:
+        assert store.get(ENV, work_id, now=0.0).state is WorkState.STOPPED
+    finally:
+        store.close()
