@@ -12,6 +12,11 @@ policies, and add it to `IMPLEMENTATIONS` below. For ``"http"``: open a
 `SQLiteStore` in ``tmp_path`` with the policies, start the reference server on
 ``127.0.0.1`` port 0 over it with ``clock=clock``, and yield an
 ``HttpControlPlane`` pointed at the bound URL; close both on exit.
+
+The PostgreSQL planes (``postgres``: the store called directly; ``http-postgres``:
+the reference server over it) put each test in a schema of its own and run the
+store on the test's clock (``time_source="caller"``); without a server they skip
+(fail under ``CI=true``), see ``tests/postgres_db.py``.
 """
 
 from __future__ import annotations

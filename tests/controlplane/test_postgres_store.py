@@ -231,6 +231,15 @@ def test_a_submit_on_one_replica_wakes_listeners_on_another(url: str) -> None:
         b.close()
 
 
+def test_closing_at_once_leaves_no_listening_thread(url: str) -> None:
+    """A close that beats the LISTEN (no notification can wake it) still ends the thread."""
+    for _ in range(3):
+        store = _store(url)
+        store.add_submit_listener(lambda environment_id: None)
+        store.close()
+    assert not [t for t in threading.enumerate() if t.name == "supervisor-store-listen"]
+
+
 async def test_a_long_poll_wakes_on_another_replicas_submit_without_rechecking(url: str) -> None:
     a, b = await trio.to_thread.run_sync(lambda: (_store(url), _store(url)))
     try:

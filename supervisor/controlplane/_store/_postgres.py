@@ -334,10 +334,13 @@ class PostgresStore(Store):
                         # What was sent meanwhile is lost: let every poller look once.
                         self._notify_all_environments()
                     pause, failures = 0.1, 0
-                    for note in conn.notifies():
-                        if self._stopping.is_set():
-                            return
-                        self._notify_submitted([note.payload])
+                    # `close` wakes this loop with a notification; the timeout covers a
+                    # close that came before the LISTEN did.
+                    while not self._stopping.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            if self._stopping.is_set():
+                                return
+                            self._notify_submitted([note.payload])
             except psycopg.Error as exc:
                 if self._stopping.is_set():
                     return
