@@ -5,6 +5,7 @@
   death (the workers move on to the other replica).
 * The database server itself restarts mid-run (a private cluster this test owns,
   started with ``initdb``/``pg_ctl``): workers talking to it directly ride it out.
+* An agent of a worker on the database never sees its password.
 
 Real processes and real time; every wait is bounded.
 """
@@ -254,3 +255,48 @@ def _retrying(store, ids: set[str]) -> bool:  # type: ignore[no-untyped-def]
         return bool(_stopped(store, ids) == len(ids))
     except TransientError:
         return False
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+async def test_an_agent_of_a_worker_on_the_database_never_sees_its_password(
+    tmp_path: Path,
+) -> None:
+    """Direct use: the URL's password, the URL file and libpq's variables stay with the worker."""
+    import json
+
+    import trio
+
+    from supervisor._worker._config import WorkerConfig
+    from supervisor._worker._worker import open_worker
+    from supervisor.controlplane._session_client import (
+        SESSION_CONTROL_PLANE_ENV,
+        SESSION_TOKEN_ENV,
+    )
+
+    with private_schema() as url:
+        with_password = url.replace("postgresql://postgres@", "postgresql://postgres:hunter2@")
+        secret = tmp_path / "db-url"
+        secret.write_text(with_password)
+        config = WorkerConfig(
+            state_dir=tmp_path / "state",
+            control_plane=with_password,
+            agent=f"{sys.executable} {ROOT / 'tests' / 'agents' / 'report.py'} {{prompt}}",
+            api_enabled=False,
+            poll_block_ms=100,
+        )
+        environ = {
+            **os.environ,
+            "SUPERVISOR_DATABASE_URL_FILE": str(secret),
+            "PGPASSWORD": "hunter2",
+            "PGPASSFILE": str(secret),
+        }
+        async with open_worker(config, base_env=environ) as worker:
+            work_id = await worker.submit("show me")
+            with trio.fail_after(30):
+                report = json.loads(str((await worker.wait(work_id)).result))
+    env = report["env"]
+    assert "hunter2" not in json.dumps(report)
+    assert not {"SUPERVISOR_DATABASE_URL_FILE", "PGPASSWORD", "PGPASSFILE"} & set(env)
+    assert not {SESSION_CONTROL_PLANE_ENV, SESSION_TOKEN_ENV} & set(env)
