@@ -120,6 +120,17 @@ def _translate(exc: BaseException, doing: str) -> ControlPlaneError:
     )
 
 
+#: One round trip: open the transaction and read the one clock every lease is timed by.
+_BEGIN_AND_READ_CLOCK: Final = "BEGIN; SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now"
+
+
+def _rollback(conn: psycopg.Connection[Any]) -> None:
+    if conn.broken or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    with contextlib.suppress(psycopg.Error):
+        conn.execute("ROLLBACK")
+
+
 def _channel(schema: str) -> str:
     """The ``NOTIFY`` channel of one store (one per schema, so tests never wake each other)."""
     return "supervisor_work_" + hashlib.sha256(schema.encode()).hexdigest()[:16]
@@ -220,7 +231,6 @@ class PostgresStore(Store):
                 max_size=max(1, pool_size),
                 kwargs=self._connection_kwargs(),
                 configure=self._configure,
-                check=psycopg_pool.ConnectionPool.check_connection,
                 timeout=connect_timeout,
                 name="supervisor-store",
                 open=True,
@@ -277,21 +287,56 @@ class PostgresStore(Store):
         if self._closed:
             raise ControlPlaneError(f"the control-plane store is closed ({doing})")
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                if now is not None and self._time_source == "database":
-                    row = conn.execute(
-                        "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now"
-                    ).fetchone()
-                    assert row is not None
-                    now = float(row["now"])
-                tx = Transaction(conn.execute, POSTGRES, NO_TIME if now is None else now)
-                yield tx
-                for environment_id in sorted(tx.announced):
-                    conn.execute(
-                        "SELECT pg_notify(%s, %s)", (_channel(self._schema), environment_id)
-                    )
+            conn, now = self._begin(now)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise _translate(exc, doing) from exc
+        try:
+            tx = Transaction(conn.execute, POSTGRES, NO_TIME if now is None else now)
+            yield tx
+            for environment_id in sorted(tx.announced):
+                conn.execute("SELECT pg_notify(%s, %s)", (_channel(self._schema), environment_id))
+            conn.execute("COMMIT")
+        except psycopg.Error as exc:
+            _rollback(conn)
+            raise _translate(exc, doing) from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        finally:
+            self._pool.putconn(conn)
+
+    def _begin(self, now: float | None) -> tuple[psycopg.Connection[Any], float | None]:
+        """A pooled connection in a fresh transaction, and the transaction's time.
+
+        ``BEGIN`` and the clock read go in one round trip. A pooled connection
+        found dead (the server restarted while it sat idle) is dropped and the
+        transaction begun once more on a new one: nothing was sent on it, so
+        nothing can have happened twice. Checking every connection on the way
+        out of the pool would cost a round trip per call instead.
+        """
+        read_clock = now is not None and self._time_source == "database"
+        for attempt in (1, 2):
+            conn = self._pool.getconn()
+            try:
+                if read_clock:
+                    cursor = conn.execute(_BEGIN_AND_READ_CLOCK)
+                    cursor.nextset()  # past BEGIN's result, to the clock's
+                    row = cursor.fetchone()
+                    assert row is not None
+                    now = float(row["now"])
+                else:
+                    conn.execute("BEGIN")
+            except psycopg.OperationalError:
+                broken = conn.broken
+                self._pool.putconn(conn)
+                if broken and attempt == 1:
+                    continue
+                raise
+            except BaseException:
+                self._pool.putconn(conn)
+                raise
+            return conn, now
+        raise AssertionError("unreachable")
 
     def database_time(self) -> float:
         """The database server's clock now, in POSIX seconds."""
