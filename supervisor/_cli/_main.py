@@ -129,9 +129,13 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control-plane",
         metavar="URL",
+        action="append",
         help="use the control plane served at URL (python -m supervisor serve) instead of "
         "the embedded one; its key comes from SUPERVISOR_ENVIRONMENT_KEY or, better, "
-        "SUPERVISOR_ENVIRONMENT_KEY_FILE (never from a flag: flags show up in ps)",
+        "SUPERVISOR_ENVIRONMENT_KEY_FILE (never from a flag: flags show up in ps). Repeat "
+        "the flag (or comma-separate) to name several replicas, tried in turn. A "
+        "postgresql://... URL uses the fleet database directly (password from "
+        "SUPERVISOR_DATABASE_URL_FILE or PGPASSFILE)",
     )
     parser.add_argument(
         "--environment-id",
@@ -355,6 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(serve)
 
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring a PostgreSQL control-plane database's schema up to date",
+        description="Apply the pending schema migrations of the fleet database at URL, under "
+        "an advisory lock (safe while replicas start). serve and run migrate on start too; "
+        "this is for doing it ahead of a rollout. The password comes from "
+        "SUPERVISOR_DATABASE_URL_FILE or PGPASSFILE.",
+        formatter_class=_Formatter,
+    )
+    migrate.add_argument(
+        "--control-plane",
+        "--database",
+        dest="database",
+        metavar="URL",
+        required=True,
+        help="the database (postgresql://...)",
+    )
+
     demo = sub.add_parser(
         "demo",
         help="a guided tour of about a minute",
@@ -402,6 +424,8 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     layer = {name: value for name, value in vars(args).items() if name in names}
     if layer.get("agent_env") is not None:
         layer["agent_env"] = tuple(layer["agent_env"])
+    if isinstance(layer.get("control_plane"), list):  # --control-plane repeated
+        layer["control_plane"] = ",".join(layer["control_plane"])
     return layer
 
 
@@ -506,14 +530,23 @@ def cli_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _shown(target: str | None) -> str:
+    """A control-plane setting as it may be printed: a database password never is."""
+    from ..controlplane._store._dburl import is_postgres_url, redact
+
+    if target is None:
+        return ""
+    return redact(target) if is_postgres_url(target) else target
+
+
 def _banner(worker: Worker, config: WorkerConfig) -> str:
     state = config.state_dir.absolute()
     if config.embedded:
         where = f"the embedded control plane in {state}"
         target = "" if config.state_dir == Path(".supervisor") else f" --state-dir {state}"
     else:
-        where = f"the control plane at {config.control_plane}"
-        target = f" --control-plane {config.control_plane}"
+        where = f"the control plane at {_shown(config.control_plane)}"
+        target = f" --control-plane {_shown(config.control_plane)}"
     if config.environment_id != "default":
         target += f" --environment-id {config.environment_id}"
     agent = (
@@ -677,8 +710,10 @@ def _target_flags(args: argparse.Namespace) -> str:
     flags = ""
     for name in ("state_dir", "control_plane", "environment_id"):
         value = getattr(args, name, None)
+        if isinstance(value, list):
+            value = ",".join(value)
         if value is not None:
-            flags += f" --{name.replace('_', '-')} {value}"
+            flags += f" --{name.replace('_', '-')} {_shown(str(value))}"
     return flags
 
 
@@ -792,7 +827,7 @@ async def _status_document(config: WorkerConfig, limit: int) -> dict[str, Any]:
     worker, note = await _live_worker(config)
     document: dict[str, Any] = {
         "state_dir": str(config.state_dir.absolute()),
-        "control_plane": config.control_plane or "embedded",
+        "control_plane": _shown(config.control_plane) if config.control_plane else "embedded",
         "environment_id": config.environment_id,
         "worker": worker,
         "worker_note": note or None,
@@ -888,12 +923,35 @@ def cli_delegate(args: argparse.Namespace) -> int:
     return delegate(args)
 
 
+def cli_migrate(args: argparse.Namespace) -> int:
+    """``python -m supervisor migrate``: apply pending migrations; exit 1 if it cannot."""
+    from ..controlplane._store._dburl import is_postgres_url, resolve_database_url
+
+    if not is_postgres_url(args.database):
+        return _error("migrate needs a postgresql:// URL")
+    from ..controlplane._store._postgres import migrate
+
+    try:
+        url = resolve_database_url(args.database)
+        found, now = migrate(url)
+    except ControlPlaneError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    where = url.display
+    if found == now:
+        print(f"{where}: control-plane schema already at version {now}")
+    else:
+        print(f"{where}: control-plane schema migrated from version {found} to {now}")
+    return 0
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cli_run,
     "submit": cli_submit,
     "status": cli_status,
     "cancel": cli_cancel,
     "serve": cli_serve,
+    "migrate": cli_migrate,
     "demo": cli_demo,
     "delegate": cli_delegate,
 }

@@ -1,7 +1,8 @@
 """``python -m supervisor serve``: the reference control-plane server on its own.
 
-It serves the embedded store of ``--state-dir`` over HTTP until SIGINT or
-SIGTERM (the server itself is ``supervisor.controlplane._server``; this is the
+It serves the embedded store of ``--state-dir`` (or, with ``--database``, the
+fleet's PostgreSQL database, any number of replicas at once) over HTTP until
+SIGINT or SIGTERM (the server itself is ``supervisor.controlplane._server``; this is the
 command around it: flags, the key from the environment, exit codes).
 """
 
@@ -24,7 +25,7 @@ from ..controlplane._connect import store_file
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, key_provider_from_env
 from ..controlplane._server import DEFAULT_PORT, require_key, serve_control_plane
-from ..controlplane._store import SQLiteStore
+from ..controlplane._store import SQLiteStore, Store
 from ._common import PROG
 
 __all__ = ["add_serve_arguments", "cli_serve"]
@@ -55,6 +56,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory holding the SQLite store (default: %(default)s); created if missing",
     )
     parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="serve the fleet store in PostgreSQL at URL (postgresql://...) instead of "
+        "--state-dir's SQLite file; any number of replicas may serve one database. The "
+        "password comes from SUPERVISOR_DATABASE_URL_FILE or PGPASSFILE, never this flag",
+    )
+    parser.add_argument(
         "--log-format",
         choices=("text", "json"),
         default="text",
@@ -70,7 +78,20 @@ def _open_store(state_dir: Path) -> SQLiteStore:
         raise ConfigError(f"cannot open the store: {exc}", key="--state-dir") from None
 
 
-def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, SQLiteStore]:
+def _open_database(url: str) -> Store:
+    from ..controlplane._store._dburl import is_postgres_url
+
+    if not is_postgres_url(url):
+        raise ConfigError("expected a postgresql:// URL", key="--database")
+    from ..controlplane._store._postgres import PostgresStore
+
+    try:
+        return PostgresStore(url)
+    except ControlPlaneError as exc:
+        raise ConfigError(f"cannot open the database: {exc}", key="--database") from None
+
+
+def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, Store]:
     """Everything ``serve`` needs before it binds, or the ``ConfigError`` that stops it."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"must be between 0 and 65535, got {args.port}", key="--port")
@@ -81,12 +102,13 @@ def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, SQLiteStore]:
             "the control plane refuses to start without one"
         )
     require_key(keys)
+    database = getattr(args, "database", None)
+    if database:
+        return keys, _open_database(database)
     return keys, _open_store(Path(args.state_dir))
 
 
-async def _serve_until_signalled(
-    store: SQLiteStore, host: str, port: int, keys: KeyProvider
-) -> int:
+async def _serve_until_signalled(store: Store, host: str, port: int, keys: KeyProvider) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:

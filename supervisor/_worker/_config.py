@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from .._base._exceptions import ConfigError
-from ..controlplane._connect import open_control_plane, remote_scheme
+from ..controlplane._connect import open_control_plane
 from ..controlplane._protocol import ControlPlane
 from ._agent import AgentFunction, is_async_callable, qualified_name
 from ._lease import DEADLINE_FRACTION
@@ -178,6 +178,29 @@ def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> 
         raise ConfigError(str(exc), key=attribute.name) from None
 
 
+def _shown_control_plane(value: str) -> str:
+    """The setting as it may be printed: a database password never is."""
+    from ..controlplane._store._dburl import is_postgres_url, redact
+
+    return ",".join(redact(u) if is_postgres_url(u) else u for u in value.split(","))
+
+
+def _check_control_plane(value: str) -> None:
+    from ..controlplane._store._dburl import is_postgres_url, redact
+
+    urls = [part.strip() for part in value.split(",")]
+    if len(urls) == 1 and is_postgres_url(urls[0]):
+        return
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            shown = redact(url) if is_postgres_url(url) else repr(url)
+            raise ConfigError(
+                "expected an http(s):// URL (or several, comma-separated) or one "
+                f"postgresql:// URL, got {shown}",
+                key="control_plane",
+            )
+
+
 @attrs.frozen(kw_only=True)
 class WorkerConfig:
     """A worker's settings.
@@ -185,6 +208,8 @@ class WorkerConfig:
     Attributes:
         state_dir: where the embedded control plane, logs, workspaces and journals live.
         control_plane: URL of a remote control plane; ``None`` = the embedded one in ``state_dir``.
+            Several served replicas are comma-separated ``http(s)://`` URLs (tried in turn);
+            a ``postgresql://`` URL is the fleet database itself, used directly.
         environment_id: the environment to claim work from.
         environment_key: the bearer key for a remote control plane (never logged, never
             passed to agents). ``environment_key_file`` is re-read on 401 instead.
@@ -251,7 +276,9 @@ class WorkerConfig:
 
     state_dir: Path = attrs.field(default=Path(".supervisor"), converter=_path)
     control_plane: str | None = attrs.field(
-        default=None, validator=_check(_optional(lambda v: isinstance(v, str)), "expected a URL")
+        default=None,
+        validator=_check(_optional(lambda v: isinstance(v, str)), "expected a URL"),
+        repr=lambda v: "None" if v is None else repr(_shown_control_plane(v)),
     )
     environment_id: str = attrs.field(
         default="default",
@@ -377,10 +404,8 @@ class WorkerConfig:
             raise ConfigError(
                 "workspace 'git' needs base_repo (the repository to clone)", key="base_repo"
             )
-        if self.control_plane is not None and remote_scheme(self.control_plane) is None:
-            raise ConfigError(
-                f"expected an http(s):// URL, got {self.control_plane!r}", key="control_plane"
-            )
+        if self.control_plane is not None:
+            _check_control_plane(self.control_plane)
 
     @property
     def embedded(self) -> bool:

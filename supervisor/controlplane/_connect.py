@@ -8,10 +8,10 @@ open `ControlPlane` and closes it afterwards:
 - no location, or a path: the embedded control plane. A path is either a state
   directory (the store is ``controlplane.sqlite3`` inside it) or the store file
   itself, which is what a session credential names.
-- a URL: a remote control plane, chosen by the URL's scheme in `_REMOTE`
-  (``http``/``https`` today). A new kind of remote plane is one more entry there;
-  `WorkerConfig` asks `remote_scheme` whether a URL is one it can open, so the
-  entry is all it takes.
+- a URL: a remote control plane, chosen by the URL's scheme in `_REMOTE`:
+  ``http``/``https`` (one served replica, or several comma-separated, tried in
+  turn) or ``postgresql``/``postgres`` (the fleet database, used directly). A new
+  kind of remote plane is one more entry there.
 
 A remote plane needs the environment key (or a session credential); the
 embedded one does not (whoever can write the file can do anything anyway).
@@ -70,8 +70,25 @@ async def _open_http(request: _Request) -> AsyncIterator[ControlPlane]:
         yield plane
 
 
+@asynccontextmanager
+async def _open_postgres(request: _Request) -> AsyncIterator[ControlPlane]:
+    # The fleet database itself, used directly: its password comes with the URL, from
+    # SUPERVISOR_DATABASE_URL_FILE or from PGPASSFILE, never from the environment key.
+    from ._store._postgres import open_postgres_control_plane
+
+    async with open_postgres_control_plane(
+        request.location, environment_id=request.environment_id
+    ) as plane:
+        yield plane
+
+
 #: The remote kinds of control plane by URL scheme: the single dispatch point.
-_REMOTE: Final[dict[str, _Opener]] = {"http": _open_http, "https": _open_http}
+_REMOTE: Final[dict[str, _Opener]] = {
+    "http": _open_http,
+    "https": _open_http,
+    "postgresql": _open_postgres,
+    "postgres": _open_postgres,
+}
 
 
 def remote_scheme(location: str) -> str | None:

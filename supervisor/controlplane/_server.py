@@ -57,7 +57,7 @@ from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider
 from ._models import DelegationStatus, WorkState
 from ._openapi import API_PREFIX, openapi_document
 from ._protocol import ControlPlane
-from ._store import SQLiteStore
+from ._store import SQLiteStore, Store
 
 __all__ = [
     "DEFAULT_PORT",
@@ -96,8 +96,11 @@ EnvironmentFactory = Callable[[str], ControlPlane]
 _Handler = Callable[[Request, ControlPlane], Awaitable[Response]]
 
 
-def _embedded_plane(store: SQLiteStore, environment_id: str) -> ControlPlane:
-    return EmbeddedControlPlane(store, environment_id=environment_id)
+def _embedded_plane(store: Store, environment_id: str) -> ControlPlane:
+    # A store that hears commits from every process (PostgreSQL's NOTIFY) wakes its pollers
+    # itself: the re-check only has to catch leases that expire meanwhile.
+    interval = 2.0 if store.wakes_across_processes else 0.25
+    return EmbeddedControlPlane(store, environment_id=environment_id, poll_interval=interval)
 
 
 # --- responses ---------------------------------------------------------------------
@@ -141,7 +144,7 @@ class _Environments:
         self,
         factory: EnvironmentFactory | None,
         single: ControlPlane | None,
-        owned_store: SQLiteStore | None = None,
+        owned_store: Store | None = None,
     ) -> None:
         self._factory = factory
         self._single = single
@@ -150,7 +153,7 @@ class _Environments:
 
     @classmethod
     def from_source(cls, source: object) -> _Environments:
-        if isinstance(source, SQLiteStore):
+        if isinstance(source, Store):
             return cls(partial(_embedded_plane, source), None)
         if isinstance(source, ControlPlane):
             return cls(None, source)
@@ -160,7 +163,7 @@ class _Environments:
         if callable(source):
             return cls(source, None)
         raise TypeError(
-            "serve a ControlPlane, an environment factory, a SQLiteStore or a database path; "
+            "serve a ControlPlane, an environment factory, a store or a database path; "
             f"got {type(source).__name__}"
         )
 

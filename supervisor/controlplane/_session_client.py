@@ -67,7 +67,8 @@ class SessionCredentials:
     Attributes:
         session_id: the session the credential belongs to.
         token: the session credential (never in ``repr``).
-        control_plane: an ``http(s)://`` URL, or the embedded store's file path.
+        control_plane: an ``http(s)://`` URL (or several, comma-separated), or the embedded
+            store's file path.
         environment_id: the environment of the session.
     """
 
@@ -118,12 +119,15 @@ def session_location(plane: ControlPlane) -> str | None:
     has no such place, and its agents get no credential.
     """
     if isinstance(plane, EmbeddedControlPlane):
+        if plane.store.wakes_across_processes:
+            # A database shared by a fleet is reached with its password, which no agent may see.
+            return None
         return os.path.abspath(plane.store.path)
     # Imported here so that a worker on the embedded plane never loads the HTTP client.
     from ._http import HttpControlPlane
 
     if isinstance(plane, HttpControlPlane):
-        return plane.base_url
+        return ",".join(plane.base_urls)  # every replica, so the agent can fail over too
     return None
 
 
