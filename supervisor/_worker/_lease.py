@@ -83,6 +83,8 @@ _SHARED_RNG: Final = random.Random()
 #: Outcomes that give the item back (``requeue``) instead of stopping it: the
 #: session could not be served here, but another worker may serve it.
 REQUEUE_OUTCOMES: Final = frozenset({OutcomeStatus.WEDGED})
+#: How many current tokens named by a 412 the final stop takes before it gives up.
+_MAX_ADOPTED_TOKENS: Final = 3
 
 
 def heartbeat_interval(ttl: float) -> float:
@@ -357,6 +359,15 @@ class LeaseKeeper:
                 self._log_failure(exc, lease.failures)
                 next_at = trio.current_time() + self._retry_delay(lease.failures, interval)
                 continue
+            except FencingConflict as exc:
+                if not self._adopt_named_token(exc, "heartbeat"):
+                    self._lose(self._describe(exc), exc)
+                # One answer behind: beat again at once with the token the
+                # server named. The deadline stays where the last beat we
+                # heard of put it (the lost one's send time is unknown).
+                lease.failures += 1
+                next_at = trio.current_time()
+                continue
             except FatalError as exc:
                 self._lose(self._describe(exc), exc)
             if lease.failures:
@@ -376,7 +387,11 @@ class LeaseKeeper:
             FatalError: as the control plane raised it.
         """
         t_send = trio.current_time()
-        with trio.move_on_after(max(0.0, bound)):
+        # Shielded: once sent, the beat may be processed (and a new token
+        # minted) whatever happens here, so a keeper cancelled meanwhile (its
+        # session ended) still waits for the answer, at most ``bound`` (never
+        # past the deadline), and its final stop carries the newest token.
+        with trio.move_on_after(max(0.0, bound), shield=True):
             result = await self.control_plane.heartbeat(
                 self.work_id,
                 expected_last_heartbeat=self.lease.token,
@@ -384,6 +399,29 @@ class LeaseKeeper:
             )
             return result, t_send
         raise TransientError(f"heartbeat got no answer within {bound:.3g}s")
+
+    def _adopt_named_token(self, exc: FencingConflict, what: str) -> bool:
+        """Take the current token a 412 named, when it is safe to; whether it was taken.
+
+        The server names it only to a stale token of the same lease (a beat
+        whose answer we never got). Taken only while our own deadline holds:
+        that deadline falls before any expiry the server could apply, so the
+        lease is still ours and nobody else's session can be hit.
+        """
+        lease = self.lease
+        named = exc.current_token
+        if named is None or named == lease.token or lease.lost is not None:
+            return False
+        if not lease.confirmed or lease.time_left() <= 0:
+            return False
+        logger.info(
+            "%s of work item %s was one answer behind; continuing with the current token",
+            what,
+            self.work_id,
+        )
+        lease.token = named
+        self._tokens.append(named)
+        return True
 
     def _accept(self, result: HeartbeatResult, t_send: float, *, first: bool) -> None:
         lease = self.lease
@@ -471,9 +509,24 @@ class LeaseKeeper:
         )
         requeue = outcome.status in REQUEUE_OUTCOMES
         delay = 0.05
+        adopted = 0
         while True:
             try:
                 await self._report(outcome, requeue=requeue)
+            except FencingConflict as exc:
+                # Refused while the lease is ours: a beat was processed whose
+                # answer we never had. Never drop a finished session for that:
+                # report again with the token the server named (a few times at
+                # most, in case beats of ours are still in flight somewhere).
+                if adopted < _MAX_ADOPTED_TOKENS and self._adopt_named_token(exc, "final stop"):
+                    adopted += 1
+                    continue
+                logger.warning(
+                    "final stop of work item %s refused, the lease moved on: %s",
+                    self.work_id,
+                    self._describe(exc),
+                )
+                return
             except TransientError as exc:
                 # Worth another try while the budget (bounded by the deadline) lasts:
                 # a lost answer would otherwise turn a finished session into a re-run.
@@ -502,14 +555,8 @@ class LeaseKeeper:
             lease.reported = True
         except Conflict:
             logger.debug("work item %s was already stopped", self.work_id)
-        except FencingConflict as exc:
-            logger.warning(
-                "final stop of work item %s refused, the lease moved on: %s",
-                self.work_id,
-                self._describe(exc),
-            )
-        except TransientError:
-            raise  # retried by the caller within its budget
+        except (FencingConflict, TransientError):
+            raise  # the caller decides, within its budget
         except ControlPlaneError as exc:
             logger.warning(
                 "final stop of work item %s failed: %s", self.work_id, self._describe(exc)

@@ -100,8 +100,10 @@ def _enum_value(kind: type[_E], value: str, what: str) -> str:
         raise BadRequest(f"{what} must be one of {allowed}, got {value!r}") from None
 
 
-def _error_for(status: int, message: str) -> ControlPlaneError:
+def _error_for(status: int, message: str, body: object = None) -> ControlPlaneError:
     kind = _FATAL_BY_STATUS.get(status)
+    if kind is FencingConflict:
+        return FencingConflict(message, status_code=status, current_token=_current_token(body))
     if kind is not None:
         return kind(message, status_code=status)
     if status >= 500 or status in (408, 429):
@@ -109,12 +111,26 @@ def _error_for(status: int, message: str) -> ControlPlaneError:
     return FatalError(message, status_code=status)
 
 
-def _error_message(response: httpx.Response) -> str:
-    """The server's ``{"error": {"message"}}``, else the reason phrase."""
+def _error_body(response: httpx.Response) -> object:
     try:
-        body = codec.loads(response.content, what="error body")
+        return codec.loads(response.content, what="error body")
     except BadRequest:
-        body = None
+        return None
+
+
+def _current_token(body: object) -> str | None:
+    """The ``current_token`` a 412 names (the holder missed an answer), if any."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            token = error.get("current_token")
+            if isinstance(token, str) and token:
+                return token
+    return None
+
+
+def _error_message(body: object, response: httpx.Response) -> str:
+    """The server's ``{"error": {"message"}}``, else the reason phrase."""
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
@@ -356,7 +372,8 @@ class HttpControlPlane:
                     f"{what}: malformed answer from the control plane: {exc.message}",
                     status_code=status,
                 ) from None
-        raise _error_for(status, f"{what} -> HTTP {status}: {_error_message(response)}")
+        body = _error_body(response)
+        raise _error_for(status, f"{what} -> HTTP {status}: {_error_message(body, response)}", body)
 
     @staticmethod
     def _decode(what: str, value: codec.JSON | None, decode: Callable[[object], _T]) -> _T:

@@ -79,11 +79,11 @@ from ._exceptions import (
     BadRequest,
     Conflict,
     ControlPlaneError,
-    FencingConflict,
     Gone,
     NotFound,
     TransientError,
 )
+from ._fencing import mint_token, stale_token, tokens_match
 from ._models import (
     NO_HEARTBEAT,
     Delegation,
@@ -668,11 +668,8 @@ class SQLiteStore:
                 log.warning("rollback failed; SQLite rolls back on its own", exc_info=True)
 
     def _next_token(self, attempts: int, beats: int) -> str:
-        # The counter keeps tokens distinct even if two beats land in the same
-        # clock tick; the random tail keeps them unguessable and unique across
-        # processes. Callers treat the whole string as opaque.
         self._counter += 1
-        return f"hb.{attempts}.{beats}.{self._counter}.{secrets.token_urlsafe(9)}"
+        return mint_token(attempts, beats, self._counter)
 
     # --- expiry ----------------------------------------------------------------
 
@@ -895,8 +892,13 @@ class SQLiteStore:
             if state is WorkState.QUEUED and first:
                 raise Conflict(f"work item {work_id!r} is queued: acknowledge it first")
             if state is WorkState.STOPPED:
-                if token is None or not hmac.compare_digest(token, expected_last_heartbeat):
-                    raise FencingConflict(f"stale fencing token for work item {work_id!r}")
+                if not tokens_match(token, expected_last_heartbeat):
+                    raise stale_token(
+                        work_id,
+                        presented=expected_last_heartbeat,
+                        current=token,
+                        attempts=row["attempts"],
+                    )
                 new = self._next_token(row["attempts"], row["beats"] + 1)
                 conn.execute(
                     "UPDATE work_items SET token = ?, beats = beats + 1 WHERE id = ?",
@@ -906,9 +908,14 @@ class SQLiteStore:
             if token is None:
                 ok = first and state in (WorkState.STARTING, WorkState.STOPPING)
             else:
-                ok = hmac.compare_digest(token, expected_last_heartbeat)
+                ok = tokens_match(token, expected_last_heartbeat)
             if not ok:
-                raise FencingConflict(f"stale fencing token for work item {work_id!r}")
+                raise stale_token(
+                    work_id,
+                    presented=expected_last_heartbeat,
+                    current=token,
+                    attempts=row["attempts"],
+                )
             new_state = WorkState.ACTIVE if state is WorkState.STARTING else state
             new = self._next_token(row["attempts"], row["beats"] + 1)
             conn.execute(
@@ -961,9 +968,14 @@ class SQLiteStore:
                         WorkState.STOPPING,
                     )
                 else:
-                    ok = hmac.compare_digest(token, expected_last_heartbeat)
+                    ok = tokens_match(token, expected_last_heartbeat)
                 if not ok:
-                    raise FencingConflict(f"stale fencing token for work item {work_id!r}")
+                    raise stale_token(
+                        work_id,
+                        presented=expected_last_heartbeat,
+                        current=token,
+                        attempts=row["attempts"],
+                    )
             if state is WorkState.STOPPED:
                 raise Conflict(f"work item {work_id!r} is already stopped")
             conn.execute(
@@ -1024,9 +1036,14 @@ class SQLiteStore:
                     WorkState.STOPPING,
                 )
             else:
-                ok = hmac.compare_digest(token, expected_last_heartbeat)
+                ok = tokens_match(token, expected_last_heartbeat)
             if not ok:
-                raise FencingConflict(f"stale fencing token for work item {work_id!r}")
+                raise stale_token(
+                    work_id,
+                    presented=expected_last_heartbeat,
+                    current=token,
+                    attempts=row["attempts"],
+                )
             attempts = row["attempts"] + 1
             if state is WorkState.STOPPING or attempts >= self.lease_policy.max_attempts:
                 conn.execute(

@@ -69,12 +69,13 @@ from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._http import HttpControlPlane
 from ..controlplane._models import OutcomeStatus, WorkItem, WorkState
 from ..controlplane._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore
-from ._proxy import ChaosProxy, ProxyFaults, ProxyRecord
+from ._proxy import ChaosProxy, ProxyFault, ProxyFaults, ProxyRecord
 
 __all__ = ["ChaosConfig", "ChaosReport", "main", "run_chaos"]
 
 _KEY_ENV: Final = "SUPERVISOR_ENVIRONMENT_KEY"
 _ENDING_CALL: Final = re.compile(r"/work/([^/?]+)/(stop|requeue)(?:\?|$)")
+_ITEM_CALL: Final = re.compile(r"/work/([^/?]+)/")
 _STORE_OUTCOMES: Final = ("lease expired", "lease expired after a stop request")
 
 
@@ -140,6 +141,11 @@ class ChaosReport:
         crashed: whether a worker was killed mid-run.
         seconds: wall time of the run.
         directory: where the logs and the store were (gone unless ``keep``).
+        refused_stops: final ``stop``/``requeue`` calls the server refused with
+            ``412`` (a stale fencing token).
+        reruns: items whose agent ran more than once.
+        completed_not_recorded: items with an agent run that finished with exit
+            code 0 whose recorded outcome is not ``completed``.
     """
 
     violations: tuple[str, ...]
@@ -152,6 +158,9 @@ class ChaosReport:
     crashed: bool
     seconds: float
     directory: Path
+    refused_stops: int = 0
+    reruns: int = 0
+    completed_not_recorded: int = 0
 
     @property
     def ok(self) -> bool:
@@ -163,7 +172,9 @@ class ChaosReport:
         ends = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         return (
             f"{len(self.outcomes)} items ({ends}), {self.agent_runs} agent runs, "
-            f"{self.requests} requests ({faults or 'no faults'}), {self.seconds:.1f}s, "
+            f"{self.requests} requests ({faults or 'no faults'}), "
+            f"{self.refused_stops} refused stops, {self.reruns} items re-run, "
+            f"{self.completed_not_recorded} completed runs not recorded, {self.seconds:.1f}s, "
             f"{len(self.violations)} violations"
         )
 
@@ -235,6 +246,9 @@ class _Run:
         self.crashed_agents: set[int] = set()
         self.ids: list[str] = []
         self.agent_run_count = 0
+        self.refused_stops = 0
+        self.reruns = 0
+        self.completed_not_recorded = 0
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
@@ -346,10 +360,18 @@ class _Run:
         by_id = {item.id: item for item in items}
         stops: Counter[str] = Counter()
         requeues: Counter[str] = Counter()
+        refused: Counter[str] = Counter()
+        faulted: set[str] = set()
         for record in self.records:
+            item_call = _ITEM_CALL.search(record.path)
+            if item_call and record.fault is not ProxyFault.PASS:
+                faulted.add(item_call[1])
             match = _ENDING_CALL.search(record.path)
             if record.method == "POST" and match and record.status == 200:
                 (stops if match[2] == "stop" else requeues)[match[1]] += 1
+            elif record.method == "POST" and match and record.status == 412:
+                refused[match[1]] += 1
+        self.refused_stops = sum(refused.values())
         runs = self._agent_runs()
         self.agent_run_count = sum(len(v) for v in runs.values())
         for number, work_id in enumerate(self.ids):
@@ -378,6 +400,7 @@ class _Run:
                     f"attempts: {name}: dead-lettered after {item.attempts} attempts"
                 )
             mine = runs.get(work_id, [])
+            self._check_completed_kept(name, work_id, item, mine, faulted)
             if len(mine) > item.attempts + 1:
                 self.violations.append(
                     f"attempts: {name}: {len(mine)} agent runs for {item.attempts} lost leases"
@@ -393,6 +416,41 @@ class _Run:
                         f"split-brain: {name}: agent {next_pid} started {end - next_start:.3f}s "
                         f"before agent {pid} ended"
                     )
+
+    def _check_completed_kept(
+        self,
+        name: str,
+        work_id: str,
+        item: WorkItem,
+        mine: Sequence[tuple[float, float, int, int | None]],
+        faulted: set[str],
+    ) -> None:
+        """A session that completed is never lost or re-run because of the worker.
+
+        Counted for every item; a violation only where nothing else can be
+        blamed: the proxy injected no fault into any call about the item and
+        no agent of it was killed with its worker.
+        """
+        ordered = sorted(mine)
+        finished = [n for n, (_, _, _, code) in enumerate(ordered) if code == 0]
+        if len(ordered) > 1:
+            self.reruns += 1
+        if not finished:
+            return
+        assert item.outcome is not None
+        rerun = finished[0] < len(ordered) - 1
+        lost = item.outcome.status is not OutcomeStatus.COMPLETED
+        if lost:
+            self.completed_not_recorded += 1
+        blameless = work_id not in faulted and not any(
+            pid in self.crashed_agents for _, _, pid, _ in ordered
+        )
+        if (rerun or lost) and blameless:
+            what = "ran again" if rerun else f"ended {item.outcome.status.value}"
+            self.violations.append(
+                f"completed-lost: {name}: its agent completed, then the item {what} "
+                "with no network fault or crash to blame"
+            )
 
     def _agent_runs(self) -> dict[str, list[tuple[float, float, int, int | None]]]:
         starts: dict[int, tuple[str, float]] = {}
@@ -486,6 +544,9 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
             crashed=run.crashed_at is not None,
             seconds=time.monotonic() - started,
             directory=root,
+            refused_stops=run.refused_stops,
+            reruns=run.reruns,
+            completed_not_recorded=run.completed_not_recorded,
         )
     finally:
         if not config.keep:
