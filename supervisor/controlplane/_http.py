@@ -59,6 +59,7 @@ from ._models import (
     WorkState,
     WorkStats,
 )
+from ._text import check_text
 
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
 
@@ -349,6 +350,11 @@ class HttpControlPlane:
         """
         if self._closed:
             raise RuntimeError("this HttpControlPlane is closed")
+        # Refused here as the embedded plane refuses it (httpx would raise
+        # UnicodeEncodeError, an exception that must not escape this module).
+        check_text(path, "the path")
+        check_text(params, "the query")
+        check_text(body, "the request body")
         what = f"{method} {self._prefix}{path}"
         url = f"{self._base}{self._prefix}{path}"
         content = None if body is None else codec.dumps(body)
