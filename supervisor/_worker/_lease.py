@@ -233,6 +233,10 @@ class LeaseKeeper:
             keepers without one share a module-wide generator.
         measure_from: test hook, see :class:`MeasureFrom`; never change it in
             production.
+        account_for_beats: test hook; ``False`` reproduces the classic defect
+            of abandoning a heartbeat in flight when the session ends and
+            ignoring the token a 412 names, so that a simulation can plant it
+            and show that its check catches it. Never change it in production.
 
     Raises:
         ValueError: on a non-positive ttl or timing option.
@@ -251,6 +255,7 @@ class LeaseKeeper:
         stop_timeout: float = 10.0,
         rng: random.Random | None = None,
         measure_from: MeasureFrom | str = MeasureFrom.SEND,
+        account_for_beats: bool = True,
     ) -> None:
         if desired_ttl is not None and not desired_ttl > 0:
             raise ValueError(f"desired_ttl must be > 0, got {desired_ttl!r}")
@@ -276,6 +281,7 @@ class LeaseKeeper:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.measure_from = MeasureFrom(measure_from)
+        self.account_for_beats = account_for_beats
         self._rng = rng if rng is not None else _SHARED_RNG
         # The last tokens this keeper held, so that none leaks into a log line
         # through a control-plane error message (older ones are worthless).
@@ -391,7 +397,7 @@ class LeaseKeeper:
         # minted) whatever happens here, so a keeper cancelled meanwhile (its
         # session ended) still waits for the answer, at most ``bound`` (never
         # past the deadline), and its final stop carries the newest token.
-        with trio.move_on_after(max(0.0, bound), shield=True):
+        with trio.move_on_after(max(0.0, bound), shield=self.account_for_beats):
             result = await self.control_plane.heartbeat(
                 self.work_id,
                 expected_last_heartbeat=self.lease.token,
@@ -409,7 +415,7 @@ class LeaseKeeper:
         lease is still ours and nobody else's session can be hit.
         """
         lease = self.lease
-        named = exc.current_token
+        named = exc.current_token if self.account_for_beats else None
         if named is None or named == lease.token or lease.lost is not None:
             return False
         if not lease.confirmed or lease.time_left() <= 0:

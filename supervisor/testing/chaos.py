@@ -34,8 +34,9 @@ really answered, and the agents' own start/end log:
 * a ``completed`` item had an agent that finished with exit code 0;
 * every worker stopped on ``SIGTERM`` and no agent process was left behind.
 
-The agent protocol: its prompt is ``"SECONDS CODE LOGFILE"``; it appends JSON
-lines ``{"event": "start"|"end", "work_id", "pid", "time"}`` to LOGFILE
+The agent protocol: its prompt is ``"SECONDS CODE LOGFILE [poison]"``; it appends
+JSON lines ``{"event": "start"|"end", "work_id", "pid", "time"}`` to LOGFILE
+(with ``poison``, its result line holds a lone surrogate escape)
 (``python -m supervisor.testing.chaos agent`` is one; ``tests/agents/chaos.py``
 another).
 """
@@ -106,6 +107,12 @@ class ChaosConfig:
         time_limit: seconds for all items to end.
         faults: the proxy's fault rates.
         keep: keep the temporary directory (logs, store) for inspection.
+        restart_after: seconds into the run when the control-plane server is
+            stopped (``SIGTERM``) and started again on the same port and store
+            (``None``: never).
+        poison: submit one request holding a lone surrogate (it must be
+            refused with a 400 and change nothing), and let a third of the
+            agents print a result holding one (it must be recorded, repaired).
     """
 
     seed: int = 0
@@ -124,6 +131,8 @@ class ChaosConfig:
     time_limit: float = 90.0
     faults: ProxyFaults = attrs.field(factory=ProxyFaults)
     keep: bool = False
+    restart_after: float | None = None
+    poison: bool = False
 
 
 @attrs.frozen
@@ -146,6 +155,7 @@ class ChaosReport:
         reruns: items whose agent ran more than once.
         completed_not_recorded: items with an agent run that finished with exit
             code 0 whose recorded outcome is not ``completed``.
+        restarted: whether the server was restarted mid-run.
     """
 
     violations: tuple[str, ...]
@@ -161,6 +171,7 @@ class ChaosReport:
     refused_stops: int = 0
     reruns: int = 0
     completed_not_recorded: int = 0
+    restarted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -182,9 +193,9 @@ class ChaosReport:
 # --- processes -------------------------------------------------------------------
 
 
-def _log_file(path: Path) -> BinaryIO:
+def _log_file(path: Path, *, append: bool = False) -> BinaryIO:
     """A file a child process writes its output to (the child keeps its own handle)."""
-    return open(path, "wb")
+    return open(path, "ab" if append else "wb")
 
 
 def _children(pid: int) -> list[int]:
@@ -249,6 +260,9 @@ class _Run:
         self.refused_stops = 0
         self.reruns = 0
         self.completed_not_recorded = 0
+        self.poisoned: set[str] = set()
+        #: Wall-time windows in which the server was down for a restart.
+        self.restarts: list[tuple[float, float]] = []
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
@@ -256,7 +270,7 @@ class _Run:
         env.update(extra)
         return env
 
-    async def start_server(self, nursery: trio.Nursery) -> tuple[trio.Process, str]:
+    async def start_server(self, port: int = 0) -> tuple[trio.Process, str]:
         config = self.config
         argv = [
             sys.executable,
@@ -271,8 +285,10 @@ class _Run:
             str(config.reclaim_ms),
             "--max-attempts",
             str(config.max_attempts),
+            "--port",
+            str(port),
         ]
-        with _log_file(self.root / "server.log") as errors:
+        with _log_file(self.root / "server.log", append=True) as errors:
             process = await trio.lowlevel.open_process(
                 argv, stdout=-1, stderr=errors, env=self.env()
             )
@@ -327,10 +343,31 @@ class _Run:
             for number in range(config.items):
                 seconds = self.rng.uniform(*config.agent_seconds)
                 code = 1 if self.rng.random() < config.crash_rate else 0
+                poison = " poison" if config.poison and number % 3 == 0 else ""
                 item = await plane.submit(
-                    f"{seconds:.3f} {code} {self.log}", session_id=f"chaos-{number}"
+                    f"{seconds:.3f} {code} {self.log}{poison}", session_id=f"chaos-{number}"
                 )
                 self.ids.append(item.id)
+                if poison:
+                    self.poisoned.add(item.id)
+        if config.poison:
+            await self.submit_poison(server_url)
+
+    async def submit_poison(self, server_url: str) -> None:
+        """A body with a lone surrogate (valid JSON escape) must get a 400 and change nothing."""
+        import httpx
+
+        body = b'{"data": {"prompt": "poison"}, "metadata": {"k": "\\udfff"}}'
+        async with httpx.AsyncClient(base_url=server_url) as client:
+            response = await client.post(
+                "/v1/environments/default/work",
+                content=body,
+                headers={"Authorization": f"Bearer {self.key}", "content-type": "application/json"},
+            )
+            if response.status_code != 400:
+                self.violations.append(
+                    f"poison: a lone surrogate in a submit answered {response.status_code}, not 400"
+                )
 
     async def all_ended(self, plane: HttpControlPlane) -> bool:
         try:
@@ -401,6 +438,15 @@ class _Run:
                 )
             mine = runs.get(work_id, [])
             self._check_completed_kept(name, work_id, item, mine, faulted)
+            result = item.outcome.result or ""
+            if any("\ud800" <= ch <= "\udfff" for ch in result):
+                self.violations.append(f"poison: {name}'s recorded result holds a lone surrogate")
+            if (
+                work_id in self.poisoned
+                and item.outcome.status is OutcomeStatus.COMPLETED
+                and "\ufffd" not in result
+            ):
+                self.violations.append(f"poison: {name}'s repaired result is missing")
             if len(mine) > item.attempts + 1:
                 self.violations.append(
                     f"attempts: {name}: {len(mine)} agent runs for {item.attempts} lost leases"
@@ -442,8 +488,15 @@ class _Run:
         lost = item.outcome.status is not OutcomeStatus.COMPLETED
         if lost:
             self.completed_not_recorded += 1
-        blameless = work_id not in faulted and not any(
-            pid in self.crashed_agents for _, _, pid, _ in ordered
+        margin = 2 * self.config.lease_ttl
+        blameless = (
+            work_id not in faulted
+            and not any(pid in self.crashed_agents for _, _, pid, _ in ordered)
+            and not any(
+                start < down_end + margin and down_start - margin < end
+                for start, end, _, _ in ordered
+                for down_start, down_end in self.restarts
+            )
         )
         if (rerun or lost) and blameless:
             what = "ran again" if rerun else f"ended {item.outcome.status.value}"
@@ -491,7 +544,8 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
     proxy: ChaosProxy | None = None
     try:
         async with trio.open_nursery() as nursery:
-            server, server_url = await run.start_server(nursery)
+            server, server_url = await run.start_server()
+            servers = [server]
             try:
                 port = int(server_url.rsplit(":", 1)[1])
                 proxy = ChaosProxy(
@@ -501,7 +555,8 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
                 await run.submit(server_url)
                 for number in range(config.workers):
                     await run.start_worker(f"w{number}", proxy_url)
-                await _drive(run, proxy, proxy_url, server_url, started)
+                await _drive(run, proxy, proxy_url, server_url, started, servers)
+                server = servers[-1]
                 await run.stop_workers()
                 for pid in _processes_mentioning(str(run.log)):
                     run.violations.append(f"orphan: agent process {pid} outlived its worker")
@@ -513,12 +568,15 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
                         if process.returncode is None:
                             process.kill()
                             await process.wait()
-                    server.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
-                        await server.wait()
-                    if server.returncode is None:
-                        server.kill()
-                        await server.wait()
+                    for server in servers:
+                        if server.returncode is not None:
+                            continue
+                        server.send_signal(signal.SIGTERM)
+                        with trio.move_on_after(10):
+                            await server.wait()
+                        if server.returncode is None:
+                            server.kill()
+                            await server.wait()
         store = SQLiteStore(root / "server" / STORE_FILENAME)
         try:
             items = store.list_work(DEFAULT_ENVIRONMENT_ID, now=time.time(), limit=1000)
@@ -547,6 +605,7 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
             refused_stops=run.refused_stops,
             reruns=run.reruns,
             completed_not_recorded=run.completed_not_recorded,
+            restarted=bool(run.restarts),
         )
     finally:
         if not config.keep:
@@ -555,12 +614,42 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
             shutil.rmtree(root, ignore_errors=True)
 
 
+async def _restart_server(run: _Run, servers: list[trio.Process], server_url: str) -> None:
+    """Stop the server (``SIGTERM``) and start it again on the same port and store."""
+    down = time.time()
+    old = servers[-1]
+    old.send_signal(signal.SIGTERM)
+    with trio.move_on_after(10):
+        await old.wait()
+    if old.returncode is None:
+        old.kill()
+        await old.wait()
+    port = int(server_url.rsplit(":", 1)[1])
+    for _ in range(50):  # the port may linger a moment
+        try:
+            new, _ = await run.start_server(port)
+        except RuntimeError:
+            await trio.sleep(0.1)
+            continue
+        servers.append(new)
+        break
+    else:
+        run.violations.append("restart: the server did not come back on its port")
+    run.restarts.append((down, time.time()))
+
+
 async def _drive(
-    run: _Run, proxy: ChaosProxy, proxy_url: str, server_url: str, started: float
+    run: _Run,
+    proxy: ChaosProxy,
+    proxy_url: str,
+    server_url: str,
+    started: float,
+    servers: list[trio.Process],
 ) -> None:
-    """Faults, the crash, calm, and the wait for every item to end."""
+    """Faults, the crash, a server restart, calm, and the wait for every item to end."""
     config = run.config
     crash_at = None if config.crash_after is None else started + config.crash_after
+    restart_at = None if config.restart_after is None else started + config.restart_after
     calm_at = started + config.fault_time
     give_up_at = started + config.time_limit
     async with HttpControlPlane.open(server_url, key=run.key, timeout=5.0) as plane:
@@ -573,9 +662,12 @@ async def _drive(
                 run.crashed_at = time.time()
                 await victim.wait()
                 await run.start_worker(f"w{config.workers}", proxy_url)
+            if restart_at is not None and now >= restart_at:
+                restart_at = None
+                await _restart_server(run, servers, server_url)
             if now >= calm_at or proxy.requests >= config.max_requests:
                 proxy.calm()
-            if crash_at is None and await run.all_ended(plane):
+            if crash_at is None and restart_at is None and await run.all_ended(plane):
                 return
             if now >= give_up_at:
                 return  # the check reports what did not end
@@ -616,6 +708,7 @@ async def _serve(args: argparse.Namespace) -> None:
 def _agent(args: argparse.Namespace) -> int:
     words = " ".join(args.prompt).split()
     seconds, code, log = float(words[0]), int(words[1]), words[2]
+    poison = words[3:4] == ["poison"]
     work_id = os.environ.get("SUPERVISOR_WORK_ID", "?")
 
     def record(event: str, **extra: object) -> None:
@@ -633,7 +726,9 @@ def _agent(args: argparse.Namespace) -> int:
     time.sleep(seconds)
     record("end", code=code)
     if code == 0:
-        print(json.dumps({"result": f"slept {seconds}"}), flush=True)
+        # ``poison``: a valid JSON escape that is not valid Unicode
+        result = f"slept {seconds}" + (" \\ud800" if poison else "")
+        print(f'{{"result": "{result}"}}', flush=True)  # raw JSON text, escape kept
     return code
 
 

@@ -155,3 +155,39 @@ async def test_forty_items_at_quarter_second_latency_complete_once_with_no_refus
     assert report.completed_not_recorded == 0
     assert report.agent_runs == 40
     assert report.attempts == (0,) * 40
+
+
+@pytest.mark.slow
+async def test_a_server_restart_and_poison_keep_every_invariant() -> None:
+    """The server is stopped and started again mid-run; a surrogate submit and results.
+
+    The submit holding a lone surrogate gets a 400 and changes nothing; the
+    agents printing one have their result recorded (repaired); listing over
+    HTTP keeps working (the run waits on it); every item ends once.
+    """
+    config = ChaosConfig(
+        seed=11,
+        items=9,
+        workers=2,
+        max_concurrency=3,
+        lease_ttl=3.0,
+        agent=f"{shlex.quote(sys.executable)} {shlex.quote(str(AGENT))} {{prompt}}",
+        agent_seconds=(0.5, 3.0),
+        crash_rate=0.0,
+        crash_after=None,
+        restart_after=2.0,
+        poison=True,
+        faults=ProxyFaults(
+            latency=(0.0, 0.02),
+            error_rate=0,
+            burst_rate=0,
+            drop_rate=0,
+            reset_rate=0,
+            truncate_rate=0,
+        ),
+        time_limit=90.0,
+    )
+    report = await run_chaos(config)
+    assert report.violations == (), report.describe()
+    assert report.outcomes == ("completed",) * 9
+    assert report.restarted
