@@ -65,6 +65,15 @@ The faults and how they are modelled
   0.8 x ttl deadline leaves before the control plane may hand the item to
   someone else). Working agents report progress every half ttl.
 * **Operator cancels**: ``request_stop`` on an item at a random instant.
+* **Control-plane restart**: every link refuses calls (connection refused) for
+  a while, and a call processed just before it loses its answer; the state
+  survives, as a durable store's does.
+* **Wall-clock step** of the control plane: backwards by up to two ttls (leases
+  last longer), or forwards by a sliver (a forward step eats into the margin
+  between the worker's deadline and the server's expiry; no worker can
+  defend against a larger one).
+* **Poison**: a submit holding a lone surrogate (it must be refused), and
+  agents whose result holds one (it must be recorded, repaired).
 
 Invariants
 ----------
@@ -85,6 +94,12 @@ Checked when an agent starts and ends, on every monitor tick, and at the end
   revoked key, kept going with one, or crashed with another exception.
 * ``stuck``: a worker did not stop within ``stop_timeout`` of being cancelled.
 * ``leak``: tasks, sessions or workspaces left behind once every worker stopped.
+* ``completed-lost``: a session that completed was lost or run again because
+  of the worker: its last final stop was refused for a stale token of its own
+  still-live lease, or nothing else (no fault of any kind on its link, no
+  restart, clock step, kill or cancel around it) can be blamed.
+* ``poison``: a lone surrogate was accepted, or the store holds text that
+  UTF-8 cannot encode.
 """
 
 from __future__ import annotations
