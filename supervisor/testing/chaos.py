@@ -65,7 +65,7 @@ from typing import BinaryIO, Final
 import attrs
 import trio
 
-from ..controlplane._embedded import STORE_FILENAME
+from ..controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._http import HttpControlPlane
 from ..controlplane._models import OutcomeStatus, WorkItem, WorkState
@@ -113,6 +113,11 @@ class ChaosConfig:
         poison: submit one request holding a lone surrogate (it must be
             refused with a 400 and change nothing), and let a third of the
             agents print a result holding one (it must be recorded, repaired).
+        clock_step: seconds the server's wall clock steps by (negative:
+            backwards), at ``clock_step_after`` seconds into the run (``None``:
+            never). A forward step larger than a fifth of the ttl lets the
+            server expire leases its holders still serve: no worker can
+            defend against that.
     """
 
     seed: int = 0
@@ -133,6 +138,8 @@ class ChaosConfig:
     keep: bool = False
     restart_after: float | None = None
     poison: bool = False
+    clock_step: float = 0.0
+    clock_step_after: float | None = None
 
 
 @attrs.frozen
@@ -156,6 +163,7 @@ class ChaosReport:
         completed_not_recorded: items with an agent run that finished with exit
             code 0 whose recorded outcome is not ``completed``.
         restarted: whether the server was restarted mid-run.
+        clock_stepped: whether the server's clock was stepped mid-run.
     """
 
     violations: tuple[str, ...]
@@ -172,6 +180,7 @@ class ChaosReport:
     reruns: int = 0
     completed_not_recorded: int = 0
     restarted: bool = False
+    clock_stepped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -261,8 +270,10 @@ class _Run:
         self.reruns = 0
         self.completed_not_recorded = 0
         self.poisoned: set[str] = set()
-        #: Wall-time windows in which the server was down for a restart.
+        #: Wall-time windows in which the server was down for a restart (or its clock stepped).
         self.restarts: list[tuple[float, float]] = []
+        self.clock_stepped = False
+        self.restarted = False
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
@@ -287,6 +298,8 @@ class _Run:
             str(config.max_attempts),
             "--port",
             str(port),
+            "--clock-step",
+            str(config.clock_step),
         ]
         with _log_file(self.root / "server.log", append=True) as errors:
             process = await trio.lowlevel.open_process(
@@ -605,7 +618,8 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
             refused_stops=run.refused_stops,
             reruns=run.reruns,
             completed_not_recorded=run.completed_not_recorded,
-            restarted=bool(run.restarts),
+            restarted=run.restarted,
+            clock_stepped=run.clock_stepped,
         )
     finally:
         if not config.keep:
@@ -636,6 +650,7 @@ async def _restart_server(run: _Run, servers: list[trio.Process], server_url: st
     else:
         run.violations.append("restart: the server did not come back on its port")
     run.restarts.append((down, time.time()))
+    run.restarted = True
 
 
 async def _drive(
@@ -650,6 +665,7 @@ async def _drive(
     config = run.config
     crash_at = None if config.crash_after is None else started + config.crash_after
     restart_at = None if config.restart_after is None else started + config.restart_after
+    step_at = None if config.clock_step_after is None else started + config.clock_step_after
     calm_at = started + config.fault_time
     give_up_at = started + config.time_limit
     async with HttpControlPlane.open(server_url, key=run.key, timeout=5.0) as plane:
@@ -662,12 +678,19 @@ async def _drive(
                 run.crashed_at = time.time()
                 await victim.wait()
                 await run.start_worker(f"w{config.workers}", proxy_url)
+            if step_at is not None and now >= step_at:
+                step_at = None
+                servers[-1].send_signal(signal.SIGUSR1)
+                stepped = time.time()
+                run.restarts.append((stepped, stepped))  # a clock step excuses too
+                run.clock_stepped = True
             if restart_at is not None and now >= restart_at:
                 restart_at = None
                 await _restart_server(run, servers, server_url)
             if now >= calm_at or proxy.requests >= config.max_requests:
                 proxy.calm()
-            if crash_at is None and restart_at is None and await run.all_ended(plane):
+            waiting = crash_at is not None or restart_at is not None or step_at is not None
+            if not waiting and await run.all_ended(plane):
                 return
             if now >= give_up_at:
                 return  # the check reports what did not end
@@ -689,16 +712,27 @@ async def _serve(args: argparse.Namespace) -> None:
         reclaim_older_than_ms=args.reclaim_ms,
     )
     store = SQLiteStore(state / STORE_FILENAME, lease_policy=policy)
+    offset = [0.0]  # SIGUSR1 steps the server's wall clock by --clock-step seconds
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    def plane(environment_id: str) -> EmbeddedControlPlane:
+        return EmbeddedControlPlane(store, environment_id=environment_id, clock=clock)
+
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(
                     functools.partial(
-                        serve_control_plane, store, host=args.host, port=args.port, key_provider=key
+                        serve_control_plane, plane, host=args.host, port=args.port, key_provider=key
                     )
                 )
                 print(url, flush=True)
-                async for _ in signals:
+                async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        offset[0] += args.clock_step
+                        continue
                     nursery.cancel_scope.cancel()
                     break
     finally:
@@ -751,6 +785,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ack-ttl", type=float, default=60.0)
     serve.add_argument("--reclaim-ms", type=int, default=30_000)
     serve.add_argument("--max-attempts", type=int, default=3)
+    serve.add_argument(
+        "--clock-step", type=float, default=0.0, help="seconds SIGUSR1 steps the clock by"
+    )
     agent = sub.add_parser("agent", help="the built-in chaos agent")
     agent.add_argument("prompt", nargs="+", help="SECONDS CODE LOGFILE")
     return parser

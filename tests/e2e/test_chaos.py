@@ -159,7 +159,7 @@ async def test_forty_items_at_quarter_second_latency_complete_once_with_no_refus
 
 @pytest.mark.slow
 async def test_a_server_restart_and_poison_keep_every_invariant() -> None:
-    """The server is stopped and started again mid-run; a surrogate submit and results.
+    """The server restarts mid-run, then its clock steps back; a surrogate submit and results.
 
     The submit holding a lone surrogate gets a 400 and changes nothing; the
     agents printing one have their result recorded (repaired); listing over
@@ -177,6 +177,8 @@ async def test_a_server_restart_and_poison_keep_every_invariant() -> None:
         crash_after=None,
         restart_after=2.0,
         poison=True,
+        clock_step=-6.0,  # back by two ttls: leases last longer, nothing may break
+        clock_step_after=4.0,
         faults=ProxyFaults(
             latency=(0.0, 0.02),
             error_rate=0,
@@ -190,4 +192,4 @@ async def test_a_server_restart_and_poison_keep_every_invariant() -> None:
     report = await run_chaos(config)
     assert report.violations == (), report.describe()
     assert report.outcomes == ("completed",) * 9
-    assert report.restarted
+    assert report.restarted and report.clock_stepped
