@@ -312,3 +312,10 @@ def test_poison_is_refused_at_submit_and_repaired_in_results() -> None:
     assert result.violations == ()
     assert result.outcomes == ("completed",) * 6
     assert any("poison submit refused" in line for line in result.trace)
+
+
+def test_cli_plants_the_stale_stop_bug(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--seeds", "60", "--plant-stale-stop"]) == 1
+    out = capsys.readouterr().out
+    assert "completed-lost" in out
+    assert "refused with a stale token of its own lease" in out
