@@ -87,6 +87,7 @@ def _segment(value: str, what: str) -> str:
     """Percent-encode one path segment; refuse what no route could match."""
     if not value:
         raise BadRequest(f"{what} must not be empty")
+    check_text(value, what)  # quote() would raise UnicodeEncodeError
     if "/" in value:
         raise BadRequest(f"{what} must not contain '/': {value!r}")
     return quote(value, safe="")

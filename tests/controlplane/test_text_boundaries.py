@@ -205,6 +205,9 @@ async def test_the_planes_refuse_a_lone_surrogate_before_any_write(
         lambda: plane.post_message(item.data.id, bad),
         lambda: plane.notify(item.data.id, bad),
         lambda: plane.delegate(item.data.id, bad),
+        lambda: plane.get(bad),
+        lambda: plane.heartbeat(item.id, expected_last_heartbeat=bad),
+        lambda: plane.poll(worker_id=bad),
     ]
     for call in calls:
         with pytest.raises(BadRequest, match="lone surrogate"):
