@@ -22,7 +22,15 @@ The numbers are the contract:
   passed: by then another worker may own the item.
 * a session that ended ``wedged`` is not stopped but given back with
   ``requeue`` (same fencing, same rule about lost leases), so the item goes
-  back to the queue at once for another try.
+  back to the queue at once for another try;
+* a heartbeat in flight when the session ends is waited for (shielded, within
+  its bound, so never past the deadline): the server may have minted a new
+  token for it, and a final stop with the old one would be refused and the
+  finished session run again;
+* a 412 that names the current token (the server does so only for a stale
+  token of the same lease: an answer we never got) is taken while our own
+  deadline holds, for the next heartbeat or the final stop. Before the
+  deadline the lease cannot have moved to anyone else.
 
 The guarantee relies on one property of the server: a renewal never makes a
 granted lease end earlier (a smaller ttl on a later beat takes effect only
