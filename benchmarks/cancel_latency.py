@@ -43,7 +43,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor._worker._process import SessionOutput, run_agent_process
+from supervisor._worker._process import run_agent_process
+from supervisor.lowlevel import SessionOutput
 
 AGENTS = Path(__file__).resolve().parents[1] / "tests" / "agents"
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}

@@ -30,10 +30,15 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor._worker._delegations import DelegationWatcher
 from supervisor._worker._journal import DelegationJournal
-from supervisor.controlplane import NO_HEARTBEAT, Delegation, DelegationStatus, Outcome
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    Delegation,
+    DelegationStatus,
+    EmbeddedControlPlane,
+    Outcome,
+)
+from supervisor.lowlevel import DelegationWatcher
 
 WORKER = "bench-worker"
 SOURCE = "bench-source"

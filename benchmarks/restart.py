@@ -134,6 +134,34 @@ async def supervised_respawn(restarts: int) -> tuple[float, float]:
     return timer.per(restarts)
 
 
+def triotp_available() -> bool:
+    """Whether triotp (0.3.1 needs Python 3.13) is importable here."""
+    try:
+        import logbook  # type: ignore[import-untyped]
+        import triotp  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return False
+    # triotp logs each restart as an ERROR with its traceback through logbook; send the
+    # records nowhere, as the ``supervisor`` logger's go to a NullHandler.
+    logbook.NullHandler().push_application()
+    return True
+
+
+async def triotp_respawn(restarts: int) -> tuple[float, float]:
+    """Seconds (wall, CPU) per restart of the same crashing TRANSIENT child under triotp."""
+    from triotp import supervisor as otp
+
+    child = Crasher(restarts)
+    specs = [
+        otp.child_spec(id="crasher", task=child, args=[], restart=otp.restart_strategy.TRANSIENT)
+    ]
+    with Timer() as timer:
+        # Returns once the child returned normally (TRANSIENT: no restart).
+        await otp.start(specs, otp.options(max_restarts=10**9, max_seconds=3600))
+    assert child.runs == restarts + 1
+    return timer.per(restarts)
+
+
 async def restart_rounds(restarts: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
     """Every variant once per round, interleaved, so drifts in load hit them all alike."""
     logger = logging.getLogger("supervisor")
@@ -143,6 +171,9 @@ async def restart_rounds(restarts: int, rounds: int) -> dict[str, list[tuple[flo
         "supervised": [],
         "supervised, no logs": [],
     }
+    with_triotp = triotp_available()
+    if with_triotp:
+        results["triotp"] = []
     for _ in range(rounds):
         results["bare"].append(await bare_respawn(restarts))
         results["bare, caught in task"].append(await bare_respawn_caught_in_task(restarts))
@@ -152,6 +183,8 @@ async def restart_rounds(restarts: int, rounds: int) -> dict[str, list[tuple[flo
             results["supervised, no logs"].append(await supervised_respawn(restarts))
         finally:
             logger.disabled = False
+        if with_triotp:
+            results["triotp"].append(await triotp_respawn(restarts))
     return results
 
 
@@ -264,6 +297,12 @@ async def main(profile: bool) -> None:
     row("  ratio silenced / bare", *ratio(quiet, bare))
     row("bare loop, exception caught inside the task", *us(in_task))
     row("  ratio Supervisor / this", *ratio(supervised, in_task))
+    if "triotp" in rounds:
+        triotp = medians(rounds["triotp"])
+        row("triotp 0.3.1 supervisor, same child", *us(triotp))
+        row("  triotp / Supervisor (target >= 3)", *ratio(triotp, supervised))
+    else:
+        row("triotp: not installed (Python 3.13: pip install triotp==0.3.1)", "-")
     print("-" * 72)
     latency = f"{statistics.median(latencies) * 1e3:.2f} ms"
     row("shutdown() to run() returning, depth 5, 100 leaves", latency)

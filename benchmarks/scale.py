@@ -63,13 +63,17 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import Worker
-from supervisor.controlplane import NO_HEARTBEAT, ControlPlane, LeasePolicy
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._models import HeartbeatResult, Outcome, WorkItem
-from supervisor.testing._scripted import ScriptedControlPlane
+from supervisor import AgentContext, Worker, WorkerConfig
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    ControlPlane,
+    EmbeddedControlPlane,
+    HeartbeatResult,
+    LeasePolicy,
+    Outcome,
+    WorkItem,
+)
+from supervisor.testing import ScriptedControlPlane
 
 
 class BeatCounter:

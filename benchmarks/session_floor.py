@@ -44,11 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from throughput import AGENT, Cpu, Round, bare_round
 
-from supervisor._base._lane import ThreadLane
-from supervisor._worker._agent import AgentRunner, AgentSpec
-from supervisor._worker._process import SessionOutput
-from supervisor.controlplane._models import NO_HEARTBEAT, Outcome, OutcomeStatus
-from supervisor.controlplane._store import SQLiteStore
+from supervisor import AgentSpec
+from supervisor.controlplane import NO_HEARTBEAT, Outcome, OutcomeStatus, SQLiteStore
+from supervisor.lowlevel import AgentRunner, SessionOutput, ThreadLane
 
 Call = Callable[[Callable[[], Any]], Awaitable[Any]]
 

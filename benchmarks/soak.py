@@ -33,11 +33,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import Worker
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._models import WorkState
+from supervisor import AgentContext, Worker, WorkerConfig
+from supervisor.controlplane import EmbeddedControlPlane, WorkState
 
 
 def rss_kib() -> int:

@@ -24,6 +24,9 @@ rate over the bare rate (the worker's target is >= 0.5).
   I/O thread, and its own supervisor with a lease keeper and a runner. A
   second worker row runs the store calls in the event-loop thread
   (``threaded=False``) to show what the thread hand-over costs.
+* **without its reaper**: the threaded worker row with ``agent_reaper=False``:
+  what telling the reaper process about each agent (three short pipe writes,
+  and its ``/proc`` walks) costs, against the worker row above it.
 * **no-op**: the threaded worker row with an in-process agent that returns at
   once: everything a session costs except the process. Its rate is the
   worker's ceiling on this machine whatever the agent.
@@ -66,12 +69,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor._worker._agent import AgentRunner, AgentSpec
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._process import SessionOutput
-from supervisor._worker._worker import Worker
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._models import HeartbeatResult, Outcome, WorkItem
+from supervisor import AgentSpec, Worker, WorkerConfig
+from supervisor.controlplane import EmbeddedControlPlane, HeartbeatResult, Outcome, WorkItem
+from supervisor.lowlevel import AgentRunner, SessionOutput
 
 AGENT = "/bin/true"
 
@@ -292,6 +292,7 @@ async def worker_round(
     timed: bool = False,
     profiler: cProfile.Profile | None = None,
     in_process: bool = False,
+    reaper: bool = True,
 ) -> WorkerRound:
     """``items`` sessions through a worker, queued before it starts; timed from ready to done."""
     plane = CountingPlane(directory / "cp.sqlite3", items, threaded=threaded, timed=timed)
@@ -307,6 +308,7 @@ async def worker_round(
             api_enabled=False,
             worker_id="bench",
             drain_timeout=5.0,
+            agent_reaper=reaper,
         )
         worker = Worker(config, control_plane=plane, agent=no_op if in_process else None)
         async with trio.open_nursery() as nursery:
@@ -411,6 +413,7 @@ ROWS = (
     ("agent", "agent layer loop (AgentRunner.run, no worker)"),
     ("worker", "worker, embedded SQLite (threaded store calls)"),
     ("inline", "worker, embedded SQLite (store calls inline)"),
+    ("no-reaper", "worker, threaded, without its reaper (§3.8)"),
     ("no-op", "worker, in-process no-op agent (no process)"),
 )
 
@@ -423,14 +426,20 @@ async def run(args: argparse.Namespace) -> None:
         results["bare"].append(await bare_round(items, concurrency))
         with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp:
             results["agent"].append(await agent_round(items, concurrency, Path(tmp)))
-        for key, threaded, in_process in (
-            ("worker", True, False),
-            ("inline", False, False),
-            ("no-op", True, True),
+        for key, threaded, in_process, reaper in (
+            ("worker", True, False, True),
+            ("inline", False, False, True),
+            ("no-reaper", True, False, False),
+            ("no-op", True, True, True),
         ):
             with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp:
                 result = await worker_round(
-                    items, concurrency, Path(tmp), threaded=threaded, in_process=in_process
+                    items,
+                    concurrency,
+                    Path(tmp),
+                    threaded=threaded,
+                    in_process=in_process,
+                    reaper=reaper,
                 )
             results[key].append(result)
             completed.add(result.completed)

@@ -1,9 +1,25 @@
 """trio-supervisor: a Trio structured-concurrency supervisor for self-hosted agent workers.
 
-The public surface is re-exported here; modules with a leading underscore are private.
+This module holds what an application embedding the supervision tree or the
+worker uses day to day. The worker's machinery (poller, lease keeper,
+presence, wedge detection, workspaces, the agent runner) is in
+`supervisor.lowlevel`, as Trio keeps its own in ``trio.lowlevel``; the control
+plane's protocol, models, stores and HTTP-status errors are in
+`supervisor.controlplane`; fakes for tests are in `supervisor.testing`. Modules
+with a leading underscore are private.
+
+The tree's names load with the package (they need only Trio and attrs). The
+worker's and the control plane's load on first use, so an application that
+only runs a tree never imports the HTTP client, the server or the metrics
+libraries the worker brings.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
 from ._base._exceptions import ConfigError as ConfigError, SupervisorError as SupervisorError
+from ._base._lazy import lazy_attributes as _lazy_attributes
 from ._tree._events import (
     ChildCounts as ChildCounts,
     ChildExit as ChildExit,
@@ -35,68 +51,45 @@ from ._tree._supervisor import (
     open_supervisor as open_supervisor,
 )
 from ._version import __version__ as __version__
-from ._worker._agent import (
-    AgentContext as AgentContext,
-    AgentRunner as AgentRunner,
-    AgentSpec as AgentSpec,
-    EnvPolicy as EnvPolicy,
-)
-from ._worker._config import WorkerConfig as WorkerConfig
-from ._worker._delegations import (
-    DelegationWatcher as DelegationWatcher,
-    WatcherStats as WatcherStats,
-)
-from ._worker._inbox import Inbox as Inbox, InboxClosed as InboxClosed, InboxEntry as InboxEntry
-from ._worker._lease import Lease as Lease, LeaseKeeper as LeaseKeeper, LeaseLost as LeaseLost
-from ._worker._poller import ClaimGate as ClaimGate, Poller as Poller, Slot as Slot
-from ._worker._presence import Presence as Presence, RequestCounter as RequestCounter
-from ._worker._process import AgentResult as AgentResult, SessionOutput as SessionOutput
-from ._worker._threaded import (
-    ResultTimeout as ResultTimeout,
-    ThreadedWorker as ThreadedWorker,
-    WorkCancelled as WorkCancelled,
-    WorkHandle as WorkHandle,
-)
-from ._worker._wedge import (
-    WedgeBreaker as WedgeBreaker,
-    WedgeDetector as WedgeDetector,
-    WedgeState as WedgeState,
-)
-from ._worker._worker import (
-    Worker as Worker,
-    WorkerStats as WorkerStats,
-    open_worker as open_worker,
-)
-from ._worker._workspace import (
-    WorkspaceError as WorkspaceError,
-    WorkspaceManager as WorkspaceManager,
-)
-from .controlplane._exceptions import (
-    BadRequest as BadRequest,
-    Conflict as Conflict,
-    ControlPlaneError as ControlPlaneError,
-    ControlPlaneUnavailable as ControlPlaneUnavailable,
-    FatalError as FatalError,
-    FencingConflict as FencingConflict,
-    Gone as Gone,
-    NotFound as NotFound,
-    TransientError as TransientError,
-    Unauthorized as Unauthorized,
-)
-from .controlplane._session_client import (
-    SessionClient as SessionClient,
-    SessionCredentials as SessionCredentials,
-    open_session_client as open_session_client,
-)
+
+if TYPE_CHECKING:
+    from ._worker._agent import (
+        AgentContext as AgentContext,
+        AgentSpec as AgentSpec,
+        EnvPolicy as EnvPolicy,
+    )
+    from ._worker._config import WorkerConfig as WorkerConfig
+    from ._worker._inbox import Inbox as Inbox, InboxClosed as InboxClosed, InboxEntry as InboxEntry
+    from ._worker._lease import LeaseLost as LeaseLost
+    from ._worker._metrics import WorkerStats as WorkerStats
+    from ._worker._threaded import (
+        ResultTimeout as ResultTimeout,
+        ThreadedWorker as ThreadedWorker,
+        WorkCancelled as WorkCancelled,
+        WorkHandle as WorkHandle,
+    )
+    from ._worker._wedge import WedgeState as WedgeState
+    from ._worker._worker import Worker as Worker, open_worker as open_worker
+    from ._worker._workspace import WorkspaceError as WorkspaceError
+    from .controlplane._exceptions import (
+        ControlPlaneError as ControlPlaneError,
+        ControlPlaneUnavailable as ControlPlaneUnavailable,
+        FatalError as FatalError,
+        TransientError as TransientError,
+    )
+    from .controlplane._session_client import (
+        SessionClient as SessionClient,
+        SessionCredentials as SessionCredentials,
+        open_session_client as open_session_client,
+    )
 
 __all__ = [
-    "AgentContext",
-    "AgentResult",
-    "AgentRunner",
-    "AgentSpec",
+    # The base: every error the package raises on purpose derives from SupervisorError.
+    "ConfigError",
+    "SupervisorError",
+    # The supervision tree: specs, the supervisor, its snapshots, events and errors.
     "AutoShutdown",
     "Backoff",
-    "BadRequest",
     "ChildContext",
     "ChildCounts",
     "ChildExit",
@@ -105,48 +98,28 @@ __all__ = [
     "ChildSpec",
     "ChildStartError",
     "ChildState",
-    "ClaimGate",
-    "ConfigError",
-    "Conflict",
-    "ControlPlaneError",
-    "ControlPlaneUnavailable",
-    "DelegationWatcher",
-    "EnvPolicy",
     "EventKind",
     "ExitKind",
-    "FatalError",
-    "FencingConflict",
-    "Gone",
-    "Inbox",
-    "InboxClosed",
-    "InboxEntry",
-    "Lease",
-    "LeaseKeeper",
-    "LeaseLost",
-    "NotFound",
-    "Poller",
-    "Presence",
-    "RequestCounter",
     "Restart",
     "RestartIntensityExceeded",
-    "ResultTimeout",
-    "SessionClient",
-    "SessionCredentials",
-    "SessionOutput",
     "Shutdown",
-    "Slot",
     "Strategy",
     "Supervisor",
-    "SupervisorError",
     "SupervisorEvent",
     "SupervisorSnapshot",
     "SupervisorSpec",
+    "current_child",
+    "open_supervisor",
+    # The worker: configuration, the Trio and threaded facades, what an agent is given.
+    "AgentContext",
+    "AgentSpec",
+    "EnvPolicy",
+    "Inbox",
+    "InboxClosed",
+    "InboxEntry",
+    "LeaseLost",
+    "ResultTimeout",
     "ThreadedWorker",
-    "TransientError",
-    "Unauthorized",
-    "WatcherStats",
-    "WedgeBreaker",
-    "WedgeDetector",
     "WedgeState",
     "WorkCancelled",
     "WorkHandle",
@@ -154,9 +127,40 @@ __all__ = [
     "WorkerConfig",
     "WorkerStats",
     "WorkspaceError",
-    "WorkspaceManager",
-    "current_child",
-    "open_session_client",
-    "open_supervisor",
     "open_worker",
+    # The control plane, as an embedder meets it: the errors worth catching, and
+    # the client an agent uses to delegate (the rest is in supervisor.controlplane).
+    "ControlPlaneError",
+    "ControlPlaneUnavailable",
+    "FatalError",
+    "SessionClient",
+    "SessionCredentials",
+    "TransientError",
+    "open_session_client",
 ]
+
+#: The names loaded on first use, by the module that defines them.
+_LAZY: Final[dict[str, str]] = {
+    **dict.fromkeys(("AgentContext", "AgentSpec", "EnvPolicy"), "._worker._agent"),
+    "WorkerConfig": "._worker._config",
+    **dict.fromkeys(("Inbox", "InboxClosed", "InboxEntry"), "._worker._inbox"),
+    "LeaseLost": "._worker._lease",
+    **dict.fromkeys(
+        ("ResultTimeout", "ThreadedWorker", "WorkCancelled", "WorkHandle"), "._worker._threaded"
+    ),
+    "WedgeState": "._worker._wedge",
+    "WorkerStats": "._worker._metrics",
+    **dict.fromkeys(("Worker", "open_worker"), "._worker._worker"),
+    "WorkspaceError": "._worker._workspace",
+    **dict.fromkeys(
+        ("ControlPlaneError", "ControlPlaneUnavailable", "FatalError", "TransientError"),
+        ".controlplane._exceptions",
+    ),
+    **dict.fromkeys(
+        ("SessionClient", "SessionCredentials", "open_session_client"),
+        ".controlplane._session_client",
+    ),
+}
+
+if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all attribute
+    __getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)

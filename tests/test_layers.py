@@ -143,3 +143,83 @@ def test_a_planted_wrong_way_import_is_caught(module: str, source: str) -> None:
 )
 def test_a_downward_import_passes(module: str, source: str) -> None:
     assert violations(source, module) == []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (every import, lazy ones included).
+
+    ``from .x import name`` counts as an import of ``x`` (and of ``x.name`` when that
+    is a module); a package's ``__init__`` counts as its own module.
+    """
+    names = {module_name(path)[0] for path in all_modules()}
+    graph: dict[str, set[str]] = {}
+    for path in all_modules():
+        name, is_package = module_name(path)
+        source = path.read_text(encoding="utf-8")
+        targets = {target for _, target in imported_modules(source, name, is_package)}
+        graph[name] = {t for t in targets if t in names and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted.
+
+    A package importing its own submodules (``__init__`` re-exporting them) is not a
+    cycle for this purpose: those edges are left out, since a submodule importing
+    its package's ``__init__`` would be the real mistake, and it is kept.
+    """
+    edges = {
+        module: {t for t in targets if not t.startswith(module + ".")}
+        for module, targets in graph.items()
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(edges.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def test_the_package_has_no_import_cycles() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_a_planted_cycle_is_found_including_a_lazy_import() -> None:
+    graph = {
+        "supervisor._worker._a": {"supervisor._worker._b"},
+        "supervisor._worker._b": {"supervisor._worker._c"},
+        "supervisor._worker._c": {"supervisor._worker._a"},
+        "supervisor._worker._d": {"supervisor._worker._a"},
+    }
+    assert cycles(graph) == [
+        ["supervisor._worker._a", "supervisor._worker._b", "supervisor._worker._c"]
+    ]
+    lazy = "def f():\n    from ._a import thing\n"
+    assert "supervisor._worker._a" in {
+        target for _, target in imported_modules(lazy, "supervisor._worker._b", False)
+    }

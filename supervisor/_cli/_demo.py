@@ -34,11 +34,11 @@ from .._worker._config import WorkerConfig
 from .._worker._worker import Worker
 from ..controlplane._exceptions import Conflict
 from ..controlplane._models import Outcome, OutcomeStatus
+from ._common import PROG
 from ._status_view import duration_text, tree_renderable
 
 __all__ = ["cli_demo", "run_tour"]
 
-_PROG: Final = "python -m supervisor"
 #: Upper bound for any one wait; the tour fails loudly rather than hanging.
 _STEP_TIMEOUT: Final = 60.0
 #: How long the wedge step waits for the worker to notice the wedge.
@@ -175,7 +175,7 @@ class _Tour:
     async def normal_sessions(self) -> None:
         self.step(
             "Three sessions",
-            f"Three items are queued, as `{_PROG} submit PROMPT` would queue them.",
+            f"Three items are queued, as `{PROG} submit PROMPT` would queue them.",
         )
         ids = [
             await self.submit(p)
@@ -261,7 +261,7 @@ class _Tour:
             "wedged, so /health says degraded and the poller claims only a probe now and then."
         )
         await self._stop_item(item_id)  # it would only wedge again; the probe should succeed
-        self.say(f"  (the wedging item is cancelled: {_PROG} cancel {item_id})")
+        self.say(f"  (the wedging item is cancelled: {PROG} cancel {item_id})")
         recovery_id = await self.submit("a plain task, to probe")
         self.show_outcome(recovery_id, await self.worker.wait(recovery_id))
         await self.until(lambda: not self.worker.wedge.is_wedged, "the wedge to clear")
@@ -284,7 +284,7 @@ class _Tour:
         item_id = await self.submit("hang until someone cancels")
         await self.until(lambda: self.running(item_id), "the hanging session to start")
         await trio.sleep(1.0)
-        self.say(f"  {_PROG} cancel --state-dir {self.state} {item_id}")
+        self.say(f"  {PROG} cancel --state-dir {self.state} {item_id}")
         await self.worker.control_plane.request_stop(item_id)
         self.show_outcome(item_id, await self.worker.wait(item_id))
         self.notice(
@@ -346,7 +346,7 @@ class _Tour:
         self.notice(
             "/health answers 200 only while its status is 'ok' (503 when degraded or "
             "draining); /metrics is the Prometheus text format; /status is the live tree as "
-            f"JSON, which `{_PROG} status` draws."
+            f"JSON, which `{PROG} status` draws."
         )
         await self.breathe()
 
@@ -391,7 +391,7 @@ async def run_tour(state_dir: Path, console: Console, *, pause: float = 1.0) -> 
         "max_concurrency": 3,
         "lease_ttl": 3.0,
         "poll_block_ms": 200,
-        "agent_grace": 1.0,
+        "agent_grace": 0.5,
         "drain_timeout": 15.0,
         # Minutes in production, seconds in a one-minute tour:
         "probe_interval": 2.0,
@@ -440,7 +440,7 @@ def _log_to_file(path: Path) -> None:
 def cli_demo(args: argparse.Namespace) -> int:
     """``python -m supervisor demo``: returns 0 after the tour, 1 if a step failed."""
     if not args.pause >= 0:
-        print(f"{_PROG} demo: error: --pause must be >= 0, got {args.pause}")
+        print(f"{PROG} demo: error: --pause must be >= 0, got {args.pause}")
         return 2
     state = Path(tempfile.mkdtemp(prefix="supervisor-demo-"))
     console = Console(highlight=False)
@@ -471,10 +471,10 @@ def cli_demo(args: argparse.Namespace) -> int:
     console.print()
     console.print(Rule("[bold]Your turn", align="left"))
     console.print(
-        f"  {_PROG}                    run a worker in ./.supervisor\n"
-        f'  {_PROG} submit "a task"    queue work (another terminal)\n'
-        f"  {_PROG} status             the tree, the workers, the queue\n"
-        f"  {_PROG} --help             every command and setting"
+        f"  {PROG}                    run a worker in ./.supervisor\n"
+        f'  {PROG} submit "a task"    queue work (another terminal)\n'
+        f"  {PROG} status             the tree, the workers, the queue\n"
+        f"  {PROG} --help             every command and setting"
     )
     if args.keep:
         console.print(f"  the demo's state is kept in {state}")

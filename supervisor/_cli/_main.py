@@ -27,20 +27,22 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 
+from .._base._describe import describe_exception
 from .._base._exceptions import ConfigError
 from .._base._logging import configure_logging
 from .._tree._exceptions import ChildStartError, RestartIntensityExceeded
-from .._worker._config import DEFAULT_AGENT, WorkerConfig
+from .._worker._config import DEFAULT_AGENT, WorkerConfig, agent_text
 from ..controlplane._exceptions import Conflict, ControlPlaneError, NotFound
 from ..controlplane._models import WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
+from ._common import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE, PROG
 from ._settings import (
     config_from_layers,
     config_path_from_environment,
@@ -48,13 +50,11 @@ from ._settings import (
     read_toml,
 )
 
+if TYPE_CHECKING:
+    from .._worker._worker import Worker
+
 __all__ = ["EXIT_GAVE_UP", "EXIT_OK", "EXIT_USAGE", "build_parser", "load_config", "main"]
 
-EXIT_OK: Final = 0
-EXIT_GAVE_UP: Final = 1
-EXIT_USAGE: Final = 2
-
-_PROG: Final = "python -m supervisor"
 #: The run loop's own notices (signals, the final summary) go through logging, so that
 #: ``--log-format json`` output stays one JSON object per line.
 logger = logging.getLogger("supervisor.cli")
@@ -129,9 +129,13 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control-plane",
         metavar="URL",
+        action="append",
         help="use the control plane served at URL (python -m supervisor serve) instead of "
         "the embedded one; its key comes from SUPERVISOR_ENVIRONMENT_KEY or, better, "
-        "SUPERVISOR_ENVIRONMENT_KEY_FILE (never from a flag: flags show up in ps)",
+        "SUPERVISOR_ENVIRONMENT_KEY_FILE (never from a flag: flags show up in ps). Repeat "
+        "the flag (or comma-separate) to name several replicas, tried in turn. A "
+        "postgresql://... URL uses the fleet database directly (password from "
+        "SUPERVISOR_DATABASE_URL_FILE or PGPASSFILE)",
     )
     parser.add_argument(
         "--environment-id",
@@ -159,7 +163,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CMD",
         help='the agent command, e.g. "claude -p {prompt} --output-format json": split like '
         "a shell but never run by one; {prompt}, {work_id} and {session_id} are substituted "
-        "in each argument; or package.module:function for an in-process async agent "
+        "in each argument; or package.module:function for an in-process async agent; "
+        "in a TOML file it may also be a list of the arguments, never split "
         "(default: the built-in demo agent)",
     )
     parser.add_argument(
@@ -170,11 +175,29 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "allowlist otherwise, and never the environment key",
     )
     parser.add_argument(
+        "--agent-user",
+        metavar="USER",
+        help="run agents as this user (name or uid; the worker must run as root), so they "
+        "can read neither the worker's environment nor its key file",
+    )
+    parser.add_argument(
+        "--agent-group",
+        metavar="GROUP",
+        help="the agents' group with --agent-user (default: the user's primary group)",
+    )
+    parser.add_argument(
+        "--session-log-max-bytes",
+        type=int,
+        metavar="N",
+        help="the most one session's log may take on disk; it is rotated once at half of it "
+        f"(default: {_default('session_log_max_bytes')})",
+    )
+    parser.add_argument(
         "--agent-grace",
         type=float,
         metavar="S",
-        help="seconds an agent gets between SIGTERM and SIGKILL when it is stopped "
-        f"(default: {_default('agent_grace')})",
+        help="seconds an agent gets between SIGTERM and SIGKILL when it is stopped; "
+        "must be under 0.2 x the lease ttl (default: 5, or 0.15 x the lease ttl if less)",
     )
     parser.add_argument(
         "--workspace",
@@ -246,10 +269,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (one sub-parser per command)."""
     from .._version import __version__
-    from ..controlplane._server import add_serve_arguments
+    from ._serve import add_serve_arguments
 
     parser = argparse.ArgumentParser(
-        prog=_PROG,
+        prog=PROG,
         description="A Trio supervisor for self-hosted agent workers: it claims work items "
         "from a control plane, keeps each item's lease alive, runs an agent per item in its "
         "own workspace, and records how each session ended.\n\n"
@@ -336,6 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(serve)
 
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring a PostgreSQL control-plane database's schema up to date",
+        description="Apply the pending schema migrations of the fleet database at URL, under "
+        "an advisory lock (safe while replicas start). serve and run migrate on start too; "
+        "this is for doing it ahead of a rollout. The password comes from "
+        "SUPERVISOR_DATABASE_URL_FILE or PGPASSFILE.",
+        formatter_class=_Formatter,
+    )
+    migrate.add_argument(
+        "--control-plane",
+        "--database",
+        dest="database",
+        metavar="URL",
+        required=True,
+        help="the database (postgresql://...)",
+    )
+
     demo = sub.add_parser(
         "demo",
         help="a guided tour of about a minute",
@@ -356,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to pause between steps, to read (default: %(default)s)",
     )
-    from ..controlplane._session_client import add_delegate_arguments
+    from ._delegate import add_delegate_arguments
 
     delegate = sub.add_parser(
         "delegate",
@@ -383,6 +424,8 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     layer = {name: value for name, value in vars(args).items() if name in names}
     if layer.get("agent_env") is not None:
         layer["agent_env"] = tuple(layer["agent_env"])
+    if isinstance(layer.get("control_plane"), list):  # --control-plane repeated
+        layer["control_plane"] = ",".join(layer["control_plane"])
     return layer
 
 
@@ -399,7 +442,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None)
 
 
 def _error(message: str) -> int:
-    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -449,7 +492,13 @@ def cli_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     configure_logging(config.log_format, secrets=_secrets(config))
     from .._worker._api import check_api_address
+    from .._worker._protect import hide_secrets, warn_if_readable
     from .._worker._worker import Worker
+
+    # The configuration is read: nothing needs the key in the environment any more,
+    # and an agent must not find it in /proc/$PPID/environ.
+    hide_secrets()
+    warn_if_readable(config.environment_key_file)
 
     if config.api_enabled:
         check_api_address(config.api_host, config.api_port)
@@ -465,36 +514,45 @@ def cli_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _error(str(exc))
     except RestartIntensityExceeded as exc:
-        print(f"{_PROG}: the supervisor gave up: {exc}", file=sys.stderr)
+        print(f"{PROG}: the supervisor gave up: {exc}", file=sys.stderr)
         return EXIT_GAVE_UP
     except ChildStartError as exc:
         cause = _config_cause(exc)
         if cause is not None:
             return _error(str(cause))
-        print(f"{_PROG}: the worker could not start: {exc}", file=sys.stderr)
+        print(f"{PROG}: the worker could not start: {exc}", file=sys.stderr)
         return EXIT_GAVE_UP
     except ControlPlaneError as exc:
         if not started:
             return _error(f"cannot use the control plane: {exc}")
-        print(f"{_PROG}: the supervisor gave up: {exc}", file=sys.stderr)
+        print(f"{PROG}: the supervisor gave up: {exc}", file=sys.stderr)
         return EXIT_GAVE_UP
     return EXIT_OK
 
 
-def _banner(worker: Any, config: WorkerConfig) -> str:
+def _shown(target: str | None) -> str:
+    """A control-plane setting as it may be printed: a database password never is."""
+    from ..controlplane._store._dburl import is_postgres_url, redact
+
+    if target is None:
+        return ""
+    return redact(target) if is_postgres_url(target) else target
+
+
+def _banner(worker: Worker, config: WorkerConfig) -> str:
     state = config.state_dir.absolute()
     if config.embedded:
         where = f"the embedded control plane in {state}"
         target = "" if config.state_dir == Path(".supervisor") else f" --state-dir {state}"
     else:
-        where = f"the control plane at {config.control_plane}"
-        target = f" --control-plane {config.control_plane}"
+        where = f"the control plane at {_shown(config.control_plane)}"
+        target = f" --control-plane {_shown(config.control_plane)}"
     if config.environment_id != "default":
         target += f" --environment-id {config.environment_id}"
     agent = (
         "the built-in demo agent (prompt words crash, hang, wedge, slow make it misbehave)"
         if config.agent == DEFAULT_AGENT
-        else config.agent
+        else agent_text(config.agent)
     )
     api = worker.api_url or "off (--no-api)"
     return "\n".join(
@@ -509,9 +567,9 @@ def _banner(worker: Any, config: WorkerConfig) -> str:
             f"  session logs:  {state / 'logs'}",
             f"  local API:     {api}" + ("  (/health /metrics /status)" if worker.api_url else ""),
             "Try, from another terminal in this directory:",
-            f'  {_PROG} submit{target} "describe this repository"',
-            f"  {_PROG} status{target}",
-            f"  {_PROG} cancel{target} ITEM_ID",
+            f'  {PROG} submit{target} "describe this repository"',
+            f"  {PROG} status{target}",
+            f"  {PROG} cancel{target} ITEM_ID",
             f"Stop with Ctrl-C: running sessions get {config.drain_timeout:g}s to finish; "
             "a second Ctrl-C cancels them.",
         ]
@@ -519,7 +577,7 @@ def _banner(worker: Any, config: WorkerConfig) -> str:
 
 
 async def _run_until_signalled(
-    worker: Any, config: WorkerConfig, on_started: Callable[[], None]
+    worker: Worker, config: WorkerConfig, on_started: Callable[[], None]
 ) -> None:
     """Run the worker; the first signal drains it, the second cancels its sessions.
 
@@ -535,7 +593,7 @@ async def _run_until_signalled(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
-                async def run_worker(*, task_status: trio.TaskStatus[None]) -> None:
+                async def run_worker(*, task_status: trio.TaskStatus[Worker]) -> None:
                     try:
                         with worker_scope:
                             await worker.run(task_status=task_status)
@@ -588,36 +646,11 @@ def _target_config(args: argparse.Namespace) -> WorkerConfig:
     return config
 
 
-@contextlib.asynccontextmanager
-async def _open_target(config: WorkerConfig) -> AsyncIterator[ControlPlane]:
-    if config.embedded:
-        from ..controlplane._embedded import open_embedded_control_plane
-
-        async with open_embedded_control_plane(
-            config.state_dir, environment_id=config.environment_id
-        ) as plane:
-            yield plane
-        return
-    from ..controlplane._http import HttpControlPlane
-    from ..controlplane._keys import FileKey, KeyProvider, StaticKey
-
-    key: KeyProvider
-    if config.environment_key_file is not None:
-        key = FileKey(config.environment_key_file)
-        key.current()  # an unreadable file is a clear ConfigError now, not a 401 later
-    elif config.environment_key:
-        key = StaticKey(config.environment_key)
-    else:
-        raise ConfigError(
-            "--control-plane needs the environment key: set SUPERVISOR_ENVIRONMENT_KEY_FILE "
-            "(a file holding it) or SUPERVISOR_ENVIRONMENT_KEY",
-            key="environment_key",
-        )
-    assert config.control_plane is not None
-    async with HttpControlPlane.open(
-        config.control_plane, environment_id=config.environment_id, key=key
-    ) as plane:
-        yield plane
+def _open_target(config: WorkerConfig) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+    return config.open_control_plane(
+        missing_key="--control-plane needs the environment key: set "
+        "SUPERVISOR_ENVIRONMENT_KEY_FILE (a file holding it) or SUPERVISOR_ENVIRONMENT_KEY",
+    )
 
 
 def _store_missing(config: WorkerConfig) -> bool:
@@ -637,7 +670,7 @@ def _run_one_shot(action: Callable[[], Awaitable[int]]) -> int:
         return trio.run(bounded)
     except trio.TooSlowError:
         print(
-            f"{_PROG}: error: no answer from the control plane within {_ONE_SHOT_TIMEOUT:g}s",
+            f"{PROG}: error: no answer from the control plane within {_ONE_SHOT_TIMEOUT:g}s",
             file=sys.stderr,
         )
         return EXIT_GAVE_UP
@@ -646,7 +679,7 @@ def _run_one_shot(action: Callable[[], Awaitable[int]]) -> int:
     except NotFound as exc:
         return _error(str(exc))
     except ControlPlaneError as exc:
-        print(f"{_PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {describe_exception(exc)}", file=sys.stderr)
         return EXIT_GAVE_UP
 
 
@@ -667,7 +700,7 @@ def cli_submit(args: argparse.Namespace) -> int:
             item = await plane.submit(args.prompt, metadata=metadata)
         print(item.id, flush=True)
         if sys.stderr.isatty():
-            _say(f"queued; follow it with: {_PROG} status{_target_flags(args)}")
+            _say(f"queued; follow it with: {PROG} status{_target_flags(args)}")
         return EXIT_OK
 
     return _run_one_shot(action)
@@ -677,8 +710,10 @@ def _target_flags(args: argparse.Namespace) -> str:
     flags = ""
     for name in ("state_dir", "control_plane", "environment_id"):
         value = getattr(args, name, None)
+        if isinstance(value, list):
+            value = ",".join(value)
         if value is not None:
-            flags += f" --{name.replace('_', '-')} {value}"
+            flags += f" --{name.replace('_', '-')} {_shown(str(value))}"
     return flags
 
 
@@ -771,7 +806,7 @@ async def _live_worker(config: WorkerConfig) -> tuple[dict[str, Any] | None, str
     if info is None:
         return None, (
             f"No worker's local API in {config.state_dir.absolute()} (no {API_FILENAME}): "
-            f"no worker runs here, or it runs with --no-api. Start one with: {_PROG}"
+            f"no worker runs here, or it runs with --no-api. Start one with: {PROG}"
         )
     if not info.process_alive():
         return None, (
@@ -792,7 +827,7 @@ async def _status_document(config: WorkerConfig, limit: int) -> dict[str, Any]:
     worker, note = await _live_worker(config)
     document: dict[str, Any] = {
         "state_dir": str(config.state_dir.absolute()),
-        "control_plane": config.control_plane or "embedded",
+        "control_plane": _shown(config.control_plane) if config.control_plane else "embedded",
         "environment_id": config.environment_id,
         "worker": worker,
         "worker_note": note or None,
@@ -803,7 +838,7 @@ async def _status_document(config: WorkerConfig, limit: int) -> dict[str, Any]:
     if _store_missing(config):
         document["hint"] = (
             f"Nothing here yet: no work was submitted to {config.state_dir.absolute()}. "
-            f'Try: {_PROG} submit "a task"'
+            f'Try: {PROG} submit "a task"'
         )
         return document
     async with _open_target(config) as plane:
@@ -868,8 +903,8 @@ def cli_status(args: argparse.Namespace) -> int:
 
 
 def cli_serve(args: argparse.Namespace) -> int:
-    """``serve``: see ``supervisor.controlplane._server.cli_serve``."""
-    from ..controlplane._server import cli_serve as serve
+    """``serve``: see ``supervisor._cli._serve``."""
+    from ._serve import cli_serve as serve
 
     return serve(args)
 
@@ -882,10 +917,32 @@ def cli_demo(args: argparse.Namespace) -> int:
 
 
 def cli_delegate(args: argparse.Namespace) -> int:
-    """``delegate``: see ``supervisor._session_client``."""
-    from ..controlplane._session_client import cli_delegate as delegate
+    """``delegate``: see ``supervisor._cli._delegate``."""
+    from ._delegate import cli_delegate as delegate
 
     return delegate(args)
+
+
+def cli_migrate(args: argparse.Namespace) -> int:
+    """``python -m supervisor migrate``: apply pending migrations; exit 1 if it cannot."""
+    from ..controlplane._store._dburl import is_postgres_url, resolve_database_url
+
+    if not is_postgres_url(args.database):
+        return _error("migrate needs a postgresql:// URL")
+    from ..controlplane._store._postgres import migrate
+
+    try:
+        url = resolve_database_url(args.database)
+        found, now = migrate(url)
+    except ControlPlaneError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    where = url.display
+    if found == now:
+        print(f"{where}: control-plane schema already at version {now}")
+    else:
+        print(f"{where}: control-plane schema migrated from version {found} to {now}")
+    return 0
 
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -894,6 +951,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cli_status,
     "cancel": cli_cancel,
     "serve": cli_serve,
+    "migrate": cli_migrate,
     "demo": cli_demo,
     "delegate": cli_delegate,
 }

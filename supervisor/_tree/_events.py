@@ -11,6 +11,8 @@ from typing import Any
 
 import attrs
 
+from .._base._describe import describe_exception
+
 __all__ = [
     "ChildCounts",
     "ChildExit",
@@ -53,13 +55,6 @@ class EventKind(enum.Enum):
     SUPERVISOR_AUTO_SHUTDOWN = "supervisor_auto_shutdown"
 
 
-def _short(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 @attrs.frozen
 class ChildExit:
     """One exit of one child.
@@ -82,7 +77,7 @@ class ChildExit:
     def reason(self) -> str:
         """A one-line description: ``normal``, ``shutdown`` or ``ErrorType: message``."""
         if self.kind is ExitKind.ABNORMAL:
-            return _short(self.exception)
+            return describe_exception(self.exception)
         return str(self.kind.value)
 
 

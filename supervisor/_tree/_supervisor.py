@@ -39,6 +39,7 @@ from typing import Any
 import attrs
 import trio
 
+from .._base._describe import describe_exception
 from .._base._groups import collapse_group, raise_saving_context
 from ._events import (
     ChildCounts,
@@ -212,11 +213,6 @@ def _restarts(restart: Restart, kind: ExitKind) -> bool:
     return False
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class Supervisor:
     """Runs children per a :class:`SupervisorSpec` and restarts them by its rules.
 
@@ -330,7 +326,7 @@ class Supervisor:
                 await self._start(child)
             except _StartFailedError as failure:
                 await self._terminate_all()
-                error = ChildStartError(self.name, child.spec.id, _describe(failure.exc))
+                error = ChildStartError(self.name, child.spec.id, describe_exception(failure.exc))
                 error.__cause__ = failure.exc
                 self._error = error
                 return
@@ -734,7 +730,9 @@ class Supervisor:
             except _StartFailedError as failure:
                 if child in self._children:
                     self._children.remove(child)
-                raise ChildStartError(self.name, spec.id, _describe(failure.exc)) from failure.exc
+                raise ChildStartError(
+                    self.name, spec.id, describe_exception(failure.exc)
+                ) from failure.exc
             return child.value
 
     async def terminate_child(self, child_id: str) -> None:
@@ -759,7 +757,9 @@ class Supervisor:
             except _StartFailedError as failure:
                 if child.spec.restart is Restart.TEMPORARY and child in self._children:
                     self._children.remove(child)  # it has ended: a temporary child is not kept
-                raise ChildStartError(self.name, child_id, _describe(failure.exc)) from failure.exc
+                raise ChildStartError(
+                    self.name, child_id, describe_exception(failure.exc)
+                ) from failure.exc
             return child.value
 
     async def delete_child(self, child_id: str) -> None:

@@ -67,7 +67,9 @@ __all__ = [
     "AgentRunner",
     "AgentSpec",
     "EnvPolicy",
+    "is_async_callable",
     "looks_secret",
+    "qualified_name",
 ]
 
 logger = logging.getLogger("supervisor.agent")
@@ -241,7 +243,9 @@ class AgentContext:
 AgentFunction = Callable[[AgentContext], Awaitable[object]]
 
 
-def _is_async_callable(obj: object) -> bool:
+def is_async_callable(obj: object) -> bool:
+    """Whether calling ``obj`` gives a coroutine: an ``async def``, or an object whose
+    ``__call__`` is one."""
     if inspect.iscoroutinefunction(obj):
         return True
     call = getattr(obj, "__call__", None)  # noqa: B004 - instances with an async __call__
@@ -296,10 +300,10 @@ class AgentSpec:
     def __attrs_post_init__(self) -> None:
         if (self.argv is None) == (self.function is None):
             raise ConfigError("an agent is either a command or a callable", key="agent")
-        if self.function is not None and not _is_async_callable(self.function):
+        if self.function is not None and not is_async_callable(self.function):
             raise ConfigError(f"agent {self.name!r} is not an async callable", key="agent")
         if not self.name:
-            label = self.argv[0] if self.argv is not None else _qualname(self.function)
+            label = self.argv[0] if self.argv is not None else qualified_name(self.function)
             object.__setattr__(self, "name", label)
 
     @property
@@ -334,6 +338,16 @@ class AgentSpec:
         return cls(argv=tuple(argv))
 
     @classmethod
+    def from_setting(cls, value: str | Sequence[str] | AgentFunction) -> AgentSpec:
+        """The agent ``WorkerConfig.agent`` names: text is parsed (see :meth:`parse`), a
+        sequence is the command's arguments as they are, and a callable runs in-process."""
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, Sequence):
+            return cls.from_argv(value)
+        return cls.from_callable(value)
+
+    @classmethod
     def from_argv(cls, argv: Sequence[str]) -> AgentSpec:
         """An agent command given as its arguments (no splitting at all)."""
         return cls(argv=tuple(argv))
@@ -359,7 +373,8 @@ class AgentSpec:
         return [_PLACEHOLDER.sub(substitute, arg) for arg in self.argv]
 
 
-def _qualname(obj: object) -> str:
+def qualified_name(obj: object) -> str:
+    """``module:qualname`` of a function or object, for messages and status pages."""
     module = getattr(obj, "__module__", None)
     name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
     return f"{module}:{name}" if module else str(name)
@@ -383,7 +398,7 @@ def _import_callable(ref: str) -> AgentFunction:
         raise ConfigError(
             f"agent {ref!r}: module {module_name!r} has no attribute {attr!r}", key="agent"
         ) from None
-    if not _is_async_callable(function):
+    if not is_async_callable(function):
         raise ConfigError(f"agent {ref!r} is not an async callable (async def)", key="agent")
     result: AgentFunction = function
     return result
@@ -414,6 +429,10 @@ class AgentRunner:
             :func:`supervisor._process.enable_orphan_reaping` (process-wide).
         base_env: the environment the allowlist reads from; ``None`` means
             ``os.environ`` at the time of each run.
+        user: run subprocess agents as this user (name or uid), so that they
+            cannot read the worker's memory, environment or key file; the
+            worker needs the privilege to switch users (it runs as root).
+        group: their group (default: the user's primary group).
     """
 
     spec: AgentSpec
@@ -423,6 +442,8 @@ class AgentRunner:
     kill_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     reap_orphans: bool = False
     base_env: Mapping[str, str] | None = attrs.field(default=None, repr=False)
+    user: str | int | None = None
+    group: str | int | None = None
 
     async def run(
         self,
@@ -434,6 +455,7 @@ class AgentRunner:
         output: SessionOutput | None = None,
         session_env: Mapping[str, str] | None = None,
         inbox: Inbox | None = None,
+        on_spawn: Callable[[int], object] | None = None,
     ) -> AgentResult:
         """Run the agent to its end.
 
@@ -447,6 +469,7 @@ class AgentRunner:
             session_env: per-session variables for the agent (never logged).
             inbox: the session's inbox, handed to an in-process agent as
                 ``ctx.inbox`` (a subprocess agent reads its file in the workspace).
+            on_spawn: called with a subprocess agent's pid once it exists.
 
         Returns:
             the result; ``result.to_outcome()`` is what ``stop`` reports. A
@@ -477,6 +500,9 @@ class AgentRunner:
                 grace=self.grace,
                 kill_timeout=self.kill_timeout,
                 reap_orphans=self.reap_orphans,
+                on_spawn=on_spawn,
+                user=self.user,
+                group=self.group,
             )
         assert self.spec.function is not None
         ctx = AgentContext(

@@ -1,4 +1,4 @@
-"""The worker's local HTTP API: ``/health``, ``/metrics``, ``/status``.
+"""The worker's local HTTP API: ``/health``, ``/metrics``, ``/status``, a page at ``/``.
 
 A Starlette app on Hypercorn's Trio worker, run by the worker as the ``api``
 child of its ``services`` supervisor (``config.api_enabled``). It only reads:
@@ -13,6 +13,7 @@ nothing here can start, stop or change a session, and its failures stay under
   registry of the worker's own (see ``supervisor._metrics``).
 - ``GET /status``: the live snapshot as JSON: the supervision tree with states,
   restarts and uptimes, the sessions with their leases, the counters.
+- ``GET /``: the same, as a live page (``supervisor._worker._api_dashboard``).
 
 It binds to loopback by default and has no authentication: it exposes no
 secret and no control, but prompts' sizes and item ids are still nobody
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import trio
@@ -45,15 +46,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._base._describe import describe_exception
 from .._base._exceptions import ConfigError
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._models import WorkStats
+from ._api_dashboard import local_dashboard_routes
 from ._config import DEFAULT_AGENT
-from ._metrics import CONTENT_TYPE, render_metrics, worker_registry
+from ._metrics import CONTENT_TYPE, MeteredWorker, render_metrics, worker_registry
 
 if TYPE_CHECKING:
+    from .._tree._events import SupervisorSnapshot
+    from ..controlplane._protocol import ControlPlane
+    from ._agent import AgentSpec
     from ._session import SessionRecord
-    from ._worker import Worker
 
 __all__ = [
     "API_FILENAME",
@@ -81,7 +86,28 @@ RECENT_SESSIONS: Final = 20
 # --- documents ------------------------------------------------------------------------
 
 
-async def _queue_stats(worker: Worker) -> tuple[WorkStats | None, str | None]:
+class ServedWorker(MeteredWorker, Protocol):
+    """What the local API reads of a worker (a ``Worker`` is one).
+
+    A Protocol, so that the worker, which starts this API as one of its services,
+    is not imported back by it.
+    """
+
+    @property
+    def control_plane(self) -> ControlPlane: ...
+
+    @property
+    def api_url(self) -> str | None: ...
+
+    @property
+    def agent_spec(self) -> AgentSpec: ...
+
+    def snapshot(self) -> SupervisorSnapshot: ...
+
+    def sessions(self) -> list[SessionRecord]: ...
+
+
+async def _queue_stats(worker: ServedWorker) -> tuple[WorkStats | None, str | None]:
     """The control plane's queue figures, or ``None`` and why not (never raises)."""
     try:
         plane = worker.control_plane
@@ -91,11 +117,11 @@ async def _queue_stats(worker: Worker) -> tuple[WorkStats | None, str | None]:
         try:
             return await plane.stats(), None
         except ControlPlaneError as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+            return None, describe_exception(exc)
     return None, f"no answer within {QUEUE_STATS_TIMEOUT:g}s"
 
 
-async def health_document(worker: Worker) -> dict[str, Any]:
+async def health_document(worker: ServedWorker) -> dict[str, Any]:
     """``GET /health``'s body.
 
     ``status`` is ``draining`` once the worker stopped claiming, ``degraded``
@@ -160,7 +186,7 @@ def _session_entry(record: SessionRecord, now: float) -> dict[str, Any]:
     }
 
 
-def _control_plane_text(worker: Worker) -> str:
+def _control_plane_text(worker: ServedWorker) -> str:
     url = worker.config.control_plane
     if url is None:
         return f"embedded ({worker.config.state_dir.absolute()})"
@@ -170,7 +196,7 @@ def _control_plane_text(worker: Worker) -> str:
     return f"{scheme}{sep}{host}"
 
 
-def status_document(worker: Worker) -> dict[str, Any]:
+def status_document(worker: ServedWorker) -> dict[str, Any]:
     """``GET /status``'s body: everything ``python -m supervisor status`` draws.
 
     Never holds a secret: no environment key, no fencing token, no session
@@ -240,7 +266,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_api_app(worker: Worker) -> Starlette:
+def create_api_app(worker: ServedWorker) -> Starlette:
     """The local API for ``worker`` (serve it with any ASGI server running on Trio)."""
     registry, collector = worker_registry(worker)
 
@@ -264,6 +290,9 @@ def create_api_app(worker: Worker) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/status", status, methods=["GET"]),
+            *local_dashboard_routes(
+                lambda: status_document(worker), lambda: health_document(worker)
+            ),
         ],
         exception_handlers={HTTPException: _http_exception},
     )
@@ -369,7 +398,7 @@ def _is_loopback(host: str) -> bool:
 
 
 async def serve_local_api(
-    worker: Worker,
+    worker: ServedWorker,
     *,
     host: str = "127.0.0.1",
     port: int = 0,

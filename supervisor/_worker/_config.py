@@ -7,6 +7,7 @@ naming the field, at construction, never later at the first session.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
@@ -20,9 +21,13 @@ from typing import Any
 import attrs
 
 from .._base._exceptions import ConfigError
+from ..controlplane._connect import open_control_plane
+from ..controlplane._protocol import ControlPlane
+from ._agent import AgentFunction, is_async_callable, qualified_name
+from ._lease import DEADLINE_FRACTION
 from ._wedge import DEFAULT_WEDGE_PATTERNS, compile_wedge_patterns
 
-__all__ = ["DEFAULT_AGENT", "WorkerConfig"]
+__all__ = ["DEFAULT_AGENT", "AgentSetting", "WorkerConfig", "agent_text"]
 
 #: The built-in demo agent: a tiny subprocess that shows the runner at work.
 DEFAULT_AGENT = f"{shlex.quote(sys.executable)} -m supervisor._worker._demo_agent {{prompt}}"
@@ -44,6 +49,45 @@ def _check(
             raise ConfigError(f"{requirement}, got {value!r}", key=attribute.name)
 
     return validate
+
+
+#: The grace an agent gets by default, when the lease leaves room for it.
+DEFAULT_AGENT_GRACE = 5.0
+
+
+def _default_grace(lease_ttl: Any) -> float:
+    """5 s, or less when the lease is short: three quarters of ``0.2 x lease_ttl``."""
+    if not _positive(lease_ttl):
+        return DEFAULT_AGENT_GRACE  # lease_ttl's own validator names the problem
+    return min(DEFAULT_AGENT_GRACE, 0.75 * (1 - DEADLINE_FRACTION) * float(lease_ttl))
+
+
+def _identity(value: Any) -> Any:
+    """A numeric user or group given as text is an id, not a name."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def _check_identity(key: str, value: Any) -> None:
+    """A user or group that exists on this machine, by name or id."""
+    if value is None:
+        return
+    import grp
+    import pwd
+
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise ConfigError(f"expected a name or a numeric id, got {value!r}", key=key)
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"expected a name or a numeric id, got {value!r}", key=key)
+        return  # a numeric id needs no entry
+    lookup = pwd.getpwnam if key == "agent_user" else grp.getgrnam
+    try:
+        lookup(value)
+    except KeyError:
+        what = "user" if key == "agent_user" else "group"
+        raise ConfigError(f"no such {what} on this machine: {value!r}", key=key) from None
 
 
 def _is_number(value: Any) -> bool:
@@ -79,6 +123,52 @@ def _patterns(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
+AgentSetting = str | tuple[str, ...] | AgentFunction
+"""What ``WorkerConfig.agent`` holds: a command line, the command's arguments, or a callable."""
+
+
+def _agent_setting(value: Any) -> AgentSetting:
+    """The agent setting in its kept form, or a ``ConfigError`` saying what was expected."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError("expected a command, got an empty one", key="agent")
+        return value
+    if isinstance(value, list | tuple):
+        wrong = [arg for arg in value if not isinstance(arg, str)]
+        if wrong:
+            raise ConfigError(
+                f"expected the command's arguments as strings, got {wrong[0]!r} in {value!r}",
+                key="agent",
+            )
+        if not value or not value[0].strip():
+            raise ConfigError(
+                f"expected a command: the first argument names the program, got {value!r}",
+                key="agent",
+            )
+        return tuple(value)
+    if callable(value):
+        if not is_async_callable(value):
+            raise ConfigError(
+                f"expected an async callable (async def agent(ctx)), got {value!r}", key="agent"
+            )
+        function: AgentFunction = value
+        return function
+    raise ConfigError(
+        "expected a command (text, or a list of its arguments) or an async callable, "
+        f"got {value!r}",
+        key="agent",
+    )
+
+
+def agent_text(value: AgentSetting) -> str:
+    """The agent setting as a person reads it (status pages, the start-up banner)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        return shlex.join(value)
+    return qualified_name(value)
+
+
 def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, tuple):
         raise ConfigError(f"expected a list of patterns, got {value!r}", key=attribute.name)
@@ -88,6 +178,29 @@ def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> 
         raise ConfigError(str(exc), key=attribute.name) from None
 
 
+def _shown_control_plane(value: str) -> str:
+    """The setting as it may be printed: a database password never is."""
+    from ..controlplane._store._dburl import is_postgres_url, redact
+
+    return ",".join(redact(u) if is_postgres_url(u) else u for u in value.split(","))
+
+
+def _check_control_plane(value: str) -> None:
+    from ..controlplane._store._dburl import is_postgres_url, redact
+
+    urls = [part.strip() for part in value.split(",")]
+    if len(urls) == 1 and is_postgres_url(urls[0]):
+        return
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            shown = redact(url) if is_postgres_url(url) else repr(url)
+            raise ConfigError(
+                "expected an http(s):// URL (or several, comma-separated) or one "
+                f"postgresql:// URL, got {shown}",
+                key="control_plane",
+            )
+
+
 @attrs.frozen(kw_only=True)
 class WorkerConfig:
     """A worker's settings.
@@ -95,16 +208,40 @@ class WorkerConfig:
     Attributes:
         state_dir: where the embedded control plane, logs, workspaces and journals live.
         control_plane: URL of a remote control plane; ``None`` = the embedded one in ``state_dir``.
+            Several served replicas are comma-separated ``http(s)://`` URLs (tried in turn);
+            a ``postgresql://`` URL is the fleet database itself, used directly.
         environment_id: the environment to claim work from.
         environment_key: the bearer key for a remote control plane (never logged, never
             passed to agents). ``environment_key_file`` is re-read on 401 instead.
         worker_id: this worker's id on the control plane (default: host-pid-random).
         max_concurrency: sessions at once; the poller never claims beyond it.
-        agent: the agent: a command line (split like a shell, never run by one;
-            ``{prompt}``, ``{work_id}``, ``{session_id}`` are substituted per argument)
-            or ``package.module:function`` for an in-process async callable.
+        agent: the agent, in whichever form is natural where it is written: the
+            command's arguments as a list (``["claude", "-p", "{prompt}"]``, nothing is
+            split); a command line as text (split like a shell, never run by one); an
+            async callable (``async def agent(ctx)``, in-process); or the text
+            ``package.module:function`` naming one. ``{prompt}``, ``{work_id}`` and
+            ``{session_id}`` are substituted in each argument. A list is kept as a tuple.
         agent_env: names of extra environment variables passed on to agents.
         agent_grace: seconds between SIGTERM and SIGKILL for an agent being stopped.
+            It must end before the server's lease expiry: the worker kills an agent
+            whose lease deadline (``0.8 x lease_ttl`` after the last good heartbeat
+            was sent) passed, so ``0.8 x lease_ttl + agent_grace < lease_ttl``, i.e.
+            ``agent_grace < 0.2 x lease_ttl``. A larger value is refused, not
+            clamped: the operator asked for a grace the lease cannot give, and a
+            silently shorter one would surprise an agent that counts on it. Left
+            unset it is 5 s, or ``0.15 x lease_ttl`` when that is less.
+        agent_user: run subprocess agents as this user (a name or a uid), so that
+            they can read neither the worker's environment and memory nor its key
+            file. Needs a worker allowed to switch users (root). Workspaces are
+            then owned by that user. ``None``: agents run as the worker's user.
+        agent_group: the agents' group with ``agent_user`` (default: its primary group).
+        agent_reaper: enforce each agent's lease deadline from a separate reaper
+            process too (DESIGN §3.8), so that no agent outlives its lease when the
+            worker is killed or frozen. Leave it on; off only reproduces the old
+            behaviour (or suits a platform without ``/proc``).
+        session_log_max_bytes: the most one session's log may take on disk; beyond
+            half of it the log is rotated once (``<log>.1``), so the last half to
+            whole of it is kept. ``None``: no cap.
         workspace: ``none`` (a fresh temporary directory) or ``git`` (a local clone of
             ``base_repo``).
         base_repo: the repository ``git`` workspaces clone.
@@ -139,7 +276,9 @@ class WorkerConfig:
 
     state_dir: Path = attrs.field(default=Path(".supervisor"), converter=_path)
     control_plane: str | None = attrs.field(
-        default=None, validator=_check(_optional(lambda v: isinstance(v, str)), "expected a URL")
+        default=None,
+        validator=_check(_optional(lambda v: isinstance(v, str)), "expected a URL"),
+        repr=lambda v: "None" if v is None else repr(_shown_control_plane(v)),
     )
     environment_id: str = attrs.field(
         default="default",
@@ -164,13 +303,17 @@ class WorkerConfig:
             "expected a whole number from 1 to 10000",
         ),
     )
-    agent: str = attrs.field(
-        default=DEFAULT_AGENT,
-        validator=_check(lambda v: isinstance(v, str) and v.strip() != "", "expected a command"),
-    )
+    agent: AgentSetting = attrs.field(default=DEFAULT_AGENT, converter=_agent_setting)
     agent_env: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    agent_grace: float = attrs.field(
-        default=5.0, validator=_check(_non_negative, "expected seconds >= 0")
+    agent_user: str | int | None = attrs.field(default=None, converter=_identity)
+    agent_group: str | int | None = attrs.field(default=None, converter=_identity)
+    agent_reaper: bool = True
+    session_log_max_bytes: int | None = attrs.field(
+        default=64 * 1024 * 1024,
+        validator=_check(
+            _optional(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 4096),
+            "expected a whole number of bytes >= 4096",
+        ),
     )
     workspace: str = attrs.field(
         default="none",
@@ -189,6 +332,10 @@ class WorkerConfig:
     )
     lease_ttl: float = attrs.field(
         default=60.0, validator=_check(_positive, "expected seconds > 0")
+    )
+    agent_grace: float = attrs.field(
+        default=attrs.Factory(lambda self: _default_grace(self.lease_ttl), takes_self=True),
+        validator=_check(_non_negative, "expected seconds >= 0"),
     )
     session_timeout: float | None = attrs.field(
         default=None, validator=_check(_optional(_positive), "expected seconds > 0")
@@ -240,21 +387,48 @@ class WorkerConfig:
                 raise ConfigError(
                     f"expected environment variable names, got {name!r}", key="agent_env"
                 )
+        if not self.agent_grace < (1 - DEADLINE_FRACTION) * self.lease_ttl:
+            raise ConfigError(
+                f"agent_grace ({self.agent_grace:g}s) must be shorter than 0.2 x lease_ttl "
+                f"({(1 - DEADLINE_FRACTION) * self.lease_ttl:g}s for lease_ttl "
+                f"{self.lease_ttl:g}s): an agent stopped at its lease deadline (0.8 x lease_ttl) "
+                "must be dead before the control plane gives its item to another worker; "
+                "lower agent_grace or raise lease_ttl",
+                key="agent_grace",
+            )
+        for name in ("agent_user", "agent_group"):
+            _check_identity(name, getattr(self, name))
+        if self.agent_group is not None and self.agent_user is None:
+            raise ConfigError("agent_group needs agent_user", key="agent_group")
         if self.workspace == "git" and self.base_repo is None:
             raise ConfigError(
                 "workspace 'git' needs base_repo (the repository to clone)", key="base_repo"
             )
-        if self.control_plane is not None and not self.control_plane.startswith(
-            ("http://", "https://")
-        ):
-            raise ConfigError(
-                f"expected an http(s):// URL, got {self.control_plane!r}", key="control_plane"
-            )
+        if self.control_plane is not None:
+            _check_control_plane(self.control_plane)
 
     @property
     def embedded(self) -> bool:
         """Whether the worker runs on the embedded control plane in ``state_dir``."""
         return self.control_plane is None
+
+    def open_control_plane(
+        self, *, missing_key: str
+    ) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+        """The control plane these settings name, to open with ``async with``.
+
+        Args:
+            missing_key: the message when a remote plane has no key; the worker and
+                the command line name different settings.
+        """
+        return open_control_plane(
+            self.state_dir if self.control_plane is None else self.control_plane,
+            environment_id=self.environment_id,
+            key=self.environment_key,
+            key_file=self.environment_key_file,
+            setting="state_dir" if self.embedded else "control_plane",
+            missing_key=missing_key,
+        )
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

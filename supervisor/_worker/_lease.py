@@ -41,15 +41,18 @@ smaller ttl, and no client can act on an answer it never received.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import math
 import random
-from typing import Final, NoReturn
+from collections.abc import Callable
+from typing import Final, NoReturn, TypedDict
 
 import attrs
 import trio
 
+from .._base._describe import describe_exception
 from .._base._exceptions import SupervisorError
 from ..controlplane._exceptions import (
     Conflict,
@@ -66,6 +69,7 @@ __all__ = [
     "DEADLINE_FRACTION",
     "MAX_INTERVAL",
     "MIN_INTERVAL",
+    "KeeperOptions",
     "Lease",
     "LeaseKeeper",
     "MeasureFrom",
@@ -133,6 +137,24 @@ class MeasureFrom(enum.StrEnum):
     ANSWER = "answer"
 
 
+class KeeperOptions(TypedDict, total=False):
+    """The `LeaseKeeper` keywords a worker passes on to every keeper it makes.
+
+    A worker sets ``start_timeout`` from its lease ttl; the others keep the
+    keeper's defaults unless given here (tests and the simulator inject timing
+    and a seeded ``rng``). Each key means what the `LeaseKeeper` argument of the
+    same name means.
+    """
+
+    retry_initial: float
+    retry_max: float
+    start_timeout: float | None
+    stop_timeout: float
+    rng: random.Random | None
+    measure_from: MeasureFrom | str
+    account_for_beats: bool
+
+
 @attrs.define(eq=False)
 class Lease:
     """Live lease state of one work item, shared by its keeper and its runner.
@@ -174,6 +196,7 @@ class Lease:
     #: Whether the final stop (or requeue) carrying ``outcome`` was accepted.
     reported: bool = False
     _on_stop: list[trio.CancelScope] = attrs.field(factory=list, init=False, repr=False)
+    _on_renew: list[Callable[[], None]] = attrs.field(factory=list, init=False, repr=False)
 
     @property
     def confirmed(self) -> bool:
@@ -197,6 +220,29 @@ class Lease:
         scopes, self._on_stop = self._on_stop, []
         for scope in scopes:
             scope.cancel()
+
+    def on_renew(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` each time the deadline moves; returns what unsubscribes it.
+
+        The reaper (DESIGN §3.8) hears of every new deadline this way, so that
+        it can kill the agent at that deadline even if this worker freezes.
+        A callback runs on the event loop, synchronously, and must be quick.
+        """
+        self._on_renew.append(callback)
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):
+                self._on_renew.remove(callback)
+
+        return forget
+
+    def renewed(self) -> None:
+        """Tell the subscribers that the deadline moved (the keeper calls this)."""
+        for callback in list(self._on_renew):
+            try:
+                callback()
+            except Exception:
+                logger.exception("a lease renewal callback of work item %s failed", self.work_id)
 
     def cancel_on_stop_request(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when a stop is requested (at once if it already was).
@@ -452,6 +498,7 @@ class LeaseKeeper:
             lease.ttl = ttl
             lease.last_sent_at = t_send
             lease.deadline = basis + DEADLINE_FRACTION * ttl
+            lease.renewed()
         if result.state in _STOP_STATES:
             self._request_stop(f"control plane state is {result.state.value}")
         elif not result.lease_extended:
@@ -490,14 +537,8 @@ class LeaseKeeper:
         )
 
     def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}"
-        status = getattr(exc, "status_code", None)
-        if status is not None:
-            text += f" ({status})"
-        message = str(exc)
-        for token in self._tokens:
-            message = message.replace(token, "<token>")
-        return f"{text}: {message}" if message else text
+        # Fencing tokens are capabilities: never in a log line.
+        return describe_exception(exc, status=True, redact=self._tokens)
 
     # --- the final stop ------------------------------------------------------
 

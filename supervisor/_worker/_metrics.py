@@ -12,40 +12,40 @@ a registry nor a text format:
   metrics, and nothing lands in ``prometheus_client``'s global registry.
 
 Every figure is read at scrape time from the worker itself, so the counters
-cannot drift from what ``status`` and ``/health`` show.
+cannot drift from what ``status`` and ``/health`` show. ``prometheus_client`` is
+imported only by the second half, when a registry is made: a worker's own
+import does not load it.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Final, cast
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import attrs
 import trio
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
 
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._models import HeartbeatResult, OutcomeStatus, WorkStats
 from ..controlplane._protocol import ControlPlane
 
 if TYPE_CHECKING:
-    from ._worker import Worker
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
+    from ._config import WorkerConfig
+    from ._wedge import WedgeState
 
 __all__ = [
     "HEARTBEAT_BUCKETS",
     "HeartbeatMeter",
     "LatencyHistogram",
     "TimedControlPlane",
+    "MeteredWorker",
     "WorkerCollector",
+    "WorkerStats",
     "render_metrics",
     "timed_control_plane",
     "worker_registry",
@@ -180,6 +180,57 @@ def timed_control_plane(inner: ControlPlane, meter: HeartbeatMeter) -> ControlPl
 # --- the Prometheus view ---------------------------------------------------------------
 
 
+@attrs.frozen
+class WorkerStats:
+    """Counters for health checks and metrics.
+
+    Attributes:
+        worker_id: this worker's id.
+        capacity: ``max_concurrency``.
+        active: sessions running now.
+        outcomes: finished sessions by outcome status.
+        lease_losses: sessions that ended because their lease was lost.
+        started: sessions started since the worker started.
+        draining: whether the worker stopped claiming work.
+        restarts: restarts the worker's supervisors made (services, poller, ...).
+    """
+
+    worker_id: str
+    capacity: int
+    active: int
+    outcomes: Mapping[str, int]
+    lease_losses: int
+    started: int
+    draining: bool
+    restarts: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.active >= self.capacity
+
+
+class MeteredWorker(Protocol):
+    """What the collector reads of a worker (a ``Worker`` is one).
+
+    A Protocol rather than ``Worker`` itself, so that the worker can import its
+    meter from here without this module importing the worker back.
+    """
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def config(self) -> WorkerConfig: ...
+
+    @property
+    def heartbeat_meter(self) -> HeartbeatMeter: ...
+
+    @property
+    def wedge(self) -> WedgeState: ...
+
+    def stats(self) -> WorkerStats: ...
+
+
 class WorkerCollector:
     """A ``prometheus_client`` collector that reads one worker at scrape time.
 
@@ -192,11 +243,18 @@ class WorkerCollector:
             synchronous).
     """
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: MeteredWorker) -> None:
         self.worker = worker
         self.queue: WorkStats | None = None
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+        )
+
         worker = self.worker
         stats = worker.stats()
         info = InfoMetricFamily(
@@ -272,8 +330,10 @@ class WorkerCollector:
             )
 
 
-def worker_registry(worker: Worker) -> tuple[CollectorRegistry, WorkerCollector]:
+def worker_registry(worker: MeteredWorker) -> tuple[CollectorRegistry, WorkerCollector]:
     """A registry of the worker's own, holding only its collector."""
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     collector = WorkerCollector(worker)
     registry.register(collector)
@@ -282,4 +342,6 @@ def worker_registry(worker: Worker) -> tuple[CollectorRegistry, WorkerCollector]
 
 def render_metrics(registry: CollectorRegistry) -> bytes:
     """The registry in the Prometheus text format (``CONTENT_TYPE``)."""
+    from prometheus_client import generate_latest
+
     return bytes(generate_latest(registry))

@@ -31,8 +31,15 @@ from typing import Final, Protocol, runtime_checkable
 import attrs
 import trio
 
-from ..controlplane._exceptions import Conflict, FatalError, Gone, NotFound, TransientError
-from ..controlplane._models import WorkItem
+from ..controlplane._exceptions import (
+    Conflict,
+    ControlPlaneError,
+    FatalError,
+    Gone,
+    NotFound,
+    TransientError,
+)
+from ..controlplane._models import WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
 
 __all__ = [
@@ -357,10 +364,13 @@ class Poller:
             )
             return None
         except TransientError as exc:
-            # The item comes back to the queue after the reclaim window.
-            self.gate.claim_result(None)
-            await self._back_off("ack", exc)
-            return None
+            landed = await self._ack_landed(item, limit)
+            if landed is None:
+                # The item comes back to the queue after the reclaim window.
+                self.gate.claim_result(None)
+                await self._back_off("ack", exc)
+                return None
+            acked = landed
         except FatalError as exc:
             self.gate.claim_result(None)
             self._report_fatal("ack", exc)
@@ -371,6 +381,29 @@ class Poller:
         if acked.secret is None and item.secret is not None:
             acked = attrs.evolve(acked, secret=item.secret)
         return acked
+
+    async def _ack_landed(self, item: WorkItem, limit: float) -> WorkItem | None:
+        """After an ack whose answer was lost: the item, if the ack took effect after all.
+
+        A server that dies (or a connection that breaks) after committing the
+        ack but before answering leaves the item ``starting`` and bound to this
+        worker; giving up on it would strand it until its ack lease runs out and
+        spend one of its attempts. One look (through whichever server answers
+        now) tells: bound to us and never beaten means the ack is ours.
+        """
+        try:
+            with trio.fail_after(limit):
+                current = await self.control_plane.get(item.id)
+        except (trio.TooSlowError, ControlPlaneError):
+            return None
+        if (
+            current.state is WorkState.STARTING
+            and current.worker_id == self.worker_id
+            and current.latest_heartbeat_at is None
+        ):
+            logger.info("ack of work item %s took effect although its answer was lost", item.id)
+            return current
+        return None
 
     async def _after_empty_poll(self, elapsed: float) -> None:
         if self.block_ms > 0 and elapsed >= 0.5 * self.block_ms / 1000:

@@ -46,6 +46,7 @@ from typing import Any, Final, Protocol, cast, runtime_checkable
 import attrs
 import trio
 
+from .._base._describe import describe_exception
 from .._version import __version__
 from ..controlplane._exceptions import (
     Conflict,
@@ -81,8 +82,7 @@ MAX_SAMPLE_CHARS: Final = 300
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= MAX_SAMPLE_CHARS else text[: MAX_SAMPLE_CHARS - 3] + "..."
+    return describe_exception(exc, one_line=True, limit=MAX_SAMPLE_CHARS)
 
 
 @attrs.define(eq=False)

@@ -56,6 +56,7 @@ from typing import BinaryIO
 import attrs
 import trio
 
+from .._base._groups import collapse_group
 from ..controlplane._models import Outcome, OutcomeStatus
 from ..controlplane._text import scrub_text
 
@@ -96,6 +97,12 @@ class SessionOutput:
         tail_chars: how many characters the tail keeps in total.
         max_line_chars: longest line delivered to ``on_line`` and searched for
             a result. The rest of a longer line only goes to the log file.
+        log_max_bytes: the most the log may take on disk (``None``: no cap).
+            Once the file holds half of it, it is renamed to ``<log>.1``
+            (replacing an older one) and a fresh file is started: the two
+            files together keep the last ``log_max_bytes / 2`` to
+            ``log_max_bytes`` bytes, so an agent printing without end fills
+            no disk. The tail, the result and ``on_line`` are not affected.
     """
 
     log_path: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
@@ -103,6 +110,9 @@ class SessionOutput:
     tail_lines: int = attrs.field(default=200, validator=attrs.validators.ge(1))
     tail_chars: int = attrs.field(default=64 * 1024, validator=attrs.validators.ge(1))
     max_line_chars: int = attrs.field(default=1024 * 1024, validator=attrs.validators.ge(1))
+    log_max_bytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(2))
+    )
 
     #: Lines delivered so far (both streams and ``emit``).
     lines: int = attrs.field(default=0, init=False)
@@ -118,6 +128,9 @@ class SessionOutput:
     _result: str | None = attrs.field(default=None, init=False, repr=False)
     _log: BinaryIO | None = attrs.field(default=None, init=False, repr=False)
     _log_failed: bool = attrs.field(default=False, init=False, repr=False)
+    _log_size: int = attrs.field(default=0, init=False, repr=False)
+    #: Times the log was rotated to ``<log>.1`` because of ``log_max_bytes``.
+    rotations: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._tail = collections.deque()
@@ -172,6 +185,7 @@ class SessionOutput:
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("ab", buffering=64 * 1024)
+            self._log_size = self._log.tell()
         except OSError as exc:
             self._log_error(exc)
 
@@ -193,8 +207,16 @@ class SessionOutput:
             self.open_log()
             if self._log is None:
                 return
+        limit = self.log_max_bytes
+        if limit is not None:
+            half = limit // 2
+            if len(data) > half:
+                data = data[-half:]  # one huge chunk: only its end can be kept
+            if self._log_size + len(data) > half and not self._rotate():
+                return
         try:
             self._log.write(data)
+            self._log_size += len(data)
             # Flushed per chunk read (not per line): `tail -f` shows a running session, and a
             # worker killed with SIGKILL leaves a log that says what its agents were.
             self._log.flush()
@@ -202,6 +224,30 @@ class SessionOutput:
             # A full disk must not kill the agent's session: the outcome matters
             # more than its log. Say so once and stop writing.
             self._log_error(exc)
+
+    def _rotate(self) -> bool:
+        """Move the full log to ``<log>.1`` and start a fresh one (see ``log_max_bytes``).
+
+        Returns:
+            whether a log is open to write to afterwards.
+        """
+        assert self.log_path is not None
+        self.close()
+        try:
+            os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
+        except OSError as exc:
+            self._log_error(exc)
+            return False
+        self.rotations += 1
+        self.open_log()
+        if self._log is not None:
+            note = (
+                f"[supervisor] log rotated (cap {self.log_max_bytes} bytes); "
+                f"the output before this line is in {self.log_path.name}.1\n"
+            ).encode()
+            self._log.write(note)
+            self._log_size += len(note)
+        return self._log is not None
 
     def _log_error(self, exc: OSError) -> None:
         if not self._log_failed:
@@ -552,14 +598,15 @@ async def _stop_group(
         logger.error("processes of agent group %d still alive after SIGKILL: %s", pgid, left)
 
 
-def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception in a nursery's group, so callers see plain ``Cancelled``."""
-    if len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if isinstance(inner, BaseExceptionGroup):
-            return _unwrap_group(inner)
-        return inner
-    return group
+def _primary_group(user: str | int) -> int | None:
+    """The primary gid of ``user``, or ``None`` when the user is unknown."""
+    import pwd
+
+    try:
+        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return entry.pw_gid
 
 
 async def run_agent_process(
@@ -573,6 +620,9 @@ async def run_agent_process(
     kill_timeout: float = 5.0,
     drain_timeout: float = 1.0,
     reap_orphans: bool = False,
+    on_spawn: Callable[[int], object] | None = None,
+    user: str | int | None = None,
+    group: str | int | None = None,
 ) -> AgentResult:
     """Run one agent process to its end and return what it produced.
 
@@ -591,6 +641,12 @@ async def run_agent_process(
             (a descendant that escaped the group may hold the pipes open).
         reap_orphans: reap killed descendants this process inherited; see
             :func:`enable_orphan_reaping`.
+        on_spawn: called with the pid as soon as the process exists (the
+            worker tells its reaper, DESIGN §3.8).
+        user: run the agent as this user (name or uid; needs the privilege
+            to switch users, as ``subprocess``'s ``user=``).
+        group: run the agent with this group (name or gid); with ``user``
+            only, the user's primary group and no supplementary groups.
 
     Returns:
         the result; a process that could not be started at all yields a result
@@ -606,6 +662,8 @@ async def run_agent_process(
         raise ValueError(f"session_timeout must be positive, not {session_timeout!r}")
     reap = enable_orphan_reaping() if reap_orphans else False
     argv = list(argv)
+    if user is not None and group is None:
+        group = _primary_group(user)
     try:
         proc = await trio.lowlevel.open_process(
             argv,
@@ -615,8 +673,12 @@ async def run_agent_process(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            user=user,
+            group=group,
+            # another user gets no supplementary group of the worker's
+            extra_groups=[] if user is not None else None,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         message = str(exc)
         if isinstance(exc, OSError) and exc.strerror:
             message = exc.strerror + (f": {exc.filename}" if exc.filename else "")
@@ -633,6 +695,8 @@ async def run_agent_process(
         )
 
     logger.debug("agent %s started as pid %d (%d args)", argv[0], proc.pid, len(argv))
+    if on_spawn is not None:
+        on_spawn(proc.pid)
     started = trio.current_time()
     ended = math.nan
     timed_out = False
@@ -693,7 +757,7 @@ async def run_agent_process(
                     for scope in readers_scopes:
                         scope.cancel()
     except BaseExceptionGroup as group:
-        raise _unwrap_group(group) from None
+        raise collapse_group(group) from None
     finally:
         for splitter in splitters:
             try:

@@ -19,8 +19,8 @@ This module uses only the tree's public API.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -36,19 +36,15 @@ from ..controlplane._models import Outcome, OutcomeStatus, WorkItem
 from ..controlplane._protocol import ControlPlane
 from ._agent import AgentRunner
 from ._inbox import INBOX_FILENAME, Inbox
-from ._lease import Lease, LeaseKeeper
-from ._process import SessionOutput
+from ._lease import KeeperOptions, Lease, LeaseKeeper
+from ._poller import Slot
+from ._process import AgentResult, SessionOutput
+from ._reaper import Reaper, ReaperTicket
 from ._workspace import WorkspaceError, safe_name
 
-__all__ = ["SessionRecord", "SessionRunner", "Slot", "Workspaces"]
+__all__ = ["SessionRecord", "SessionRunner", "Workspaces"]
 
 logger = logging.getLogger("supervisor.session")
-
-
-class Slot(Protocol):
-    """A session slot handed over by the poller; released when the session ends."""
-
-    def release(self) -> None: ...
 
 
 class Workspaces(Protocol):
@@ -129,7 +125,7 @@ class SessionRunner:
     logs_dir: Path
     lease_ttl: float | None = None
     on_line: LineHook | None = None
-    keeper_options: dict[str, object] = attrs.field(factory=dict)
+    keeper_options: KeeperOptions = attrs.field(factory=KeeperOptions)
     watchdog: Watchdog | None = None
     on_end: Callable[[SessionRecord], None] | None = None
     on_start: Callable[[WorkItem], Awaitable[None]] | None = None
@@ -139,6 +135,11 @@ class SessionRunner:
     session_env: Callable[[WorkItem], Mapping[str, str]] | None = None
     #: The same records by session id (delegation results name their source session).
     by_session: dict[str, SessionRecord] = attrs.field(factory=dict)
+    #: Enforces each subprocess agent's lease deadline from outside the event loop
+    #: (DESIGN §3.8); ``None`` leaves it to the event loop alone.
+    reaper: Reaper | None = attrs.field(default=None, repr=False)
+    #: The most each session's log may take on disk (see `SessionOutput.log_max_bytes`).
+    log_max_bytes: int | None = None
 
     def session(self, session_id: str) -> SessionRecord | None:
         """The record of a session this runner ran or runs, by session id."""
@@ -175,7 +176,7 @@ class SessionRunner:
             item.id,
             desired_ttl=self.lease_ttl,
             lease=lease,
-            **self.keeper_options,  # type: ignore[arg-type]
+            **self.keeper_options,
         )
         session = Supervisor(
             SupervisorSpec(
@@ -255,6 +256,7 @@ class SessionRunner:
         output = SessionOutput(
             log_path=self.logs_dir / f"{safe_name(item.id)}.log",
             on_line=(lambda line: hook(record, line)) if hook is not None else None,
+            log_max_bytes=self.log_max_bytes,
         )
         started = trio.current_time()
         try:
@@ -276,19 +278,22 @@ class SessionRunner:
                     async with trio.open_nursery() as nursery:
                         if self.watchdog is not None:
                             nursery.start_soon(self.watchdog, record, output)
-                        result = await self.agent.run(
-                            prompt=item.data.prompt,
-                            work_id=item.id,
-                            session_id=item.data.id,
-                            workspace=path,
-                            output=output,
-                            session_env=(
-                                self.session_env(item) if self.session_env is not None else None
-                            ),
-                            inbox=inbox,
-                        )
+                        with self._guard(lease) as ticket:
+                            env = dict(self.session_env(item)) if self.session_env else {}
+                            if ticket is not None:
+                                env.update(ticket.env)
+                            result = await self.agent.run(
+                                prompt=item.data.prompt,
+                                work_id=item.id,
+                                session_id=item.data.id,
+                                workspace=path,
+                                output=output,
+                                session_env=env,
+                                inbox=inbox,
+                                on_spawn=ticket.spawned if ticket is not None else None,
+                            )
                         nursery.cancel_scope.cancel()
-                    lease.outcome = record.outcome = result.to_outcome()
+                    lease.outcome = record.outcome = _outcome_of(result, lease)
             if scope.cancelled_caught:
                 status = record.cancel_reason or OutcomeStatus.CANCELLED
                 detail = record.cancel_detail or lease.stop_reason or "stop requested"
@@ -305,6 +310,33 @@ class SessionRunner:
                 status = OutcomeStatus.LEASE_LOST if lease.lost else OutcomeStatus.CANCELLED
                 detail = lease.lost or "worker stopping"
                 lease.outcome = record.outcome = _interrupted(status, detail, output, started)
+
+    @contextmanager
+    def _guard(self, lease: Lease) -> Iterator[ReaperTicket | None]:
+        """The reaper's watch over one subprocess agent run (nothing for in-process agents)."""
+        if self.reaper is None or not self.agent.spec.is_process:
+            yield None
+            return
+        with self.reaper.guard(lease) as ticket:
+            yield ticket
+
+
+def _outcome_of(result: AgentResult, lease: Lease) -> Outcome:
+    """The run's outcome; ``lease_lost`` for an agent killed once its lease deadline passed.
+
+    The reaper (DESIGN §3.8) kills an agent at the deadline, which may come a
+    moment before the lease keeper notices the same deadline and cancels the
+    runner: the signal is then the lease's doing, not the agent's failure.
+    """
+    outcome = result.to_outcome()
+    killed = result.exit_code is not None and result.exit_code < 0
+    if killed and lease.confirmed and lease.time_left() <= 0:
+        return attrs.evolve(
+            outcome,
+            status=OutcomeStatus.LEASE_LOST,
+            reason=f"{outcome.reason}: the lease deadline had passed",
+        )
+    return outcome
 
 
 def _interrupted(

@@ -17,16 +17,23 @@ Blocking calls made from the loop's own thread raise instead of deadlocking.
 
 from __future__ import annotations
 
+import functools
+import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 
 from .._base._exceptions import SupervisorError
 from .._base._groups import collapse_group
+from .._base._lane import Offload
 from ..controlplane._models import Outcome, OutcomeStatus
+from ..controlplane._protocol import ControlPlane
+from ._agent import AgentFunction, AgentSpec
 from ._config import WorkerConfig
+from ._lease import KeeperOptions
+from ._session import Workspaces
 from ._worker import Worker
 
 __all__ = ["ResultTimeout", "ThreadedWorker", "WorkCancelled", "WorkHandle"]
@@ -147,13 +154,36 @@ class ThreadedWorker:
 
     Args:
         config: the worker's settings.
-        **worker_options: passed to :class:`Worker` (``control_plane``, ``agent``, ...).
-            A given control plane must not be used by another Trio loop at the same time.
+        control_plane, agent, base_env, keeper_options, rng, workspaces, offload:
+            passed to :class:`Worker`. A given control plane must not be used by
+            another Trio loop at the same time.
     """
 
-    def __init__(self, config: WorkerConfig, **worker_options: Any) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        control_plane: ControlPlane | None = None,
+        agent: AgentFunction | AgentSpec | None = None,
+        base_env: Mapping[str, str] | None = None,
+        keeper_options: KeeperOptions | None = None,
+        rng: random.Random | None = None,
+        workspaces: Workspaces | None = None,
+        offload: Offload | None = None,
+    ) -> None:
         self.config = config
-        self._options = worker_options
+        # The worker is made in the background thread, where its Trio loop runs.
+        self._make_worker = functools.partial(
+            Worker,
+            config,
+            control_plane=control_plane,
+            agent=agent,
+            base_env=base_env,
+            keeper_options=keeper_options,
+            rng=rng,
+            workspaces=workspaces,
+            offload=offload,
+        )
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
@@ -271,7 +301,7 @@ class ThreadedWorker:
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._stop_requested = trio.Event()
-        worker = self._worker = Worker(self.config, **self._options)
+        worker = self._worker = self._make_worker()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
 

@@ -24,11 +24,11 @@ import contextlib
 import logging
 import os
 import random
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import attrs
 import trio
 
 from .._base._exceptions import ConfigError
@@ -39,10 +39,7 @@ from .._tree._events import SupervisorSnapshot
 from .._tree._exceptions import ChildStartError
 from .._tree._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from .._tree._supervisor import Supervisor
-from ..controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
 from ..controlplane._exceptions import ControlPlaneError
-from ..controlplane._http import HttpControlPlane
-from ..controlplane._keys import FileKey, KeyProvider, StaticKey
 from ..controlplane._models import Outcome, OutcomeStatus, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
 from ..controlplane._session_client import SessionCredentials, session_location
@@ -50,11 +47,12 @@ from ._agent import AgentFunction, AgentRunner, AgentSpec, EnvPolicy
 from ._config import WorkerConfig
 from ._delegations import DelegationWatcher
 from ._journal import journal_path
-from ._lease import REQUEUE_OUTCOMES
-from ._metrics import HeartbeatMeter, timed_control_plane
-from ._poller import Poller
+from ._lease import REQUEUE_OUTCOMES, KeeperOptions
+from ._metrics import HeartbeatMeter, WorkerStats, timed_control_plane
+from ._poller import Poller, Slot
 from ._presence import Activity, Presence, RequestCounter, counting_control_plane, default_version
-from ._session import SessionRecord, SessionRunner, Slot, Workspaces
+from ._reaper import Reaper
+from ._session import SessionRecord, SessionRunner, Workspaces
 from ._wedge import WedgeBreaker, WedgeDetector, WedgeState
 from ._workspace import WorkspaceManager
 
@@ -68,35 +66,6 @@ _FIRST_BEAT_LIMIT = 30.0
 _ACK_LIMIT = 10.0
 #: Finished sessions whose records the worker keeps (for ``wait``, status, metrics).
 _FINISHED_KEPT = 1000
-
-
-@attrs.frozen
-class WorkerStats:
-    """Counters for health checks and metrics.
-
-    Attributes:
-        worker_id: this worker's id.
-        capacity: ``max_concurrency``.
-        active: sessions running now.
-        outcomes: finished sessions by outcome status.
-        lease_losses: sessions that ended because their lease was lost.
-        started: sessions started since the worker started.
-        draining: whether the worker stopped claiming work.
-        restarts: restarts the worker's supervisors made (services, poller, ...).
-    """
-
-    worker_id: str
-    capacity: int
-    active: int
-    outcomes: Mapping[str, int]
-    lease_losses: int
-    started: int
-    draining: bool
-    restarts: int = 0
-
-    @property
-    def busy(self) -> bool:
-        return self.active >= self.capacity
 
 
 class _Relay:
@@ -146,7 +115,7 @@ class Worker:
         control_plane: ControlPlane | None = None,
         agent: AgentFunction | AgentSpec | None = None,
         base_env: Mapping[str, str] | None = None,
-        keeper_options: Mapping[str, Any] | None = None,
+        keeper_options: KeeperOptions | None = None,
         rng: random.Random | None = None,
         workspaces: Workspaces | None = None,
         offload: Offload | None = None,
@@ -155,17 +124,18 @@ class Worker:
             raise TypeError(f"Worker needs a WorkerConfig, got {config!r}")
         self.config = config
         if agent is None:
-            self.agent_spec = AgentSpec.parse(config.agent)
+            self.agent_spec = AgentSpec.from_setting(config.agent)
         elif isinstance(agent, AgentSpec):
             self.agent_spec = agent
         else:
             self.agent_spec = AgentSpec.from_callable(agent)
         self._given_control_plane = control_plane
         self._base_env = base_env
-        self._keeper_options = dict(keeper_options or {})
+        self._keeper_options = KeeperOptions(**(keeper_options or {}))
         self._rng = rng if rng is not None else random.Random()
         self._given_workspaces = workspaces
         self._workspace_manager: WorkspaceManager | None = None
+        self._reaper: Reaper | None = None
         self._given_offload = offload
         self._offload: Offload = offload if offload is not None else trio.to_thread.run_sync
         self._running = False
@@ -249,6 +219,10 @@ class Worker:
                     stack.push_async_callback(_close_lane, lane)
                     self._offload = lane.run
                 self._prepare_state_dir()
+                if self._wants_reaper():
+                    reaper = self._reaper = Reaper(grace=self.config.agent_grace)
+                    await trio.to_thread.run_sync(reaper.start)
+                    stack.push_async_callback(self._close_reaper)
                 plane = self._given_control_plane
                 if plane is None:
                     plane = await stack.enter_async_context(self._open_control_plane())
@@ -266,6 +240,21 @@ class Worker:
             self._running = False
             self._control_plane = None
 
+    def _wants_reaper(self) -> bool:
+        """A reaper for subprocess agents, where ``/proc`` lets it find them."""
+        return (
+            self.config.agent_reaper
+            and self.agent_spec.is_process
+            and sys.platform.startswith("linux")
+            and os.path.isdir("/proc/self")
+        )
+
+    async def _close_reaper(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(reaper.close)
+
     def _prepare_state_dir(self) -> None:
         state = self.config.state_dir
         try:
@@ -280,36 +269,10 @@ class Worker:
                 key="state_dir",
             ) from None
 
-    @contextlib.asynccontextmanager
-    async def _open_control_plane(self) -> AsyncIterator[ControlPlane]:
-        config = self.config
-        if config.control_plane is None:
-            plane = await trio.to_thread.run_sync(
-                lambda: EmbeddedControlPlane(
-                    config.state_dir / STORE_FILENAME, environment_id=config.environment_id
-                )
-            )
-            try:
-                yield plane
-            finally:
-                with trio.CancelScope(shield=True):
-                    await plane.aclose()
-            return
-        key: KeyProvider
-        if config.environment_key_file is not None:
-            key = FileKey(config.environment_key_file)
-            key.current()  # fail now, with the file named, rather than at the first call
-        elif config.environment_key:
-            key = StaticKey(config.environment_key)
-        else:
-            raise ConfigError(
-                "a remote control plane needs environment_key or environment_key_file",
-                key="environment_key",
-            )
-        async with HttpControlPlane.open(
-            config.control_plane, environment_id=config.environment_id, key=key
-        ) as http:
-            yield http
+    def _open_control_plane(self) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+        return self.config.open_control_plane(
+            missing_key="a remote control plane needs environment_key or environment_key_file"
+        )
 
     async def _register(self, plane: ControlPlane) -> None:
         metadata = {
@@ -340,6 +303,7 @@ class Worker:
                 kind=config.workspace,
                 base_repo=os.fspath(config.base_repo) if config.base_repo is not None else None,
                 keep_workspaces=config.keep_workspaces,
+                owner=_owner(config),
             )
         agent = AgentRunner(
             self.agent_spec,
@@ -350,6 +314,8 @@ class Worker:
             # A worker owns its agents' whole process trees: adopt orphaned
             # grandchildren so they can be reaped, not left as zombies.
             reap_orphans=True,
+            user=config.agent_user,
+            group=config.agent_group,
         )
         self._runner = SessionRunner(
             control_plane=timed_control_plane(counted, self.heartbeat_meter),
@@ -365,6 +331,8 @@ class Worker:
             on_line=self.wedge_detector.on_line,
             # no silence watchdog task per session unless a wedge_timeout is set
             watchdog=self.wedge_detector.watch if config.wedge_timeout is not None else None,
+            reaper=self._reaper,
+            log_max_bytes=config.session_log_max_bytes,
         )
         slots = trio.CapacityLimiter(config.max_concurrency)
         sessions = self._sessions = Supervisor(
@@ -417,7 +385,7 @@ class Worker:
         )
         return tree
 
-    def _lease_keeper_options(self) -> dict[str, object]:
+    def _lease_keeper_options(self) -> KeeperOptions:
         """``LeaseKeeper`` options: the caller's, over defaults tied to the lease ttl.
 
         The first heartbeat names no worker, so the control plane fences it by
@@ -431,7 +399,7 @@ class Worker:
         inside the control plane's default 60 s ack lease). The simulator in
         ``supervisor.testing`` finds the split brain without these bounds.
         """
-        options: dict[str, object] = {"start_timeout": self._claim_limits()[1]}
+        options = KeeperOptions(start_timeout=self._claim_limits()[1])
         options.update(self._keeper_options)
         return options
 
@@ -574,8 +542,17 @@ class Worker:
         return Activity(status=status, active_tasks=active, current_task=current)
 
     def runtime_metadata(self) -> dict[str, Any]:
-        """The default ``runtime_metadata`` of presence reports: capabilities, capacity, version."""
+        """The default ``runtime_metadata`` of presence reports.
+
+        Capabilities, capacity and version, plus the live supervision tree
+        (``tree``), so the control plane's dashboard can draw it without
+        reaching the worker's local API.
+        """
         config = self.config
+        try:
+            tree: dict[str, Any] | None = self.snapshot().as_dict()
+        except RuntimeError:
+            tree = None
         return {
             "capabilities": {
                 "agent": "process" if self.agent_spec.is_process else "in_process",
@@ -587,6 +564,7 @@ class Worker:
             },
             "capacity": config.max_concurrency,
             "version": default_version(),
+            "tree": tree,
         }
 
     def _on_session_end(self, record: SessionRecord) -> None:
@@ -713,6 +691,25 @@ class Worker:
         return list(self._runner.records.values()) if self._runner is not None else []
 
 
+def _owner(config: WorkerConfig) -> tuple[int, int] | None:
+    """``(uid, gid)`` of ``agent_user``, who then owns the workspaces."""
+    if config.agent_user is None:
+        return None
+    import grp
+    import pwd
+
+    user = config.agent_user
+    entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    group = config.agent_group
+    if group is None:
+        gid = entry.pw_gid
+    elif isinstance(group, int):
+        gid = group
+    else:
+        gid = grp.getgrnam(group).gr_gid
+    return entry.pw_uid, gid
+
+
 def _no_secret() -> None:
     return None
 
@@ -726,14 +723,34 @@ def _final(record: SessionRecord) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_worker(config: WorkerConfig, **options: Any) -> AsyncIterator[Worker]:
+async def open_worker(
+    config: WorkerConfig,
+    *,
+    control_plane: ControlPlane | None = None,
+    agent: AgentFunction | AgentSpec | None = None,
+    base_env: Mapping[str, str] | None = None,
+    keeper_options: KeeperOptions | None = None,
+    rng: random.Random | None = None,
+    workspaces: Workspaces | None = None,
+    offload: Offload | None = None,
+) -> AsyncIterator[Worker]:
     """Run a :class:`Worker` for the duration of an ``async with`` block.
 
     On a normal exit from the block the worker is drained (sessions may finish
     within ``config.drain_timeout``); if the block raises or is cancelled,
     sessions are cancelled at once. Either way every item gets its outcome.
+    The keyword arguments are :class:`Worker`'s.
     """
-    worker = Worker(config, **options)
+    worker = Worker(
+        config,
+        control_plane=control_plane,
+        agent=agent,
+        base_env=base_env,
+        keeper_options=keeper_options,
+        rng=rng,
+        workspaces=workspaces,
+        offload=offload,
+    )
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

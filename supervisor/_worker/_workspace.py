@@ -52,6 +52,13 @@ which a worker calls as it starts, removes the run directories whose lock
 nobody holds: what crashed workers left behind, never a live worker's
 workspaces, even when several workers share one state directory. A manager
 with ``keep_workspaces`` takes no lock, so what it keeps is never swept.
+
+A dead worker's run may still be in use: an agent that outlived its worker
+(on a machine without the reaper's protection, DESIGN §3.8), or a process it
+started, working in its directory. So the sweep also looks in ``/proc`` for
+any process whose working directory, root or open files lie inside the run,
+and leaves such a run alone (logged) for a later sweep: removing a live
+agent's workspace under it would turn a leftover into corruption.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ __all__ = [
     "WorkspaceKind",
     "WorkspaceManager",
     "WorkspaceStatistics",
+    "processes_using",
     "safe_name",
 ]
 
@@ -258,6 +266,49 @@ def _lock_run(lock_path: Path, *, create: bool) -> int | None:
     return fd
 
 
+def _chown_tree(path: Path, owner: tuple[int, int]) -> None:
+    """Hand a whole tree to ``owner`` (a git workspace cloned by the worker)."""
+    os.lchown(path, *owner)
+    for parent, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(parent, name), *owner)
+
+
+def processes_using(directory: Path) -> list[int]:
+    """Pids of the processes whose cwd, root or an open file is inside ``directory``.
+
+    Read from ``/proc`` (empty where it is not available); processes whose
+    links this process may not read are not seen, so run the sweep with the
+    rights the agents had or more.
+    """
+    try:
+        target = os.path.realpath(directory)
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    inside = target.rstrip("/") + "/"
+    own = os.getpid()
+    found = []
+    for name in names:
+        if not name.isdigit() or int(name) == own:
+            continue
+        base = f"/proc/{name}"
+        links = [f"{base}/cwd", f"{base}/root"]
+        try:
+            links += [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
+        except OSError:
+            pass
+        for link in links:
+            try:
+                path = os.readlink(link)
+            except OSError:
+                continue
+            if path == target or path.startswith(inside):
+                found.append(int(name))
+                break
+    return found
+
+
 def _sweep_dead_runs(workspaces: Path, own_run: str) -> int:
     """Remove the run directories under ``workspaces`` whose lock nobody holds.
 
@@ -284,6 +335,15 @@ def _sweep_dead_runs(workspaces: Path, own_run: str) -> int:
         if fd is None:
             continue  # a live worker's run
         run_dir = workspaces / run
+        users = processes_using(run_dir)
+        if users:
+            logger.warning(
+                "not removing %s: still used by live process(es) %s",
+                run_dir,
+                ", ".join(map(str, users[:10])),
+            )
+            os.close(fd)
+            continue
         try:
             try:
                 left = len(os.listdir(run_dir))
@@ -325,6 +385,10 @@ class WorkspaceManager:
         clone_timeout: limit for the local clone of a workspace.
         cleanup_timeout: limit for removing a workspace.
         git: the git executable.
+        owner: ``(uid, gid)`` the workspaces are handed to, when agents run as
+            another user (``agent_user``); the run directories are then
+            traversable (``0o711``, never listable) so that user can reach its own
+            workspace, and nothing else of the state directory.
         offload: runs the short blocking steps (making a directory, removing
             one the agent left empty) away from the event loop; a worker passes
             its `~supervisor._lane.ThreadLane`. Removing a tree with files in
@@ -345,6 +409,7 @@ class WorkspaceManager:
     clone_timeout: float = attrs.field(default=120.0, validator=attrs.validators.gt(0))
     cleanup_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     git: str = "git"
+    owner: tuple[int, int] | None = None
     offload: Offload = attrs.field(default=trio.to_thread.run_sync, repr=False)
 
     _lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, repr=False)
@@ -438,13 +503,16 @@ class WorkspaceManager:
         with self._run_mutex:
             if self._run_ready:
                 return
-            self.workspaces_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            mode = 0o700 if self.owner is None else 0o711
+            self.workspaces_dir.mkdir(parents=True, exist_ok=True, mode=mode)
+            if self.owner is not None:
+                os.chmod(self.workspaces_dir, mode)
             if not self.keep_workspaces:
                 fd = _lock_run(self._lock_path, create=True)
                 assert fd is not None, "a fresh run name is never locked"
                 self._run_lock_fd = fd
             try:
-                self.root.mkdir(mode=0o700)
+                self.root.mkdir(mode=mode)
             except BaseException:
                 fd, self._run_lock_fd = self._run_lock_fd, None
                 if fd is not None:
@@ -493,6 +561,8 @@ class WorkspaceManager:
         try:
             if self.kind is WorkspaceKind.GIT:
                 await self._clone_into(path)
+                if self.owner is not None:
+                    await trio.to_thread.run_sync(_chown_tree, path, self.owner)
             yield path
         finally:
             self._active -= 1
@@ -523,6 +593,8 @@ class WorkspaceManager:
                 path.mkdir(mode=0o700)
             except FileExistsError:
                 continue
+            if self.owner is not None:
+                os.chown(path, *self.owner)
             return path
 
     async def _remove(self, path: Path) -> None:

@@ -693,18 +693,18 @@ def decode_submit_request(value: object) -> SubmitRequest:
 
 @attrs.frozen
 class AckRequest:
-    """``POST /work/{id}/ack``: ``{"worker_id"}``."""
+    """``POST /work/{id}/ack``: ``{"worker_id"?}``; the body itself is optional."""
 
-    worker_id: str
+    worker_id: str | None = None
 
 
 def encode_ack_request(request: AckRequest) -> dict[str, JSON]:
-    return {"worker_id": request.worker_id}
+    return {} if request.worker_id is None else {"worker_id": request.worker_id}
 
 
 def decode_ack_request(value: object) -> AckRequest:
     fields = _Fields(value, "", strict=True)
-    request = AckRequest(worker_id=fields.req_str("worker_id", non_empty=True))
+    request = AckRequest(worker_id=fields.opt_str("worker_id", non_empty=True))
     fields.done()
     return request
 

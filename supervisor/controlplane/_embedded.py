@@ -56,7 +56,7 @@ from ._models import (
     WorkStats,
 )
 from ._status import StatusPolicy
-from ._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore
+from ._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore, Store
 from ._text import check_text
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class EmbeddedControlPlane:
 
     Args:
         path_or_store: the database file (opened, and closed by `aclose`), or an
-            open `SQLiteStore` to share (left open by `aclose`; its owner
+            open store (`SQLiteStore`, ``PostgresStore``) to share (left open by `aclose`; its owner
             closes it). Opening a path reads the file synchronously, once.
         environment_id: the environment every call works in.
         clock: returns wall-clock POSIX seconds; read in the Trio thread.
@@ -102,7 +102,7 @@ class EmbeddedControlPlane:
 
     def __init__(
         self,
-        path_or_store: str | os.PathLike[str] | SQLiteStore,
+        path_or_store: str | os.PathLike[str] | Store,
         *,
         environment_id: str = DEFAULT_ENVIRONMENT_ID,
         clock: Callable[[], float] = time.time,
@@ -113,7 +113,7 @@ class EmbeddedControlPlane:
     ) -> None:
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
-        if isinstance(path_or_store, SQLiteStore):
+        if isinstance(path_or_store, Store):
             if lease_policy is not None or status_policy is not None:
                 raise ValueError("policies belong to the store: pass them when opening it")
             self._store = path_or_store
@@ -144,7 +144,7 @@ class EmbeddedControlPlane:
         return self._environment_id
 
     @property
-    def store(self) -> SQLiteStore:
+    def store(self) -> Store:
         """The store underneath (for a server to share, or for inspection)."""
         return self._store
 
@@ -213,7 +213,7 @@ class EmbeddedControlPlane:
     async def poll(
         self,
         *,
-        worker_id: str,
+        worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
@@ -250,7 +250,7 @@ class EmbeddedControlPlane:
             with trio.move_on_after(min(self._poll_interval, remaining)):
                 await wake.wait()
 
-    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
+    async def ack(self, work_id: str, *, worker_id: str | None = None) -> WorkItem:
         return await self._run(
             self._store.ack, self._environment_id, work_id, worker_id=worker_id, now=self._clock()
         )

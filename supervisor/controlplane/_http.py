@@ -102,6 +102,16 @@ def _enum_value(kind: type[_E], value: str, what: str) -> str:
         raise BadRequest(f"{what} must be one of {allowed}, got {value!r}") from None
 
 
+def _check_base(base_url: str) -> str:
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"invalid control plane URL {base_url!r}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"the control plane URL must be http(s)://host[:port], got {base_url!r}")
+    return str(url).rstrip("/")
+
+
 def _error_for(status: int, message: str, body: object = None) -> ControlPlaneError:
     kind = _FATAL_BY_STATUS.get(status)
     if kind is FencingConflict:
@@ -153,7 +163,9 @@ class HttpControlPlane:
     after a network change, a proxy that went away).
 
     Args:
-        base_url: the server's root, for example ``http://127.0.0.1:8790``.
+        base_url: the server's root, for example ``http://127.0.0.1:8790``; or several
+            replicas of it (a sequence, or one comma-separated string), tried in turn: a
+            call that cannot connect to one moves on to the next.
         environment_id: the environment every call addresses.
         key: the environment key, or a ``KeyProvider`` (``FileKey`` re-reads its file after a 401).
         client: an ``httpx.AsyncClient`` to use instead of a private one.
@@ -170,7 +182,7 @@ class HttpControlPlane:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         environment_id: str = "default",
         key: str | KeyProvider,
@@ -180,21 +192,17 @@ class HttpControlPlane:
     ) -> None:
         if client is not None and client_factory is not None:
             raise ValueError("give an httpx client or a factory of clients, not both")
-        try:
-            url = httpx.URL(base_url)
-        except httpx.InvalidURL as exc:
-            raise ConfigError(f"invalid control plane URL {base_url!r}: {exc}") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError(
-                f"the control plane URL must be http(s)://host[:port], got {base_url!r}"
-            )
+        given = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+        self._bases = [_check_base(one.strip()) for one in given if one.strip()]
+        if not self._bases:
+            raise ConfigError("no control plane URL given")
         if not (math.isfinite(timeout) and timeout > 0):
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if isinstance(key, str) and (problem := check_key_syntax(key)):
             raise ConfigError(problem, key="environment key")
         if not environment_id or "/" in environment_id:
             raise ConfigError(f"invalid environment id {environment_id!r}")
-        self._base = str(url).rstrip("/")
+        self._base = self._bases[0]
         self._environment_id = environment_id
         self._prefix = f"/v1/environments/{quote(environment_id, safe='')}"
         self._keys = as_key_provider(key)
@@ -205,12 +213,14 @@ class HttpControlPlane:
         self._closed = False
         #: Clients replaced by :meth:`reconnect` so far.
         self.reconnects = 0
+        #: Moves from one server to the next after a connection error.
+        self.failovers = 0
 
     @classmethod
     @asynccontextmanager
     async def open(
         cls,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         environment_id: str = "default",
         key: str | KeyProvider,
@@ -252,7 +262,22 @@ class HttpControlPlane:
 
     @property
     def base_url(self) -> str:
+        """The server calls go to now (the first URL, until a failover)."""
         return self._base
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """Every server this client may use, in failover order."""
+        return tuple(self._bases)
+
+    def _fail_over(self, failed: str) -> bool:
+        """Move on from ``failed`` to the next server; ``False`` when there is only one."""
+        if len(self._bases) == 1:
+            return False
+        if self._base == failed:
+            self._base = self._bases[(self._bases.index(failed) + 1) % len(self._bases)]
+            self.failovers += 1
+        return True
 
     async def aclose(self) -> None:
         """Close the private client (never an injected one); idempotent, bounded under cancel."""
@@ -305,35 +330,59 @@ class HttpControlPlane:
         self,
         method: str,
         what: str,
-        url: str,
+        path: str,
         key: str,
         params: Mapping[str, str] | None,
         content: bytes | None,
         seconds: float,
     ) -> httpx.Response:
+        """Send one request, failing over to the next server when one cannot be reached.
+
+        A connection that could not be made carried nothing, so the same request
+        goes at once to the next server (each server tried once). A failure after
+        the request may have been sent is not repeated here (it may have been
+        applied): it is `ControlPlaneUnavailable`, and the next call goes to the
+        next server.
+        """
         headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
         if content is not None:
             headers["Content-Type"] = "application/json"
-        try:
-            request = self._client.build_request(
-                method,
-                url,
-                params=params,
-                content=content,
-                headers=headers,
-                timeout=httpx.Timeout(seconds),
-            )
-            return await self._client.send(request)
-        except httpx.TimeoutException as exc:
-            raise ControlPlaneUnavailable(
-                f"{what}: no answer from {self._base} within {seconds:g}s ({type(exc).__name__})"
-            ) from exc
-        except httpx.TransportError as exc:
-            detail = str(exc) or type(exc).__name__
-            raise ControlPlaneUnavailable(f"{what}: cannot reach {self._base}: {detail}") from exc
-        except httpx.HTTPError as exc:
-            detail = str(exc) or type(exc).__name__
-            raise TransientError(f"{what}: HTTP failure talking to {self._base}: {detail}") from exc
+        for _ in range(len(self._bases)):
+            base = self._base
+            try:
+                request = self._client.build_request(
+                    method,
+                    base + path,
+                    params=params,
+                    content=content,
+                    headers=headers,
+                    timeout=httpx.Timeout(seconds),
+                )
+                return await self._client.send(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if self._fail_over(base):
+                    continue
+                if isinstance(exc, httpx.TimeoutException):
+                    raise ControlPlaneUnavailable(
+                        f"{what}: no answer from {base} within {seconds:g}s ({type(exc).__name__})"
+                    ) from exc
+                detail = str(exc) or type(exc).__name__
+                raise ControlPlaneUnavailable(f"{what}: cannot reach {base}: {detail}") from exc
+            except httpx.TimeoutException as exc:
+                self._fail_over(base)
+                raise ControlPlaneUnavailable(
+                    f"{what}: no answer from {base} within {seconds:g}s ({type(exc).__name__})"
+                ) from exc
+            except httpx.TransportError as exc:
+                self._fail_over(base)
+                detail = str(exc) or type(exc).__name__
+                raise ControlPlaneUnavailable(f"{what}: cannot reach {base}: {detail}") from exc
+            except httpx.HTTPError as exc:
+                detail = str(exc) or type(exc).__name__
+                raise TransientError(f"{what}: HTTP failure talking to {base}: {detail}") from exc
+        raise ControlPlaneUnavailable(
+            f"{what}: none of the control planes could be reached ({', '.join(self._bases)})"
+        )
 
     async def _call(
         self,
@@ -357,7 +406,7 @@ class HttpControlPlane:
         check_text(params, "the query")
         check_text(body, "the request body")
         what = f"{method} {self._prefix}{path}"
-        url = f"{self._base}{self._prefix}{path}"
+        url = f"{self._prefix}{path}"
         content = None if body is None else codec.dumps(body)
         limit = self._timeout if seconds is None else seconds
         key = self._key()
@@ -415,11 +464,13 @@ class HttpControlPlane:
     async def poll(
         self,
         *,
-        worker_id: str,
+        worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
-        params = {"worker_id": worker_id, "block_ms": str(block_ms)}
+        params = {"block_ms": str(block_ms)}
+        if worker_id is not None:
+            params["worker_id"] = worker_id
         if reclaim_older_than_ms is not None:
             params["reclaim_older_than_ms"] = str(reclaim_older_than_ms)
         answer = await self._call(
@@ -432,12 +483,10 @@ class HttpControlPlane:
             return None
         return self._decode("poll", answer, codec.decode_work_item)
 
-    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
-        answer = await self._call(
-            "POST",
-            f"/work/{_segment(work_id, 'work_id')}/ack",
-            body=codec.encode_ack_request(codec.AckRequest(worker_id)),
-        )
+    async def ack(self, work_id: str, *, worker_id: str | None = None) -> WorkItem:
+        # Without a worker to name there is no body at all: the poll named the worker.
+        body = None if worker_id is None else codec.encode_ack_request(codec.AckRequest(worker_id))
+        answer = await self._call("POST", f"/work/{_segment(work_id, 'work_id')}/ack", body=body)
         return self._decode("ack", answer, codec.decode_work_item)
 
     async def heartbeat(

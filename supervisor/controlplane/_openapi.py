@@ -223,7 +223,6 @@ _SCHEMAS: Final[dict[str, Any]] = {
     },
     "AckRequest": {
         "type": "object",
-        "required": ["worker_id"],
         "additionalProperties": False,
         "properties": {"worker_id": {"type": "string"}},
     },
@@ -413,7 +412,19 @@ _PATHS: Final[dict[str, Any]] = {
                 "Claim the oldest claimable item, long-polling up to block_ms.",
                 "WorkItem",
                 parameters=(
-                    _query("worker_id", {"type": "string"}, "The polling worker.", required=True),
+                    _query(
+                        "worker_id",
+                        {"type": "string"},
+                        "The polling worker (or the Anthropic-Worker-ID header). Optional: "
+                        "an anonymous poll is bound to a worker at ack.",
+                    ),
+                    {
+                        "name": "Anthropic-Worker-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "The polling worker, instead of worker_id=.",
+                    },
                     _query(
                         "block_ms",
                         {"type": "integer", "minimum": 0, "maximum": 60000, "default": 0},
@@ -439,9 +450,10 @@ _PATHS: Final[dict[str, Any]] = {
     f"{_WORK}/{{work_id}}/ack": {
         "post": _operation(
             "ackWork",
-            "queued -> starting, bound to the worker.",
+            "queued -> starting, bound to the worker the poll named (or the one named here).",
             "WorkItem",
             body="AckRequest",
+            body_required=False,
             parameters=(_path("work_id"),),
             errors=("409",),
         ),

@@ -53,15 +53,23 @@ class ControlPlane(Protocol):
     async def poll(
         self,
         *,
-        worker_id: str,
+        worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
-        """Claim the oldest claimable item, waiting up to ``block_ms``; ``None`` if none."""
+        """Claim the oldest claimable item, waiting up to ``block_ms``; ``None`` if none.
+
+        ``worker_id`` names the poller; an anonymous poll (``None``) is bound at ack.
+        """
         ...
 
-    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
-        """``queued -> starting``, binding the item to ``worker_id``; 409 the second time."""
+    async def ack(self, work_id: str, *, worker_id: str | None = None) -> WorkItem:
+        """``queued -> starting``, binding the item to a worker; 409 the second time.
+
+        The item is bound to the worker the poll named, or else to the one the ack
+        names; when neither named one it is left unbound. An ack naming a worker
+        other than the one the poll named is a 409.
+        """
         ...
 
     async def heartbeat(

@@ -11,7 +11,9 @@ What it guarantees at the boundary:
   ``Authorization: Bearer <key>``, compared with ``hmac.compare_digest``. With
   no key configured the server refuses to start (``ConfigError``), and if the
   key later reads as empty (an emptied key file) it refuses every request.
-  ``GET /healthz`` is the only unauthenticated route.
+  ``GET /healthz`` and the dashboard's page shells and static files (``/``,
+  ``/dashboard/...``; they hold no data, see ``_dashboard``) are the only
+  unauthenticated routes; the dashboard's data needs the key like the API.
 - A request that cannot be honoured changes nothing: the body is read (at
   most ``max_body_bytes``, else 413), decoded and validated completely before
   the store is called, and the store's own refusals are atomic.
@@ -24,20 +26,16 @@ What it guarantees at the boundary:
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import logging
 import math
 import os
 import re
-import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -50,9 +48,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .._base._exceptions import ConfigError
-from .._base._logging import configure_logging
+from .._base._groups import collapse_group, raise_saving_context
 from . import _codec as codec
-from ._embedded import STORE_FILENAME, EmbeddedControlPlane
+from ._dashboard import dashboard_routes
+from ._embedded import EmbeddedControlPlane
 from ._exceptions import (
     BadRequest,
     ControlPlaneError,
@@ -61,19 +60,17 @@ from ._exceptions import (
     TransientError,
     Unauthorized,
 )
-from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider, key_provider_from_env
+from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider
 from ._models import DelegationStatus, WorkState
 from ._openapi import API_PREFIX, openapi_document
 from ._protocol import ControlPlane
-from ._store import SQLiteStore
+from ._store import SQLiteStore, Store
 
 __all__ = [
     "DEFAULT_PORT",
     "MAX_BLOCK_MS",
     "MAX_BODY_BYTES",
     "EnvironmentFactory",
-    "add_serve_arguments",
-    "cli_serve",
     "create_app",
     "open_control_plane_server",
     "serve_control_plane",
@@ -87,6 +84,8 @@ DEFAULT_PORT: Final = 8790
 MAX_BODY_BYTES: Final = 1 << 20
 #: Longest long poll a client may ask for.
 MAX_BLOCK_MS: Final = 60_000
+#: The header a poller may name itself with instead of ``worker_id=``.
+WORKER_ID_HEADER: Final = "Anthropic-Worker-ID"
 #: Largest page ``GET /work`` returns.
 MAX_PAGE_SIZE: Final = 1000
 #: At most one re-read of the key file per this many seconds when a presented key
@@ -104,8 +103,11 @@ EnvironmentFactory = Callable[[str], ControlPlane]
 _Handler = Callable[[Request, ControlPlane], Awaitable[Response]]
 
 
-def _embedded_plane(store: SQLiteStore, environment_id: str) -> ControlPlane:
-    return EmbeddedControlPlane(store, environment_id=environment_id)
+def _embedded_plane(store: Store, environment_id: str) -> ControlPlane:
+    # A store that hears commits from every process (PostgreSQL's NOTIFY) wakes its pollers
+    # itself: the re-check only has to catch leases that expire meanwhile.
+    interval = 2.0 if store.wakes_across_processes else 0.25
+    return EmbeddedControlPlane(store, environment_id=environment_id, poll_interval=interval)
 
 
 # --- responses ---------------------------------------------------------------------
@@ -159,7 +161,7 @@ class _Environments:
         self,
         factory: EnvironmentFactory | None,
         single: ControlPlane | None,
-        owned_store: SQLiteStore | None = None,
+        owned_store: Store | None = None,
     ) -> None:
         self._factory = factory
         self._single = single
@@ -168,7 +170,7 @@ class _Environments:
 
     @classmethod
     def from_source(cls, source: object) -> _Environments:
-        if isinstance(source, SQLiteStore):
+        if isinstance(source, Store):
             return cls(partial(_embedded_plane, source), None)
         if isinstance(source, ControlPlane):
             return cls(None, source)
@@ -178,7 +180,7 @@ class _Environments:
         if callable(source):
             return cls(source, None)
         raise TypeError(
-            "serve a ControlPlane, an environment factory, a SQLiteStore or a database path; "
+            "serve a ControlPlane, an environment factory, a store or a database path; "
             f"got {type(source).__name__}"
         )
 
@@ -287,6 +289,26 @@ class _Query:
         if not (math.isfinite(value) and value > 0):
             raise BadRequest(f"query parameter {name} must be a finite number > 0, got {raw!r}")
         return value
+
+
+def _poller_id(request: Request, query: _Query) -> str | None:
+    """The worker a poll names: ``worker_id=`` or the ``Anthropic-Worker-ID`` header, or none.
+
+    Both may be given only if they agree: a poll must not be bound to one worker
+    in the query and another in the header.
+    """
+    in_query = query.opt_str("worker_id")
+    header = request.headers.getlist(WORKER_ID_HEADER)
+    if len(header) > 1:
+        raise BadRequest(f"the {WORKER_ID_HEADER} header is given more than once")
+    in_header = header[0].strip() if header else None
+    if in_query == "" or in_header == "":
+        raise BadRequest("an empty worker id: name the worker, or leave the field out")
+    if in_query is not None and in_header is not None and in_query != in_header:
+        raise BadRequest(
+            f"worker_id {in_query!r} and the {WORKER_ID_HEADER} header {in_header!r} disagree"
+        )
+    return in_query if in_query is not None else in_header
 
 
 async def _read_body(request: Request, limit: int, *, required: bool) -> object:
@@ -441,7 +463,7 @@ class _App:
 
     async def poll(self, request: Request, plane: ControlPlane) -> Response:
         query = _Query(request, ("worker_id", "block_ms", "reclaim_older_than_ms"))
-        worker_id = query.required_str("worker_id")
+        worker_id = _poller_id(request, query)
         block_ms = query.opt_int("block_ms", default=0, minimum=0, maximum=MAX_BLOCK_MS)
         reclaim = query.opt_int("reclaim_older_than_ms", default=None, minimum=0)
         item = await plane.poll(
@@ -453,7 +475,7 @@ class _App:
 
     async def ack(self, request: Request, plane: ControlPlane) -> Response:
         _Query(request, ())
-        body = codec.decode_ack_request(await self.body(request))
+        body = codec.decode_ack_request(await self.body(request, required=False))
         item = await plane.ack(request.path_params["work_id"], worker_id=body.worker_id)
         return _json(codec.encode_work_item(item))
 
@@ -692,16 +714,17 @@ def create_app(
 def _build(
     source: object, keys: KeyProvider, max_body_bytes: int
 ) -> tuple[Starlette, _Environments]:
-    _require_key(keys)
+    require_key(keys)
     if max_body_bytes <= 0:
         raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes}")
     environments = _Environments.from_source(source)
     handlers = _App(environments, keys, max_body_bytes)
-    app = Starlette(routes=handlers.routes(), exception_handlers={HTTPException: _http_exception})
+    routes = [*handlers.routes(), *dashboard_routes(handlers.endpoint)]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
     return app, environments
 
 
-def _require_key(keys: KeyProvider) -> None:
+def require_key(keys: KeyProvider) -> None:
     key = keys.current()  # a ConfigError here (unreadable file) is the clear message we want
     if not key:
         raise ConfigError(
@@ -815,125 +838,4 @@ async def open_control_plane_server(
         # The nursery is an implementation detail: the server task ends only by
         # cancellation, so a group holding one exception carries the caller's own
         # (or a startup ConfigError). Hand it back as itself, as a plain call would.
-        leaves = _leaves(group)
-        if len(leaves) != 1:
-            raise
-        leaf = leaves[0]
-        context, suppress = leaf.__context__, leaf.__suppress_context__
-        try:
-            raise leaf from leaf.__cause__
-        finally:
-            # Re-raising inside this handler would chain the group in as context.
-            leaf.__context__, leaf.__suppress_context__ = context, suppress
-            del leaf
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves
-
-
-# --- command line --------------------------------------------------------------------------
-
-_PROG: Final = "python -m supervisor serve"
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``serve`` sub-command's flags (the key comes from the environment, never a flag)."""
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default: %(default)s; use 0.0.0.0 to serve other machines)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help="port to listen on (default: %(default)s; 0 picks a free port); "
-        "the base URL is printed on stdout once listening",
-    )
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path(".supervisor"),
-        help="directory holding the SQLite store (default: %(default)s); created if missing",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="log lines on stderr: readable text or JSON lines (default: %(default)s)",
-    )
-
-
-def _open_store(state_dir: Path) -> SQLiteStore:
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create the state directory {str(state_dir)!r}: {exc.strerror or exc}",
-            key="--state-dir",
-        ) from None
-    try:
-        return SQLiteStore(state_dir / STORE_FILENAME)
-    except ControlPlaneError as exc:
-        raise ConfigError(f"cannot open the store: {exc}", key="--state-dir") from None
-
-
-def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, SQLiteStore]:
-    """Everything ``serve`` needs before it binds, or the ``ConfigError`` that stops it."""
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"must be between 0 and 65535, got {args.port}", key="--port")
-    keys = key_provider_from_env(os.environ, watch=True)
-    if keys is None:
-        raise ConfigError(
-            f"no environment key configured: set {KEY_ENV} or {KEY_FILE_ENV}; "
-            "the control plane refuses to start without one"
-        )
-    _require_key(keys)
-    return keys, _open_store(Path(args.state_dir))
-
-
-async def _serve_until_signalled(
-    store: SQLiteStore, host: str, port: int, keys: KeyProvider
-) -> int:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            try:
-                url = await nursery.start(
-                    partial(serve_control_plane, store, host=host, port=port, key_provider=keys)
-                )
-            except ConfigError as exc:
-                print(f"{_PROG}: error: {exc}", file=sys.stderr)
-                return 2
-            print(url, flush=True)
-            async for signum in signals:
-                logger.info("received %s; stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
-    return 0
-
-
-def cli_serve(args: argparse.Namespace) -> int:
-    """``python -m supervisor serve``: serve the state directory's store until SIGINT/SIGTERM.
-
-    Returns:
-        0 after a clean stop; 2 for a configuration error (no key, unreadable key
-        file, port in use, unusable state directory), with the reason on stderr.
-    """
-    try:
-        keys, store = _serve_config(args)
-    except ConfigError as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    # The redaction filter is a second line of defence: nothing here logs the key.
-    configure_logging(getattr(args, "log_format", "text"), secrets=[keys.current()])
-    try:
-        return trio.run(_serve_until_signalled, store, args.host, args.port, keys)
-    finally:
-        store.close()
+        raise_saving_context(collapse_group(group))

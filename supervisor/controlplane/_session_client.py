@@ -24,26 +24,22 @@ write the store file can of course change anything in it; the check keeps an
 agent's delegations tied to its own live session, it is not a sandbox.)
 
 ``python -m supervisor delegate TASK`` is the command-line form (see
-`cli_delegate`).
+``supervisor._cli._delegate``).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import Final
 
 import attrs
-import trio
 
 from .._base._exceptions import ConfigError
+from ._connect import open_control_plane
 from ._embedded import EmbeddedControlPlane
-from ._exceptions import ControlPlaneError, Unauthorized
-from ._http import HttpControlPlane
+from ._exceptions import Unauthorized
 from ._models import Delegation, SessionMessage
 from ._protocol import ControlPlane
 
@@ -54,8 +50,6 @@ __all__ = [
     "SESSION_TOKEN_ENV",
     "SessionClient",
     "SessionCredentials",
-    "add_delegate_arguments",
-    "cli_delegate",
     "open_session_client",
     "session_location",
 ]
@@ -65,12 +59,6 @@ SESSION_TOKEN_ENV: Final = "SUPERVISOR_SESSION_TOKEN"
 SESSION_CONTROL_PLANE_ENV: Final = "SUPERVISOR_SESSION_CONTROL_PLANE"
 SESSION_ENVIRONMENT_ENV: Final = "SUPERVISOR_SESSION_ENVIRONMENT_ID"
 
-_PROG: Final = "python -m supervisor delegate"
-
-
-def _is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
 
 @attrs.frozen
 class SessionCredentials:
@@ -79,7 +67,8 @@ class SessionCredentials:
     Attributes:
         session_id: the session the credential belongs to.
         token: the session credential (never in ``repr``).
-        control_plane: an ``http(s)://`` URL, or the embedded store's file path.
+        control_plane: an ``http(s)://`` URL (or several, comma-separated), or the embedded
+            store's file path.
         environment_id: the environment of the session.
     """
 
@@ -129,10 +118,16 @@ def session_location(plane: ControlPlane) -> str | None:
     A control plane of another kind (a test double, a custom implementation)
     has no such place, and its agents get no credential.
     """
-    if isinstance(plane, HttpControlPlane):
-        return plane.base_url
     if isinstance(plane, EmbeddedControlPlane):
+        if plane.store.wakes_across_processes:
+            # A database shared by a fleet is reached with its password, which no agent may see.
+            return None
         return os.path.abspath(plane.store.path)
+    # Imported here so that a worker on the embedded plane never loads the HTTP client.
+    from ._http import HttpControlPlane
+
+    if isinstance(plane, HttpControlPlane):
+        return ",".join(plane.base_urls)  # every replica, so the agent can fail over too
     return None
 
 
@@ -186,77 +181,13 @@ async def open_session_client(
         ConfigError: the credentials are missing, or the embedded store file does not exist.
     """
     creds = credentials if credentials is not None else SessionCredentials.from_environ()
-    if _is_url(creds.control_plane):
-        async with HttpControlPlane.open(
-            creds.control_plane, environment_id=creds.environment_id, key=creds.token
-        ) as http:
-            yield SessionClient(http, creds, check=False)
-        return
-    path = Path(creds.control_plane)
-    if not await trio.to_thread.run_sync(path.is_file):
-        raise ConfigError(f"no control-plane store at {str(path)!r}", key=SESSION_CONTROL_PLANE_ENV)
-    plane = await trio.to_thread.run_sync(
-        lambda: EmbeddedControlPlane(path, environment_id=creds.environment_id)
-    )
-    try:
-        yield SessionClient(plane, creds, check=True)
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await plane.aclose()
-
-
-# --- python -m supervisor delegate ----------------------------------------------------
-
-
-def add_delegate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``delegate`` sub-command's arguments (everything else comes from the session)."""
-    parser.add_argument("task", help="the task for another agent; '-' reads it from stdin")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the delegation as JSON instead of its id",
-    )
-
-
-def cli_delegate(args: argparse.Namespace) -> int:
-    """``python -m supervisor delegate TASK``: delegate from inside a session.
-
-    Prints the new delegation's id (or the delegation as JSON with ``--json``).
-    The result comes back to this session: into its inbox file
-    (``$SUPERVISOR_WORKSPACE/.supervisor-inbox.jsonl``) while it runs, otherwise
-    as a follow-up message.
-
-    Returns:
-        0 on success; 1 when the control plane refused or failed (the session
-        ended, the credential is not valid, it cannot be reached); 2 for a usage
-        or configuration problem (an empty task, no session credentials).
-    """
-    task = sys.stdin.read() if args.task == "-" else args.task
-    if not task.strip():
-        print(f"{_PROG}: error: the task is empty", file=sys.stderr)
-        return 2
-    try:
-        credentials = SessionCredentials.from_environ()
-    except ConfigError as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
-        return 2
-
-    async def go() -> Delegation:
-        async with open_session_client(credentials) as client:
-            return await client.delegate(task)
-
-    try:
-        delegation = trio.run(go)
-    except ConfigError as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except ControlPlaneError as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        from ._codec import dumps, encode_delegation
-
-        print(dumps(encode_delegation(delegation)).decode())
-    else:
-        print(delegation.id)
-    return 0
+    async with open_control_plane(
+        creds.control_plane,
+        environment_id=creds.environment_id,
+        key=creds.token,
+        create=False,
+        setting=SESSION_CONTROL_PLANE_ENV,
+        missing_key="the session credential is empty",
+    ) as plane:
+        # The embedded plane has no server to check the credential: the client does.
+        yield SessionClient(plane, creds, check=isinstance(plane, EmbeddedControlPlane))

@@ -356,7 +356,7 @@ class ScriptedControlPlane:
     async def poll(
         self,
         *,
-        worker_id: str,
+        worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
@@ -374,7 +374,8 @@ class ScriptedControlPlane:
             while True:
                 now = trio.current_time()
                 self._expire(now)
-                self._polled_by[worker_id] = now
+                if worker_id is not None:
+                    self._polled_by[worker_id] = now
                 record = self._claimable(now, reclaim)
                 if record is not None:
                     record.delivered_at = now
@@ -390,14 +391,17 @@ class ScriptedControlPlane:
                     await self._wait_changed()
         return item
 
-    async def ack(self, work_id: str, *, worker_id: str) -> WorkItem:
+    async def ack(self, work_id: str, *, worker_id: str | None = None) -> WorkItem:
         async with self._recording("ack", work_id=work_id, worker_id=worker_id) as call:
             record = self._live_record(work_id)
             if record.item.state is not WorkState.QUEUED:
                 raise Conflict(f"work item {work_id} is {record.item.state.value}, not queued")
             now = trio.current_time()
             record.item = attrs.evolve(
-                record.item, state=WorkState.STARTING, worker_id=worker_id, acknowledged_at=now
+                record.item,
+                state=WorkState.STARTING,
+                worker_id=record.delivered_to or worker_id,
+                acknowledged_at=now,
             )
             self._processed(call)
             call.result = record.item

@@ -124,6 +124,7 @@ import trio.testing
 from .._tree._exceptions import RestartIntensityExceeded
 from .._worker._agent import AgentContext
 from .._worker._config import WorkerConfig
+from .._worker._lease import KeeperOptions
 from .._worker._worker import Worker
 from ..controlplane import _codec as codec
 from ..controlplane._embedded import EmbeddedControlPlane
@@ -283,7 +284,7 @@ class SimConfig:
     behaviours: Mapping[Behaviour, float] = attrs.field(factory=_default_behaviours)
     agent: SimAgent | None = None
     worker_options: Mapping[str, Any] = attrs.field(factory=dict)
-    keeper_options: Mapping[str, Any] = attrs.field(factory=dict)
+    keeper_options: KeeperOptions = attrs.field(factory=KeeperOptions)
 
 
 @attrs.frozen
@@ -519,7 +520,9 @@ class _AgentRun:
 
 
 @attrs.define(eq=False)
-class _Slot:
+class _WorkerSlot:
+    """One simulated worker process across its incarnations (killed, restarted)."""
+
     index: int
     link: FaultyControlPlane
     workspaces: MemoryWorkspaces
@@ -620,7 +623,7 @@ class Simulation:
         self._starts: dict[int, int] = {}
         self._live: list[_AgentRun] = []
         self._workers: dict[str, Worker] = {}
-        self._slots: list[_Slot] = []
+        self._slots: list[_WorkerSlot] = []
         self._accepted_stops: dict[str, list[Outcome | None]] = {}
         self._stopping = False
         self._store: SQLiteStore | None = None
@@ -748,7 +751,7 @@ class Simulation:
         config = self.config
         async with trio.open_nursery() as nursery:
             for index in range(config.workers):
-                slot = _Slot(
+                slot = _WorkerSlot(
                     index,
                     FaultyControlPlane(
                         plane,
@@ -848,6 +851,8 @@ class Simulation:
             "worker_id": name,
             "max_concurrency": config.max_concurrency,
             "lease_ttl": config.lease_ttl,
+            # in-process agents have no grace; it only has to fit the lease
+            "agent_grace": 0.1 * config.lease_ttl,
             "session_timeout": config.session_timeout,
             "poll_block_ms": config.poll_block_ms,
             "api_enabled": False,
@@ -860,13 +865,13 @@ class Simulation:
         values.update(config.worker_options)
         return WorkerConfig(**values)
 
-    async def _run_slot(self, slot: _Slot) -> None:
+    async def _run_slot(self, slot: _WorkerSlot) -> None:
         try:
             while not self._stopping:
                 name = f"w{slot.index}" + (f".{slot.incarnation}" if slot.incarnation else "")
                 slot.link.name = name
                 seed = f"supervisor-sim:{self.seed}:{name}"
-                keeper_options: dict[str, Any] = {"rng": random.Random(f"{seed}:lease")}
+                keeper_options = KeeperOptions(rng=random.Random(f"{seed}:lease"))
                 keeper_options.update(self.config.keeper_options)
                 worker = Worker(
                     self._worker_config(name, slot.index),
@@ -920,7 +925,7 @@ class Simulation:
         finally:
             slot.done.set()
 
-    def _kill(self, slot: _Slot, fault: Fault) -> None:
+    def _kill(self, slot: _WorkerSlot, fault: Fault) -> None:
         if slot.done.is_set() or self._stopping:
             return
         if slot.killed_until is not None:

@@ -15,8 +15,15 @@ What runs, all on ``127.0.0.1``:
   resets (before and after the server answered), truncated answers and 503s;
 * real worker processes (``python -m supervisor run --control-plane PROXY``)
   whose agents are real subprocesses that log when they start and end;
-* one machine crash: a worker and its agents are frozen and ``SIGKILL``\\ ed
-  mid-run (no goodbye), and a replacement worker starts.
+* one crash mid-run (no goodbye, once the victim runs an agent), then a
+  replacement worker starts. A
+  ``machine`` crash freezes a worker and ``SIGKILL``\\ s its agents' groups and
+  it; a ``worker`` crash ``SIGKILL``\\ s the worker process alone, so its agents
+  live on unless something outside the worker kills them (the reaper of
+  DESIGN §3.8);
+* optionally one freeze: another worker is stopped with ``SIGSTOP`` for longer
+  than the lease ttl (its agents keep running unless the reaper kills them at
+  their deadline), then continued with ``SIGCONT``.
 
 Faults stop after ``fault_time`` seconds or ``max_requests`` requests, the
 run waits for every item to end (within ``time_limit``), the workers are
@@ -30,7 +37,9 @@ really answered, and the agents' own start/end log:
   outcome is not the store's own (a ``requeue`` on the last attempt also ends
   an item with the worker's outcome);
 * no two agents ever ran for one item at the same time (split brain), and no
-  item ran more often than its attempts allow;
+  item ran more often than its attempts allow. An agent killed without a word
+  (SIGKILL) ends when ``/proc`` first shows it gone: the run watches every
+  agent that logged a start and no end;
 * a ``completed`` item had an agent that finished with exit code 0;
 * every worker stopped on ``SIGTERM`` and no agent process was left behind.
 
@@ -100,8 +109,15 @@ class ChaosConfig:
         agent: the agent command (``{prompt}`` is replaced); see the module notes.
         agent_seconds: range of an agent's work.
         crash_rate: share of items whose agent exits 1.
-        crash_after: seconds into the run when worker 0 and its agents are
-            killed (``None``: no crash).
+        crash_after: seconds into the run when worker 0 is killed (``None``: no crash).
+        crash_mode: ``machine`` (the worker and its agents die) or ``worker``
+            (only the worker process gets SIGKILL; its agents are left to the reaper).
+        freeze_after: seconds into the run when worker 1 (worker 0 if it is the
+            only one) is frozen with SIGSTOP (``None``: no freeze).
+        freeze_for: how long it stays frozen (default: twice the lease ttl).
+        reaper: whether the workers run their reaper; ``False`` plants the old
+            behaviour back (agents outlive a killed or frozen worker), which the
+            split-brain check must catch.
         fault_time: seconds of faults; the proxy only forwards afterwards.
         max_requests: requests after which the proxy only forwards.
         time_limit: seconds for all items to end.
@@ -131,6 +147,12 @@ class ChaosConfig:
     agent_seconds: tuple[float, float] = (0.2, 3.0)
     crash_rate: float = 0.15
     crash_after: float | None = 5.0
+    crash_mode: str = attrs.field(
+        default="machine", validator=attrs.validators.in_(("machine", "worker"))
+    )
+    freeze_after: float | None = None
+    freeze_for: float | None = None
+    reaper: bool = True
     fault_time: float = 15.0
     max_requests: int = 3000
     time_limit: float = 90.0
@@ -155,6 +177,7 @@ class ChaosReport:
         agent_runs: agent processes started.
         workers: names of the worker processes started (the replacement included).
         crashed: whether a worker was killed mid-run.
+        frozen: whether a worker was frozen past the ttl and continued.
         seconds: wall time of the run.
         directory: where the logs and the store were (gone unless ``keep``).
         refused_stops: final ``stop``/``requeue`` calls the server refused with
@@ -176,6 +199,7 @@ class ChaosReport:
     crashed: bool
     seconds: float
     directory: Path
+    frozen: bool = False
     refused_stops: int = 0
     reruns: int = 0
     completed_not_recorded: int = 0
@@ -223,6 +247,19 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _runs_agents(worker: trio.Process, marker: str) -> bool:
+    """Whether ``worker`` has an agent (a child whose command line holds ``marker``) now."""
+    needle = marker.encode()
+    for child in _children(worker.pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if needle in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _processes_mentioning(marker: str) -> list[int]:
     found = []
     needle = marker.encode()
@@ -252,6 +289,15 @@ def _crash(worker: trio.Process) -> list[int]:
     return killed
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
 class _Run:
     def __init__(self, config: ChaosConfig, root: Path) -> None:
         self.config = config
@@ -264,6 +310,10 @@ class _Run:
         self.workers: list[tuple[str, trio.Process]] = []
         self.crashed_at: float | None = None
         self.crashed_agents: set[int] = set()
+        self.crashed_workers: set[str] = set()
+        self.frozen_at: float | None = None
+        #: Wall time when an agent that logged no end was first seen gone.
+        self.deaths: dict[int, float] = {}
         self.ids: list[str] = []
         self.agent_run_count = 0
         self.refused_stops = 0
@@ -341,8 +391,9 @@ class _Run:
         ]
         env = self.env(
             SUPERVISOR_WORKER_ID=name,
-            SUPERVISOR_AGENT_GRACE="1",
+            SUPERVISOR_AGENT_GRACE=f"{min(1.0, 0.15 * config.lease_ttl):g}",
             SUPERVISOR_POLL_BLOCK_MS="500",
+            SUPERVISOR_AGENT_REAPER="true" if config.reaper else "false",
         )
         with _log_file(self.root / f"{name}.log") as log:
             process = await trio.lowlevel.open_process(
@@ -389,9 +440,28 @@ class _Run:
             return False
         return len(items) >= len(self.ids) and all(i.state is WorkState.STOPPED for i in items)
 
+    async def watch_deaths(self) -> None:
+        """Note when each agent that logged a start but no end is first seen gone."""
+        while True:
+            ended: set[int] = set()
+            started: set[int] = set()
+            if self.log.exists():
+                for line in self.log.read_text(encoding="utf-8").splitlines():
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    (started if event["event"] == "start" else ended).add(event["pid"])
+            now = time.time()
+            for pid in started - ended - set(self.deaths):
+                if not _alive(pid):
+                    self.deaths[pid] = now
+            await trio.sleep(0.02)
+
     async def stop_workers(self) -> None:
         for _, process in self.workers:
             if process.returncode is None:
+                process.send_signal(signal.SIGCONT)  # a frozen one, too, must hear it
                 process.send_signal(signal.SIGTERM)
         for name, process in self.workers:
             with trio.move_on_after(20) as scope:
@@ -400,7 +470,7 @@ class _Run:
                 self.violations.append(f"stuck: {name} did not stop within 20s of SIGTERM")
                 process.kill()
                 await process.wait()
-            elif process.returncode not in (0, -signal.SIGKILL) and name != "w0":
+            elif process.returncode != 0 and name not in self.crashed_workers:
                 self.violations.append(f"exit: {name} exited with {process.returncode}")
 
     # --- checks ------------------------------------------------------------------
@@ -502,9 +572,12 @@ class _Run:
         if lost:
             self.completed_not_recorded += 1
         margin = 2 * self.config.lease_ttl
+        # A killed or frozen worker excuses whatever ran from a while before it on.
+        hit = [t for t in (self.crashed_at, self.frozen_at) if t is not None]
         blameless = (
             work_id not in faulted
             and not any(pid in self.crashed_agents for _, _, pid, _ in ordered)
+            and not any(end > t - margin for _, end, _, _ in ordered for t in hit)
             and not any(
                 start < down_end + margin and down_start - margin < end
                 for start, end, _, _ in ordered
@@ -537,6 +610,8 @@ class _Run:
                 ended, code = ends[pid]
             elif pid in self.crashed_agents and self.crashed_at is not None:
                 ended, code = self.crashed_at, None
+            elif pid in self.deaths:
+                ended, code = self.deaths[pid], None
             else:
                 self.violations.append(f"leak: agent {pid} for {work_id} never logged its end")
                 ended, code = math.inf, None
@@ -566,6 +641,7 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
                 )
                 proxy_url = await nursery.start(proxy.run)
                 await run.submit(server_url)
+                nursery.start_soon(run.watch_deaths)
                 for number in range(config.workers):
                     await run.start_worker(f"w{number}", proxy_url)
                 await _drive(run, proxy, proxy_url, server_url, started, servers)
@@ -615,6 +691,7 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
             crashed=run.crashed_at is not None,
             seconds=time.monotonic() - started,
             directory=root,
+            frozen=run.frozen_at is not None,
             refused_stops=run.refused_stops,
             reruns=run.reruns,
             completed_not_recorded=run.completed_not_recorded,
@@ -666,18 +743,43 @@ async def _drive(
     crash_at = None if config.crash_after is None else started + config.crash_after
     restart_at = None if config.restart_after is None else started + config.restart_after
     step_at = None if config.clock_step_after is None else started + config.clock_step_after
+    freeze_at = None if config.freeze_after is None else started + config.freeze_after
+    thaw_at: float | None = None
+    frozen: trio.Process | None = None
     calm_at = started + config.fault_time
     give_up_at = started + config.time_limit
     async with HttpControlPlane.open(server_url, key=run.key, timeout=5.0) as plane:
         while True:
             now = time.monotonic()
-            if crash_at is not None and now >= crash_at and run.workers:
+            # Each fault waits for its victim to run an agent: one that hits an idle
+            # worker tests nothing.
+            if (
+                crash_at is not None
+                and now >= crash_at
+                and _runs_agents(run.workers[0][1], str(run.log))
+            ):
                 crash_at = None
-                _, victim = run.workers[0]
-                run.crashed_agents.update(_crash(victim))
+                name, victim = run.workers[0]
+                run.crashed_workers.add(name)
+                if config.crash_mode == "machine":
+                    run.crashed_agents.update(_crash(victim))
+                else:
+                    victim.send_signal(signal.SIGKILL)  # the worker alone: its agents live on
                 run.crashed_at = time.time()
                 await victim.wait()
                 await run.start_worker(f"w{config.workers}", proxy_url)
+            target = run.workers[1 if config.workers > 1 else 0][1]
+            if freeze_at is not None and now >= freeze_at and _runs_agents(target, str(run.log)):
+                freeze_at = None
+                frozen = target
+                if frozen.returncode is None:
+                    frozen.send_signal(signal.SIGSTOP)
+                    run.frozen_at = time.time()
+                    thaw_at = now + (config.freeze_for or 2 * config.lease_ttl)
+            if thaw_at is not None and now >= thaw_at and frozen is not None:
+                thaw_at = None
+                if frozen.returncode is None:
+                    frozen.send_signal(signal.SIGCONT)
             if step_at is not None and now >= step_at:
                 step_at = None
                 servers[-1].send_signal(signal.SIGUSR1)
@@ -689,7 +791,13 @@ async def _drive(
                 await _restart_server(run, servers, server_url)
             if now >= calm_at or proxy.requests >= config.max_requests:
                 proxy.calm()
-            waiting = crash_at is not None or restart_at is not None or step_at is not None
+            waiting = (
+                crash_at is not None
+                or freeze_at is not None
+                or thaw_at is not None
+                or restart_at is not None
+                or step_at is not None
+            )
             if not waiting and await run.all_ended(plane):
                 return
             if now >= give_up_at:
@@ -778,6 +886,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--agent", default=None, help="agent command with {prompt}")
     run.add_argument("--keep", action="store_true", help="keep the logs and the store")
+    run.add_argument("--lease-ttl", type=float, default=6.0)
+    run.add_argument("--crash-mode", choices=("machine", "worker"), default="machine")
+    run.add_argument("--freeze-after", type=float, default=None, help="SIGSTOP worker 1 then")
+    run.add_argument(
+        "--no-reaper", action="store_true", help="plant the old behaviour: workers without reaper"
+    )
     serve = sub.add_parser("serve", help="the reference server with a short lease policy")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0)
@@ -808,6 +922,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         agent=args.agent or default_agent(),
         keep=args.keep,
+        lease_ttl=args.lease_ttl,
+        crash_mode=args.crash_mode,
+        freeze_after=args.freeze_after,
+        reaper=not args.no_reaper,
     )
     report = trio.run(run_chaos, config)
     for violation in report.violations:

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .._worker._lease import MeasureFrom
+from .._worker._lease import KeeperOptions, MeasureFrom
 from ._sim import (
     AgentBehaviour,
     Behaviour,
@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
-    keeper: dict[str, object] = {}
+    keeper = KeeperOptions()
     if args.measure_from != MeasureFrom.SEND.value:
         keeper["measure_from"] = MeasureFrom(args.measure_from)
     if args.plant_stale_stop:

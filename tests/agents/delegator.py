@@ -32,7 +32,7 @@ for task in prompt[len("delegate:") :].split(";"):
     print(f"delegated {ids[-1]}", flush=True)
 
 inbox = os.path.join(os.environ["SUPERVISOR_WORKSPACE"], ".supervisor-inbox.jsonl")
-received = {}
+received: dict[str, object] = {}
 deadline = time.monotonic() + 60
 while len(received) < len(ids) and time.monotonic() < deadline:
     if os.path.exists(inbox):

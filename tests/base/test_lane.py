@@ -7,7 +7,7 @@ import threading
 import pytest
 import trio
 
-from supervisor._base._lane import ThreadLane
+from supervisor.lowlevel import ThreadLane
 
 
 async def test_calls_run_in_the_lane_thread_in_order_and_return_results() -> None:

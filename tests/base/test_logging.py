@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from supervisor import AgentContext, WorkerConfig, open_worker
 from supervisor._base._logging import RedactSecrets, configure_logging, redact_secret
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import open_worker
-from supervisor.controlplane import WorkItem
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane import EmbeddedControlPlane, WorkItem
 
 KEY = "environment-key-0123456789"
 
@@ -91,7 +88,11 @@ class RecordingPlane(EmbeddedControlPlane):
     secrets: list[str]
 
     async def poll(
-        self, *, worker_id: str, block_ms: int = 0, reclaim_older_than_ms: int | None = None
+        self,
+        *,
+        worker_id: str | None = None,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
         item = await super().poll(
             worker_id=worker_id, block_ms=block_ms, reclaim_older_than_ms=reclaim_older_than_ms

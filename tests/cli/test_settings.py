@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor._base._exceptions import ConfigError
+from supervisor import ConfigError, WorkerConfig
 from supervisor._cli._main import build_parser, load_config
-from supervisor._worker._config import WorkerConfig
 
 
 def run_args(*flags: str) -> argparse.Namespace:
@@ -97,6 +96,20 @@ def test_file_variants_read_the_value_from_a_file(tmp_path: Path) -> None:
     assert config.agent == "my-agent {prompt}"
 
 
+def test_a_toml_agent_list_is_the_commands_arguments_unsplit(tmp_path: Path) -> None:
+    """``agent = [...]`` in TOML (as DESIGN §3.4 writes it) is kept argument by argument;
+    an agent in a variable or a flag stays a command line, never split on commas."""
+    path = toml(tmp_path, 'agent = ["claude", "-p", "{prompt}", "--note", "a, b"]\n')
+    config = load_config(run_args("--config", str(path)), {})
+    assert config.agent == ("claude", "-p", "{prompt}", "--note", "a, b")
+    in_table = toml(tmp_path, '[worker]\nagent = ["prog"]\n', name="table.toml")
+    assert load_config(run_args("--config", str(in_table)), {}).agent == ("prog",)
+    from_env = load_config(run_args("--config", str(path)), {"SUPERVISOR_AGENT": "x a,b"})
+    assert from_env.agent == "x a,b"
+    from_flag = load_config(run_args("--config", str(path), "--agent", "y {prompt}"), {})
+    assert from_flag.agent == "y {prompt}"
+
+
 def test_environment_key_file_is_kept_as_a_path_to_reread(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("s3cret-key\n")
@@ -144,6 +157,10 @@ def test_supervisord_variables_are_not_mistaken_for_settings() -> None:
         ("max_concurrency = 0\n", "max_concurrency"),
         ("state_dir = 5\n", "state_dir"),
         ("agent_env = [1, 2]\n", "agent_env"),
+        ("agent = 5\n", "agent"),
+        ('agent = ["prog", 1]\n', "agent"),
+        ("agent = []\n", "agent"),
+        ('agent = ""\n', "agent"),
         ('keep_workspaces = "yes"\n', "keep_workspaces"),
         ("lease_ttl = 0\n", "lease_ttl"),
         ("lease_ttl = true\n", "lease_ttl"),

@@ -155,7 +155,11 @@ def test_workers_queue_and_items_are_listed() -> None:
 
 
 def test_without_a_worker_the_note_says_why_and_how_to_start_one() -> None:
-    doc = {"worker": None, "worker_note": "No worker is running in /x (no api.json)", "items": []}
+    doc: dict[str, Any] = {
+        "worker": None,
+        "worker_note": "No worker is running in /x (no api.json)",
+        "items": [],
+    }
     text = drawn(doc)
     assert "No worker is running in /x" in text
     assert "No worker has registered" in text

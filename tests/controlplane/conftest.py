@@ -1,126 +1,14 @@
-"""The conformance fixture: one suite, run against every `ControlPlane` implementation.
-
-``control_plane`` yields a `ConformanceTarget`: the implementation under test
-plus the `ManualClock` its store reads, so a test moves time with
-``target.clock.advance(seconds)`` and lease expiry or worker ageing happens at
-once, deterministically, with no sleeping.
-
-Adding an implementation (this is where the HTTP variant plugs in): write an
-async context manager ``factory(tmp_path, clock, lease_policy, status_policy)``
-that yields a ready `ControlPlane` whose store uses *that* clock and *those*
-policies, and add it to `IMPLEMENTATIONS` below. For ``"http"``: open a
-`SQLiteStore` in ``tmp_path`` with the policies, start the reference server on
-``127.0.0.1`` port 0 over it with ``clock=clock``, and yield an
-``HttpControlPlane`` pointed at the bound URL; close both on exit.
-"""
+"""The conformance fixture: each `ControlPlane` implementation in turn (see `conformance`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import attrs
 import pytest
+from controlplane.conformance import IMPLEMENTATIONS, LEASE_POLICY, STATUS_POLICY, ConformanceTarget
 
-from supervisor.controlplane import ControlPlane
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
-from supervisor.testing._clock import ManualClock
-
-#: Policies every implementation runs with (the defaults, spelled out so tests can use them).
-LEASE_POLICY = LeasePolicy(
-    default_ttl=60.0,
-    min_ttl=1.0,
-    max_ttl=3600.0,
-    max_attempts=3,
-    reclaim_older_than_ms=30_000,
-    polling_window=60.0,
-)
-STATUS_POLICY = StatusPolicy(
-    provision_timeout=300.0, offline_after=90.0, degrade_error_rate=0.5, recover_error_rate=0.1
-)
-
-
-@attrs.frozen
-class ConformanceTarget:
-    """What a conformance test gets: the control plane and the clock behind it."""
-
-    cp: ControlPlane
-    clock: ManualClock
-    implementation: str
-    lease: LeasePolicy = LEASE_POLICY
-    status: StatusPolicy = STATUS_POLICY
-
-
-Factory = Callable[
-    [Path, ManualClock, LeasePolicy, StatusPolicy], AbstractAsyncContextManager[ControlPlane]
-]
-
-
-@asynccontextmanager
-async def _embedded(
-    tmp_path: Path, clock: ManualClock, lease: LeasePolicy, status: StatusPolicy
-) -> AsyncIterator[ControlPlane]:
-    async with EmbeddedControlPlane(
-        tmp_path / "controlplane.sqlite3",
-        clock=clock,
-        threaded=True,
-        poll_interval=0.02,
-        lease_policy=lease,
-        status_policy=status,
-    ) as cp:
-        yield cp
-
-
-@asynccontextmanager
-async def _embedded_inline(
-    tmp_path: Path, clock: ManualClock, lease: LeasePolicy, status: StatusPolicy
-) -> AsyncIterator[ControlPlane]:
-    async with EmbeddedControlPlane(
-        tmp_path / "controlplane.sqlite3",
-        clock=clock,
-        threaded=False,
-        poll_interval=0.02,
-        lease_policy=lease,
-        status_policy=status,
-    ) as cp:
-        yield cp
-
-
-#: The environment key the "http" implementation's server and client share.
-HTTP_KEY = "conformance-key-0123456789"
-
-
-@asynccontextmanager
-async def _http(
-    tmp_path: Path, clock: ManualClock, lease: LeasePolicy, status: StatusPolicy
-) -> AsyncIterator[ControlPlane]:
-    store = SQLiteStore(tmp_path / "controlplane.sqlite3", lease_policy=lease, status_policy=status)
-
-    def environment(environment_id: str) -> ControlPlane:
-        return EmbeddedControlPlane(
-            store, environment_id=environment_id, clock=clock, poll_interval=0.02
-        )
-
-    try:
-        async with (
-            open_control_plane_server(environment, key_provider=HTTP_KEY) as url,
-            HttpControlPlane.open(url, key=HTTP_KEY) as cp,
-        ):
-            yield cp
-    finally:
-        store.close()
-
-
-IMPLEMENTATIONS: dict[str, Factory] = {
-    "embedded": _embedded,  # store calls in worker threads (the default)
-    "embedded-inline": _embedded_inline,  # store calls in the Trio thread (MockClock mode)
-    "http": _http,  # the reference server on 127.0.0.1 (port 0) + HttpControlPlane
-}
+from supervisor.testing import ManualClock
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane import SQLiteStore
 
 ENV = "default"
 

@@ -12,10 +12,14 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from supervisor import BadRequest, Conflict, FencingConflict, Gone, NotFound
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
+    Conflict,
     DelegationStatus,
+    FencingConflict,
+    Gone,
+    NotFound,
     Outcome,
     OutcomeStatus,
     PresenceReport,
@@ -25,7 +29,7 @@ from supervisor.controlplane import (
 )
 
 if TYPE_CHECKING:
-    from conftest import ConformanceTarget
+    from controlplane.conformance import ConformanceTarget
 
 W1 = "worker-1"
 W2 = "worker-2"
@@ -266,6 +270,33 @@ async def test_ack_by_a_worker_the_item_was_not_handed_to_is_a_conflict(
     with pytest.raises(Conflict):
         await t.cp.ack(item.id, worker_id=W2)
     assert (await t.cp.get(item.id)).state is WorkState.QUEUED
+
+
+async def test_an_ack_without_a_worker_binds_the_worker_the_poll_named(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("x")
+    assert await t.cp.poll(worker_id=W1) is not None
+    acked = await t.cp.ack(item.id)
+    assert (acked.state, acked.worker_id) == (WorkState.STARTING, W1)
+
+
+async def test_an_anonymous_poll_is_bound_by_the_ack_or_left_unbound(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    named, unnamed = await t.cp.submit("named at ack"), await t.cp.submit("never named")
+    first = await t.cp.poll()
+    assert first is not None and first.id == named.id
+    acked = await t.cp.ack(named.id, worker_id=W2)
+    assert (acked.state, acked.worker_id) == (WorkState.STARTING, W2)
+    polled = await t.cp.poll()
+    assert polled is not None and polled.id == unnamed.id
+    acked = await t.cp.ack(unnamed.id)
+    assert (acked.state, acked.worker_id) == (WorkState.STARTING, None)
+    with pytest.raises(Conflict):
+        await t.cp.ack(unnamed.id)  # a second ack, anonymous or not
 
 
 # --- heartbeat ----------------------------------------------------------------------

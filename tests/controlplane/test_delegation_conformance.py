@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from supervisor import Conflict, NotFound
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    Conflict,
     Delegation,
     DelegationStatus,
+    NotFound,
     Outcome,
     OutcomeStatus,
     WorkItem,
@@ -24,7 +25,7 @@ from supervisor.controlplane import (
 from supervisor.controlplane._store import RESPONSE_PREVIEW_CHARS
 
 if TYPE_CHECKING:
-    from conftest import ConformanceTarget
+    from controlplane.conformance import ConformanceTarget
 
 SOURCE_WORKER = "worker-source"
 DELEGATE_WORKER = "worker-delegate"

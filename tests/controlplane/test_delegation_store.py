@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from supervisor.controlplane import DelegationStatus
-from supervisor.controlplane._store import _SCHEMA, SCHEMA_VERSION, SQLiteStore
+from supervisor.controlplane import DelegationStatus, SQLiteStore
+from supervisor.controlplane._store import _SCHEMA, SCHEMA_VERSION
 
 NOW = 1_700_000_000.0
 

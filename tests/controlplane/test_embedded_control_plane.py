@@ -9,15 +9,19 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor import BadRequest, ControlPlaneError
-from supervisor.controlplane import NO_HEARTBEAT, ControlPlane, WorkState
-from supervisor.controlplane._embedded import (
-    STORE_FILENAME,
+from supervisor import ControlPlaneError
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    BadRequest,
+    ControlPlane,
     EmbeddedControlPlane,
+    LeasePolicy,
+    SQLiteStore,
+    WorkState,
     open_embedded_control_plane,
 )
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
-from supervisor.testing._clock import ManualClock
+from supervisor.controlplane._embedded import STORE_FILENAME
+from supervisor.testing import ManualClock
 
 T0 = 1_700_000_000.0
 

@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor.controlplane import NO_HEARTBEAT, Outcome, OutcomeStatus, WorkState
-from supervisor.controlplane._http import HttpControlPlane
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    HttpControlPlane,
+    Outcome,
+    OutcomeStatus,
+    WorkState,
+)
 
 pytestmark = pytest.mark.slow
 

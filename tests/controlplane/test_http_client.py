@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -20,40 +20,35 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from supervisor import (
-    BadRequest,
     ConfigError,
-    Conflict,
     ControlPlaneError,
     ControlPlaneUnavailable,
     FatalError,
-    FencingConflict,
-    Gone,
-    NotFound,
     TransientError,
-    Unauthorized,
 )
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
+    Conflict,
     DelegationStatus,
+    FencingConflict,
+    FileKey,
+    Gone,
+    HttpControlPlane,
+    NotFound,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    SQLiteStore,
+    StaticKey,
+    Unauthorized,
     WorkerStatus,
     WorkState,
+    open_control_plane_server,
+    open_http_control_plane,
 )
-from supervisor.controlplane._http import HttpControlPlane, open_http_control_plane
-from supervisor.controlplane._keys import FileKey, StaticKey
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._store import SQLiteStore
 
 KEY = "client-test-key-0123456789abcdef"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "controlplane.sqlite3")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from hypothesis import given, strategies as st
 
-from supervisor import BadRequest
 from supervisor.controlplane import (
+    BadRequest,
     Delegation,
     DelegationStatus,
     HeartbeatResult,

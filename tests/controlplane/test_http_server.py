@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,39 +14,27 @@ import pytest
 import trio
 from starlette.routing import Route
 
-from supervisor import (
-    ConfigError,
-    ControlPlaneUnavailable,
+from supervisor import ConfigError, ControlPlaneUnavailable, TransientError
+from supervisor.controlplane import (
+    ControlPlane,
+    EmbeddedControlPlane,
+    FileKey,
+    HttpControlPlane,
     NotFound,
-    TransientError,
-)
-from supervisor.controlplane import ControlPlane, PresenceReport, WorkItem, WorkState
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._keys import FileKey
-from supervisor.controlplane._openapi import API_PREFIX
-from supervisor.controlplane._server import (
-    create_app,
+    PresenceReport,
+    SQLiteStore,
+    WorkItem,
+    WorkState,
     open_control_plane_server,
     serve_control_plane,
 )
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane._dashboard import DASHBOARD_PREFIX
+from supervisor.controlplane._openapi import API_PREFIX
+from supervisor.controlplane._server import create_app
 
 KEY = "server-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ENV = f"{API_PREFIX.replace('{environment_id}', 'default')}"
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "controlplane.sqlite3"
-
-
-@pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(db_path)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture
@@ -61,9 +49,9 @@ async def client(url: str) -> AsyncIterator[httpx.AsyncClient]:
         yield raw
 
 
-def dump(db_path: Path) -> list[str]:
+def dump(store_path: Path) -> list[str]:
     """Every row of every table, read through a separate connection: the ground truth."""
-    with sqlite3.connect(db_path) as conn:
+    with sqlite3.connect(store_path) as conn:
         return list(conn.iterdump())
 
 
@@ -117,10 +105,10 @@ async def test_healthz_needs_no_key(url: str) -> None:
     ids=["missing", "wrong", "not-bearer", "empty"],
 )
 async def test_requests_without_the_right_key_are_401(
-    url: str, db_path: Path, headers: dict[str, str], message: str
+    url: str, store_path: Path, headers: dict[str, str], message: str
 ) -> None:
     """Missing, wrong or malformed credentials: 401 in the JSON error form, nothing stored."""
-    before = dump(db_path)
+    before = dump(store_path)
     async with httpx.AsyncClient(base_url=url, headers=headers) as raw:
         for response in (
             await raw.post(f"{ENV}/work", json={"data": {"prompt": "x"}}),
@@ -129,7 +117,7 @@ async def test_requests_without_the_right_key_are_401(
         ):
             assert_error(response, 401, "unauthorized", message)
             assert response.headers["www-authenticate"] == "Bearer"
-    assert dump(db_path) == before
+    assert dump(store_path) == before
 
 
 async def test_the_key_check_is_a_constant_time_comparison_of_bytes(
@@ -302,10 +290,10 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         "outcome.status",
     ),
     (
-        "ack-no-worker",
+        "ack-empty-worker",
         "POST",
         "/work/{queued}/ack",
-        {"json": {}},
+        {"json": {"worker_id": ""}},
         400,
         "invalid_request",
         "worker_id",
@@ -346,7 +334,24 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         "invalid_request",
         "block_ms",
     ),
-    ("poll-no-worker", "GET", "/work/poll", {}, 400, "invalid_request", "worker_id"),
+    (
+        "poll-empty-worker",
+        "GET",
+        "/work/poll",
+        {"params": {"worker_id": ""}},
+        400,
+        "invalid_request",
+        "empty worker id",
+    ),
+    (
+        "poll-worker-ids-disagree",
+        "GET",
+        "/work/poll",
+        {"params": {"worker_id": "w2"}, "headers": {"Anthropic-Worker-ID": "w3"}},
+        400,
+        "invalid_request",
+        "disagree",
+    ),
     (
         "unknown-query-parameter",
         "GET",
@@ -447,7 +452,7 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
 )
 async def test_bad_requests_get_a_json_4xx_and_change_nothing(
     client: httpx.AsyncClient,
-    db_path: Path,
+    store_path: Path,
     method: str,
     path: str,
     kwargs: dict[str, Any],
@@ -458,12 +463,12 @@ async def test_bad_requests_get_a_json_4xx_and_change_nothing(
     """Each class of bad request answers the right 4xx with a clear message; the store is
     byte-for-byte what it was."""
     ids = await seed(client)
-    before = dump(db_path)
+    before = dump(store_path)
     if callable(kwargs.get("content")):
         kwargs = {**kwargs, "content": kwargs["content"]()}
     response = await client.request(method, ENV + path.format(**ids), **kwargs)
     assert_error(response, status, kind, message)
-    assert dump(db_path) == before
+    assert dump(store_path) == before
 
 
 @pytest.mark.parametrize(
@@ -477,23 +482,23 @@ async def test_unknown_routes_are_json_404s(client: httpx.AsyncClient, path: str
 
 @pytest.mark.parametrize("environment", ["-leading-dash", "a" * 201, "sp ace"])
 async def test_invalid_environment_ids_are_404_and_change_nothing(
-    client: httpx.AsyncClient, db_path: Path, environment: str
+    client: httpx.AsyncClient, store_path: Path, environment: str
 ) -> None:
     """An environment id that could never exist is a 404 naming it; nothing is created."""
-    before = dump(db_path)
+    before = dump(store_path)
     response = await client.post(
         f"/v1/environments/{environment}/work", json={"data": {"prompt": "p"}}
     )
     assert_error(response, 404, "not_found", "unknown environment")
-    assert dump(db_path) == before
+    assert dump(store_path) == before
 
 
 async def test_reads_in_a_never_used_environment_create_nothing(
-    client: httpx.AsyncClient, db_path: Path
+    client: httpx.AsyncClient, store_path: Path
 ) -> None:
     """A new environment reads as empty (and its unknown ids as 404) without being created:
     environments come into being on first write, not on a look."""
-    before = dump(db_path)
+    before = dump(store_path)
     base = "/v1/environments/never-used"
     stats = await client.get(f"{base}/work/stats")
     assert stats.status_code == 200
@@ -501,11 +506,11 @@ async def test_reads_in_a_never_used_environment_create_nothing(
     assert (await client.get(f"{base}/work")).json() == {"data": []}
     assert_error(await client.get(f"{base}/work/work_x"), 404, "not_found")
     assert_error(await client.get(f"{base}/workers/w_x"), 404, "not_found")
-    assert dump(db_path) == before
+    assert dump(store_path) == before
 
 
 async def test_single_plane_server_knows_only_its_environment(
-    db_path: Path, store: SQLiteStore
+    store_path: Path, store: SQLiteStore
 ) -> None:
     """Serving one ControlPlane, any other environment id is a 404 naming the served one."""
     async with (
@@ -587,10 +592,13 @@ async def test_plane_failures_become_json_5xx(
 
 
 def _mounted_routes(store: SQLiteStore) -> set[tuple[str, str]]:
+    """The API's routes; the dashboard's HTML pages and fragments are not part of the API."""
     app = create_app(store, key_provider=KEY)
     mounted = set()
     for route in app.routes:
         assert isinstance(route, Route)
+        if route.path == "/" or route.path.startswith(DASHBOARD_PREFIX + "/"):
+            continue
         for method in route.methods or ():
             if method != "HEAD":
                 mounted.add((method.lower(), route.path))
@@ -735,3 +743,103 @@ async def test_http_and_embedded_views_agree(url: str, store: SQLiteStore) -> No
         direct: WorkItem = store.get("default", item.id, now=record.last_heartbeat_at or 0.0)
         assert direct == item
         assert store.get_worker("default", "w1", now=record.last_heartbeat_at or 0.0) == record
+
+
+# --- who polls and who acks (DESIGN §4: worker_id, the header, or neither) --------------
+
+
+async def _submit(client: httpx.AsyncClient) -> str:
+    response = await client.post(f"{ENV}/work", json={"data": {"prompt": "p"}})
+    assert response.status_code == 201
+    item_id: str = response.json()["id"]
+    return item_id
+
+
+async def test_a_poll_named_by_the_header_binds_an_ack_with_no_body(
+    client: httpx.AsyncClient,
+) -> None:
+    """``Anthropic-Worker-ID`` names the poller; the ack then needs no body at all."""
+    item_id = await _submit(client)
+    polled = await client.get(f"{ENV}/work/poll", headers={"Anthropic-Worker-ID": "w-head"})
+    assert (polled.status_code, polled.json()["id"]) == (200, item_id)
+    acked = await client.post(f"{ENV}/work/{item_id}/ack")
+    assert acked.status_code == 200, acked.text
+    assert (acked.json()["state"], acked.json()["worker_id"]) == ("starting", "w-head")
+    stats = (await client.get(f"{ENV}/work/stats")).json()
+    assert stats["workers_polling"] == 1
+
+
+async def test_a_query_poll_and_an_empty_ack_body_bind_the_poller(
+    client: httpx.AsyncClient,
+) -> None:
+    """``worker_id=`` in the query and an ack with an empty body (or ``{}``) bind the poller."""
+    first, second = await _submit(client), await _submit(client)
+    for item_id, body in ((first, b""), (second, b"{}")):
+        polled = await client.get(f"{ENV}/work/poll", params={"worker_id": "w-q"})
+        assert polled.json()["id"] == item_id
+        acked = await client.post(
+            f"{ENV}/work/{item_id}/ack",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert acked.status_code == 200, acked.text
+        assert acked.json()["worker_id"] == "w-q"
+
+
+async def test_an_anonymous_poll_is_bound_to_the_worker_the_ack_names(
+    client: httpx.AsyncClient,
+) -> None:
+    """A poll that names nobody is bound at ack, to the worker the ack names."""
+    item_id = await _submit(client)
+    polled = await client.get(f"{ENV}/work/poll")
+    assert (polled.status_code, polled.json()["id"]) == (200, item_id)
+    assert polled.json()["secret"]
+    acked = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-late"})
+    assert (acked.json()["state"], acked.json()["worker_id"]) == ("starting", "w-late")
+    stats = (await client.get(f"{ENV}/work/stats")).json()
+    assert stats["workers_polling"] == 0  # an anonymous poller is no worker
+
+
+async def test_an_anonymous_poll_and_ack_leave_the_item_unbound_but_leased(
+    client: httpx.AsyncClient,
+) -> None:
+    """Neither naming a worker: the item starts with no worker, and its lease works."""
+    item_id = await _submit(client)
+    assert (await client.get(f"{ENV}/work/poll")).status_code == 200
+    acked = await client.post(f"{ENV}/work/{item_id}/ack")
+    assert acked.status_code == 200, acked.text
+    assert (acked.json()["state"], acked.json()["worker_id"]) == ("starting", None)
+    beat = await client.post(
+        f"{ENV}/work/{item_id}/heartbeat", params={"expected_last_heartbeat": "NO_HEARTBEAT"}
+    )
+    assert (beat.status_code, beat.json()["state"]) == (200, "active")
+
+
+async def test_an_ack_naming_another_worker_than_the_poll_is_refused(
+    client: httpx.AsyncClient, store_path: Path
+) -> None:
+    """The worker the poll named holds the item: an ack in another's name is a 409, and
+    an ack of an item never handed out is one too; neither changes anything."""
+    item_id = await _submit(client)
+    never_polled = await client.post(f"{ENV}/work/{item_id}/ack")
+    assert_error(never_polled, 409, "conflict", "poll for it first")
+    await client.get(f"{ENV}/work/poll", headers={"Anthropic-Worker-ID": "w-a"})
+    before = dump(store_path)
+    other = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-b"})
+    assert_error(other, 409, "conflict", "another worker")
+    assert dump(store_path) == before
+    same = await client.post(f"{ENV}/work/{item_id}/ack", json={"worker_id": "w-a"})
+    assert same.json()["worker_id"] == "w-a"
+
+
+async def test_the_http_client_polls_and_acks_anonymously(url: str) -> None:
+    """``HttpControlPlane.poll()`` without a worker sends none; ``ack()`` then sends no body."""
+    async with HttpControlPlane.open(url, key=KEY) as cp:
+        item = await cp.submit("anonymous")
+        polled = await cp.poll()
+        assert polled is not None and polled.id == item.id
+        acked = await cp.ack(item.id)
+        assert (acked.state, acked.worker_id) == (WorkState.STARTING, None)
+        second = await cp.submit("named at ack")
+        assert (await cp.poll()) is not None
+        assert (await cp.ack(second.id, worker_id="w-c")).worker_id == "w-c"

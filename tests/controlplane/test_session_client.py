@@ -9,27 +9,31 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from supervisor import ConfigError, Unauthorized
+from supervisor import ConfigError, SessionCredentials, open_session_client
 from supervisor._cli._settings import read_environment
-from supervisor.controlplane import NO_HEARTBEAT, Outcome, OutcomeStatus, WorkItem
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    EmbeddedControlPlane,
+    HttpControlPlane,
+    Outcome,
+    OutcomeStatus,
+    SQLiteStore,
+    Unauthorized,
+    WorkItem,
+    open_control_plane_server,
+)
 from supervisor.controlplane._session_client import (
     SESSION_CONTROL_PLANE_ENV,
     SESSION_ENVIRONMENT_ENV,
     SESSION_ID_ENV,
     SESSION_TOKEN_ENV,
-    SessionCredentials,
-    open_session_client,
     session_location,
 )
-from supervisor.controlplane._store import SQLiteStore
 
 KEY = "session-client-test-key-0123456789"
 WORKER = "worker-1"
@@ -37,14 +41,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "controlplane.sqlite3")
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
 async def plane(store: SQLiteStore) -> AsyncIterator[EmbeddedControlPlane]:
+    """On the wall clock, unlike the shared one: agents in other processes use the store too."""
     async with EmbeddedControlPlane(store) as embedded:
         yield embedded
 

@@ -7,26 +7,23 @@ that minted it is live, and nowhere else; it never shows up in a log line.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from supervisor import Unauthorized
-from supervisor.controlplane import NO_HEARTBEAT, Outcome, OutcomeStatus, WorkItem
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    HttpControlPlane,
+    Outcome,
+    OutcomeStatus,
+    SQLiteStore,
+    Unauthorized,
+    WorkItem,
+    open_control_plane_server,
+)
 
 KEY = "session-token-test-key-0123456789"
 WORKER = "worker-1"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "controlplane.sqlite3")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -7,43 +7,28 @@ from __future__ import annotations
 import math
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from supervisor import (
-    BadRequest,
-    ControlPlaneError,
-    FatalError,
-    NotFound,
-    TransientError,
-)
+from supervisor import ControlPlaneError, FatalError, TransientError
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
     DelegationStatus,
+    LeasePolicy,
+    NotFound,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    SQLiteStore,
+    StatusPolicy,
     WorkState,
 )
-from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import SCHEMA_VERSION, LeasePolicy, SQLiteStore
+from supervisor.controlplane._store import SCHEMA_VERSION
 
 ENV = "default"
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "controlplane.sqlite3"
-
-
-@pytest.fixture
-def store(db: Path) -> Iterator[SQLiteStore]:
-    s = SQLiteStore(db)
-    yield s
-    s.close()
 
 
 def lease(store: SQLiteStore, worker: str = "w1", now: float = T0) -> tuple[str, str, str]:
@@ -59,8 +44,8 @@ def lease(store: SQLiteStore, worker: str = "w1", now: float = T0) -> tuple[str,
 # --- durability and schema -----------------------------------------------------------
 
 
-def test_everything_survives_closing_and_reopening_the_file(db: Path) -> None:
-    first = SQLiteStore(db)
+def test_everything_survives_closing_and_reopening_the_file(store_path: Path) -> None:
+    first = SQLiteStore(store_path)
     work_id, session_id, token = lease(first)
     queued = first.submit(ENV, "later", now=T0, metadata={"k": "v"})
     delegation = first.delegate(ENV, session_id, "sub-task", now=T0)
@@ -71,7 +56,7 @@ def test_everything_survives_closing_and_reopening_the_file(db: Path) -> None:
     first.worker_heartbeat(ENV, PresenceReport(worker_id="w1", error_rate=0.7), now=T0)
     first.close()
 
-    again = SQLiteStore(db)
+    again = SQLiteStore(store_path)
     try:
         assert again.get(ENV, work_id, now=T0 + 1).state is WorkState.ACTIVE
         assert again.get(ENV, queued.id, now=T0 + 1).metadata == {"k": "v"}
@@ -84,9 +69,9 @@ def test_everything_survives_closing_and_reopening_the_file(db: Path) -> None:
         again.close()
 
 
-def test_a_new_file_gets_wal_and_the_current_schema_version(db: Path) -> None:
-    SQLiteStore(db).close()
-    raw = sqlite3.connect(db)
+def test_a_new_file_gets_wal_and_the_current_schema_version(store_path: Path) -> None:
+    SQLiteStore(store_path).close()
+    raw = sqlite3.connect(store_path)
     try:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -94,20 +79,22 @@ def test_a_new_file_gets_wal_and_the_current_schema_version(db: Path) -> None:
         raw.close()
 
 
-def test_a_file_with_a_newer_schema_is_refused_with_a_clear_error(db: Path) -> None:
-    SQLiteStore(db).close()
-    raw = sqlite3.connect(db)
+def test_a_file_with_a_newer_schema_is_refused_with_a_clear_error(store_path: Path) -> None:
+    SQLiteStore(store_path).close()
+    raw = sqlite3.connect(store_path)
     raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.commit()
     raw.close()
     with pytest.raises(ControlPlaneError, match="schema version"):
-        SQLiteStore(db)
+        SQLiteStore(store_path)
 
 
-def test_a_file_that_is_not_a_database_is_a_control_plane_error_from_sqlite(db: Path) -> None:
-    db.write_bytes(b"this is not a database, just some text " * 100)
+def test_a_file_that_is_not_a_database_is_a_control_plane_error_from_sqlite(
+    store_path: Path,
+) -> None:
+    store_path.write_bytes(b"this is not a database, just some text " * 100)
     with pytest.raises(ControlPlaneError) as caught:
-        SQLiteStore(db)
+        SQLiteStore(store_path)
     assert not isinstance(caught.value, TransientError)
     assert isinstance(caught.value.__cause__, sqlite3.Error)
 
@@ -118,9 +105,9 @@ def test_a_directory_where_the_file_should_be_is_a_control_plane_error(tmp_path:
     assert isinstance(caught.value.__cause__, sqlite3.Error)
 
 
-def test_a_lock_held_past_the_busy_timeout_is_a_transient_error(db: Path) -> None:
-    store = SQLiteStore(db, busy_timeout=0.05)
-    other = sqlite3.connect(db, isolation_level=None)
+def test_a_lock_held_past_the_busy_timeout_is_a_transient_error(store_path: Path) -> None:
+    store = SQLiteStore(store_path, busy_timeout=0.05)
+    other = sqlite3.connect(store_path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process holding the write lock
         with pytest.raises(TransientError, match="busy") as caught:
@@ -133,8 +120,10 @@ def test_a_lock_held_past_the_busy_timeout_is_a_transient_error(db: Path) -> Non
         store.close()
 
 
-def test_calls_after_close_raise_control_plane_error_and_close_is_idempotent(db: Path) -> None:
-    store = SQLiteStore(db)
+def test_calls_after_close_raise_control_plane_error_and_close_is_idempotent(
+    store_path: Path,
+) -> None:
+    store = SQLiteStore(store_path)
     store.close()
     store.close()
     assert store.closed
@@ -190,13 +179,13 @@ def test_a_stop_voids_the_session_secret(store: SQLiteStore) -> None:
     assert not store.verify_session_secret(ENV, item.data.id, polled.secret, now=T0)
 
 
-def test_the_secret_is_stored_only_as_a_hash(store: SQLiteStore, db: Path) -> None:
+def test_the_secret_is_stored_only_as_a_hash(store: SQLiteStore, store_path: Path) -> None:
     store.submit(ENV, "x", now=T0)
     polled = store.poll(ENV, worker_id="w1", now=T0)
     assert polled is not None
     assert polled.secret is not None
-    assert polled.secret.encode() not in db.read_bytes()
-    wal = db.with_name(db.name + "-wal")
+    assert polled.secret.encode() not in store_path.read_bytes()
+    wal = store_path.with_name(store_path.name + "-wal")
     assert not wal.exists() or polled.secret.encode() not in wal.read_bytes()
 
 
@@ -308,9 +297,9 @@ def test_the_lease_policy_is_validated() -> None:
         LeasePolicy(default_ttl=math.nan)
 
 
-def test_policies_given_to_the_store_are_applied(db: Path) -> None:
+def test_policies_given_to_the_store_are_applied(store_path: Path) -> None:
     store = SQLiteStore(
-        db,
+        store_path,
         lease_policy=LeasePolicy(default_ttl=10.0, max_ttl=20.0, max_attempts=1),
         status_policy=StatusPolicy(offline_after=5.0),
     )
@@ -354,11 +343,11 @@ def test_submit_listeners_hear_every_commit_and_a_failing_one_is_contained(
     assert len(heard) == 2
 
 
-def test_repr_names_the_file_and_never_a_secret(store: SQLiteStore, db: Path) -> None:
+def test_repr_names_the_file_and_never_a_secret(store: SQLiteStore, store_path: Path) -> None:
     store.submit(ENV, "x", now=T0)
     polled = store.poll(ENV, worker_id="w1", now=T0)
     assert polled is not None
     assert polled.secret is not None
-    assert str(db) in repr(store)
+    assert str(store_path) in repr(store)
     assert polled.secret not in repr(store)
     assert polled.secret not in repr(polled)

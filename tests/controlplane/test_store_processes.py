@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor.controlplane import WorkState
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane import EmbeddedControlPlane, SQLiteStore, WorkState
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,9 @@
-"""Hypothesis state machines on the SQLite store, each checked against a small pure model.
+"""Hypothesis state machines on both stores, each checked against a small pure model.
+
+Each machine runs on four planes: the SQLite store, the reference server over it
+(through `HttpControlPlane`), the PostgreSQL store (a private schema per example, on
+the caller's clock) and the reference server over that; with fewer examples on the
+three slower planes, to keep the run short.
 
 ``WorkStoreMachine`` drives the item lifecycle (submit, poll, ack, heartbeats
 with current and stale tokens, stop, request-stop, clock advances that expire
@@ -14,11 +19,17 @@ worker's status with the DESIGN §4 table written out independently below.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import attrs
 import pytest
+import trio
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -28,17 +39,25 @@ from hypothesis.stateful import (
     rule,
 )
 
-from supervisor import BadRequest, Conflict, FencingConflict, Gone
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    BadRequest,
+    Conflict,
+    FencingConflict,
+    Gone,
+    LeasePolicy,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    SQLiteStore,
+    StatusPolicy,
     WorkerStatus,
     WorkState,
 )
-from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
+from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane._http import HttpControlPlane
+from supervisor.controlplane._server import open_control_plane_server
+from supervisor.controlplane._store import Store
 
 ENV = "default"
 WORKERS = ("w1", "w2", "w3")
@@ -48,6 +67,139 @@ LIVE = ("starting", "active", "stopping")
 # max_examples comes from the loaded profile (tests/conftest.py), so HYPOTHESIS_PROFILE=thorough
 # runs these machines harder.
 MACHINE_SETTINGS = settings(stateful_step_count=40, deadline=None)
+#: HTTP and PostgreSQL round trips cost more than SQLite's: fewer examples, the same steps.
+POSTGRES_SETTINGS = settings(MACHINE_SETTINGS, max_examples=20)
+
+
+def open_sqlite(
+    stack: ExitStack, lease: LeasePolicy | None = None, status: StatusPolicy | None = None
+) -> Store:
+    directory = stack.enter_context(TemporaryDirectory())
+    store = SQLiteStore(Path(directory) / "cp.sqlite3", lease_policy=lease, status_policy=status)
+    stack.callback(store.close)
+    return store
+
+
+def open_postgres(
+    stack: ExitStack, lease: LeasePolicy | None = None, status: StatusPolicy | None = None
+) -> Store:
+    from postgres_db import private_schema
+
+    from supervisor.controlplane._store._postgres import PostgresStore
+
+    url = stack.enter_context(private_schema())
+    store = PostgresStore(url, lease_policy=lease, status_policy=status, time_source="caller")
+    stack.callback(store.close)
+    return store
+
+
+class ServedStore:
+    """The store's calls the machines make, sent over HTTP to the reference server over ``store``.
+
+    The server and its `HttpControlPlane` client run in a Trio loop on a thread of
+    their own; each call sets the server's clock to the ``now`` the machine passes,
+    so the machine drives time exactly as it does on a bare store.
+    """
+
+    KEY = "state-machine-key-0123456789"
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._now = 0.0
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._serve,), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), "the server did not start"
+
+    async def _serve(self) -> None:
+        def environment(environment_id: str) -> EmbeddedControlPlane:
+            return EmbeddedControlPlane(
+                self._store, environment_id=environment_id, clock=lambda: self._now
+            )
+
+        async with (
+            open_control_plane_server(environment, key_provider=self.KEY) as url,
+            HttpControlPlane.open(url, key=self.KEY) as cp,
+        ):
+            self.cp = cp
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+
+    def _call(self, now: float, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._now = now
+        return trio.from_thread.run(partial(method, *args, **kwargs), trio_token=self._token)
+
+    def close(self) -> None:
+        trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(30)
+
+    # The store's signatures (environment first, explicit ``now``) over the protocol's.
+    def submit(self, env: str, prompt: str, *, now: float, **kw: Any) -> Any:
+        return self._call(now, self.cp.submit, prompt, **kw)
+
+    def poll(self, env: str, *, now: float, **kw: Any) -> Any:
+        return self._call(now, self.cp.poll, **kw)
+
+    def ack(self, env: str, work_id: str, *, now: float, **kw: Any) -> Any:
+        return self._call(now, self.cp.ack, work_id, **kw)
+
+    def heartbeat(self, env: str, work_id: str, *, now: float, **kw: Any) -> Any:
+        return self._call(now, self.cp.heartbeat, work_id, **kw)
+
+    def stop(self, env: str, work_id: str, *, now: float, **kw: Any) -> Any:
+        return self._call(now, self.cp.stop, work_id, **kw)
+
+    def requeue(self, env: str, work_id: str, *, now: float, **kw: Any) -> Any:
+        return self._call(now, self.cp.requeue, work_id, **kw)
+
+    def request_stop(self, env: str, work_id: str, *, now: float) -> Any:
+        return self._call(now, self.cp.request_stop, work_id)
+
+    def list_work(self, env: str, *, now: float, **kw: Any) -> Any:
+        return self._call(now, self.cp.list_work, **kw)
+
+    def stats(self, env: str, *, now: float) -> Any:
+        return self._call(now, self.cp.stats)
+
+    def register_worker(self, env: str, worker_id: str, *, now: float, **kw: Any) -> Any:
+        return self._call(now, self.cp.register_worker, worker_id, **kw)
+
+    def worker_heartbeat(self, env: str, report: PresenceReport, *, now: float) -> Any:
+        return self._call(now, self.cp.worker_heartbeat, report)
+
+    def get_worker(self, env: str, worker_id: str, *, now: float) -> Any:
+        return self._call(now, self.cp.get_worker, worker_id)
+
+    def list_workers(self, env: str, *, now: float) -> Any:
+        return self._call(now, self.cp.list_workers)
+
+    def deregister_worker(self, env: str, worker_id: str, *, now: float) -> Any:
+        return self._call(now, self.cp.deregister_worker, worker_id)
+
+
+def served(opener: Callable[..., Store]) -> Callable[..., Any]:
+    """``opener``'s store behind the reference server, as the machines see a store."""
+
+    def open_served(
+        stack: ExitStack, lease: LeasePolicy | None = None, status: StatusPolicy | None = None
+    ) -> ServedStore:
+        plane = ServedStore(opener(stack, lease, status))
+        stack.callback(plane.close)  # runs before the store's own close (LIFO)
+        return plane
+
+    return open_served
+
+
+#: plane name -> how a machine opens its store there, and the examples it gets.
+PLANES: Mapping[str, tuple[Callable[..., Any], settings]] = {
+    "Sqlite": (open_sqlite, MACHINE_SETTINGS),
+    "HttpSqlite": (served(open_sqlite), POSTGRES_SETTINGS),
+    "Postgres": (open_postgres, POSTGRES_SETTINGS),
+    "HttpPostgres": (served(open_postgres), POSTGRES_SETTINGS),
+}
 
 
 # --- the work-item model ----------------------------------------------------------------
@@ -93,10 +245,12 @@ def model_expire(items: list[ModelItem], now: float) -> None:
 
 
 class WorkStoreMachine(RuleBasedStateMachine):
+    open_store = staticmethod(open_sqlite)
+
     def __init__(self) -> None:
         super().__init__()
-        self._dir = TemporaryDirectory()
-        self.store = SQLiteStore(Path(self._dir.name) / "cp.sqlite3", lease_policy=POLICY)
+        self._stack = ExitStack()
+        self.store = self.open_store(self._stack, POLICY)
         self.now = 1_000_000.0
         self.items: list[ModelItem] = []
         self.seen_attempts: dict[str, int] = {}
@@ -104,8 +258,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
         self.leases: dict[str, dict[str, float]] = {}
 
     def teardown(self) -> None:
-        self.store.close()
-        self._dir.cleanup()
+        self._stack.close()
 
     def pick(self, index: int) -> ModelItem:
         return self.items[index % len(self.items)]
@@ -372,8 +525,19 @@ class WorkStoreMachine(RuleBasedStateMachine):
         assert stats.pending == sum(i.state in LIVE for i in self.items)
 
 
-TestWorkStore = WorkStoreMachine.TestCase
-TestWorkStore.settings = MACHINE_SETTINGS
+def _on_every_plane(machine: type[RuleBasedStateMachine], name: str) -> None:
+    """Define ``Test<Plane><name>`` in this module for each plane of `PLANES`."""
+    for plane, (opener, plane_settings) in PLANES.items():
+        variant: type[RuleBasedStateMachine] = type(
+            f"{plane}{machine.__name__}", (machine,), {"open_store": staticmethod(opener)}
+        )
+        case = variant.TestCase
+        case.settings = plane_settings
+        case.__name__ = case.__qualname__ = f"Test{plane}{name}"
+        globals()[case.__name__] = case
+
+
+_on_every_plane(WorkStoreMachine, "WorkStore")
 
 
 # --- the worker status model: the DESIGN §4 table, written out row by row ---------------
@@ -425,16 +589,17 @@ SILENCES = st.sampled_from([0.0, 1.0, 29.0, 30.0, 60.0, 89.5, 90.0, 91.0, 200.0,
 
 
 class WorkerStatusMachine(RuleBasedStateMachine):
+    open_store = staticmethod(open_sqlite)
+
     def __init__(self) -> None:
         super().__init__()
-        self._dir = TemporaryDirectory()
-        self.store = SQLiteStore(Path(self._dir.name) / "cp.sqlite3", status_policy=STATUS)
+        self._stack = ExitStack()
+        self.store = self.open_store(self._stack, None, STATUS)
         self.now = 5_000_000.0
         self.workers: dict[str, ModelWorker] = {}
 
     def teardown(self) -> None:
-        self.store.close()
-        self._dir.cleanup()
+        self._stack.close()
 
     def age(self) -> None:
         for w in self.workers.values():
@@ -500,5 +665,4 @@ class WorkerStatusMachine(RuleBasedStateMachine):
             assert self.store.get_worker(ENV, name, now=self.now).status == w.status
 
 
-TestWorkerStatus = WorkerStatusMachine.TestCase
-TestWorkerStatus.settings = MACHINE_SETTINGS
+_on_every_plane(WorkerStatusMachine, "WorkerStatus")

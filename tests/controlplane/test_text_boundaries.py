@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from supervisor import BadRequest
 from supervisor.controlplane import (
     NO_HEARTBEAT,
     Outcome,
@@ -28,6 +27,7 @@ from supervisor.controlplane import (
     _codec as codec,
 )
 from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane._exceptions import BadRequest
 from supervisor.controlplane._http import HttpControlPlane
 from supervisor.controlplane._openapi import API_PREFIX
 from supervisor.controlplane._server import open_control_plane_server

@@ -5,8 +5,8 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from supervisor.controlplane import PresenceReport, WorkerStatus
-from supervisor.controlplane._status import Health, StatusPolicy, evaluate, new_worker, next_status
+from supervisor.controlplane import PresenceReport, StatusPolicy, WorkerStatus
+from supervisor.controlplane._status import Health, evaluate, new_worker, next_status
 
 P = StatusPolicy()
 S = WorkerStatus

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from supervisor.controlplane import Outcome, OutcomeStatus, SessionData, WorkItem, WorkState
-from supervisor.testing._proxy import ProxyFault, ProxyFaults, ProxyRecord
-from supervisor.testing.chaos import ChaosConfig, _Run, run_chaos
+from supervisor.testing import ChaosConfig, ProxyFault, ProxyFaults, ProxyRecord, run_chaos
+from supervisor.testing.chaos import _Run
 
 AGENT = Path(__file__).resolve().parents[1] / "agents" / "chaos.py"
 
@@ -48,6 +48,54 @@ async def test_chaos_run_against_the_real_server_keeps_every_invariant() -> None
     assert report.agent_runs >= 12
     assert sum(n for kind, n in report.faults.items() if kind != "pass") > 0
     assert not report.directory.exists()  # cleaned up
+
+
+def _lease_bound_config(*, reaper: bool) -> ChaosConfig:
+    """Long agents, a worker-only SIGKILL and a freeze past the ttl, few network faults."""
+    return ChaosConfig(
+        seed=5,
+        items=4,
+        max_concurrency=4,  # the replacement worker has room for every lost item at once
+        lease_ttl=3.0,
+        agent=f"{shlex.quote(sys.executable)} {shlex.quote(str(AGENT))} {{prompt}}",
+        agent_seconds=(8.0, 12.0),
+        crash_rate=0.0,
+        crash_mode="worker",
+        crash_after=3.0,
+        freeze_after=3.5,
+        faults=ProxyFaults(
+            latency=(0.0, 0.01),
+            error_rate=0.02,
+            burst_rate=0.0,
+            drop_rate=0.0,
+            reset_rate=0.0,
+            truncate_rate=0.0,
+        ),
+        fault_time=6.0,
+        time_limit=80.0,
+        reaper=reaper,
+    )
+
+
+@pytest.mark.slow
+async def test_chaos_worker_sigkill_and_freeze_leave_no_agent_running_beside_another() -> None:
+    """Only the worker process is killed, another is frozen for 2 x ttl: the reaper kills
+    their agents (at once; at the lease deadline), so no item ever runs twice at once."""
+    report = await run_chaos(_lease_bound_config(reaper=True))
+    assert report.violations == (), report.describe()
+    assert report.crashed and report.frozen
+    assert report.agent_runs > 4  # the killed and frozen workers' items ran again
+    assert set(report.outcomes) == {"completed"}
+
+
+@pytest.mark.slow
+async def test_chaos_catches_agents_that_outlive_their_worker_without_the_reaper() -> None:
+    """The old behaviour planted back (workers without a reaper): the run finds the
+    agents that kept working after their worker died or froze."""
+    report = await run_chaos(_lease_bound_config(reaper=False))
+    found = "\n".join(report.violations)
+    print(f"\nwithout the reaper: {report.describe()}\n{found}")
+    assert "split-brain" in found or "orphan" in found, report.describe()
 
 
 def _item(work_id: str, *, attempts: int, outcome: Outcome) -> WorkItem:

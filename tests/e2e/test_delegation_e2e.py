@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,20 +20,24 @@ from typing import Any
 import pytest
 import trio
 
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._journal import journal_path
-from supervisor._worker._worker import Worker, open_worker
-from supervisor.controlplane import DelegationStatus, OutcomeStatus
-from supervisor.controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._session_client import (
-    SESSION_CONTROL_PLANE_ENV,
-    SESSION_TOKEN_ENV,
+from supervisor import (
+    AgentContext,
     SessionCredentials,
+    Worker,
+    WorkerConfig,
     open_session_client,
+    open_worker,
 )
-from supervisor.controlplane._store import SQLiteStore
+from supervisor._worker._journal import journal_path
+from supervisor.controlplane import (
+    DelegationStatus,
+    EmbeddedControlPlane,
+    OutcomeStatus,
+    SQLiteStore,
+    open_control_plane_server,
+)
+from supervisor.controlplane._embedded import STORE_FILENAME
+from supervisor.controlplane._session_client import SESSION_CONTROL_PLANE_ENV, SESSION_TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
@@ -43,10 +47,9 @@ WORKER_ID = "worker-e2e"
 pytestmark = pytest.mark.slow
 
 
-def config(tmp_path: Path, agent: str | None, **overrides: Any) -> WorkerConfig:
-    """Settings for a worker whose agent is ``tests/agents/<agent>`` (or given to the worker)."""
-    values: dict[str, Any] = {
-        "state_dir": tmp_path / "state",
+@pytest.fixture
+def config_defaults() -> dict[str, Any]:
+    return {
         "worker_id": WORKER_ID,
         "max_concurrency": 3,  # the source and both delegates at once
         # The agents run `python -m supervisor`: let them find this checkout.
@@ -54,13 +57,12 @@ def config(tmp_path: Path, agent: str | None, **overrides: Any) -> WorkerConfig:
         "poll_block_ms": 100,
         "delegation_poll_interval": 0.1,
         "agent_grace": 0.5,
-        "drain_timeout": 5.0,
-        "api_enabled": False,
     }
-    if agent is not None:
-        values["agent"] = f"{sys.executable} {AGENTS / agent} {{prompt}}"
-    values.update(overrides)
-    return WorkerConfig(**values)
+
+
+def script(agent: str) -> str:
+    """The command of the agent ``tests/agents/<agent>``."""
+    return f"{sys.executable} {AGENTS / agent} {{prompt}}"
 
 
 def base_env() -> dict[str, str]:
@@ -68,10 +70,12 @@ def base_env() -> dict[str, str]:
 
 
 @asynccontextmanager
-async def worker_for(mode: str, tmp_path: Path, agent: str) -> AsyncIterator[Worker]:
+async def worker_for(
+    mode: str, config: Callable[..., WorkerConfig], tmp_path: Path, agent: str
+) -> AsyncIterator[Worker]:
     """A running worker on the embedded store in its state dir, or on a server over one."""
     if mode == "embedded":
-        async with open_worker(config(tmp_path, agent), base_env=base_env()) as worker:
+        async with open_worker(config(agent=script(agent)), base_env=base_env()) as worker:
             yield worker
         return
     store = SQLiteStore(tmp_path / "server.sqlite3")
@@ -79,7 +83,7 @@ async def worker_for(mode: str, tmp_path: Path, agent: str) -> AsyncIterator[Wor
         async with (
             open_control_plane_server(store, key_provider=KEY) as url,
             open_worker(
-                config(tmp_path, agent, control_plane=url, environment_key=KEY),
+                config(agent=script(agent), control_plane=url, environment_key=KEY),
                 base_env=base_env(),
             ) as worker,
         ):
@@ -90,9 +94,9 @@ async def worker_for(mode: str, tmp_path: Path, agent: str) -> AsyncIterator[Wor
 
 @pytest.mark.parametrize("mode", ["embedded", "http"])
 async def test_an_agent_delegates_two_tasks_and_receives_both_results(
-    tmp_path: Path, mode: str
+    config: Callable[..., WorkerConfig], tmp_path: Path, mode: str
 ) -> None:
-    async with worker_for(mode, tmp_path, "delegator.py") as worker:
+    async with worker_for(mode, config, tmp_path, "delegator.py") as worker:
         source_id = await worker.submit("delegate:count the files;list the tests")
         with trio.fail_after(60):
             outcome = await worker.wait(source_id)
@@ -125,10 +129,10 @@ async def test_an_agent_delegates_two_tasks_and_receives_both_results(
 
 
 async def test_an_agent_gets_its_session_credential_and_never_the_environment_key(
-    tmp_path: Path,
+    config: Callable[..., WorkerConfig], tmp_path: Path
 ) -> None:
     """Over HTTP: the agent's environment names the server and the session, not the key."""
-    async with worker_for("http", tmp_path, "report.py") as worker:
+    async with worker_for("http", config, tmp_path, "report.py") as worker:
         first = await worker.submit("one")
         second = await worker.submit("two")
         with trio.fail_after(30):
@@ -145,9 +149,9 @@ async def test_an_agent_gets_its_session_credential_and_never_the_environment_ke
 
 
 async def test_on_the_embedded_store_an_agent_is_pointed_at_the_store_file(
-    tmp_path: Path,
+    config: Callable[..., WorkerConfig], tmp_path: Path
 ) -> None:
-    async with worker_for("embedded", tmp_path, "report.py") as worker:
+    async with worker_for("embedded", config, tmp_path, "report.py") as worker:
         item_id = await worker.submit("where am I")
         with trio.fail_after(30):
             report = json.loads(str((await worker.wait(item_id)).result))
@@ -178,8 +182,10 @@ async def in_process_agent(ctx: AgentContext) -> object:
     )
 
 
-async def test_an_in_process_agent_waits_on_its_inbox_for_both_results(tmp_path: Path) -> None:
-    cfg = config(tmp_path, None, delegation_poll_interval=0.05)
+async def test_an_in_process_agent_waits_on_its_inbox_for_both_results(
+    config: Callable[..., WorkerConfig],
+) -> None:
+    cfg = config(delegation_poll_interval=0.05)
     async with open_worker(cfg, agent=in_process_agent) as worker:
         source_id = await worker.submit("wait:first;second")
         with trio.fail_after(30):
@@ -191,9 +197,9 @@ async def test_an_in_process_agent_waits_on_its_inbox_for_both_results(tmp_path:
 
 
 async def test_a_session_that_ended_gets_its_results_as_follow_ups_without_their_output(
-    tmp_path: Path,
+    config: Callable[..., WorkerConfig],
 ) -> None:
-    cfg = config(tmp_path, None, delegation_poll_interval=0.05, delegation_cooldown=0.3)
+    cfg = config(delegation_poll_interval=0.05, delegation_cooldown=0.3)
     async with open_worker(cfg, agent=in_process_agent) as worker:
         source_id = await worker.submit("leave:first;second")
         with trio.fail_after(30):
@@ -213,4 +219,4 @@ async def test_a_session_that_ended_gets_its_results_as_follow_ups_without_their
     for message in found:
         assert "sub-result" not in message.body
         assert "completed" in message.body
-    assert str(journal_path((tmp_path / "state").absolute(), WORKER_ID)) in messages[0].body
+    assert str(journal_path(cfg.state_dir.absolute(), WORKER_ID)) in messages[0].body

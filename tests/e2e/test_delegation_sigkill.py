@@ -26,9 +26,9 @@ import trio
 
 from supervisor._worker._journal import journal_path
 from supervisor._worker._process import process_group_members
-from supervisor.controlplane import Outcome, OutcomeStatus, WorkState
+from supervisor.controlplane import Outcome, OutcomeStatus, SQLiteStore, WorkState
 from supervisor.controlplane._embedded import STORE_FILENAME
-from supervisor.controlplane._store import DEFAULT_ENVIRONMENT_ID as ENV, SQLiteStore
+from supervisor.controlplane._store import DEFAULT_ENVIRONMENT_ID as ENV
 
 pytestmark = pytest.mark.slow
 

@@ -1,47 +1,39 @@
 """FaultyControlPlane, MemoryWorkspaces, and the poller's ack bound the simulator called for.
 
 The wrapper is a test double: its tests run it over the embedded control
-plane on an in-memory SQLite store, in the Trio thread (``threaded=False``),
-under ``autojump_clock``.
+plane (the ``plane`` fixture: store calls in the Trio thread, the store's time
+Trio's), under ``autojump_clock``.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from supervisor._worker._poller import Poller, Slot
-from supervisor.controlplane import NO_HEARTBEAT, WorkItem, WorkState
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._exceptions import (
-    ControlPlaneUnavailable,
+from supervisor import ControlPlaneUnavailable, TransientError
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    ControlPlane,
+    EmbeddedControlPlane,
     FencingConflict,
-    TransientError,
+    LeasePolicy,
     Unauthorized,
+    WorkItem,
+    WorkState,
 )
-from supervisor.controlplane._protocol import ControlPlane
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
-from supervisor.testing._faults import CallRecord, Fault, FaultKind, FaultyControlPlane
-from supervisor.testing._workspaces import MemoryWorkspaces
+from supervisor.lowlevel import Poller, Slot
+from supervisor.testing import CallRecord, Fault, FaultKind, FaultyControlPlane, MemoryWorkspaces
 
 
 @pytest.fixture
-async def plane() -> AsyncIterator[EmbeddedControlPlane]:
-    store = SQLiteStore(":memory:", lease_policy=LeasePolicy(default_ttl=6.0, min_ttl=0.5))
-    cp = EmbeddedControlPlane(
-        store, threaded=False, clock=lambda: 1_700_000_000.0 + trio.current_time()
-    )
-    try:
-        yield cp
-    finally:
-        await cp.aclose()
-        store.close()
+def store_options() -> dict[str, Any]:
+    return {"lease_policy": LeasePolicy(default_ttl=6.0, min_ttl=0.5)}
 
 
 def link(

@@ -9,12 +9,11 @@ import pytest
 import trio
 import trio.testing
 
+from supervisor import ControlPlaneUnavailable, TransientError
+from supervisor.controlplane import HttpControlPlane, SQLiteStore, open_control_plane_server
 from supervisor.controlplane._embedded import STORE_FILENAME
-from supervisor.controlplane._exceptions import ControlPlaneUnavailable, TransientError
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._store import SQLiteStore
-from supervisor.testing._proxy import ChaosProxy, ProxyFault, ProxyFaults, _body, _Reader
+from supervisor.testing import ChaosProxy, ProxyFault, ProxyFaults
+from supervisor.testing._proxy import _body, _Reader
 
 KEY = "chaos-test-key-0123456789"
 NONE = ProxyFaults(

@@ -18,11 +18,12 @@ import attrs
 import pytest
 import trio
 
-from supervisor._worker._agent import AgentContext
+from supervisor import AgentContext
 from supervisor._worker._lease import MeasureFrom
-from supervisor.testing._faults import Fault, FaultKind
-from supervisor.testing._sim import (
+from supervisor.testing import (
     Behaviour,
+    Fault,
+    FaultKind,
     FaultMix,
     SimConfig,
     generate_schedule,

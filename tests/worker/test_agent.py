@@ -14,17 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor._base._exceptions import ConfigError
-from supervisor._worker._agent import (
-    DEFAULT_ENV_ALLOWLIST,
-    AgentContext,
-    AgentRunner,
-    AgentSpec,
-    EnvPolicy,
-    looks_secret,
-)
-from supervisor._worker._process import SessionOutput
-from supervisor.controlplane._models import OutcomeStatus
+from supervisor import AgentContext, AgentSpec, ConfigError, EnvPolicy
+from supervisor._worker._agent import DEFAULT_ENV_ALLOWLIST, looks_secret
+from supervisor.controlplane import OutcomeStatus
+from supervisor.lowlevel import AgentRunner, SessionOutput
 
 REPORT = [sys.executable, str(Path(__file__).resolve().parents[1] / "agents" / "report.py")]
 HOSTILE_PROMPT = "$(touch pwned); rm -rf x `touch pwned2` && echo {work_id} > pwned3 | cat"
@@ -68,7 +61,8 @@ def test_parse_resolves_module_function_to_an_in_process_agent() -> None:
     assert spec.name == "asyncio:sleep"
     import asyncio
 
-    assert spec.function is asyncio.sleep
+    sleep: object = asyncio.sleep
+    assert spec.function is sleep
 
 
 @pytest.mark.parametrize(
@@ -351,7 +345,6 @@ async def test_cancelling_an_in_process_agent_propagates(
         except trio.Cancelled:
             cancelled_inside = True
             raise
-        return "never"
 
     runner = AgentRunner(AgentSpec.from_callable(agent))
     with trio.move_on_after(5) as scope:

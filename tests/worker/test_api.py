@@ -15,31 +15,18 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor import ChildStartError
-from supervisor._base._exceptions import ConfigError
-from supervisor._worker._agent import AgentContext
+from supervisor import AgentContext, ChildStartError, ConfigError, Worker, WorkerConfig, open_worker
 from supervisor._worker._api import API_FILENAME, ApiFile, check_api_address, read_api_file
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import Worker, open_worker
-from supervisor.controlplane import OutcomeStatus, WorkItem
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, WorkItem
 
 pytestmark = pytest.mark.slow
 
 SECRET_KEY = "env-key-never-shown-0123456789"
 
 
-def config(tmp_path: Path, **overrides: Any) -> WorkerConfig:
-    values: dict[str, Any] = {
-        "state_dir": tmp_path / "state",
-        "max_concurrency": 2,
-        "poll_block_ms": 50,
-        "drain_timeout": 5.0,
-        "worker_id": "w-api",
-        "environment_key": SECRET_KEY,
-    }
-    values.update(overrides)
-    return WorkerConfig(**values)
+@pytest.fixture
+def config_defaults() -> dict[str, Any]:
+    return {"api_enabled": True, "worker_id": "w-api", "environment_key": SECRET_KEY}
 
 
 class Gate:
@@ -67,21 +54,21 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
 
 @asynccontextmanager
 async def api_worker(
-    tmp_path: Path, agent: Any, **overrides: Any
+    config: Callable[..., WorkerConfig], agent: Any, **overrides: Any
 ) -> AsyncIterator[tuple[Worker, httpx.AsyncClient]]:
     plane = overrides.pop("control_plane", None)
     options: dict[str, Any] = {"agent": agent}
     if plane is not None:
         options["control_plane"] = plane
-    async with open_worker(config(tmp_path, **overrides), **options) as worker:
+    async with open_worker(config(**overrides), **options) as worker:
         assert worker.api_url is not None
         async with httpx.AsyncClient(base_url=worker.api_url, timeout=10) as client:
             yield worker, client
 
 
-async def test_health_reports_load_capacity_and_queue(tmp_path: Path) -> None:
+async def test_health_reports_load_capacity_and_queue(config: Callable[..., WorkerConfig]) -> None:
     gate = Gate()
-    async with api_worker(tmp_path, gate) as (worker, client):
+    async with api_worker(config, gate) as (worker, client):
         response = await client.get("/health")
         assert response.status_code == 200
         body = response.json()
@@ -102,8 +89,10 @@ async def test_health_reports_load_capacity_and_queue(tmp_path: Path) -> None:
             assert (await worker.wait(item_id)).status is OutcomeStatus.COMPLETED
 
 
-async def test_health_is_503_degraded_while_wedged_and_ok_once_cleared(tmp_path: Path) -> None:
-    async with api_worker(tmp_path, Gate()) as (worker, client):
+async def test_health_is_503_degraded_while_wedged_and_ok_once_cleared(
+    config: Callable[..., WorkerConfig],
+) -> None:
+    async with api_worker(config, Gate()) as (worker, client):
         worker.wedge.mark("control request timeout")
         response = await client.get("/health")
         assert response.status_code == 503
@@ -115,9 +104,11 @@ async def test_health_is_503_degraded_while_wedged_and_ok_once_cleared(tmp_path:
         assert (response.status_code, response.json()["status"]) == (200, "ok")
 
 
-async def test_health_says_draining_while_sessions_finish(tmp_path: Path) -> None:
+async def test_health_says_draining_while_sessions_finish(
+    config: Callable[..., WorkerConfig],
+) -> None:
     gate = Gate()
-    async with api_worker(tmp_path, gate) as (worker, client):
+    async with api_worker(config, gate) as (worker, client):
         item_id = await worker.submit("long")
         await wait_for(lambda: gate.running == 1)
         async with trio.open_nursery() as nursery:
@@ -129,13 +120,15 @@ async def test_health_says_draining_while_sessions_finish(tmp_path: Path) -> Non
         assert (await worker.wait(item_id)).status is OutcomeStatus.COMPLETED
 
 
-async def test_metrics_parse_and_count_sessions_by_outcome(tmp_path: Path) -> None:
+async def test_metrics_parse_and_count_sessions_by_outcome(
+    config: Callable[..., WorkerConfig],
+) -> None:
     async def agent(ctx: AgentContext) -> str:
         if "fail" in ctx.prompt:
             raise RuntimeError("agent failed on purpose")
         return "fine"
 
-    async with api_worker(tmp_path, agent) as (worker, client):
+    async with api_worker(config, agent) as (worker, client):
         for prompt in ("a", "b", "fail"):
             await worker.wait(await worker.submit(prompt))
         response = await client.get("/metrics")
@@ -162,7 +155,11 @@ class RecordingPlane(EmbeddedControlPlane):
     secrets: list[str]
 
     async def poll(
-        self, *, worker_id: str, block_ms: int = 0, reclaim_older_than_ms: int | None = None
+        self,
+        *,
+        worker_id: str | None = None,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
         item = await super().poll(
             worker_id=worker_id, block_ms=block_ms, reclaim_older_than_ms=reclaim_older_than_ms
@@ -172,12 +169,14 @@ class RecordingPlane(EmbeddedControlPlane):
         return item
 
 
-async def test_status_shows_the_tree_sessions_and_leases_without_secrets(tmp_path: Path) -> None:
+async def test_status_shows_the_tree_sessions_and_leases_without_secrets(
+    config: Callable[..., WorkerConfig], tmp_path: Path
+) -> None:
     gate = Gate()
     plane = RecordingPlane(tmp_path / "cp.sqlite3")
     plane.secrets = []
     try:
-        async with api_worker(tmp_path, gate, control_plane=plane) as (worker, client):
+        async with api_worker(config, gate, control_plane=plane) as (worker, client):
             item_id = await worker.submit("look at me")
             await wait_for(lambda: gate.running == 1)
             url = worker.api_url
@@ -211,17 +210,21 @@ async def test_status_shows_the_tree_sessions_and_leases_without_secrets(tmp_pat
             assert secret not in text
 
 
-async def test_unknown_routes_and_methods_answer_json_errors(tmp_path: Path) -> None:
-    async with api_worker(tmp_path, Gate()) as (_, client):
+async def test_unknown_routes_and_methods_answer_json_errors(
+    config: Callable[..., WorkerConfig],
+) -> None:
+    async with api_worker(config, Gate()) as (_, client):
         missing = await client.get("/nope")
         wrong = await client.post("/health")
     assert (missing.status_code, missing.json()["error"]["type"]) == (404, "not_found")
     assert (wrong.status_code, wrong.json()["error"]["type"]) == (405, "method_not_allowed")
 
 
-async def test_api_file_names_the_url_and_is_removed_on_exit(tmp_path: Path) -> None:
+async def test_api_file_names_the_url_and_is_removed_on_exit(
+    config: Callable[..., WorkerConfig], tmp_path: Path
+) -> None:
     state = tmp_path / "state"
-    async with api_worker(tmp_path, Gate()) as (worker, _):
+    async with api_worker(config, Gate()) as (worker, _):
         info = read_api_file(state)
         assert info is not None
         assert (info.url, info.worker_id) == (worker.api_url, "w-api")
@@ -230,10 +233,12 @@ async def test_api_file_names_the_url_and_is_removed_on_exit(tmp_path: Path) -> 
     assert worker.api_url is None
 
 
-async def test_api_file_of_another_worker_is_left_alone(tmp_path: Path) -> None:
+async def test_api_file_of_another_worker_is_left_alone(
+    config: Callable[..., WorkerConfig], tmp_path: Path
+) -> None:
     """Two workers on one state dir: the one stopping first must not remove the other's file."""
     state = tmp_path / "state"
-    async with api_worker(tmp_path, Gate()):
+    async with api_worker(config, Gate()):
         other = ApiFile("http://127.0.0.1:1", 1, "someone-else", 0.0)
         (state / API_FILENAME).write_text(json.dumps(attrs.asdict(other)))
     assert read_api_file(state) == other
@@ -253,10 +258,10 @@ def test_a_taken_port_is_a_config_error_naming_api_port() -> None:
     assert caught.value.key == "api_port"
 
 
-async def test_worker_does_not_start_on_a_taken_port(tmp_path: Path) -> None:
+async def test_worker_does_not_start_on_a_taken_port(config: Callable[..., WorkerConfig]) -> None:
     holder, port = taken_port()
     with holder:
-        worker = Worker(config(tmp_path, api_port=port), agent=Gate())
+        worker = Worker(config(api_port=port), agent=Gate())
         with pytest.raises(ChildStartError) as caught, trio.fail_after(10):
             await worker.run()
     cause: BaseException | None = caught.value
@@ -266,11 +271,12 @@ async def test_worker_does_not_start_on_a_taken_port(tmp_path: Path) -> None:
 
 
 async def test_an_api_crash_is_restarted_without_touching_sessions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config: Callable[..., WorkerConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from hypercorn.trio import serve as real_serve
+
     import supervisor._worker._api as api_module
 
-    real_serve = api_module.hypercorn_serve
     crash = trio.Event()
     runs = 0
 
@@ -287,7 +293,7 @@ async def test_an_api_crash_is_restarted_without_touching_sessions(
 
     monkeypatch.setattr(api_module, "hypercorn_serve", crashing_serve)
     gate = Gate()
-    async with open_worker(config(tmp_path), agent=gate) as worker:
+    async with open_worker(config(), agent=gate) as worker:
         item_id = await worker.submit("keep going")
         await wait_for(lambda: gate.running == 1)
         first_url = worker.api_url
@@ -319,9 +325,33 @@ def test_only_loopback_addresses_count_as_private(host: str, loopback: bool) -> 
 
 
 async def test_an_api_bound_beyond_loopback_is_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    config: Callable[..., WorkerConfig], caplog: pytest.LogCaptureFixture
 ) -> None:
     """No authentication on the API: binding it where others can reach it is said out loud."""
-    async with api_worker(tmp_path, Gate(), api_host="0.0.0.0") as (_, client):
+    async with api_worker(config, Gate(), api_host="0.0.0.0") as (_, client):
         assert (await client.get("/health")).status_code == 200
     assert any("has no authentication" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_worker_page_draws_its_sessions_and_tree_without_secrets(
+    config: Callable[..., WorkerConfig],
+) -> None:
+    """``/`` is a page shell; its live region shows sessions, health and the tree."""
+    gate = Gate()
+    async with api_worker(config, gate) as (worker, client):
+        item_id = await worker.submit("look at me <script>")
+        await wait_for(lambda: gate.running == 1)
+        page = await client.get("/")
+        fragment = await client.get("/dashboard/local")
+        script = await client.get("/dashboard/static/dashboard.js")
+        gate.release.set()
+        await worker.wait(item_id)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'data-auth="none"' in page.text and "/dashboard/local" in page.text
+    assert script.status_code == 200
+    body = fragment.text
+    assert fragment.status_code == 200
+    assert "<code>w-api</code>" in body and item_id in body
+    assert f"session:{item_id}" in body and "<code>lease</code>" in body
+    assert "badge-running" in body
+    assert SECRET_KEY not in body and "look at me" not in body

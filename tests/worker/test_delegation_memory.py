@@ -14,9 +14,9 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from supervisor._worker._delegations import DelegationWatcher
 from supervisor._worker._journal import DelegationJournal
 from supervisor.controlplane import Delegation, DelegationStatus
+from supervisor.lowlevel import DelegationWatcher
 
 WORKER = "worker-1"
 SOURCE = "sess-source"

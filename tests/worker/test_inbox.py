@@ -9,10 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._inbox import INBOX_FILENAME, Inbox, InboxClosed, InboxEntry
-from supervisor._worker._worker import open_worker
+from supervisor import AgentContext, Inbox, InboxClosed, InboxEntry, WorkerConfig, open_worker
+from supervisor._worker._inbox import INBOX_FILENAME
 from supervisor.controlplane import DelegationStatus, OutcomeStatus
 
 

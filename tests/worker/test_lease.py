@@ -14,42 +14,26 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
+from typing import Unpack
 
 import attrs
 import pytest
 import trio
 
-from supervisor._worker._lease import (
-    DEADLINE_FRACTION,
-    Lease,
-    LeaseKeeper,
-    LeaseLost,
-    MeasureFrom,
-    heartbeat_interval,
-)
+from supervisor import ControlPlaneUnavailable, FatalError, LeaseLost, TransientError
+from supervisor._worker._lease import DEADLINE_FRACTION, MeasureFrom, heartbeat_interval
 from supervisor.controlplane import (
     NO_HEARTBEAT,
+    FencingConflict,
+    Gone,
     HeartbeatResult,
+    NotFound,
     Outcome,
     OutcomeStatus,
     WorkState,
 )
-from supervisor.controlplane._exceptions import (
-    ControlPlaneUnavailable,
-    FatalError,
-    FencingConflict,
-    Gone,
-    NotFound,
-    TransientError,
-)
-from supervisor.testing._scripted import (
-    HANG,
-    Call,
-    Regrant,
-    Reply,
-    ScriptedControlPlane,
-    ScriptEntry,
-)
+from supervisor.lowlevel import KeeperOptions, Lease, LeaseKeeper
+from supervisor.testing import HANG, Call, Regrant, Reply, ScriptedControlPlane, ScriptEntry
 
 TTL = 9.0  # interval 3 s, deadline 7.2 s after each good send
 EPS = 1e-9
@@ -98,7 +82,8 @@ async def run_session(
     react_to_stop: float | None = None,
     cancel_at: float = math.inf,
     events: Sequence[tuple[float, Callable[[], object]]] = (),
-    **keeper_options: object,
+    desired_ttl: float | None = None,
+    **keeper_options: Unpack[KeeperOptions],
 ) -> Trace:
     """Run keeper + runner like the session supervisor does (ONE_FOR_ALL, ANY_SIGNIFICANT).
 
@@ -109,15 +94,12 @@ async def run_session(
             a stop request (ending with ``CANCELLED``); otherwise it ignores it.
         cancel_at: cancel the whole session from outside at this time.
         events: ``(time, action)`` pairs applied to the fake while the session runs.
+        desired_ttl, keeper_options: for the `LeaseKeeper` (its ``rng`` is seeded).
     """
     lease = Lease(work_id)
-    keeper = LeaseKeeper(
-        cp,
-        work_id,
-        lease=lease,
-        rng=random.Random(7),
-        **keeper_options,  # type: ignore[arg-type]
-    )
+    options = KeeperOptions(rng=random.Random(7))
+    options.update(keeper_options)
+    keeper = LeaseKeeper(cp, work_id, desired_ttl=desired_ttl, lease=lease, **options)
     trace = Trace(lease)
 
     async def keeper_child(*, task_status: trio.TaskStatus[Lease]) -> None:
@@ -232,7 +214,8 @@ def check_contract(trace: Trace, cp: ScriptedControlPlane, work_id: str) -> None
     if trace.runner_started_at is not None:
         assert trace.ready_at is not None
         assert beats and beats[0].started_at <= trace.ready_at
-        assert any(c.ok and c.ended_at <= trace.runner_started_at + EPS for c in beats)
+        started = trace.runner_started_at
+        assert any(c.ok and c.ended_at is not None and c.ended_at <= started + EPS for c in beats)
     if trace.lost is not None and trace.runner_started_at is not None:
         assert trace.runner_cancelled_at == pytest.approx(trace.lost_at)
 
@@ -457,7 +440,9 @@ async def test_lease_scenario(
         assert not trace.keeper_returned
 
     # No fencing token or session secret ever reaches a log line or a repr.
-    secrets = {c.result.last_heartbeat for c in good_beats(cp.calls_to("heartbeat"))}  # type: ignore[union-attr]
+    results = [c.result for c in good_beats(cp.calls_to("heartbeat"))]
+    assert all(isinstance(r, HeartbeatResult) for r in results)
+    secrets = {r.last_heartbeat for r in results if isinstance(r, HeartbeatResult)}
     for record in caplog.records:
         for secret in secrets:
             assert secret not in record.getMessage()
@@ -510,7 +495,7 @@ async def test_final_stop_is_shielded_and_cancellation_still_propagates(
         async with trio.open_nursery() as nursery:
             lease = await nursery.start(keeper.run)
             lease.outcome = COMPLETED
-            await trio.sleep_forever()
+            await trio.sleep(math.inf)
         returned = True
     assert scope.cancelled_caught
     assert not returned
@@ -783,9 +768,10 @@ async def test_a_stop_request_cancels_the_scopes_registered_for_it() -> None:
     lease = Lease("w1")
     before = trio.CancelScope()
     lease.cancel_on_stop_request(before)
-    assert not before.cancel_called
+    called_before_the_request = before.cancel_called
     lease.request_stop("control plane state is stopping")
     lease.request_stop("a second reason is not kept")
+    assert not called_before_the_request
     assert before.cancel_called
     assert lease.stop_reason == "control plane state is stopping"
     after = trio.CancelScope()
@@ -818,7 +804,9 @@ async def test_final_stop_after_an_in_flight_beat_carries_the_token_it_earned(
     (stop,) = cp.calls_to("stop")
     assert stop.ok
     assert stop.started_at == pytest.approx(3.5)
-    assert stop.args["expected_last_heartbeat"] == beats[1].result.last_heartbeat  # type: ignore[union-attr]
+    earned = beats[1].result
+    assert isinstance(earned, HeartbeatResult)
+    assert stop.args["expected_last_heartbeat"] == earned.last_heartbeat
     assert (await cp.get(work_id)).outcome == COMPLETED
     assert keeper.lease.reported
 
@@ -843,7 +831,9 @@ async def test_a_stop_refused_for_a_missed_answer_is_sent_again_with_the_named_t
     assert second.args["expected_last_heartbeat"] == cp.token_of(work_id)
     assert (await cp.get(work_id)).outcome == COMPLETED
     assert keeper.lease.lost is None and keeper.lease.reported
-    assert all(cp.token_of(work_id) not in r.getMessage() for r in caplog.records)
+    token = cp.token_of(work_id)
+    assert token is not None
+    assert all(token not in r.getMessage() for r in caplog.records)
 
 
 async def test_a_beat_one_answer_behind_continues_with_the_named_token(

@@ -46,25 +46,21 @@ from hypothesis.stateful import (
     rule,
 )
 
-from supervisor._worker._lease import Lease, LeaseKeeper, LeaseLost
+from supervisor import ControlPlaneUnavailable, FatalError, LeaseLost, TransientError
 from supervisor.controlplane import (
     NO_HEARTBEAT,
-    HeartbeatResult,
-    Outcome,
-    OutcomeStatus,
-    WorkState,
-)
-from supervisor.controlplane._exceptions import (
     BadRequest,
-    ControlPlaneUnavailable,
-    FatalError,
     FencingConflict,
     Gone,
+    HeartbeatResult,
     NotFound,
-    TransientError,
+    Outcome,
+    OutcomeStatus,
     Unauthorized,
+    WorkState,
 )
-from supervisor.testing._scripted import HANG, Call, Fail, Reply, ScriptedControlPlane, ScriptEntry
+from supervisor.lowlevel import Lease, LeaseKeeper
+from supervisor.testing import HANG, Call, Fail, Reply, ScriptedControlPlane, ScriptEntry
 
 T = TypeVar("T")
 EPS = 1e-6

@@ -9,8 +9,15 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from supervisor import ChildSpec, Restart, Supervisor, SupervisorSpec
-from supervisor._worker._config import WorkerConfig
+from supervisor import (
+    ChildSpec,
+    ControlPlaneUnavailable,
+    Restart,
+    Supervisor,
+    SupervisorSpec,
+    Worker,
+    WorkerConfig,
+)
 from supervisor._worker._metrics import (
     HeartbeatMeter,
     LatencyHistogram,
@@ -18,10 +25,8 @@ from supervisor._worker._metrics import (
     render_metrics,
     worker_registry,
 )
-from supervisor._worker._worker import Worker
 from supervisor.controlplane import NO_HEARTBEAT, ControlPlane, WorkStats
-from supervisor.controlplane._exceptions import ControlPlaneUnavailable
-from supervisor.testing._scripted import ScriptedControlPlane
+from supervisor.testing import ScriptedControlPlane
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

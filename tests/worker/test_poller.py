@@ -10,24 +10,18 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor._worker._poller import (
-    ClaimGate,
-    OpenGate,
-    Poller,
-    PollerState,
-    Slot,
-    poll_backoff,
-)
-from supervisor.controlplane import WorkItem, WorkState
-from supervisor.controlplane._exceptions import (
+from supervisor import ControlPlaneUnavailable, TransientError
+from supervisor._worker._poller import OpenGate, PollerState, poll_backoff
+from supervisor.controlplane import (
     BadRequest,
     Conflict,
-    ControlPlaneUnavailable,
     NotFound,
-    TransientError,
     Unauthorized,
+    WorkItem,
+    WorkState,
 )
-from supervisor.testing._scripted import ScriptedControlPlane
+from supervisor.lowlevel import ClaimGate, Poller, Slot
+from supervisor.testing import ScriptedControlPlane
 
 
 class Sessions:
@@ -239,7 +233,11 @@ class ImpatientPlane(ScriptedControlPlane):
     """A control plane that ignores ``block_ms`` and answers empty polls at once."""
 
     async def poll(
-        self, *, worker_id: str, block_ms: int = 0, reclaim_older_than_ms: int | None = None
+        self,
+        *,
+        worker_id: str | None = None,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
     ) -> WorkItem | None:
         return await super().poll(worker_id=worker_id, reclaim_older_than_ms=reclaim_older_than_ms)
 
@@ -337,6 +335,36 @@ async def test_transient_ack_error_backs_off_and_gives_the_slot_back(
     (claimed_at, item, _slot) = sessions.claimed[0]
     assert item.id == "work-1"
     assert claimed_at >= 5.0, "handed out again only after the reclaim window"
+
+
+class LostAckAnswer(ScriptedControlPlane):
+    """The first ack takes effect, but its answer is lost (the server died before replying)."""
+
+    lost = 0
+
+    async def ack(self, work_id: str, *, worker_id: str | None = None) -> WorkItem:
+        item = await super().ack(work_id, worker_id=worker_id)
+        if self.lost == 0:
+            self.lost += 1
+            raise ControlPlaneUnavailable("server disconnected without sending a response")
+        return item
+
+
+async def test_an_ack_that_landed_although_its_answer_was_lost_is_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Ours (starting, bound to us): handed over at once, no reclaim, no attempt lost."""
+    cp = LostAckAnswer(reclaim_ms=5_000)
+    await submit(cp, 1)
+    sessions = Sessions(cp)
+    poller = Poller(cp, worker_id="w", slots=trio.CapacityLimiter(1), on_claim=sessions.on_claim)
+    with trio.move_on_after(30):
+        await poller.run()
+    assert cp.lost == 1
+    [(claimed_at, item, _slot)] = sessions.claimed
+    assert item.id == "work-1" and item.worker_id == "w"
+    assert item.secret == "scripted-secret-work-1"
+    assert claimed_at < 1.0, "taken at once, not after the reclaim window"
 
 
 async def test_fatal_ack_error_raises(autojump_clock: trio.testing.MockClock) -> None:

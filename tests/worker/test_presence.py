@@ -8,7 +8,7 @@ client records every answer on the wire through an httpx event hook.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,24 +19,25 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import Conflict, FencingConflict, NotFound, TransientError, Unauthorized
-from supervisor._worker._presence import (
-    Activity,
-    CountingControlPlane,
-    Presence,
-    RequestCounter,
-    counting_control_plane,
+from supervisor import TransientError, WedgeState
+from supervisor._worker._presence import Activity, CountingControlPlane, counting_control_plane
+from supervisor.controlplane import (
+    Conflict,
+    ControlPlane,
+    EmbeddedControlPlane,
+    FencingConflict,
+    FileKey,
+    HttpControlPlane,
+    NotFound,
+    PresenceReport,
+    SQLiteStore,
+    StatusPolicy,
+    Unauthorized,
+    WorkerStatus,
+    open_control_plane_server,
 )
-from supervisor._worker._wedge import WedgeState
-from supervisor.controlplane import ControlPlane, PresenceReport, WorkerStatus
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._http import HttpControlPlane
-from supervisor.controlplane._keys import FileKey
-from supervisor.controlplane._server import open_control_plane_server
-from supervisor.controlplane._status import StatusPolicy
-from supervisor.controlplane._store import SQLiteStore
-from supervisor.testing._clock import ManualClock
-from supervisor.testing._scripted import ScriptedControlPlane
+from supervisor.lowlevel import Presence, RequestCounter
+from supervisor.testing import ManualClock, ScriptedControlPlane
 
 KEY = "presence-key-0123456789abcdef"
 WORKER = "w-presence"
@@ -90,10 +91,8 @@ class Rig:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "controlplane.sqlite3", status_policy=POLICY)
-    yield opened
-    opened.close()
+def store_options() -> dict[str, Any]:
+    return {"status_policy": POLICY}
 
 
 @asynccontextmanager

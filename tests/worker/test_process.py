@@ -18,13 +18,9 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from supervisor._worker._process import (
-    AgentResult,
-    SessionOutput,
-    _LineSplitter,
-    run_agent_process,
-)
-from supervisor.controlplane._models import OutcomeStatus
+from supervisor._worker._process import _LineSplitter, run_agent_process
+from supervisor.controlplane import OutcomeStatus
+from supervisor.lowlevel import AgentResult, SessionOutput
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 GRACE = 0.2
@@ -327,11 +323,13 @@ async def test_a_flood_of_output_does_not_grow_memory(tmp_path: Path) -> None:
     """200 MB of lines and one 100 MB line without a newline: bounded memory, full log."""
     lines_mb, long_mb = 200, 100
     truncated: list[str] = []
+
+    def on_line(line: str) -> None:
+        if line.endswith("[line truncated]"):
+            truncated.append(line[:10])
+
     output = SessionOutput(
-        log_path=tmp_path / "flood.log",
-        tail_lines=100,
-        tail_chars=10_000,
-        on_line=lambda line: line.endswith("[line truncated]") and truncated.append(line[:10]),
+        log_path=tmp_path / "flood.log", tail_lines=100, tail_chars=10_000, on_line=on_line
     )
     baseline = _rss_bytes()
     peak = baseline
@@ -459,3 +457,28 @@ def test_open_log_failing_disables_the_log_and_keeps_the_tail(
     output.close()
     assert output.tail() == ("still counted",)
     assert sum("session log" in r.message for r in caplog.records) == 1
+
+
+async def test_a_flooding_agent_cannot_fill_the_disk_with_its_log(tmp_path: Path) -> None:
+    """64 MB of output under a 1 MiB cap: log and log.1 stay under it, the end is kept."""
+    cap = 1024 * 1024
+    output = SessionOutput(log_path=tmp_path / "flood.log", log_max_bytes=cap)
+    with trio.fail_after(60):
+        result = await run(agent("flood", "60", "4"), tmp_path, output=output)
+    assert result.exit_code == 0
+    assert result.result == "flood done"  # the result line is still found
+    log, older = tmp_path / "flood.log", tmp_path / "flood.log.1"
+    assert log.stat().st_size + older.stat().st_size <= cap + 512
+    assert output.rotations > 50
+    text = log.read_bytes()
+    assert text.startswith(b"[supervisor] log rotated")
+    assert b"agent exited with code 0" in text  # the very end of the run is there
+    assert output.bytes_received > 60 * cap
+
+
+async def test_an_uncapped_log_is_never_rotated(tmp_path: Path) -> None:
+    output = SessionOutput(log_path=tmp_path / "ok.log")
+    await run(agent("flood", "2", "0"), tmp_path, output=output)
+    assert output.rotations == 0
+    assert not (tmp_path / "ok.log.1").exists()
+    assert (tmp_path / "ok.log").stat().st_size > 2 * 1024 * 1024

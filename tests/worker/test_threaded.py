@@ -6,14 +6,20 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from supervisor import ConfigError
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._threaded import ResultTimeout, ThreadedWorker, WorkCancelled
+from supervisor import (
+    AgentContext,
+    ConfigError,
+    ResultTimeout,
+    ThreadedWorker,
+    WorkCancelled,
+    WorkerConfig,
+)
 from supervisor.controlplane import OutcomeStatus
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
@@ -23,19 +29,15 @@ def agent_cmd(name: str, *extra: str) -> str:
     return " ".join([sys.executable, str(AGENTS / f"{name}.py"), *extra])
 
 
-def make_config(tmp_path: Path, **overrides: object) -> WorkerConfig:
-    values: dict[str, object] = {
-        "state_dir": tmp_path / "state",
+@pytest.fixture
+def config_defaults() -> dict[str, Any]:
+    return {
         "max_concurrency": 3,
         "agent": agent_cmd("ok", "{prompt}"),
-        "poll_block_ms": 50,
         "agent_grace": 0.3,
         "drain_timeout": 0.5,
-        "api_enabled": False,
         "worker_id": "threaded",
     }
-    values.update(overrides)
-    return WorkerConfig(**values)  # type: ignore[arg-type]
 
 
 def fd_count() -> int:
@@ -43,8 +45,8 @@ def fd_count() -> int:
 
 
 @pytest.mark.slow
-def test_handles_resolve_with_the_outcome(tmp_path: Path) -> None:
-    with ThreadedWorker(make_config(tmp_path)) as tw:
+def test_handles_resolve_with_the_outcome(config: Callable[..., WorkerConfig]) -> None:
+    with ThreadedWorker(config()) as tw:
         handles = [tw.submit(f"job {n}", origin="test") for n in range(3)]
         outcomes = [h.result(timeout=30) for h in handles]
     assert [o.status for o in outcomes] == [OutcomeStatus.COMPLETED] * 3
@@ -54,8 +56,8 @@ def test_handles_resolve_with_the_outcome(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_submit_never_blocks_and_result_times_out(tmp_path: Path) -> None:
-    with ThreadedWorker(make_config(tmp_path, agent=agent_cmd("hang"))) as tw:
+def test_submit_never_blocks_and_result_times_out(config: Callable[..., WorkerConfig]) -> None:
+    with ThreadedWorker(config(agent=agent_cmd("hang"))) as tw:
         started = time.monotonic()
         handle = tw.submit("wait for ever")
         assert time.monotonic() - started < 0.1
@@ -67,9 +69,11 @@ def test_submit_never_blocks_and_result_times_out(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_stop_with_three_hanging_sessions_fails_every_handle(tmp_path: Path) -> None:
+def test_stop_with_three_hanging_sessions_fails_every_handle(
+    config: Callable[..., WorkerConfig],
+) -> None:
     """stop() returns within the drain timeout (+ agent grace); all handles raise WorkCancelled."""
-    tw = ThreadedWorker(make_config(tmp_path, agent=agent_cmd("hang"), drain_timeout=0.5))
+    tw = ThreadedWorker(config(agent=agent_cmd("hang"), drain_timeout=0.5))
     tw.start()
     handles = [tw.submit(f"hang {n}") for n in range(3)]
     deadline = time.monotonic() + 15
@@ -85,14 +89,15 @@ def test_stop_with_three_hanging_sessions_fails_every_handle(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_stop_answers_the_handle_of_an_item_that_never_started(tmp_path: Path) -> None:
+def test_stop_answers_the_handle_of_an_item_that_never_started(
+    config: Callable[..., WorkerConfig],
+) -> None:
     """Three hanging items, two slots: the third is still queued when stop() comes.
 
     Its handle was dropped by the cancelled serving task without an answer, so
     its result() waited until the timeout; now every handle raises at once.
     """
-    config = make_config(tmp_path, agent=agent_cmd("hang"), max_concurrency=2)
-    tw = ThreadedWorker(config)
+    tw = ThreadedWorker(config(agent=agent_cmd("hang"), max_concurrency=2))
     tw.start()
     handles = [tw.submit(f"hang {n}") for n in range(3)]
     deadline = time.monotonic() + 15
@@ -108,8 +113,8 @@ def test_stop_answers_the_handle_of_an_item_that_never_started(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_cancel_stops_the_session(tmp_path: Path) -> None:
-    with ThreadedWorker(make_config(tmp_path, agent=agent_cmd("hang"))) as tw:
+def test_cancel_stops_the_session(config: Callable[..., WorkerConfig]) -> None:
+    with ThreadedWorker(config(agent=agent_cmd("hang"))) as tw:
         handle = tw.submit("hang")
         deadline = time.monotonic() + 15
         while handle.item_id is None:
@@ -124,26 +129,38 @@ def test_cancel_stops_the_session(tmp_path: Path) -> None:
             time.sleep(0.02)
 
 
-def test_start_errors_surface_from_start(tmp_path: Path) -> None:
+def test_start_errors_surface_from_start(
+    config: Callable[..., WorkerConfig], tmp_path: Path
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    tw = ThreadedWorker(make_config(tmp_path, state_dir=blocker / "state"))
+    tw = ThreadedWorker(config(state_dir=blocker / "state"))
     with pytest.raises(ConfigError, match="state_dir"):
         tw.start()
     assert not tw.running
-    bad_agent = ThreadedWorker(make_config(tmp_path, agent="no_such_module_xyz:agent"))
+    bad_agent = ThreadedWorker(config(agent="no_such_module_xyz:agent"))
     with pytest.raises(ConfigError, match="agent"):
         bad_agent.start()
 
 
-def test_submit_on_a_stopped_worker_fails_the_handle_at_once(tmp_path: Path) -> None:
-    handle = ThreadedWorker(make_config(tmp_path)).submit("nobody home")
+def test_an_unknown_worker_option_is_refused_when_the_worker_is_made(
+    config: Callable[..., WorkerConfig],
+) -> None:
+    """Not later, in the background thread, when the worker would start."""
+    with pytest.raises(TypeError, match="keeper_option"):
+        ThreadedWorker(config(), keeper_option={"rng": None})  # type: ignore[call-arg]
+
+
+def test_submit_on_a_stopped_worker_fails_the_handle_at_once(
+    config: Callable[..., WorkerConfig],
+) -> None:
+    handle = ThreadedWorker(config()).submit("nobody home")
     assert handle.done()
     with pytest.raises(WorkCancelled, match="not running"):
         handle.result()
 
 
-def test_blocking_calls_from_the_loop_thread_raise(tmp_path: Path) -> None:
+def test_blocking_calls_from_the_loop_thread_raise(config: Callable[..., WorkerConfig]) -> None:
     errors: list[str] = []
     tw: ThreadedWorker
 
@@ -155,7 +172,7 @@ def test_blocking_calls_from_the_loop_thread_raise(tmp_path: Path) -> None:
                 errors.append(str(exc))
         return "ok"
 
-    tw = ThreadedWorker(make_config(tmp_path), agent=agent)
+    tw = ThreadedWorker(config(), agent=agent)
     with tw:
         handle = tw.submit("call back")
         assert handle.result(timeout=30).status is OutcomeStatus.COMPLETED
@@ -164,11 +181,11 @@ def test_blocking_calls_from_the_loop_thread_raise(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_repeated_start_stop_leaks_no_threads_or_fds(tmp_path: Path) -> None:
+def test_repeated_start_stop_leaks_no_threads_or_fds(config: Callable[..., WorkerConfig]) -> None:
     async def agent(ctx: AgentContext) -> str:
         return ctx.prompt
 
-    tw = ThreadedWorker(make_config(tmp_path), agent=agent)
+    tw = ThreadedWorker(config(), agent=agent)
     tw.start()
     assert tw.submit("warm up").result(timeout=30).result == "warm up"
     tw.stop()

@@ -14,19 +14,9 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor._base._exceptions import ConfigError
+from supervisor import ConfigError, WedgeState, WorkerConfig
 from supervisor._cli._settings import config_from_layers, read_environment, read_toml
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._lease import LeaseKeeper
-from supervisor._worker._poller import ClaimGate, Poller, Slot
-from supervisor._worker._process import SessionOutput
-from supervisor._worker._wedge import (
-    DEFAULT_WEDGE_PATTERNS,
-    WedgeBreaker,
-    WedgeDetector,
-    WedgeState,
-    compile_wedge_patterns,
-)
+from supervisor._worker._wedge import DEFAULT_WEDGE_PATTERNS, compile_wedge_patterns
 from supervisor.controlplane import (
     NO_HEARTBEAT,
     HeartbeatResult,
@@ -35,7 +25,16 @@ from supervisor.controlplane import (
     WorkItem,
     WorkState,
 )
-from supervisor.testing._scripted import ScriptedControlPlane
+from supervisor.lowlevel import (
+    ClaimGate,
+    LeaseKeeper,
+    Poller,
+    SessionOutput,
+    Slot,
+    WedgeBreaker,
+    WedgeDetector,
+)
+from supervisor.testing import ScriptedControlPlane
 
 WEDGE_LINE = "Error: Control request timeout: initialize"
 

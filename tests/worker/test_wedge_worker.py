@@ -24,22 +24,20 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import TransientError
+from supervisor import AgentContext, TransientError, Worker, WorkerConfig
 from supervisor._cli._main import main
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import Worker
 from supervisor.controlplane import (
     ControlPlane,
+    EmbeddedControlPlane,
     OutcomeStatus,
     PresenceReport,
+    SQLiteStore,
     WorkerRecord,
     WorkerStatus,
     WorkItem,
     WorkState,
 )
-from supervisor.controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
-from supervisor.controlplane._store import SQLiteStore
+from supervisor.controlplane._embedded import STORE_FILENAME
 from supervisor.testing import run_inline
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
@@ -115,25 +113,22 @@ class DirWorkspaces:
             path.rmdir()
 
 
-def config(tmp_path: Path, **overrides: Any) -> WorkerConfig:
-    values: dict[str, Any] = {
-        "state_dir": tmp_path / "state",
-        "worker_id": "w1",
-        "max_concurrency": 2,
+@pytest.fixture
+def config_defaults() -> dict[str, Any]:
+    return {
         "poll_block_ms": 1000,
         "lease_ttl": 30.0,
         "probe_interval": PROBE_INTERVAL,
         "presence_interval": PRESENCE_INTERVAL,
-        "api_enabled": False,
-        "drain_timeout": 5.0,
     }
-    values.update(overrides)
-    return WorkerConfig(**values)
 
 
 @asynccontextmanager
 async def mock_clock_worker(
-    tmp_path: Path, agent: Callable[[AgentContext], Any], **overrides: Any
+    config: Callable[..., WorkerConfig],
+    tmp_path: Path,
+    agent: Callable[[AgentContext], Any],
+    **overrides: Any,
 ) -> AsyncIterator[tuple[Worker, Recorder]]:
     """A worker under the mock clock: inline store calls, in-process agent, plain dirs."""
     inner = EmbeddedControlPlane(
@@ -144,7 +139,7 @@ async def mock_clock_worker(
     )
     plane = Recorder(inner)
     worker = Worker(
-        config(tmp_path, **overrides),
+        config(**overrides),
         control_plane=cast(ControlPlane, plane),
         agent=agent,
         workspaces=DirWorkspaces(tmp_path / "ws"),
@@ -168,7 +163,7 @@ async def wait_until(predicate: Callable[[], bool], *, step: float = 0.1) -> flo
 
 
 async def test_a_wedged_agent_degrades_the_worker_until_a_probe_succeeds(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    config: Callable[..., WorkerConfig], tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The whole story of issue 5, on the mock clock.
 
@@ -194,7 +189,7 @@ async def test_a_wedged_agent_degrades_the_worker_until_a_probe_succeeds(
         await trio.sleep(2)
         return f"done: {ctx.prompt}"
 
-    async with mock_clock_worker(tmp_path, agent) as (worker, plane):
+    async with mock_clock_worker(config, tmp_path, agent) as (worker, plane):
         await wait_until(lambda: any(r.answer is not None for r in plane.reports))
         assert plane.reports[0].answer is not None
         assert plane.reports[0].answer.status is WorkerStatus.ONLINE
@@ -276,7 +271,7 @@ async def test_a_wedged_agent_degrades_the_worker_until_a_probe_succeeds(
 
 
 async def test_a_silent_agent_is_wedged_by_the_watchdog(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    config: Callable[..., WorkerConfig], tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """An in-process agent that stops producing output is cancelled as wedged."""
 
@@ -289,7 +284,7 @@ async def test_a_silent_agent_is_wedged_by_the_watchdog(
         await trio.sleep(1)
         return "fine"
 
-    async with mock_clock_worker(tmp_path, agent, wedge_timeout=120.0) as (worker, plane):
+    async with mock_clock_worker(config, tmp_path, agent, wedge_timeout=120.0) as (worker, plane):
         slow_but_talking = await worker.submit("talks")
         item_id = await worker.submit("goes quiet")
         await wait_until(lambda: any(r.work_id == item_id for r in worker.sessions()))
@@ -307,7 +302,7 @@ async def test_a_silent_agent_is_wedged_by_the_watchdog(
 
 
 async def test_a_wedge_touches_only_its_own_session(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    config: Callable[..., WorkerConfig], tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A sibling session that was running keeps running and completes."""
     release = trio.Event()
@@ -320,7 +315,7 @@ async def test_a_wedge_touches_only_its_own_session(
         await release.wait()
         return "sibling done"
 
-    async with mock_clock_worker(tmp_path, agent) as (worker, _plane):
+    async with mock_clock_worker(config, tmp_path, agent) as (worker, _plane):
         sibling = await worker.submit("long job")
         await wait_until(lambda: worker.stats().active == 1)
         wedged = await worker.submit("wedge")
@@ -337,13 +332,12 @@ async def test_a_wedge_touches_only_its_own_session(
 
 @pytest.mark.slow
 async def test_a_real_agent_printing_the_wedge_line_is_requeued_and_reported(
-    tmp_path: Path,
+    config: Callable[..., WorkerConfig], tmp_path: Path
 ) -> None:
     """A subprocess agent prints the line and hangs: killed, wedged, item requeued, degraded."""
     plane = EmbeddedControlPlane(tmp_path / "cp.sqlite3")
     agent = f"{sys.executable} {AGENTS / 'wedge.py'}"
     cfg = config(
-        tmp_path,
         agent=agent,
         presence_interval=0.2,
         probe_interval=30.0,

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from supervisor import ChildState, TransientError
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
+from supervisor import AgentContext, ChildState, TransientError, Worker, WorkerConfig, open_worker
 from supervisor._worker._process import process_group_members
-from supervisor._worker._worker import Worker, open_worker
-from supervisor.controlplane import OutcomeStatus, WorkState
-from supervisor.controlplane._embedded import EmbeddedControlPlane
+from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, WorkState
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 
@@ -41,27 +38,8 @@ class FakeClock:
 
 
 @pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[EmbeddedControlPlane]:
-    cp = EmbeddedControlPlane(tmp_path / "cp.sqlite3")
-    try:
-        yield cp
-    finally:
-        await cp.aclose()
-
-
-def config(tmp_path: Path, **overrides: object) -> WorkerConfig:
-    values: dict[str, object] = {
-        "state_dir": tmp_path / "state",
-        "max_concurrency": 2,
-        "agent": agent_cmd("ok", "{prompt}"),
-        "poll_block_ms": 50,
-        "agent_grace": 0.5,
-        "drain_timeout": 5.0,
-        "api_enabled": False,
-        "worker_id": "w1",
-    }
-    values.update(overrides)
-    return WorkerConfig(**values)  # type: ignore[arg-type]
+def config_defaults() -> dict[str, Any]:
+    return {"agent": agent_cmd("ok", "{prompt}"), "agent_grace": 0.5}
 
 
 async def wait_for(predicate: object, *, timeout: float = 20.0, step: float = 0.02) -> None:
@@ -73,13 +51,13 @@ async def wait_for(predicate: object, *, timeout: float = 20.0, step: float = 0.
 
 @pytest.mark.slow
 async def test_fifty_items_complete_with_never_more_than_eight_at_once(
-    tmp_path: Path, plane: EmbeddedControlPlane
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
 ) -> None:
     """50 items, max_concurrency 8: all completed and recorded, at most 8 sessions at once."""
     fds_before = open_fds()
     tasks_before = trio.lowlevel.current_statistics().tasks_living
     peak = 0
-    cfg = config(tmp_path, max_concurrency=8)
+    cfg = config(max_concurrency=8)
     async with open_worker(cfg, control_plane=plane) as worker:
         ids = [await worker.submit(f"task {n}") for n in range(50)]
 
@@ -106,9 +84,11 @@ async def test_fifty_items_complete_with_never_more_than_eight_at_once(
 
 @pytest.mark.slow
 async def test_a_worker_removes_workspaces_a_killed_worker_left_and_leaves_none_itself(
-    tmp_path: Path, plane: EmbeddedControlPlane, killed_worker_workspace: Callable[..., Path]
+    config: Callable[..., WorkerConfig],
+    plane: EmbeddedControlPlane,
+    killed_worker_workspace: Callable[..., Path],
 ) -> None:
-    cfg = config(tmp_path)
+    cfg = config()
     leftover = killed_worker_workspace(cfg.state_dir)
     async with open_worker(cfg, control_plane=plane) as worker:
         assert not leftover.exists()
@@ -119,9 +99,9 @@ async def test_a_worker_removes_workspaces_a_killed_worker_left_and_leaves_none_
 
 @pytest.mark.slow
 async def test_exit_codes_map_to_outcomes_and_reach_the_control_plane(
-    tmp_path: Path, plane: EmbeddedControlPlane
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
 ) -> None:
-    async with open_worker(config(tmp_path, agent=agent_cmd("crash")), control_plane=plane) as w:
+    async with open_worker(config(agent=agent_cmd("crash")), control_plane=plane) as w:
         outcome = await w.wait(await w.submit("boom"))
     assert outcome.status is OutcomeStatus.FAILED
     assert outcome.exit_code == 3
@@ -133,10 +113,10 @@ async def test_exit_codes_map_to_outcomes_and_reach_the_control_plane(
 
 @pytest.mark.slow
 async def test_operator_cancel_stops_the_agent_group(
-    tmp_path: Path, plane: EmbeddedControlPlane
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
 ) -> None:
     """request-stop -> the next heartbeat says stopping -> agent group gone -> cancelled."""
-    cfg = config(tmp_path, agent=agent_cmd("grandchild"), lease_ttl=1.5)
+    cfg = config(agent=agent_cmd("grandchild"), lease_ttl=1.5, agent_grace=0.25)
     async with open_worker(cfg, control_plane=plane) as worker:
         item_id = await worker.submit("spawn")
         await wait_for(lambda: any(r.work_id == item_id for r in worker.sessions()))
@@ -169,11 +149,13 @@ def _agent_pgid(cfg: WorkerConfig, item_id: str) -> int:
 
 
 @pytest.mark.slow
-async def test_lease_loss_cancels_the_session_and_sends_no_stop(tmp_path: Path) -> None:
+async def test_lease_loss_cancels_the_session_and_sends_no_stop(
+    config: Callable[..., WorkerConfig], tmp_path: Path
+) -> None:
     """The store's clock jumps past the lease: 412 -> lease_lost, agent gone, item requeued."""
     clock = FakeClock()
     plane = EmbeddedControlPlane(tmp_path / "cp.sqlite3", clock=clock)
-    cfg = config(tmp_path, agent=agent_cmd("hang"), lease_ttl=1.5, max_concurrency=1)
+    cfg = config(agent=agent_cmd("hang"), lease_ttl=1.5, agent_grace=0.25, max_concurrency=1)
     try:
         async with open_worker(cfg, control_plane=plane) as worker:
             item_id = await worker.submit("hang around")
@@ -198,9 +180,9 @@ async def test_lease_loss_cancels_the_session_and_sends_no_stop(tmp_path: Path) 
 
 @pytest.mark.slow
 async def test_drain_lets_sessions_finish_then_cancels_the_rest(
-    tmp_path: Path, plane: EmbeddedControlPlane
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
 ) -> None:
-    cfg = config(tmp_path, agent=agent_cmd("hang"), max_concurrency=2)
+    cfg = config(agent=agent_cmd("hang"), max_concurrency=2)
     worker = Worker(cfg, control_plane=plane)
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
@@ -217,9 +199,9 @@ async def test_drain_lets_sessions_finish_then_cancels_the_rest(
 
 @pytest.mark.slow
 async def test_host_cancellation_stops_sessions_with_outcomes(
-    tmp_path: Path, plane: EmbeddedControlPlane
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
 ) -> None:
-    cfg = config(tmp_path, agent=agent_cmd("hang"), max_concurrency=3)
+    cfg = config(agent=agent_cmd("hang"), max_concurrency=3)
     worker = Worker(cfg, control_plane=plane)
     with trio.move_on_after(30) as scope:
         async with trio.open_nursery() as nursery:
@@ -235,7 +217,7 @@ async def test_host_cancellation_stops_sessions_with_outcomes(
 
 
 async def test_in_process_agent_and_the_live_tree(
-    tmp_path: Path, plane: EmbeddedControlPlane
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
 ) -> None:
     """An in-process agent runs in its workspace; the snapshot shows session -> lease/runner."""
     seen: dict[str, object] = {}
@@ -248,7 +230,7 @@ async def test_in_process_agent_and_the_live_tree(
         await release.wait()
         return {"answer": ctx.prompt.upper()}
 
-    async with open_worker(config(tmp_path), control_plane=plane, agent=agent) as worker:
+    async with open_worker(config(), control_plane=plane, agent=agent) as worker:
         item_id = await worker.submit("hello")
         await wait_for(lambda: "workspace" in seen)
         snap = worker.snapshot()
@@ -264,10 +246,12 @@ async def test_in_process_agent_and_the_live_tree(
     assert not Path(str(seen["workspace"])).exists()  # removed afterwards
 
 
-async def test_bad_state_dir_is_a_clear_config_error(tmp_path: Path) -> None:
+async def test_bad_state_dir_is_a_clear_config_error(
+    config: Callable[..., WorkerConfig], tmp_path: Path
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    worker = Worker(config(tmp_path, state_dir=blocker / "sub"))
+    worker = Worker(config(state_dir=blocker / "sub"))
     with pytest.raises(Exception, match="state_dir: cannot use"):
         await worker.run()
 
@@ -291,12 +275,12 @@ class StopLostOnFirstAttempt:
 
 @pytest.mark.slow
 async def test_wait_follows_the_control_plane_when_the_final_stop_did_not_get_through(
-    tmp_path: Path, plane: EmbeddedControlPlane
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
 ) -> None:
     """The first run's outcome never reached the store: the item runs again, and wait()
     returns the outcome the control plane finally recorded, not the lost one."""
     flaky = StopLostOnFirstAttempt(plane)
-    cfg = config(tmp_path, lease_ttl=1.0, max_concurrency=1)
+    cfg = config(lease_ttl=1.0, agent_grace=0.15, max_concurrency=1)
     async with open_worker(cfg, control_plane=flaky) as worker:  # type: ignore[arg-type]
         item_id = await worker.submit("twice")
         with trio.fail_after(30):
@@ -308,3 +292,29 @@ async def test_wait_follows_the_control_plane_when_the_final_stop_did_not_get_th
     item = await plane.get(item_id)
     assert item.state is WorkState.STOPPED
     assert item.attempts == 1
+
+
+async def test_presence_reports_carry_the_live_supervision_tree(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
+) -> None:
+    """The dashboard draws a worker's tree from ``runtime_metadata["tree"]``."""
+    release = trio.Event()
+
+    async def agent(ctx: AgentContext) -> str:
+        await release.wait()
+        return "done"
+
+    async with open_worker(config(), control_plane=plane, agent=agent) as worker:
+        item_id = await worker.submit("hello")
+        await wait_for(lambda: worker.stats().active == 1)
+        tree = worker.runtime_metadata()["tree"]
+        assert tree["name"] == worker.snapshot().name == "worker"
+        sessions = next(c for c in tree["children"] if c["id"] == "work")["supervisor"]
+        assert f"session:{item_id}" in str(sessions)
+        with trio.fail_after(20):
+            while "tree" not in (await plane.get_worker(worker.worker_id)).runtime_metadata:
+                await trio.sleep(0.02)
+        record = await plane.get_worker(worker.worker_id)
+        assert record.runtime_metadata["tree"]["name"] == tree["name"] == "worker"
+        release.set()
+        await worker.wait(item_id)

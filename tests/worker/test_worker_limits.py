@@ -1,58 +1,37 @@
 """Worker bounds the simulator and the soak benchmark called for: claim timing, kept records.
 
-In-process agents, ``MemoryWorkspaces`` and the embedded control plane on an
-in-memory store in the Trio thread, under ``autojump_clock``.
+In-process agents, ``MemoryWorkspaces`` and the embedded control plane with
+its store calls in the Trio thread, under ``autojump_clock``.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 import supervisor._worker._worker as worker_module
-from supervisor._worker._agent import AgentContext
-from supervisor._worker._config import WorkerConfig
-from supervisor._worker._worker import Worker
-from supervisor.controlplane import OutcomeStatus
-from supervisor.controlplane._embedded import EmbeddedControlPlane
-from supervisor.controlplane._store import LeasePolicy, SQLiteStore
-from supervisor.testing._faults import Fault, FaultKind, FaultyControlPlane
-from supervisor.testing._workspaces import MemoryWorkspaces
+from supervisor import AgentContext, Worker, WorkerConfig
+from supervisor.controlplane import EmbeddedControlPlane, LeasePolicy, OutcomeStatus
+from supervisor.testing import Fault, FaultKind, FaultyControlPlane, MemoryWorkspaces
 
 
 @pytest.fixture
-async def plane() -> AsyncIterator[EmbeddedControlPlane]:
-    store = SQLiteStore(":memory:", lease_policy=LeasePolicy(default_ttl=10.0, min_ttl=0.5))
-    cp = EmbeddedControlPlane(
-        store, threaded=False, clock=lambda: 1_700_000_000.0 + trio.current_time()
-    )
-    try:
-        yield cp
-    finally:
-        await cp.aclose()
-        store.close()
+def store_options() -> dict[str, Any]:
+    return {"lease_policy": LeasePolicy(default_ttl=10.0, min_ttl=0.5)}
 
 
-def config(tmp_path: Path, **overrides: object) -> WorkerConfig:
-    values: dict[str, object] = {
-        "state_dir": tmp_path / "state",
-        "worker_id": "w1",
-        "max_concurrency": 2,
-        "poll_block_ms": 500,
-        "api_enabled": False,
-        "lease_ttl": 10.0,
-    }
-    values.update(overrides)
-    return WorkerConfig(**values)  # type: ignore[arg-type]
+@pytest.fixture
+def config_defaults() -> dict[str, Any]:
+    return {"poll_block_ms": 500, "lease_ttl": 10.0}
 
 
 async def test_worker_remembers_only_the_last_finished_sessions(
-    tmp_path: Path,
+    config: Callable[..., WorkerConfig],
     plane: EmbeddedControlPlane,
     autojump_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
@@ -65,7 +44,7 @@ async def test_worker_remembers_only_the_last_finished_sessions(
         return f"done {ctx.prompt}"
 
     worker = Worker(
-        config(tmp_path, max_concurrency=1),
+        config(max_concurrency=1),
         control_plane=plane,
         agent=agent,
         workspaces=MemoryWorkspaces(),
@@ -84,7 +63,9 @@ async def test_worker_remembers_only_the_last_finished_sessions(
 
 
 async def test_worker_abandons_claims_whose_ack_answers_later_than_a_fifth_of_the_ttl(
-    tmp_path: Path, plane: EmbeddedControlPlane, autojump_clock: trio.testing.MockClock
+    config: Callable[..., WorkerConfig],
+    plane: EmbeddedControlPlane,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     """With answers 3 s late and a 10 s ttl, no session starts until the latency ends."""
     started: list[float] = []
@@ -96,7 +77,7 @@ async def test_worker_abandons_claims_whose_ack_answers_later_than_a_fifth_of_th
     slow = Fault(FaultKind.LATENCY, 0, 0.0, duration=30.0, response_delay=(3.0, 3.0))
     link = FaultyControlPlane(plane, [slow], rng=random.Random(0))
     worker = Worker(
-        config(tmp_path),
+        config(),
         control_plane=link,
         agent=agent,
         workspaces=MemoryWorkspaces(),

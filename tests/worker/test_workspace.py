@@ -15,13 +15,9 @@ import trio
 import trio.testing
 from hypothesis import given, settings, strategies as st
 
-from supervisor._base._exceptions import ConfigError
-from supervisor._worker._workspace import (
-    WorkspaceError,
-    WorkspaceKind,
-    WorkspaceManager,
-    safe_name,
-)
+from supervisor import ConfigError, WorkspaceError
+from supervisor._worker._workspace import WorkspaceKind, safe_name
+from supervisor.lowlevel import WorkspaceManager
 
 pytestmark = pytest.mark.slow
 
@@ -477,3 +473,33 @@ async def test_short_steps_go_through_the_offload_and_a_full_tree_through_a_thre
     assert not full.exists()  # the offloaded rmdir refused; the tree went in a thread
     stats = manager.statistics()
     assert (stats.created, stats.removed, stats.active) == (2, 2, 0)
+
+
+async def test_a_sweep_spares_a_dead_run_that_a_live_process_still_works_in(
+    tmp_path: Path, killed_worker_workspace: Callable[..., Path]
+) -> None:
+    """An agent that outlived its worker keeps its workspace until it is gone."""
+    state = tmp_path / "state"
+    orphaned = killed_worker_workspace(state)
+    (orphaned / "sub").mkdir()
+    sweeper = WorkspaceManager(state)
+    # one process works in the directory, another only holds a file open in it
+    in_cwd = await trio.lowlevel.open_process(["sleep", "60"], cwd=orphaned / "sub")
+    holder = await trio.lowlevel.open_process(
+        ["sh", "-c", "exec 3<work.txt; exec sleep 60"], cwd=orphaned
+    )
+    try:
+        await trio.sleep(0.2)  # the shell has opened the file and exec'd
+        for process in (in_cwd, holder):
+            assert await sweeper.sweep() == 0
+            assert (orphaned / "work.txt").read_text() == "half done"
+            process.kill()
+            await process.wait()
+        assert await sweeper.sweep() == 1  # nobody uses it any more
+        assert not orphaned.exists()
+    finally:
+        for process in (in_cwd, holder):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        await sweeper.aclose()

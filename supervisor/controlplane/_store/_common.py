@@ -1,0 +1,279 @@
+"""What both control-plane stores share: policies, input checks, rows to records.
+
+Nothing here talks to a database. The lifecycle rules are in `_items`, `_workers`
+and `_delegations`, written once against the small connection interface of `_sql`;
+`_sqlite` and `_postgres` only say how to connect and which SQL dialect to speak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
+
+import attrs
+
+from .._exceptions import BadRequest
+from .._models import (
+    Delegation,
+    DelegationStatus,
+    Outcome,
+    OutcomeStatus,
+    PresenceReport,
+    SessionData,
+    SessionMessage,
+    WorkerRecord,
+    WorkerStatus,
+    WorkItem,
+    WorkState,
+)
+
+#: The environment used when none is named.
+DEFAULT_ENVIRONMENT_ID: Final = "default"
+
+#: The longest delegate output kept as a delegation's ``response_preview`` (characters).
+RESPONSE_PREVIEW_CHARS: Final = 4000
+
+#: Called after a submit commits, with the environment id; from whichever thread submitted.
+SubmitListener = Callable[[str], None]
+
+#: A row read back from either database, addressed by column name.
+Row = Mapping[str, Any]
+
+_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
+MAX_LIMIT: Final = 1000
+MAX_PAGE: Final = 1_000_000
+MAX_BLOCK_OR_RECLAIM_MS: Final = 24 * 3600 * 1000
+
+EXPIRED_OUTCOME: Final = json.dumps(
+    {"status": OutcomeStatus.FAILED.value, "reason": "lease expired"}, sort_keys=True
+)
+EXPIRED_WHILE_STOPPING_OUTCOME: Final = json.dumps(
+    {"status": OutcomeStatus.CANCELLED.value, "reason": "lease expired after a stop request"},
+    sort_keys=True,
+)
+
+
+def _finite_positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+@attrs.frozen
+class LeasePolicy:
+    """How the store hands out and times out leases.
+
+    Attributes:
+        default_ttl: lease seconds when a heartbeat asks for none; also the lease an ``ack``
+            starts, so an item acked by a worker that then dies comes back.
+        min_ttl: the shortest lease granted, whatever a worker asks for.
+        max_ttl: the longest lease granted.
+        max_attempts: attempts an item may lose, to lease expiry or to a ``requeue`` by its
+            holder; the last loss stops it (``failed: lease expired``, or the outcome the
+            requeue reported) instead of requeueing it.
+        reclaim_older_than_ms: the default reclaim window of ``poll``: an item handed out but
+            not acked within it is handed out again.
+        polling_window: seconds a poll keeps a worker counted in ``workers_polling``.
+    """
+
+    default_ttl: float = attrs.field(default=60.0, validator=_finite_positive)
+    min_ttl: float = attrs.field(default=1.0, validator=_finite_positive)
+    max_ttl: float = attrs.field(default=3600.0, validator=_finite_positive)
+    max_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    reclaim_older_than_ms: int = attrs.field(default=30_000, validator=attrs.validators.ge(1))
+    polling_window: float = attrs.field(default=60.0, validator=_finite_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.min_ttl <= self.default_ttl <= self.max_ttl:
+            raise ValueError(
+                "LeasePolicy needs min_ttl <= default_ttl <= max_ttl, got "
+                f"{self.min_ttl} / {self.default_ttl} / {self.max_ttl}"
+            )
+
+    def clamp_ttl(self, desired: float | None) -> float:
+        """The lease actually granted for a requested ``desired_ttl_seconds``."""
+        if desired is None:
+            return self.default_ttl
+        return min(self.max_ttl, max(self.min_ttl, float(desired)))
+
+
+# --- input validation ---------------------------------------------------------
+
+
+def check_id(what: str, value: object) -> str:
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise BadRequest(
+            f"{what} must be 1-200 characters of letters, digits and ._:@- "
+            f"(starting with a letter or digit), got {preview(value)}"
+        )
+    return value
+
+
+def check_text(what: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BadRequest(f"{what} must not be empty")
+    return value
+
+
+def check_int(what: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"{what} must be an integer between {low} and {high}, got {value!r}")
+    return value
+
+
+_E = TypeVar("_E", WorkState, DelegationStatus)
+
+
+def check_enum(what: str, value: object, enum: type[_E]) -> _E:
+    if isinstance(value, str):
+        try:
+            return enum(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(member.value for member in enum)
+    raise BadRequest(f"{what} must be one of {allowed}; got {preview(value)}")
+
+
+def preview(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_metadata(value: Mapping[str, str] | None) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise BadRequest(f"metadata must be a mapping of strings, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise BadRequest(f"metadata keys and values must be strings, got {key!r}: {item!r}")
+    return dict(value)
+
+
+def json_object(what: str, value: Mapping[str, Any] | None) -> str:
+    try:
+        return json.dumps(dict(value or {}), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+def check_ttl(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"desired_ttl_seconds must be a number, got {preview(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise BadRequest(f"desired_ttl_seconds must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_report(report: object) -> PresenceReport:
+    if not isinstance(report, PresenceReport):
+        raise BadRequest(f"a presence report is required, got {type(report).__name__}")
+    check_id("worker_id", report.worker_id)
+    rate = report.error_rate
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+        raise BadRequest(f"error_rate must be a number between 0 and 1, got {rate!r}")
+    check_int("active_tasks", report.active_tasks, 0, 1_000_000)
+    uptime = report.uptime_seconds
+    if isinstance(uptime, bool) or not isinstance(uptime, int | float) or not uptime >= 0:
+        raise BadRequest(f"uptime_seconds must be a number >= 0, got {uptime!r}")
+    for name in ("status", "sample_error", "current_task", "runtime_state"):
+        field = getattr(report, name)
+        if field is not None and not isinstance(field, str):
+            raise BadRequest(f"{name} must be a string, got {type(field).__name__}")
+    return report
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# --- rows to records ----------------------------------------------------------
+
+ITEM_COLUMNS: Final = (
+    "id, environment_id, state, session_id, prompt, metadata, attempts, worker_id, created_at, "
+    "acknowledged_at, started_at, latest_heartbeat_at, stop_requested_at, stopped_at, outcome"
+)
+
+
+def outcome_to_json(outcome: Outcome) -> str:
+    return json.dumps(attrs.asdict(outcome), sort_keys=True, allow_nan=False)
+
+
+def outcome_from_json(text: str | None) -> Outcome | None:
+    if text is None:
+        return None
+    return Outcome(**json.loads(text))
+
+
+def item_from_row(row: Row, *, secret: str | None = None) -> WorkItem:
+    return WorkItem(
+        id=row["id"],
+        environment_id=row["environment_id"],
+        state=WorkState(row["state"]),
+        data=SessionData(id=row["session_id"], prompt=row["prompt"]),
+        metadata=json.loads(row["metadata"]),
+        attempts=row["attempts"],
+        worker_id=row["worker_id"],
+        created_at=row["created_at"],
+        acknowledged_at=row["acknowledged_at"],
+        started_at=row["started_at"],
+        latest_heartbeat_at=row["latest_heartbeat_at"],
+        stop_requested_at=row["stop_requested_at"],
+        stopped_at=row["stopped_at"],
+        outcome=outcome_from_json(row["outcome"]),
+        secret=secret,
+    )
+
+
+def worker_from_row(row: Row) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=row["worker_id"],
+        environment_id=row["environment_id"],
+        status=WorkerStatus(row["status"]),
+        registered_at=row["registered_at"],
+        last_heartbeat_at=row["last_heartbeat_at"],
+        error_rate=row["error_rate"],
+        sample_error=row["sample_error"],
+        active_tasks=row["active_tasks"],
+        current_task=row["current_task"],
+        uptime_seconds=row["uptime_seconds"],
+        runtime_state=row["runtime_state"],
+        runtime_metadata=json.loads(row["runtime_metadata"]),
+    )
+
+
+def delegation_from_row(row: Row) -> Delegation:
+    return Delegation(
+        id=row["id"],
+        source_id=row["source_id"],
+        work_id=row["work_id"],
+        task=row["task"],
+        status=DelegationStatus(row["status"]),
+        response_preview=row["response_preview"],
+        worker_id=row["worker_id"],
+        created_at=row["created_at"],
+        completed_at=row["completed_at"],
+        collected_at=row["collected_at"],
+    )
+
+
+def message_from_row(row: Row) -> SessionMessage:
+    return SessionMessage(
+        id=row["id"],
+        session_id=row["session_id"],
+        kind=row["kind"],
+        body=row["body"],
+        created_at=row["created_at"],
+    )

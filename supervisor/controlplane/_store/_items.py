@@ -1,0 +1,493 @@
+"""Work items: submit, claim, acknowledge, heartbeat, stop, requeue, inspect.
+
+Lifecycle decisions the design leaves open, recorded here:
+
+* ``ack`` is accepted only from the worker the item was last handed to, so a
+  slow poller cannot ack an item that the reclaim window gave to someone else.
+* ``ack`` starts a lease of the default TTL, so a worker that dies between ack
+  and its first heartbeat does not strand the item in ``starting``. The first
+  heartbeat (``NO_HEARTBEAT``) is fenced by state only, since the heartbeat call
+  names no worker: the item must be bound and have no token yet. So a first beat
+  that arrives after its ack lease ran out *and* after another worker re-acked
+  the item would be taken for the new holder's; with a lease keeper that beats
+  right after ack, against a 60 s ack lease, that needs a minute-long stall.
+* ``request_stop`` on a ``queued`` item stops it at once (outcome
+  ``cancelled``): no worker will ever heartbeat it. On ``starting`` it moves to
+  ``stopping`` and the first heartbeat answers ``stopping``.
+* A ``stopping`` item whose lease expires is stopped (``cancelled``), not
+  requeued: an operator asked for it to stop.
+* ``stop`` is always a hard stop (``force`` is accepted for wire compatibility);
+  the graceful path is ``request_stop``. A stop without an outcome records
+  ``cancelled``. The holder's token survives ``stop``, so its next heartbeat
+  answers ``stopped`` with ``lease_extended=False`` and a second stop with it
+  is a 409; a token voided by expiry answers 412.
+* ``requeue`` is the holder's way to give an item back (its session wedged):
+  like an expiry (``queued``, ``attempts + 1``, claimable at once) but without
+  waiting for the ttl. A ``stopping`` item or one on its last attempt is
+  stopped with the reported outcome instead.
+* Session ids are unique within an environment (a duplicate submit is a 409):
+  delegations and messages address sessions by id.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+from collections.abc import Mapping
+
+from .._exceptions import BadRequest, Conflict, NotFound
+from .._models import (
+    NO_HEARTBEAT,
+    HeartbeatResult,
+    Outcome,
+    OutcomeStatus,
+    WorkItem,
+    WorkState,
+    WorkStats,
+)
+from ._common import (
+    ITEM_COLUMNS,
+    MAX_BLOCK_OR_RECLAIM_MS,
+    MAX_LIMIT,
+    MAX_PAGE,
+    check_enum,
+    check_id,
+    check_int,
+    check_metadata,
+    check_text,
+    check_ttl,
+    hash_secret,
+    item_from_row,
+    new_id,
+    outcome_to_json,
+)
+from ._core import StoreCore
+
+_REQUEUE = (
+    "state = 'queued', attempts = ?, worker_id = NULL, token = NULL, secret_hash = NULL, "
+    "lease_expires_at = NULL, delivered_at = NULL, delivered_to = NULL, acknowledged_at = NULL, "
+    "started_at = NULL, latest_heartbeat_at = NULL"
+)
+
+
+def _check_outcome(outcome: Outcome | None) -> None:
+    if outcome is not None and not isinstance(outcome, Outcome):
+        raise BadRequest(f"outcome must be an Outcome, got {type(outcome).__name__}")
+
+
+class ItemRecords(StoreCore):
+    """The work-item half of the store contract (see the module notes for its decisions)."""
+
+    def submit(
+        self,
+        environment_id: str,
+        prompt: str,
+        *,
+        now: float,
+        session_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> WorkItem:
+        """Queue a new session work item; the environment is created on first use.
+
+        Raises:
+            BadRequest: empty prompt, malformed ids or metadata.
+            Conflict: ``session_id`` is already used in this environment.
+        """
+        check_id("environment_id", environment_id)
+        check_text("prompt", prompt)
+        if session_id is not None:
+            check_id("session_id", session_id)
+        meta = json.dumps(check_metadata(metadata), sort_keys=True)
+        work_id = new_id("work")
+        session = session_id or new_id("sess")
+        with self._committing("submitting work", now) as tx:
+            self._ensure_environment(tx, environment_id)
+            clash = tx.one(
+                "SELECT id FROM work_items WHERE environment_id = ? AND session_id = ?",
+                (environment_id, session),
+            )
+            if clash is not None:
+                raise Conflict(
+                    f"session {session!r} already exists in environment {environment_id!r} "
+                    f"(work item {clash['id']!r})"
+                )
+            tx.execute(
+                "INSERT INTO work_items (id, environment_id, state, session_id, prompt, "
+                "metadata, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                (work_id, environment_id, session, prompt, meta, tx.now),
+            )
+            tx.announce(environment_id)
+            return self._read_item(tx, work_id)
+
+    def poll(
+        self,
+        environment_id: str,
+        *,
+        worker_id: str | None = None,
+        now: float,
+        reclaim_older_than_ms: int | None = None,
+    ) -> WorkItem | None:
+        """Claim the oldest claimable queued item for ``worker_id``, or ``None``.
+
+        Claimable: ``queued`` and not handed out within the last
+        ``reclaim_older_than_ms`` (default from the lease policy). The claim
+        records the hand-out and mints a fresh session secret, returned here
+        and nowhere else. A row another claim holds is skipped, not waited for.
+        An anonymous poll (``worker_id=None``) records a hand-out to nobody in
+        particular; the ack binds it.
+        """
+        check_id("environment_id", environment_id)
+        if worker_id is not None:
+            check_id("worker_id", worker_id)
+        window_ms = (
+            self.lease_policy.reclaim_older_than_ms
+            if reclaim_older_than_ms is None
+            else check_int(
+                "reclaim_older_than_ms", reclaim_older_than_ms, 0, MAX_BLOCK_OR_RECLAIM_MS
+            )
+        )
+        secret = secrets.token_urlsafe(32)
+        with self._transaction("polling for work", now) as tx:
+            self._ensure_environment(tx, environment_id)
+            self._expire_leases(tx)
+            if worker_id is not None:
+                tx.execute(
+                    "INSERT INTO pollers (environment_id, worker_id, last_poll_at) "
+                    "VALUES (?, ?, ?) ON CONFLICT (environment_id, worker_id) DO UPDATE SET "
+                    "last_poll_at = excluded.last_poll_at",
+                    (environment_id, worker_id, tx.now),
+                )
+            row = tx.one(
+                "SELECT id FROM work_items WHERE environment_id = ? AND state = 'queued' "
+                "AND (delivered_at IS NULL OR delivered_at <= ?) "
+                "ORDER BY created_at, seq LIMIT 1{skip_locked}",
+                (environment_id, tx.now - window_ms / 1000.0),
+            )
+            if row is None:
+                return None
+            tx.execute(
+                "UPDATE work_items SET delivered_at = ?, delivered_to = ?, secret_hash = ? "
+                "WHERE id = ?",
+                (tx.now, worker_id, hash_secret(secret), row["id"]),
+            )
+            return self._read_item(tx, row["id"], secret=secret)
+
+    def ack(
+        self, environment_id: str, work_id: str, *, worker_id: str | None = None, now: float
+    ) -> WorkItem:
+        """``queued -> starting``, binding the item to the worker it was handed to.
+
+        The worker is the one the poll named; after an anonymous poll, the one
+        this ack names (``None`` leaves the item unbound).
+
+        Raises:
+            NotFound: unknown item.
+            Conflict: the item is not queued (a second ack), was never handed out,
+                or was last handed to another worker than ``worker_id``.
+        """
+        check_id("environment_id", environment_id)
+        if worker_id is not None:
+            check_id("worker_id", worker_id)
+        with self._transaction("acknowledging work", now) as tx:
+            self._expire_leases(tx)
+            row = self._item_row(tx, environment_id, work_id)
+            if row["state"] != WorkState.QUEUED:
+                raise Conflict(
+                    f"work item {work_id!r} is {row['state']}, not queued: it was already "
+                    "acknowledged"
+                )
+            holder = row["delivered_to"]
+            if row["delivered_at"] is None:
+                raise Conflict(
+                    f"work item {work_id!r} was last handed out to nobody: poll for it first"
+                )
+            if worker_id is not None and holder is not None and holder != worker_id:
+                raise Conflict(
+                    f"work item {work_id!r} was last handed out to another worker, not "
+                    f"{worker_id!r}: poll for it first"
+                )
+            tx.execute(
+                "UPDATE work_items SET state = 'starting', worker_id = ?, acknowledged_at = ?, "
+                "lease_expires_at = ? WHERE id = ?",
+                (holder or worker_id, tx.now, tx.now + self.lease_policy.default_ttl, work_id),
+            )
+            return self._read_item(tx, work_id)
+
+    def heartbeat(
+        self,
+        environment_id: str,
+        work_id: str,
+        *,
+        expected_last_heartbeat: str,
+        now: float,
+        desired_ttl_seconds: float | None = None,
+    ) -> HeartbeatResult:
+        """Renew the lease if ``expected_last_heartbeat`` is the current token.
+
+        The first beat of a lease sends `NO_HEARTBEAT` and moves ``starting ->
+        active`` (or keeps ``stopping`` if a stop was requested meanwhile).
+        Every successful beat mints a new token. A beat on a stopped item with
+        its last token answers ``stopped`` and ``lease_extended=False``.
+
+        Raises:
+            BadRequest: a non-positive or non-finite TTL.
+            NotFound: unknown item.
+            Conflict: the item is still ``queued`` (not acknowledged).
+            FencingConflict: the token is stale (the lease expired or moved on).
+        """
+        check_id("environment_id", environment_id)
+        if not isinstance(expected_last_heartbeat, str) or not expected_last_heartbeat:
+            raise BadRequest("expected_last_heartbeat must be a non-empty string")
+        ttl = self.lease_policy.clamp_ttl(check_ttl(desired_ttl_seconds))
+        with self._transaction("heartbeating work", now) as tx:
+            self._expire_leases(tx)
+            row = self._item_row(tx, environment_id, work_id)
+            state = WorkState(row["state"])
+            if state is WorkState.QUEUED and expected_last_heartbeat == NO_HEARTBEAT:
+                raise Conflict(f"work item {work_id!r} is queued: acknowledge it first")
+            self._check_fence(row, expected_last_heartbeat, work_id)
+            new = self._next_token(row["attempts"], row["beats"] + 1)
+            if state is WorkState.STOPPED:
+                self._fenced_update(tx, row, "token = ?, beats = beats + 1", (new,))
+                return HeartbeatResult(new, 0.0, WorkState.STOPPED, lease_extended=False)
+            new_state = WorkState.ACTIVE if state is WorkState.STARTING else state
+            self._fenced_update(
+                tx,
+                row,
+                "state = ?, token = ?, beats = beats + 1, latest_heartbeat_at = ?, "
+                "lease_expires_at = ?, started_at = COALESCE(started_at, ?)",
+                (new_state.value, new, tx.now, tx.now + ttl, tx.now),
+            )
+            return HeartbeatResult(new, ttl, new_state, lease_extended=True)
+
+    def stop(
+        self,
+        environment_id: str,
+        work_id: str,
+        *,
+        now: float,
+        force: bool = False,
+        expected_last_heartbeat: str | None = None,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        """Move a live item to ``stopped`` and record its outcome.
+
+        Without a token this is an operator's force-stop and always allowed on
+        a live item; with one, the token must be current (`NO_HEARTBEAT` is
+        current for an acknowledged item that has not beaten yet).
+
+        Raises:
+            NotFound: unknown item.
+            FencingConflict: the token is stale.
+            Conflict: the item is already stopped.
+        """
+        del force  # every stop is a hard stop; request_stop is the graceful path
+        check_id("environment_id", environment_id)
+        _check_outcome(outcome)
+        if expected_last_heartbeat is not None and (
+            not isinstance(expected_last_heartbeat, str) or not expected_last_heartbeat
+        ):
+            raise BadRequest("expected_last_heartbeat must be a non-empty string when given")
+        recorded = outcome or Outcome(OutcomeStatus.CANCELLED, reason="stopped without an outcome")
+        with self._transaction("stopping work", now) as tx:
+            self._expire_leases(tx)
+            row = self._item_row(tx, environment_id, work_id)
+            if expected_last_heartbeat is not None:
+                self._check_fence(row, expected_last_heartbeat, work_id)
+            if row["state"] == WorkState.STOPPED:
+                raise Conflict(f"work item {work_id!r} is already stopped")
+            self._fenced_update(
+                tx,
+                row,
+                "state = 'stopped', stopped_at = ?, outcome = ?, lease_expires_at = NULL, "
+                "secret_hash = NULL",
+                (tx.now, outcome_to_json(recorded)),
+            )
+            self._settle_delegations(tx, work_id)
+            return self._read_item(tx, work_id)
+
+    def requeue(
+        self,
+        environment_id: str,
+        work_id: str,
+        *,
+        now: float,
+        expected_last_heartbeat: str,
+        outcome: Outcome | None = None,
+    ) -> WorkItem:
+        """The holder gives a live item back, so another worker may try it.
+
+        What a worker does with an item its runtime could not serve (a wedged
+        session): the item goes back to ``queued`` with ``attempts + 1``,
+        unbound and claimable at once, exactly as if its lease had expired,
+        but without making everyone wait for the ttl. The holder's token and
+        the session secret die here. The outcome of the failed attempt is not
+        kept on a requeued item (``outcome`` stays ``None`` until it stops).
+
+        Two cases stop the item instead, recording ``outcome`` (``cancelled``
+        when none is given): it is ``stopping`` (an operator asked for a stop,
+        which wins), or this was its last attempt (``max_attempts``), so a
+        task that wedges every runtime does not circulate forever.
+
+        Raises:
+            BadRequest: an empty token or a malformed outcome.
+            NotFound: unknown item.
+            FencingConflict: the token is not the current one (also for a
+                queued item: nobody holds it).
+            Conflict: the item is already stopped.
+        """
+        check_id("environment_id", environment_id)
+        _check_outcome(outcome)
+        if not isinstance(expected_last_heartbeat, str) or not expected_last_heartbeat:
+            raise BadRequest("expected_last_heartbeat must be a non-empty string")
+        recorded = outcome or Outcome(OutcomeStatus.CANCELLED, reason="requeued without an outcome")
+        with self._committing("requeueing work", now) as tx:
+            self._expire_leases(tx)
+            row = self._item_row(tx, environment_id, work_id)
+            state = WorkState(row["state"])
+            if state is WorkState.STOPPED:
+                raise Conflict(f"work item {work_id!r} is already stopped")
+            self._check_fence(row, expected_last_heartbeat, work_id)
+            attempts = row["attempts"] + 1
+            if state is WorkState.STOPPING or attempts >= self.lease_policy.max_attempts:
+                self._fenced_update(
+                    tx,
+                    row,
+                    "state = 'stopped', attempts = ?, stopped_at = ?, outcome = ?, "
+                    "lease_expires_at = NULL, secret_hash = NULL",
+                    (attempts, tx.now, outcome_to_json(recorded)),
+                )
+                self._settle_delegations(tx, work_id)
+            else:
+                self._fenced_update(tx, row, _REQUEUE, (attempts,))
+                tx.announce(environment_id)
+            return self._read_item(tx, work_id)
+
+    def request_stop(self, environment_id: str, work_id: str, *, now: float) -> WorkItem:
+        """Operator cancel: the holder's next heartbeat answers ``stopping``.
+
+        A ``queued`` item has no holder, so it is stopped at once with a
+        ``cancelled`` outcome. Asking twice is harmless.
+
+        Raises:
+            NotFound: unknown item.
+            Conflict: the item is already stopped.
+        """
+        check_id("environment_id", environment_id)
+        with self._transaction("requesting a stop", now) as tx:
+            self._expire_leases(tx)
+            row = self._item_row(tx, environment_id, work_id)
+            state = WorkState(row["state"])
+            if state is WorkState.STOPPED:
+                raise Conflict(f"work item {work_id!r} is already stopped")
+            if state is WorkState.QUEUED:
+                cancelled = Outcome(
+                    OutcomeStatus.CANCELLED, reason="stop requested before it was claimed"
+                )
+                tx.execute(
+                    "UPDATE work_items SET state = 'stopped', stop_requested_at = ?, "
+                    "stopped_at = ?, outcome = ?, secret_hash = NULL WHERE id = ?",
+                    (tx.now, tx.now, outcome_to_json(cancelled), work_id),
+                )
+                self._settle_delegations(tx, work_id)
+            elif state is not WorkState.STOPPING:
+                tx.execute(
+                    "UPDATE work_items SET state = 'stopping', stop_requested_at = ? WHERE id = ?",
+                    (tx.now, work_id),
+                )
+            return self._read_item(tx, work_id)
+
+    def get(self, environment_id: str, work_id: str, *, now: float) -> WorkItem:
+        """One item, without its secret.
+
+        Raises:
+            NotFound: unknown item (or an item of another environment).
+        """
+        check_id("environment_id", environment_id)
+        with self._transaction("reading work", now) as tx:
+            self._expire_leases(tx)
+            found = tx.one(
+                f"SELECT {ITEM_COLUMNS} FROM work_items WHERE id = ? AND environment_id = ?",
+                (work_id, environment_id),
+            )
+            if found is None:
+                raise NotFound(f"no work item {work_id!r} in environment {environment_id!r}")
+            return item_from_row(found)
+
+    def list_work(
+        self,
+        environment_id: str,
+        *,
+        now: float,
+        state: WorkState | str | None = None,
+        limit: int = 100,
+        page: int = 0,
+    ) -> list[WorkItem]:
+        """Items oldest first, ``limit`` (1-1000) per zero-based ``page``; no secrets."""
+        check_id("environment_id", environment_id)
+        wanted = None if state is None else check_enum("state", state, WorkState)
+        check_int("limit", limit, 1, MAX_LIMIT)
+        check_int("page", page, 0, MAX_PAGE)
+        with self._transaction("listing work", now) as tx:
+            self._expire_leases(tx)
+            sql = f"SELECT {ITEM_COLUMNS} FROM work_items WHERE environment_id = ?"
+            params: list[object] = [environment_id]
+            if wanted is not None:
+                sql += " AND state = ?"
+                params.append(wanted.value)
+            sql += " ORDER BY created_at, seq LIMIT ? OFFSET ?"
+            params += [limit, limit * page]
+            return [item_from_row(row) for row in tx.execute(sql, params)]
+
+    def stats(self, environment_id: str, *, now: float) -> WorkStats:
+        """Queue depth, items in flight, the oldest queued item, and recent pollers."""
+        check_id("environment_id", environment_id)
+        with self._transaction("reading stats", now) as tx:
+            self._expire_leases(tx)
+            row = tx.one(
+                "SELECT "
+                "COUNT(*) FILTER (WHERE state = 'queued') AS depth, "
+                "COUNT(*) FILTER (WHERE state IN ('starting', 'active', 'stopping')) "
+                "AS pending, "
+                "MIN(created_at) FILTER (WHERE state = 'queued') AS oldest "
+                "FROM work_items WHERE environment_id = ?",
+                (environment_id,),
+            )
+            polling = tx.one(
+                "SELECT COUNT(*) AS polling FROM pollers "
+                "WHERE environment_id = ? AND last_poll_at > ?",
+                (environment_id, tx.now - self.lease_policy.polling_window),
+            )
+            assert row is not None and polling is not None
+            return WorkStats(
+                depth=row["depth"],
+                pending=row["pending"],
+                oldest_queued_at=row["oldest"],
+                workers_polling=polling["polling"],
+            )
+
+    def verify_session_secret(
+        self, environment_id: str, session_id: str, secret: str, *, now: float
+    ) -> bool:
+        """Whether ``secret`` is the live session credential of ``session_id``.
+
+        True only while the claim that minted it holds: a requeue, a re-claim
+        or a stop voids it. The comparison is constant-time, and an unknown
+        session costs the same comparison, so timing tells nothing.
+        """
+        with self._transaction("verifying a session credential", now) as tx:
+            self._expire_leases(tx)
+            row = tx.one(
+                "SELECT secret_hash FROM work_items WHERE environment_id = ? AND session_id = ?",
+                (environment_id, session_id),
+            )
+        stored = row["secret_hash"] if row is not None else None
+        candidate = hash_secret(secret)
+        matches = hmac.compare_digest(stored or "0" * len(candidate), candidate)
+        return stored is not None and matches
+
+    def list_environments(self) -> list[str]:
+        """Every environment used so far, in order of first use."""
+        with self._transaction("listing environments") as tx:
+            return [r["id"] for r in tx.execute("SELECT id FROM environments ORDER BY rowid")]
