@@ -22,7 +22,15 @@ The numbers are the contract:
   passed: by then another worker may own the item.
 * a session that ended ``wedged`` is not stopped but given back with
   ``requeue`` (same fencing, same rule about lost leases), so the item goes
-  back to the queue at once for another try.
+  back to the queue at once for another try;
+* a heartbeat in flight when the session ends is waited for (shielded, within
+  its bound, so never past the deadline): the server may have minted a new
+  token for it, and a final stop with the old one would be refused and the
+  finished session run again;
+* a 412 that names the current token (the server does so only for a stale
+  token of the same lease: an answer we never got) is taken while our own
+  deadline holds, for the next heartbeat or the final stop. Before the
+  deadline the lease cannot have moved to anyone else.
 
 The guarantee relies on one property of the server: a renewal never makes a
 granted lease end earlier (a smaller ttl on a later beat takes effect only
@@ -87,6 +95,8 @@ _SHARED_RNG: Final = random.Random()
 #: Outcomes that give the item back (``requeue``) instead of stopping it: the
 #: session could not be served here, but another worker may serve it.
 REQUEUE_OUTCOMES: Final = frozenset({OutcomeStatus.WEDGED})
+#: How many current tokens named by a 412 the final stop takes before it gives up.
+_MAX_ADOPTED_TOKENS: Final = 3
 
 
 def heartbeat_interval(ttl: float) -> float:
@@ -142,6 +152,7 @@ class KeeperOptions(TypedDict, total=False):
     stop_timeout: float
     rng: random.Random | None
     measure_from: MeasureFrom | str
+    account_for_beats: bool
 
 
 @attrs.define(eq=False)
@@ -276,6 +287,10 @@ class LeaseKeeper:
             keepers without one share a module-wide generator.
         measure_from: test hook, see :class:`MeasureFrom`; never change it in
             production.
+        account_for_beats: test hook; ``False`` reproduces the classic defect
+            of abandoning a heartbeat in flight when the session ends and
+            ignoring the token a 412 names, so that a simulation can plant it
+            and show that its check catches it. Never change it in production.
 
     Raises:
         ValueError: on a non-positive ttl or timing option.
@@ -294,6 +309,7 @@ class LeaseKeeper:
         stop_timeout: float = 10.0,
         rng: random.Random | None = None,
         measure_from: MeasureFrom | str = MeasureFrom.SEND,
+        account_for_beats: bool = True,
     ) -> None:
         if desired_ttl is not None and not desired_ttl > 0:
             raise ValueError(f"desired_ttl must be > 0, got {desired_ttl!r}")
@@ -319,6 +335,7 @@ class LeaseKeeper:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.measure_from = MeasureFrom(measure_from)
+        self.account_for_beats = account_for_beats
         self._rng = rng if rng is not None else _SHARED_RNG
         # The last tokens this keeper held, so that none leaks into a log line
         # through a control-plane error message (older ones are worthless).
@@ -402,6 +419,15 @@ class LeaseKeeper:
                 self._log_failure(exc, lease.failures)
                 next_at = trio.current_time() + self._retry_delay(lease.failures, interval)
                 continue
+            except FencingConflict as exc:
+                if not self._adopt_named_token(exc, "heartbeat"):
+                    self._lose(self._describe(exc), exc)
+                # One answer behind: beat again at once with the token the
+                # server named. The deadline stays where the last beat we
+                # heard of put it (the lost one's send time is unknown).
+                lease.failures += 1
+                next_at = trio.current_time()
+                continue
             except FatalError as exc:
                 self._lose(self._describe(exc), exc)
             if lease.failures:
@@ -421,7 +447,11 @@ class LeaseKeeper:
             FatalError: as the control plane raised it.
         """
         t_send = trio.current_time()
-        with trio.move_on_after(max(0.0, bound)):
+        # Shielded: once sent, the beat may be processed (and a new token
+        # minted) whatever happens here, so a keeper cancelled meanwhile (its
+        # session ended) still waits for the answer, at most ``bound`` (never
+        # past the deadline), and its final stop carries the newest token.
+        with trio.move_on_after(max(0.0, bound), shield=self.account_for_beats):
             result = await self.control_plane.heartbeat(
                 self.work_id,
                 expected_last_heartbeat=self.lease.token,
@@ -429,6 +459,29 @@ class LeaseKeeper:
             )
             return result, t_send
         raise TransientError(f"heartbeat got no answer within {bound:.3g}s")
+
+    def _adopt_named_token(self, exc: FencingConflict, what: str) -> bool:
+        """Take the current token a 412 named, when it is safe to; whether it was taken.
+
+        The server names it only to a stale token of the same lease (a beat
+        whose answer we never got). Taken only while our own deadline holds:
+        that deadline falls before any expiry the server could apply, so the
+        lease is still ours and nobody else's session can be hit.
+        """
+        lease = self.lease
+        named = exc.current_token if self.account_for_beats else None
+        if named is None or named == lease.token or lease.lost is not None:
+            return False
+        if not lease.confirmed or lease.time_left() <= 0:
+            return False
+        logger.info(
+            "%s of work item %s was one answer behind; continuing with the current token",
+            what,
+            self.work_id,
+        )
+        lease.token = named
+        self._tokens.append(named)
+        return True
 
     def _accept(self, result: HeartbeatResult, t_send: float, *, first: bool) -> None:
         lease = self.lease
@@ -511,9 +564,24 @@ class LeaseKeeper:
         )
         requeue = outcome.status in REQUEUE_OUTCOMES
         delay = 0.05
+        adopted = 0
         while True:
             try:
                 await self._report(outcome, requeue=requeue)
+            except FencingConflict as exc:
+                # Refused while the lease is ours: a beat was processed whose
+                # answer we never had. Never drop a finished session for that:
+                # report again with the token the server named (a few times at
+                # most, in case beats of ours are still in flight somewhere).
+                if adopted < _MAX_ADOPTED_TOKENS and self._adopt_named_token(exc, "final stop"):
+                    adopted += 1
+                    continue
+                logger.warning(
+                    "final stop of work item %s refused, the lease moved on: %s",
+                    self.work_id,
+                    self._describe(exc),
+                )
+                return
             except TransientError as exc:
                 # Worth another try while the budget (bounded by the deadline) lasts:
                 # a lost answer would otherwise turn a finished session into a re-run.
@@ -542,14 +610,8 @@ class LeaseKeeper:
             lease.reported = True
         except Conflict:
             logger.debug("work item %s was already stopped", self.work_id)
-        except FencingConflict as exc:
-            logger.warning(
-                "final stop of work item %s refused, the lease moved on: %s",
-                self.work_id,
-                self._describe(exc),
-            )
-        except TransientError:
-            raise  # retried by the caller within its budget
+        except (FencingConflict, TransientError):
+            raise  # the caller decides, within its budget
         except ControlPlaneError as exc:
             logger.warning(
                 "final stop of work item %s failed: %s", self.work_id, self._describe(exc)

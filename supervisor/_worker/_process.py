@@ -58,6 +58,7 @@ import trio
 
 from .._base._groups import collapse_group
 from ..controlplane._models import Outcome, OutcomeStatus
+from ..controlplane._text import scrub_text
 
 __all__ = [
     "AgentResult",
@@ -256,6 +257,10 @@ class SessionOutput:
     def _deliver(self, text: str, *, stream: str, truncated: bool) -> None:
         if text.endswith("\r"):
             text = text[:-1]
+        # Bytes were decoded with replacement, but an in-process agent's text
+        # may hold lone surrogates: repaired here, before any watcher, the tail
+        # or a result sees them (nothing downstream could encode them).
+        text = scrub_text(text)
         self.lines += 1
         if truncated:
             self.truncated_lines += 1
@@ -282,7 +287,9 @@ class SessionOutput:
             return
         if isinstance(obj, dict) and "result" in obj:
             value = obj["result"]
-            self._result = value if isinstance(value, str) else json.dumps(value)
+            # ``{"result": "\ud800"}`` is valid JSON whose string is not valid
+            # Unicode: the finished session's result is kept, repaired.
+            self._result = scrub_text(value if isinstance(value, str) else json.dumps(value))
 
 
 class _LineSplitter:
@@ -412,12 +419,14 @@ class AgentResult:
 
     def to_outcome(self) -> Outcome:
         """The record ``stop`` reports for this run."""
+        reason = self.reason
         return Outcome(
             status=self.status,
             exit_code=self.exit_code,
-            result=self.result,
+            # an in-process agent's return value never passed through the output
+            result=scrub_text(self.result) if self.result is not None else None,
             duration=self.duration,
-            reason=self.reason,
+            reason=scrub_text(reason) if reason is not None else None,
         )
 
 

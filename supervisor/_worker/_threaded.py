@@ -345,6 +345,12 @@ class ThreadedWorker:
         finally:
             with self._handles_lock:
                 self._handles.discard(handle)
+            # Cancelled (the worker is stopping) before an answer, for instance
+            # while the item was still queued: out of ``_handles`` now, so no
+            # later sweep would answer it. Never blocks: safe while cancelled.
+            handle._fail(
+                WorkCancelled("the worker stopped before this work ended", item_id=handle._item_id)
+            )
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._nursery is not None:

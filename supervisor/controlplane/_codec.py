@@ -45,6 +45,7 @@ from ._models import (
     WorkState,
     WorkStats,
 )
+from ._text import check_text, scrub_text
 
 __all__ = [
     "AckRequest",
@@ -126,7 +127,7 @@ def loads(raw: bytes | str, *, what: str = "request body") -> JSON:
     """
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text, parse_constant=_reject_constant)
+        value: JSON = json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
         raise BadRequest(f"{what} is not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -135,11 +136,22 @@ def loads(raw: bytes | str, *, what: str = "request body") -> JSON:
         ) from None
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+    # A "\udfff" escape is valid JSON but decodes to a lone surrogate.
+    check_text(value, what)
+    return value
 
 
 def dumps(value: JSON) -> bytes:
-    """Compact UTF-8 JSON; ``allow_nan=False`` so a bad float fails here, not at the peer."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """Compact UTF-8 JSON; ``allow_nan=False`` so a bad float fails here, not at the peer.
+
+    A lone surrogate (only from a store written before text was checked at
+    the door) is sent as U+FFFD rather than failing the whole answer.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return scrub_text(text).encode()
 
 
 # --- times ---------------------------------------------------------------------

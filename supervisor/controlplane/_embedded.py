@@ -57,6 +57,7 @@ from ._models import (
 )
 from ._status import StatusPolicy
 from ._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore, Store
+from ._text import check_text
 
 if TYPE_CHECKING:
     from ._protocol import ControlPlane
@@ -164,6 +165,10 @@ class EmbeddedControlPlane:
     async def _run(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         if self._closed:
             raise ControlPlaneError("the embedded control plane is closed")
+        # Every entry point passes here: nothing that UTF-8 cannot encode is
+        # ever written (it would make every later read of it fail).
+        check_text(args, "an argument")
+        check_text(kwargs, "the arguments")
         if self._trio_token is None:
             self._trio_token = trio.lowlevel.current_trio_token()
         call = functools.partial(fn, *args, **kwargs)

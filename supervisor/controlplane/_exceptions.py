@@ -90,7 +90,29 @@ class Conflict(FatalError):
 
 
 class FencingConflict(FatalError):
-    """The fencing token is stale: the lease has moved on, so this holder lost it."""
+    """The fencing token is stale: the lease has moved on, so this holder lost it.
+
+    Or its holder missed an answer: a heartbeat the server processed but whose
+    answer never arrived (a cancelled or timed-out call) leaves the holder one
+    token behind. For that case the server names the current token, but only
+    when the stale one was issued for the *same* lease (the same attempt of
+    the same holder); a token of an earlier lease never learns the current one.
+
+    Attributes:
+        current_token: the lease's current token when the stale one belongs to
+            the same lease, else ``None``. A secret like any token: never put
+            it in a message or a log line.
+    """
 
     status_code = 412
     error_type = "fencing_conflict"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        current_token: str | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code)
+        self.current_token = current_token

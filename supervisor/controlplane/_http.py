@@ -59,6 +59,7 @@ from ._models import (
     WorkState,
     WorkStats,
 )
+from ._text import check_text
 
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
 
@@ -86,6 +87,7 @@ def _segment(value: str, what: str) -> str:
     """Percent-encode one path segment; refuse what no route could match."""
     if not value:
         raise BadRequest(f"{what} must not be empty")
+    check_text(value, what)  # quote() would raise UnicodeEncodeError
     if "/" in value:
         raise BadRequest(f"{what} must not contain '/': {value!r}")
     return quote(value, safe="")
@@ -110,8 +112,10 @@ def _check_base(base_url: str) -> str:
     return str(url).rstrip("/")
 
 
-def _error_for(status: int, message: str) -> ControlPlaneError:
+def _error_for(status: int, message: str, body: object = None) -> ControlPlaneError:
     kind = _FATAL_BY_STATUS.get(status)
+    if kind is FencingConflict:
+        return FencingConflict(message, status_code=status, current_token=_current_token(body))
     if kind is not None:
         return kind(message, status_code=status)
     if status >= 500 or status in (408, 429):
@@ -119,12 +123,26 @@ def _error_for(status: int, message: str) -> ControlPlaneError:
     return FatalError(message, status_code=status)
 
 
-def _error_message(response: httpx.Response) -> str:
-    """The server's ``{"error": {"message"}}``, else the reason phrase."""
+def _error_body(response: httpx.Response) -> object:
     try:
-        body = codec.loads(response.content, what="error body")
+        return codec.loads(response.content, what="error body")
     except BadRequest:
-        body = None
+        return None
+
+
+def _current_token(body: object) -> str | None:
+    """The ``current_token`` a 412 names (the holder missed an answer), if any."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            token = error.get("current_token")
+            if isinstance(token, str) and token:
+                return token
+    return None
+
+
+def _error_message(body: object, response: httpx.Response) -> str:
+    """The server's ``{"error": {"message"}}``, else the reason phrase."""
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
@@ -382,6 +400,11 @@ class HttpControlPlane:
         """
         if self._closed:
             raise RuntimeError("this HttpControlPlane is closed")
+        # Refused here as the embedded plane refuses it (httpx would raise
+        # UnicodeEncodeError, an exception that must not escape this module).
+        check_text(path, "the path")
+        check_text(params, "the query")
+        check_text(body, "the request body")
         what = f"{method} {self._prefix}{path}"
         url = f"{self._prefix}{path}"
         content = None if body is None else codec.dumps(body)
@@ -405,7 +428,8 @@ class HttpControlPlane:
                     f"{what}: malformed answer from the control plane: {exc.message}",
                     status_code=status,
                 ) from None
-        raise _error_for(status, f"{what} -> HTTP {status}: {_error_message(response)}")
+        body = _error_body(response)
+        raise _error_for(status, f"{what} -> HTTP {status}: {_error_message(body, response)}", body)
 
     @staticmethod
     def _decode(what: str, value: codec.JSON | None, decode: Callable[[object], _T]) -> _T:

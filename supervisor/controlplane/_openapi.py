@@ -52,6 +52,12 @@ _SCHEMAS: Final[dict[str, Any]] = {
                         "method_not_allowed, transient, unavailable, internal.",
                     },
                     "message": {"type": "string"},
+                    "current_token": {
+                        "type": "string",
+                        "description": "On a 412 only, and only when the stale token was "
+                        "issued for the same lease (its holder missed an answer): the "
+                        "current fencing token.",
+                    },
                 },
             }
         },

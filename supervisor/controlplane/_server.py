@@ -52,7 +52,14 @@ from .._base._groups import collapse_group, raise_saving_context
 from . import _codec as codec
 from ._dashboard import dashboard_routes
 from ._embedded import EmbeddedControlPlane
-from ._exceptions import BadRequest, ControlPlaneError, NotFound, TransientError, Unauthorized
+from ._exceptions import (
+    BadRequest,
+    ControlPlaneError,
+    FencingConflict,
+    NotFound,
+    TransientError,
+    Unauthorized,
+)
 from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider
 from ._models import DelegationStatus, WorkState
 from ._openapi import API_PREFIX, openapi_document
@@ -111,10 +118,18 @@ def _json(value: codec.JSON, status: int = 200) -> Response:
 
 
 def _error(
-    status: int, kind: str, message: str, headers: Mapping[str, str] | None = None
+    status: int,
+    kind: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    current_token: str | None = None,
 ) -> Response:
+    error: dict[str, codec.JSON] = {"type": kind, "message": message}
+    if current_token is not None:
+        error["current_token"] = current_token
     return Response(
-        codec.dumps({"error": {"type": kind, "message": message}}),
+        codec.dumps({"error": error}),
         status_code=status,
         media_type="application/json",
         headers=headers,
@@ -126,7 +141,9 @@ def _error_for(exc: ControlPlaneError) -> Response:
     if status is None:
         status = 503 if isinstance(exc, TransientError) else 500
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return _error(status, exc.error_type, exc.message, headers)
+    # A stale token of the holder's own lease learns the current one (see _fencing).
+    current = exc.current_token if isinstance(exc, FencingConflict) else None
+    return _error(status, exc.error_type, exc.message, headers, current_token=current)
 
 
 # --- environments -----------------------------------------------------------------

@@ -75,6 +75,13 @@ class FaultKind(enum.StrEnum):
     PARTITION = "partition"
     #: The worker is killed at ``start`` (the wrapper does not act on it; the simulator does).
     KILL = "kill"
+    #: The control plane restarts: calls are refused (connection refused) for
+    #: ``duration``, and a call processed just before loses its answer. Its
+    #: state survives (the store is durable). Scheduled on every worker's link at once.
+    RESTART = "restart"
+    #: The control plane's wall clock steps by ``offset`` seconds at ``start``
+    #: (the simulator applies it; the links do not act on it).
+    CLOCK_STEP = "clock-step"
 
 
 def _pair(value: Iterable[float]) -> tuple[float, float]:
@@ -113,6 +120,8 @@ class Fault:
     delay: tuple[float, float] = attrs.field(default=(0.0, 0.0), converter=_pair)
     response_delay: tuple[float, float] = attrs.field(default=(0.0, 0.0), converter=_pair)
     timeout: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    #: Seconds the control plane's clock steps by (``CLOCK_STEP``; negative: backwards).
+    offset: float = 0.0
 
     @property
     def end(self) -> float:
@@ -129,6 +138,8 @@ class Fault:
             return f"{text} x{self.count}"
         if self.kind is FaultKind.REVOKED:
             return text
+        if self.kind is FaultKind.CLOCK_STEP:
+            return f"{text} by {self.offset:+.3f}s"
         text += f" for {self.duration:.3f}s"
         if self.kind is FaultKind.LATENCY:
             text += f" delay {self.delay[0]:.3f}-{self.delay[1]:.3f}"
@@ -318,7 +329,14 @@ class FaultyControlPlane:
         trip.result = await getattr(self.inner, op)(*args, **kwargs)
         trip.processed = True
         await self._response_phase()
+        if self._restarting(trio.current_time()):
+            # processed, then the restart closed the connection: the answer is lost
+            trip.injected = self._count(FaultKind.RESTART)
+            raise self._injected_error(trip.injected, op)
         return trip.result
+
+    def _restarting(self, now: float) -> bool:
+        return any(f.kind is FaultKind.RESTART and f.covers(now) for f in self._windows)
 
     async def _request_phase(self) -> None:
         delay = 0.0
@@ -358,6 +376,8 @@ class FaultyControlPlane:
         now = trio.current_time()
         if now >= self._revoked_at:
             return self._count(FaultKind.REVOKED)
+        if self._restarting(now):
+            return self._count(FaultKind.RESTART)
         for fault in self._burst_faults:
             left = self._bursts[id(fault)]
             if left <= 0 or fault.start > now:
@@ -386,6 +406,8 @@ class FaultyControlPlane:
     def _injected_error(self, kind: str, op: str) -> Exception:
         if kind == FaultKind.TIMEOUTS.value:
             return ControlPlaneUnavailable(f"{op}: no answer in time (injected timeout)")
+        if kind == FaultKind.RESTART.value:
+            return ControlPlaneUnavailable(f"{op}: connection refused (control plane restarting)")
         if kind in (FaultKind.UNAUTHORIZED.value, FaultKind.REVOKED.value):
             return Unauthorized(f"{op}: the environment key was refused (injected)")
         if kind == FaultKind.FENCING.value:

@@ -154,6 +154,19 @@ class _Record:
     expires_at: float | None = None
     delivered_at: float | None = None
     delivered_to: str | None = None
+    #: Every token of the current lease (what a 412 may name the current token for).
+    lease_tokens: set[str] = attrs.field(factory=set)
+
+    def stale(self, work_id: str, presented: str) -> FencingConflict:
+        """The 412 for ``presented``; it names the current token to the same lease only."""
+        same = self.token is not None and presented in self.lease_tokens
+        return FencingConflict(
+            f"stale fencing token for work item {work_id}",
+            current_token=self.token if same else None,
+        )
+
+    def new_lease(self) -> None:
+        self.lease_tokens.clear()
 
 
 class ScriptedControlPlane:
@@ -298,6 +311,8 @@ class ScriptedControlPlane:
                 return None
             token = self._new_token()
             record.token = token
+            record.new_lease()
+            record.lease_tokens.add(token)
             record.expires_at = now + self.default_ttl
             record.delivered_at = now
             record.delivered_to = worker_id
@@ -445,7 +460,7 @@ class ScriptedControlPlane:
             if expected_last_heartbeat is not None:
                 current = record.token if record.token is not None else NO_HEARTBEAT
                 if record.item.state is WorkState.QUEUED or expected_last_heartbeat != current:
-                    raise FencingConflict(f"stale fencing token for work item {work_id}")
+                    raise record.stale(work_id, expected_last_heartbeat)
             now = trio.current_time()
             record.expires_at = None
             record.item = attrs.evolve(
@@ -474,10 +489,11 @@ class ScriptedControlPlane:
                 raise Conflict(f"work item {work_id} is already stopped")
             current = record.token if record.token is not None else NO_HEARTBEAT
             if state is WorkState.QUEUED or expected_last_heartbeat != current:
-                raise FencingConflict(f"stale fencing token for work item {work_id}")
+                raise record.stale(work_id, expected_last_heartbeat)
             now = trio.current_time()
             attempts = record.item.attempts + 1
             record.token = None
+            record.new_lease()
             record.expires_at = None
             record.delivered_at = None
             record.delivered_to = None
@@ -773,7 +789,7 @@ class ScriptedControlPlane:
             if state is not WorkState.STARTING:
                 raise Conflict(f"work item {work_id} is {state.value}, not starting")
         elif record.token is None or expected != record.token:
-            raise FencingConflict(f"stale fencing token for work item {work_id}")
+            raise record.stale(work_id, expected)
         if reply.ttl is not None:
             ttl = reply.ttl
         elif desired_ttl is not None:
@@ -800,6 +816,7 @@ class ScriptedControlPlane:
             # ttl): the answer may be lost, so the holder could not know.
             record.expires_at = max(record.expires_at, now + ttl)
         record.token = self._new_token()
+        record.lease_tokens.add(record.token)
         record.item = attrs.evolve(item, latest_heartbeat_at=now)
         self._processed(call)
         return HeartbeatResult(
@@ -823,6 +840,7 @@ class ScriptedControlPlane:
                 continue
             attempts = record.item.attempts + 1
             record.token = None
+            record.new_lease()
             record.expires_at = None
             record.delivered_at = None
             record.delivered_to = None

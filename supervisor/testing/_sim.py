@@ -65,6 +65,15 @@ The faults and how they are modelled
   0.8 x ttl deadline leaves before the control plane may hand the item to
   someone else). Working agents report progress every half ttl.
 * **Operator cancels**: ``request_stop`` on an item at a random instant.
+* **Control-plane restart**: every link refuses calls (connection refused) for
+  a while, and a call processed just before it loses its answer; the state
+  survives, as a durable store's does.
+* **Wall-clock step** of the control plane: backwards by up to two ttls (leases
+  last longer), or forwards by a sliver (a forward step eats into the margin
+  between the worker's deadline and the server's expiry; no worker can
+  defend against a larger one).
+* **Poison**: a submit holding a lone surrogate (it must be refused), and
+  agents whose result holds one (it must be recorded, repaired).
 
 Invariants
 ----------
@@ -85,6 +94,12 @@ Checked when an agent starts and ends, on every monitor tick, and at the end
   revoked key, kept going with one, or crashed with another exception.
 * ``stuck``: a worker did not stop within ``stop_timeout`` of being cancelled.
 * ``leak``: tasks, sessions or workspaces left behind once every worker stopped.
+* ``completed-lost``: a session that completed was lost or run again because
+  of the worker: its last final stop was refused for a stale token of its own
+  still-live lease, or nothing else (no fault of any kind on its link, no
+  restart, clock step, kill or cancel around it) can be blamed.
+* ``poison``: a lone surrogate was accepted, or the store holds text that
+  UTF-8 cannot encode.
 """
 
 from __future__ import annotations
@@ -92,6 +107,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
+import json
 import logging
 import math
 import random
@@ -110,9 +126,10 @@ from .._worker._agent import AgentContext
 from .._worker._config import WorkerConfig
 from .._worker._lease import KeeperOptions
 from .._worker._worker import Worker
+from ..controlplane import _codec as codec
 from ..controlplane._embedded import EmbeddedControlPlane
-from ..controlplane._exceptions import ControlPlaneError
-from ..controlplane._models import Outcome, WorkState
+from ..controlplane._exceptions import BadRequest, ControlPlaneError
+from ..controlplane._models import Outcome, WorkItem, WorkState
 from ..controlplane._store import LeasePolicy, SQLiteStore
 from ._faults import CallRecord, Fault, FaultKind, FaultyControlPlane
 from ._workspaces import MemoryWorkspaces
@@ -186,6 +203,14 @@ class FaultMix:
     revoked: float = attrs.field(default=0.03, validator=_non_negative)
     #: Per run: expected operator cancels (``request_stop``).
     cancels: float = attrs.field(default=0.2, validator=_non_negative)
+    #: Per run: expected control-plane restarts (every link refuses calls for a while).
+    restarts: float = attrs.field(default=0.15, validator=_non_negative)
+    #: Per run: expected steps of the control plane's wall clock.
+    clock_steps: float = attrs.field(default=0.15, validator=_non_negative)
+    #: Per item and attempt: the chance that a finishing agent's result holds a
+    #: lone surrogate (it must be recorded, repaired); and per run, one submit
+    #: with a lone surrogate (it must be refused) when above 0.
+    poison: float = attrs.field(default=0.1, validator=_non_negative)
 
     @classmethod
     def none(cls) -> FaultMix:
@@ -199,6 +224,9 @@ class FaultMix:
             kill=0,
             revoked=0,
             cancels=0,
+            restarts=0,
+            clock_steps=0,
+            poison=0,
         )
 
 
@@ -411,6 +439,23 @@ def generate_schedule(seed: int, config: SimConfig) -> list[Fault]:
                         duration=math.inf if forever else rng.uniform(0.2, 5.0) * ttl,
                     )
                 )
+    # Run-wide faults, from their own stream so the per-worker faults above
+    # stay what they were for every seed.
+    extra = random.Random(f"supervisor-sim:{seed}:schedule:run-wide")
+    for _ in range(_how_many(extra, mix.restarts)):
+        at, down = extra.uniform(0, window), extra.uniform(0.1, 1.5) * ttl
+        faults.extend(
+            Fault(FaultKind.RESTART, worker, at, duration=down) for worker in range(config.workers)
+        )
+    for _ in range(_how_many(extra, mix.clock_steps)):
+        # Backwards by up to two ttls (leases last longer: harmless), or forwards
+        # by a sliver. A forward step eats into the 20 % of the ttl the worker's
+        # deadline leaves before the server's expiry, as much as the step: no
+        # worker can defend against a server clock that jumps ahead further.
+        step = (
+            -extra.uniform(0, 2.0) * ttl if extra.random() < 0.7 else extra.uniform(0, 0.02) * ttl
+        )
+        faults.append(Fault(FaultKind.CLOCK_STEP, 0, extra.uniform(0, window), offset=step))
     faults.sort(key=lambda f: (f.start, f.worker, f.kind.value))
     return faults
 
@@ -470,6 +515,8 @@ class _AgentRun:
     started: float
     ended: float | None = None
     flagged: set[str] = attrs.field(factory=set)
+    #: The agent returned a result (the session completed).
+    completed: bool = False
 
 
 @attrs.define(eq=False)
@@ -584,6 +631,11 @@ class Simulation:
         self._state_root: Path | None = None
         self._outcomes: list[str] = []
         self._all_done = trio.Event()
+        self._runs: list[_AgentRun] = []
+        self._cancelled_items: set[int] = set()
+        #: Per (worker, work id): whether that worker's last stop (or requeue)
+        #: of the item was refused for a stale token while the lease was its own.
+        self._last_stop: dict[tuple[str, str], bool] = {}
 
     # --- entry points ------------------------------------------------------------
 
@@ -641,11 +693,30 @@ class Simulation:
         self._event(
             f"{call.name} {call.op} {self._item_name(call.work_id)} {outcome}{injected}{processed}"
         )
+        if call.op in ("stop", "requeue") and call.work_id is not None:
+            # The last word of a worker on an item: a refusal of a stale token
+            # of its own, still live lease, never followed by another try.
+            refused_own = (
+                call.injected is None
+                and call.error == "FencingConflict"
+                and self._held_by(call.work_id, call.name)
+            )
+            self._last_stop[(call.name, call.work_id)] = refused_own
         if call.op == "stop" and call.processed and call.work_id is not None:
             outcome_sent = call.args.get("outcome")
             self._accepted_stops.setdefault(call.work_id, []).append(
                 outcome_sent if isinstance(outcome_sent, Outcome) else None
             )
+
+    def _held_by(self, work_id: str, worker: str) -> bool:
+        """Whether the control plane says ``worker`` holds the item's lease right now."""
+        if self._store is None or self._plane is None:
+            return False
+        try:
+            item = self._store.get(self._plane.environment_id, work_id, now=self._clock())
+        except ControlPlaneError:
+            return False
+        return item.state in _LIVE_STATES and item.worker_id == worker
 
     # --- the main task -----------------------------------------------------------
 
@@ -709,6 +780,8 @@ class Simulation:
             0.0 if n < (config.items + 1) // 2 else rng.uniform(0, config.fault_window / 2)
             for n in range(config.items)
         )
+        if config.faults.poison > 0:
+            await self._submit_poison()
         for number, at in enumerate(times):
             await trio.sleep_until(at)
             item = await self._plane.submit(f"simulated task {number}", session_id=f"sim-{number}")
@@ -716,6 +789,22 @@ class Simulation:
             self._ids.append(item.id)
             self._starts[number] = 0
             self._event(f"submit #{number}")
+
+    async def _submit_poison(self) -> None:
+        """A submit holding a lone surrogate must be refused before anything is written."""
+        assert self._plane is not None and self._store is not None
+        env = self._plane.environment_id
+        before = len(self._store.list_work(env, now=self._clock(), limit=1000))
+        try:
+            item = await self._plane.submit("poison \udfff", metadata={"k": "\ud800"})
+        except BadRequest:
+            self._event("poison submit refused")
+        except Exception as exc:  # the store failing to write it is the bug, found
+            self._violate("poison", f"a submit with a lone surrogate raised {type(exc).__name__}")
+        else:
+            self._violate("poison", f"a submit with a lone surrogate was accepted as {item.id}")
+        if len(self._store.list_work(env, now=self._clock(), limit=1000)) != before:
+            self._violate("poison", "a refused submit wrote an item")
 
     async def _wait_until_done(self) -> None:
         """Until every item ended (and any revoked key had time to bite), or the time limit."""
@@ -855,6 +944,7 @@ class Simulation:
         actions: list[tuple[float, str, Any]] = [
             (f.start, "kill", f) for f in self.schedule if f.kind is FaultKind.KILL
         ]
+        actions += [(f.start, "clock", f) for f in self.schedule if f.kind is FaultKind.CLOCK_STEP]
         if self.config.items:
             for _ in range(_how_many(rng, self.config.faults.cancels)):
                 at = rng.uniform(0, self.config.fault_window)
@@ -864,7 +954,11 @@ class Simulation:
             await trio.sleep_until(at)
             if what == "kill":
                 self._kill(self._slots[arg.worker], arg)
+            elif what == "clock":
+                self._clock.base += arg.offset
+                self._event(f"control plane clock steps by {arg.offset:+.3f}s")
             elif arg < len(self._ids):
+                self._cancelled_items.add(arg)
                 self._event(f"operator cancels #{arg}")
                 with contextlib.suppress(ControlPlaneError):
                     await self._plane.request_stop(self._ids[arg])
@@ -885,15 +979,24 @@ class Simulation:
         behaviour = _draw_behaviour(self.seed, item, attempt, self.config)
         run = _AgentRun(worker, ctx.work_id, item, attempt, behaviour, started=self._now())
         self._live.append(run)
+        self._runs.append(run)
         self._event(f"{worker} agent #{item}/{attempt} {behaviour.kind.value} starts")
         self._check_run(run)
         try:
-            return await self._behave(behaviour, ctx, item)
+            result = await self._behave(behaviour, ctx, item)
+            run.completed = True
+            if self._poisoned(item, attempt) and isinstance(result, str):
+                result += " \ud800"  # valid JSON escape, not valid Unicode
+            return result
         finally:
             run.ended = self._now()
             self._check_run(run)
             self._live.remove(run)
             self._event(f"{worker} agent #{item}/{attempt} ends")
+
+    def _poisoned(self, item: int, attempt: int) -> bool:
+        rng = random.Random(f"supervisor-sim:{self.seed}:poison:{item}:{attempt}")
+        return rng.random() < self.config.faults.poison
 
     async def _behave(self, behaviour: AgentBehaviour, ctx: AgentContext, item: int) -> object:
         kind = behaviour.kind
@@ -1018,6 +1121,8 @@ class Simulation:
                     f"{name}: dead-lettered after {item.attempts} of "
                     f"{config.max_attempts} attempts",
                 )
+            self._check_completed_kept(work_id, item)
+            self._check_text(work_id, item)
         listed = self._store.list_work(env, now=now, limit=1000)
         if len(listed) != len(self._ids):
             self._violate(
@@ -1042,6 +1147,73 @@ class Simulation:
         living = trio.lowlevel.current_statistics().tasks_living
         if living != baseline:
             self._violate("leak", f"{living - baseline} tasks left behind")
+
+    def _check_completed_kept(self, work_id: str, item: WorkItem) -> None:
+        """A session that completed is never lost or re-run because of the worker.
+
+        Two rules. A worker whose last stop was refused for a stale token while
+        the control plane still gave that worker the lease is always at fault
+        (it did not account for a heartbeat it sent). Otherwise a loss
+        counts only where nothing else can be blamed: no fault of any kind on
+        that worker's link (latency included), no restart or clock step, no
+        kill and no operator cancel from the agent's start to a ttl after it
+        ended.
+        """
+        assert item.outcome is not None
+        index = self._index[work_id]
+        runs = sorted((r for r in self._runs if r.work_id == work_id), key=lambda r: r.started)
+        for number, run in enumerate(runs):
+            if not run.completed or run.ended is None:
+                continue
+            rerun = number < len(runs) - 1
+            lost = item.outcome.status.value != "completed"
+            if not (rerun or lost):
+                continue
+            what = "ran again" if rerun else f"ended {item.outcome.status.value}"
+            key = (run.worker, work_id)
+            if self._last_stop.get(key, False):
+                self._violate(
+                    "completed-lost",
+                    f"#{index}: {run.worker}'s agent completed, its final stop was refused "
+                    f"with a stale token of its own lease and never sent again; the item {what}",
+                )
+            elif self._blameless(run):
+                self._violate(
+                    "completed-lost",
+                    f"#{index}: {run.worker}'s agent completed, then the item {what} "
+                    "with no fault to blame",
+                )
+            return
+
+    def _blameless(self, run: _AgentRun) -> bool:
+        assert run.ended is not None
+        if run.item in self._cancelled_items:
+            return False
+        low, high = run.started, run.ended + self.config.lease_ttl
+        slot = _slot_of(run.worker)
+        for fault in self.schedule:
+            run_wide = fault.kind in (FaultKind.RESTART, FaultKind.CLOCK_STEP)
+            if fault.worker != slot and not run_wide:
+                continue
+            if fault.kind is FaultKind.REVOKED and fault.start <= high:
+                return False
+            end = fault.end if fault.duration > 0 else fault.start
+            if fault.kind in (FaultKind.FENCING, FaultKind.UNAUTHORIZED, FaultKind.KILL):
+                end = math.inf  # a burst lasts until used; a kill until the restart
+            if fault.start <= high and end >= low:
+                return False
+        return True
+
+    def _check_text(self, work_id: str, item: WorkItem) -> None:
+        """What the store holds can always be answered as UTF-8 JSON (no lone surrogate)."""
+        try:
+            json.dumps(codec.encode_work_item(item), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            self._violate("poison", f"#{self._index[work_id]} holds text UTF-8 cannot encode")
+
+
+def _slot_of(worker: str) -> int:
+    return int(worker[1:].partition(".")[0])
 
 
 def run_simulation(

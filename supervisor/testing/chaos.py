@@ -43,8 +43,9 @@ really answered, and the agents' own start/end log:
 * a ``completed`` item had an agent that finished with exit code 0;
 * every worker stopped on ``SIGTERM`` and no agent process was left behind.
 
-The agent protocol: its prompt is ``"SECONDS CODE LOGFILE"``; it appends JSON
-lines ``{"event": "start"|"end", "work_id", "pid", "time"}`` to LOGFILE
+The agent protocol: its prompt is ``"SECONDS CODE LOGFILE [poison]"``; it appends
+JSON lines ``{"event": "start"|"end", "work_id", "pid", "time"}`` to LOGFILE
+(with ``poison``, its result line holds a lone surrogate escape)
 (``python -m supervisor.testing.chaos agent`` is one; ``tests/agents/chaos.py``
 another).
 """
@@ -73,17 +74,18 @@ from typing import BinaryIO, Final
 import attrs
 import trio
 
-from ..controlplane._embedded import STORE_FILENAME
+from ..controlplane._embedded import STORE_FILENAME, EmbeddedControlPlane
 from ..controlplane._exceptions import ControlPlaneError
 from ..controlplane._http import HttpControlPlane
 from ..controlplane._models import OutcomeStatus, WorkItem, WorkState
 from ..controlplane._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore
-from ._proxy import ChaosProxy, ProxyFaults, ProxyRecord
+from ._proxy import ChaosProxy, ProxyFault, ProxyFaults, ProxyRecord
 
 __all__ = ["ChaosConfig", "ChaosReport", "main", "run_chaos"]
 
 _KEY_ENV: Final = "SUPERVISOR_ENVIRONMENT_KEY"
 _ENDING_CALL: Final = re.compile(r"/work/([^/?]+)/(stop|requeue)(?:\?|$)")
+_ITEM_CALL: Final = re.compile(r"/work/([^/?]+)/")
 _STORE_OUTCOMES: Final = ("lease expired", "lease expired after a stop request")
 
 
@@ -121,6 +123,17 @@ class ChaosConfig:
         time_limit: seconds for all items to end.
         faults: the proxy's fault rates.
         keep: keep the temporary directory (logs, store) for inspection.
+        restart_after: seconds into the run when the control-plane server is
+            stopped (``SIGTERM``) and started again on the same port and store
+            (``None``: never).
+        poison: submit one request holding a lone surrogate (it must be
+            refused with a 400 and change nothing), and let a third of the
+            agents print a result holding one (it must be recorded, repaired).
+        clock_step: seconds the server's wall clock steps by (negative:
+            backwards), at ``clock_step_after`` seconds into the run (``None``:
+            never). A forward step larger than a fifth of the ttl lets the
+            server expire leases its holders still serve: no worker can
+            defend against that.
     """
 
     seed: int = 0
@@ -145,6 +158,10 @@ class ChaosConfig:
     time_limit: float = 90.0
     faults: ProxyFaults = attrs.field(factory=ProxyFaults)
     keep: bool = False
+    restart_after: float | None = None
+    poison: bool = False
+    clock_step: float = 0.0
+    clock_step_after: float | None = None
 
 
 @attrs.frozen
@@ -163,6 +180,13 @@ class ChaosReport:
         frozen: whether a worker was frozen past the ttl and continued.
         seconds: wall time of the run.
         directory: where the logs and the store were (gone unless ``keep``).
+        refused_stops: final ``stop``/``requeue`` calls the server refused with
+            ``412`` (a stale fencing token).
+        reruns: items whose agent ran more than once.
+        completed_not_recorded: items with an agent run that finished with exit
+            code 0 whose recorded outcome is not ``completed``.
+        restarted: whether the server was restarted mid-run.
+        clock_stepped: whether the server's clock was stepped mid-run.
     """
 
     violations: tuple[str, ...]
@@ -176,6 +200,11 @@ class ChaosReport:
     seconds: float
     directory: Path
     frozen: bool = False
+    refused_stops: int = 0
+    reruns: int = 0
+    completed_not_recorded: int = 0
+    restarted: bool = False
+    clock_stepped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -187,7 +216,9 @@ class ChaosReport:
         ends = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         return (
             f"{len(self.outcomes)} items ({ends}), {self.agent_runs} agent runs, "
-            f"{self.requests} requests ({faults or 'no faults'}), {self.seconds:.1f}s, "
+            f"{self.requests} requests ({faults or 'no faults'}), "
+            f"{self.refused_stops} refused stops, {self.reruns} items re-run, "
+            f"{self.completed_not_recorded} completed runs not recorded, {self.seconds:.1f}s, "
             f"{len(self.violations)} violations"
         )
 
@@ -195,9 +226,9 @@ class ChaosReport:
 # --- processes -------------------------------------------------------------------
 
 
-def _log_file(path: Path) -> BinaryIO:
+def _log_file(path: Path, *, append: bool = False) -> BinaryIO:
     """A file a child process writes its output to (the child keeps its own handle)."""
-    return open(path, "wb")
+    return open(path, "ab" if append else "wb")
 
 
 def _children(pid: int) -> list[int]:
@@ -285,6 +316,14 @@ class _Run:
         self.deaths: dict[int, float] = {}
         self.ids: list[str] = []
         self.agent_run_count = 0
+        self.refused_stops = 0
+        self.reruns = 0
+        self.completed_not_recorded = 0
+        self.poisoned: set[str] = set()
+        #: Wall-time windows in which the server was down for a restart (or its clock stepped).
+        self.restarts: list[tuple[float, float]] = []
+        self.clock_stepped = False
+        self.restarted = False
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
@@ -292,7 +331,7 @@ class _Run:
         env.update(extra)
         return env
 
-    async def start_server(self, nursery: trio.Nursery) -> tuple[trio.Process, str]:
+    async def start_server(self, port: int = 0) -> tuple[trio.Process, str]:
         config = self.config
         argv = [
             sys.executable,
@@ -307,8 +346,12 @@ class _Run:
             str(config.reclaim_ms),
             "--max-attempts",
             str(config.max_attempts),
+            "--port",
+            str(port),
+            "--clock-step",
+            str(config.clock_step),
         ]
-        with _log_file(self.root / "server.log") as errors:
+        with _log_file(self.root / "server.log", append=True) as errors:
             process = await trio.lowlevel.open_process(
                 argv, stdout=-1, stderr=errors, env=self.env()
             )
@@ -364,10 +407,31 @@ class _Run:
             for number in range(config.items):
                 seconds = self.rng.uniform(*config.agent_seconds)
                 code = 1 if self.rng.random() < config.crash_rate else 0
+                poison = " poison" if config.poison and number % 3 == 0 else ""
                 item = await plane.submit(
-                    f"{seconds:.3f} {code} {self.log}", session_id=f"chaos-{number}"
+                    f"{seconds:.3f} {code} {self.log}{poison}", session_id=f"chaos-{number}"
                 )
                 self.ids.append(item.id)
+                if poison:
+                    self.poisoned.add(item.id)
+        if config.poison:
+            await self.submit_poison(server_url)
+
+    async def submit_poison(self, server_url: str) -> None:
+        """A body with a lone surrogate (valid JSON escape) must get a 400 and change nothing."""
+        import httpx
+
+        body = b'{"data": {"prompt": "poison"}, "metadata": {"k": "\\udfff"}}'
+        async with httpx.AsyncClient(base_url=server_url) as client:
+            response = await client.post(
+                "/v1/environments/default/work",
+                content=body,
+                headers={"Authorization": f"Bearer {self.key}", "content-type": "application/json"},
+            )
+            if response.status_code != 400:
+                self.violations.append(
+                    f"poison: a lone surrogate in a submit answered {response.status_code}, not 400"
+                )
 
     async def all_ended(self, plane: HttpControlPlane) -> bool:
         try:
@@ -416,10 +480,18 @@ class _Run:
         by_id = {item.id: item for item in items}
         stops: Counter[str] = Counter()
         requeues: Counter[str] = Counter()
+        refused: Counter[str] = Counter()
+        faulted: set[str] = set()
         for record in self.records:
+            item_call = _ITEM_CALL.search(record.path)
+            if item_call and record.fault is not ProxyFault.PASS:
+                faulted.add(item_call[1])
             match = _ENDING_CALL.search(record.path)
             if record.method == "POST" and match and record.status == 200:
                 (stops if match[2] == "stop" else requeues)[match[1]] += 1
+            elif record.method == "POST" and match and record.status == 412:
+                refused[match[1]] += 1
+        self.refused_stops = sum(refused.values())
         runs = self._agent_runs()
         self.agent_run_count = sum(len(v) for v in runs.values())
         for number, work_id in enumerate(self.ids):
@@ -448,6 +520,16 @@ class _Run:
                     f"attempts: {name}: dead-lettered after {item.attempts} attempts"
                 )
             mine = runs.get(work_id, [])
+            self._check_completed_kept(name, work_id, item, mine, faulted)
+            result = item.outcome.result or ""
+            if any("\ud800" <= ch <= "\udfff" for ch in result):
+                self.violations.append(f"poison: {name}'s recorded result holds a lone surrogate")
+            if (
+                work_id in self.poisoned
+                and item.outcome.status is OutcomeStatus.COMPLETED
+                and "\ufffd" not in result
+            ):
+                self.violations.append(f"poison: {name}'s repaired result is missing")
             if len(mine) > item.attempts + 1:
                 self.violations.append(
                     f"attempts: {name}: {len(mine)} agent runs for {item.attempts} lost leases"
@@ -463,6 +545,51 @@ class _Run:
                         f"split-brain: {name}: agent {next_pid} started {end - next_start:.3f}s "
                         f"before agent {pid} ended"
                     )
+
+    def _check_completed_kept(
+        self,
+        name: str,
+        work_id: str,
+        item: WorkItem,
+        mine: Sequence[tuple[float, float, int, int | None]],
+        faulted: set[str],
+    ) -> None:
+        """A session that completed is never lost or re-run because of the worker.
+
+        Counted for every item; a violation only where nothing else can be
+        blamed: the proxy injected no fault into any call about the item and
+        no agent of it was killed with its worker.
+        """
+        ordered = sorted(mine)
+        finished = [n for n, (_, _, _, code) in enumerate(ordered) if code == 0]
+        if len(ordered) > 1:
+            self.reruns += 1
+        if not finished:
+            return
+        assert item.outcome is not None
+        rerun = finished[0] < len(ordered) - 1
+        lost = item.outcome.status is not OutcomeStatus.COMPLETED
+        if lost:
+            self.completed_not_recorded += 1
+        margin = 2 * self.config.lease_ttl
+        # A killed or frozen worker excuses whatever ran from a while before it on.
+        hit = [t for t in (self.crashed_at, self.frozen_at) if t is not None]
+        blameless = (
+            work_id not in faulted
+            and not any(pid in self.crashed_agents for _, _, pid, _ in ordered)
+            and not any(end > t - margin for _, end, _, _ in ordered for t in hit)
+            and not any(
+                start < down_end + margin and down_start - margin < end
+                for start, end, _, _ in ordered
+                for down_start, down_end in self.restarts
+            )
+        )
+        if (rerun or lost) and blameless:
+            what = "ran again" if rerun else f"ended {item.outcome.status.value}"
+            self.violations.append(
+                f"completed-lost: {name}: its agent completed, then the item {what} "
+                "with no network fault or crash to blame"
+            )
 
     def _agent_runs(self) -> dict[str, list[tuple[float, float, int, int | None]]]:
         starts: dict[int, tuple[str, float]] = {}
@@ -505,7 +632,8 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
     proxy: ChaosProxy | None = None
     try:
         async with trio.open_nursery() as nursery:
-            server, server_url = await run.start_server(nursery)
+            server, server_url = await run.start_server()
+            servers = [server]
             try:
                 port = int(server_url.rsplit(":", 1)[1])
                 proxy = ChaosProxy(
@@ -516,7 +644,8 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
                 nursery.start_soon(run.watch_deaths)
                 for number in range(config.workers):
                     await run.start_worker(f"w{number}", proxy_url)
-                await _drive(run, proxy, proxy_url, server_url, started)
+                await _drive(run, proxy, proxy_url, server_url, started, servers)
+                server = servers[-1]
                 await run.stop_workers()
                 for pid in _processes_mentioning(str(run.log)):
                     run.violations.append(f"orphan: agent process {pid} outlived its worker")
@@ -528,12 +657,15 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
                         if process.returncode is None:
                             process.kill()
                             await process.wait()
-                    server.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
-                        await server.wait()
-                    if server.returncode is None:
-                        server.kill()
-                        await server.wait()
+                    for server in servers:
+                        if server.returncode is not None:
+                            continue
+                        server.send_signal(signal.SIGTERM)
+                        with trio.move_on_after(10):
+                            await server.wait()
+                        if server.returncode is None:
+                            server.kill()
+                            await server.wait()
         store = SQLiteStore(root / "server" / STORE_FILENAME)
         try:
             items = store.list_work(DEFAULT_ENVIRONMENT_ID, now=time.time(), limit=1000)
@@ -560,6 +692,11 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
             seconds=time.monotonic() - started,
             directory=root,
             frozen=run.frozen_at is not None,
+            refused_stops=run.refused_stops,
+            reruns=run.reruns,
+            completed_not_recorded=run.completed_not_recorded,
+            restarted=run.restarted,
+            clock_stepped=run.clock_stepped,
         )
     finally:
         if not config.keep:
@@ -568,12 +705,44 @@ async def run_chaos(config: ChaosConfig | None = None) -> ChaosReport:
             shutil.rmtree(root, ignore_errors=True)
 
 
+async def _restart_server(run: _Run, servers: list[trio.Process], server_url: str) -> None:
+    """Stop the server (``SIGTERM``) and start it again on the same port and store."""
+    down = time.time()
+    old = servers[-1]
+    old.send_signal(signal.SIGTERM)
+    with trio.move_on_after(10):
+        await old.wait()
+    if old.returncode is None:
+        old.kill()
+        await old.wait()
+    port = int(server_url.rsplit(":", 1)[1])
+    for _ in range(50):  # the port may linger a moment
+        try:
+            new, _ = await run.start_server(port)
+        except RuntimeError:
+            await trio.sleep(0.1)
+            continue
+        servers.append(new)
+        break
+    else:
+        run.violations.append("restart: the server did not come back on its port")
+    run.restarts.append((down, time.time()))
+    run.restarted = True
+
+
 async def _drive(
-    run: _Run, proxy: ChaosProxy, proxy_url: str, server_url: str, started: float
+    run: _Run,
+    proxy: ChaosProxy,
+    proxy_url: str,
+    server_url: str,
+    started: float,
+    servers: list[trio.Process],
 ) -> None:
-    """Faults, the crash, calm, and the wait for every item to end."""
+    """Faults, the crash, a server restart, calm, and the wait for every item to end."""
     config = run.config
     crash_at = None if config.crash_after is None else started + config.crash_after
+    restart_at = None if config.restart_after is None else started + config.restart_after
+    step_at = None if config.clock_step_after is None else started + config.clock_step_after
     freeze_at = None if config.freeze_after is None else started + config.freeze_after
     thaw_at: float | None = None
     frozen: trio.Process | None = None
@@ -611,14 +780,25 @@ async def _drive(
                 thaw_at = None
                 if frozen.returncode is None:
                     frozen.send_signal(signal.SIGCONT)
+            if step_at is not None and now >= step_at:
+                step_at = None
+                servers[-1].send_signal(signal.SIGUSR1)
+                stepped = time.time()
+                run.restarts.append((stepped, stepped))  # a clock step excuses too
+                run.clock_stepped = True
+            if restart_at is not None and now >= restart_at:
+                restart_at = None
+                await _restart_server(run, servers, server_url)
             if now >= calm_at or proxy.requests >= config.max_requests:
                 proxy.calm()
-            if (
-                crash_at is None
-                and freeze_at is None
-                and thaw_at is None
-                and await run.all_ended(plane)
-            ):
+            waiting = (
+                crash_at is not None
+                or freeze_at is not None
+                or thaw_at is not None
+                or restart_at is not None
+                or step_at is not None
+            )
+            if not waiting and await run.all_ended(plane):
                 return
             if now >= give_up_at:
                 return  # the check reports what did not end
@@ -640,16 +820,27 @@ async def _serve(args: argparse.Namespace) -> None:
         reclaim_older_than_ms=args.reclaim_ms,
     )
     store = SQLiteStore(state / STORE_FILENAME, lease_policy=policy)
+    offset = [0.0]  # SIGUSR1 steps the server's wall clock by --clock-step seconds
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    def plane(environment_id: str) -> EmbeddedControlPlane:
+        return EmbeddedControlPlane(store, environment_id=environment_id, clock=clock)
+
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(
                     functools.partial(
-                        serve_control_plane, store, host=args.host, port=args.port, key_provider=key
+                        serve_control_plane, plane, host=args.host, port=args.port, key_provider=key
                     )
                 )
                 print(url, flush=True)
-                async for _ in signals:
+                async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        offset[0] += args.clock_step
+                        continue
                     nursery.cancel_scope.cancel()
                     break
     finally:
@@ -659,6 +850,7 @@ async def _serve(args: argparse.Namespace) -> None:
 def _agent(args: argparse.Namespace) -> int:
     words = " ".join(args.prompt).split()
     seconds, code, log = float(words[0]), int(words[1]), words[2]
+    poison = words[3:4] == ["poison"]
     work_id = os.environ.get("SUPERVISOR_WORK_ID", "?")
 
     def record(event: str, **extra: object) -> None:
@@ -676,7 +868,9 @@ def _agent(args: argparse.Namespace) -> int:
     time.sleep(seconds)
     record("end", code=code)
     if code == 0:
-        print(json.dumps({"result": f"slept {seconds}"}), flush=True)
+        # ``poison``: a valid JSON escape that is not valid Unicode
+        result = f"slept {seconds}" + (" \\ud800" if poison else "")
+        print(f'{{"result": "{result}"}}', flush=True)  # raw JSON text, escape kept
     return code
 
 
@@ -705,6 +899,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ack-ttl", type=float, default=60.0)
     serve.add_argument("--reclaim-ms", type=int, default=30_000)
     serve.add_argument("--max-attempts", type=int, default=3)
+    serve.add_argument(
+        "--clock-step", type=float, default=0.0, help="seconds SIGUSR1 steps the clock by"
+    )
     agent = sub.add_parser("agent", help="the built-in chaos agent")
     agent.add_argument("prompt", nargs="+", help="SECONDS CODE LOGFILE")
     return parser

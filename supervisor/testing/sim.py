@@ -14,7 +14,9 @@ is 1 when any invariant was violated, 0 otherwise.
 
 ``--measure-from answer`` plants the classic lease bug (the deadline counted
 from the heartbeat's answer instead of its send) to show what a violation
-looks like.
+looks like; ``--plant-stale-stop`` plants another (a heartbeat in flight
+abandoned when the session ends, so the final stop carries a stale token and
+a finished session is lost: ``completed-lost``).
 
 From Python, use :func:`run_simulation` and :class:`SimConfig` (re-exported
 here and from ``supervisor.testing``); ``SimConfig(agent=...,
@@ -97,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
         help="where lease deadlines count from; 'answer' plants the classic split-brain bug",
     )
     parser.add_argument(
+        "--plant-stale-stop",
+        action="store_true",
+        help="plant the stale final stop bug (a heartbeat in flight abandoned at the end)",
+    )
+    parser.add_argument(
         "--trace", action="store_true", help="with --seed: print every event of the run"
     )
     parser.add_argument(
@@ -109,6 +116,8 @@ def _config(args: argparse.Namespace) -> SimConfig:
     keeper = KeeperOptions()
     if args.measure_from != MeasureFrom.SEND.value:
         keeper["measure_from"] = MeasureFrom(args.measure_from)
+    if args.plant_stale_stop:
+        keeper["account_for_beats"] = False
     return SimConfig(
         workers=args.workers,
         items=args.items,

@@ -14,6 +14,7 @@ import time
 
 words = " ".join(sys.argv[1:]).split()
 seconds, code, log = float(words[0]), int(words[1]), words[2]
+poison = words[3:4] == ["poison"]  # the result holds a lone surrogate escape
 work_id = os.environ.get("SUPERVISOR_WORK_ID", "?")
 
 
@@ -35,5 +36,6 @@ print(f"working for {seconds}s", flush=True)
 time.sleep(seconds)
 record("end", code=code)
 if code == 0:
-    print(json.dumps({"result": f"slept {seconds}"}), flush=True)
+    result = f"slept {seconds}" + (" \\ud800" if poison else "")
+    print(f'{{"result": "{result}"}}', flush=True)  # raw JSON text: the escape is kept
 sys.exit(code)

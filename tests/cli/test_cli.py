@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -502,3 +503,40 @@ async def test_status_recognises_the_api_file_of_a_killed_worker(tmp_path: Path)
     document = await status_json(tmp_path)
     assert document["worker"] is None
     assert f"names process {gone.pid}, which has exited" in document["worker_note"]
+
+
+async def test_status_json_still_works_after_poisoned_requests(tmp_path: Path) -> None:
+    """Lone surrogates refused at the door (400); `status --json` lists the items as before.
+
+    Also for a store an older version poisoned: the answer carries U+FFFD
+    rather than failing every listing from then on.
+    """
+    from supervisor.controlplane._embedded import STORE_FILENAME
+
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    env = cli_env(SUPERVISOR_ENVIRONMENT_KEY_FILE=str(key_file))
+    server_dir = tmp_path / "cp"
+    server_dir.mkdir()
+    async with running(
+        server_dir, "serve", "--port", "0", "--state-dir", str(server_dir), marker="\n", env=env
+    ) as server:
+        url = server.first_output.strip()
+        flags = ("--control-plane", url)
+        good = await submit(tmp_path, "fine", *flags, env=env)
+        async with httpx.AsyncClient(
+            base_url=f"{url}/v1/environments/default",
+            headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        ) as client:
+            for path, body in (
+                ("/work", b'{"data": {"prompt": "p"}, "metadata": {"k": "\\udfff"}}'),
+                ("/workers/w1/heartbeat", b'{"runtime_metadata": {"v": "\\ud800"}}'),
+            ):
+                response = await client.post(path, content=body)
+                assert response.status_code == 400, response.text
+        document = await status_json(tmp_path, *flags, env=env)
+        assert list(items_by_id(document)) == [good]
+        with sqlite3.connect(server_dir / STORE_FILENAME) as conn:
+            conn.execute("UPDATE work_items SET metadata = ?", ('{"k": "\\udfff"}',))
+        document = await status_json(tmp_path, *flags, env=env)
+        assert items_by_id(document)[good]["metadata"] == {"k": "\ufffd"}

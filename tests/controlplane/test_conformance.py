@@ -369,6 +369,66 @@ async def test_a_stale_token_is_a_fencing_conflict(control_plane: ConformanceTar
     assert (await t.cp.heartbeat(item.id, expected_last_heartbeat=new)).lease_extended
 
 
+async def test_a_stale_token_of_the_same_lease_learns_the_current_one(
+    control_plane: ConformanceTarget,
+) -> None:
+    """The holder one answer behind (a beat processed, its answer lost) is told the token.
+
+    So a finished session still reports its outcome; a 412 for a token that is
+    not of this lease names nothing.
+    """
+    t = control_plane
+    item, old = await leased(t)
+    new = (await t.cp.heartbeat(item.id, expected_last_heartbeat=old)).last_heartbeat
+    for call in ("heartbeat", "stop", "requeue"):
+        with pytest.raises(FencingConflict) as caught:
+            if call == "heartbeat":
+                await t.cp.heartbeat(item.id, expected_last_heartbeat=old)
+            elif call == "stop":
+                await t.cp.stop(item.id, force=True, expected_last_heartbeat=old)
+            else:
+                await t.cp.requeue(item.id, expected_last_heartbeat=old)
+        assert caught.value.current_token == new, call
+        assert new not in str(caught.value), "a token never goes into a message"
+    for stranger in (NO_HEARTBEAT, "made-up", "hb.7.1.1.x"):
+        with pytest.raises(FencingConflict) as caught:
+            await t.cp.stop(item.id, force=True, expected_last_heartbeat=stranger)
+        assert caught.value.current_token is None, stranger
+    done = await t.cp.stop(item.id, force=True, expected_last_heartbeat=new)
+    assert done.state is WorkState.STOPPED
+
+
+async def test_the_token_of_an_earlier_lease_never_learns_the_new_holders(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item, old = await leased(t, ttl=30)
+    t.clock.advance(30)
+    assert await t.cp.poll(worker_id=W2) is not None
+    await t.cp.ack(item.id, worker_id=W2)
+    await t.cp.heartbeat(item.id, expected_last_heartbeat=NO_HEARTBEAT)
+    with pytest.raises(FencingConflict) as caught:
+        await t.cp.stop(item.id, force=True, expected_last_heartbeat=old)
+    assert caught.value.current_token is None
+    assert (await t.cp.get(item.id)).state is WorkState.ACTIVE
+
+
+@pytest.mark.parametrize("token", ["h\u00e9", "\u2603\u2603", "x\U0001f600"])
+async def test_a_non_ascii_token_is_a_fencing_conflict_not_a_crash(
+    control_plane: ConformanceTarget, token: str
+) -> None:
+    """Tokens are compared as bytes: ``compare_digest`` on non-ASCII ``str`` would raise."""
+    t = control_plane
+    item, current = await leased(t)
+    with pytest.raises(FencingConflict):
+        await t.cp.heartbeat(item.id, expected_last_heartbeat=token)
+    with pytest.raises(FencingConflict):
+        await t.cp.stop(item.id, force=True, expected_last_heartbeat=token)
+    with pytest.raises(FencingConflict):
+        await t.cp.requeue(item.id, expected_last_heartbeat=token)
+    assert (await t.cp.heartbeat(item.id, expected_last_heartbeat=current)).lease_extended
+
+
 async def test_a_heartbeat_before_ack_is_a_conflict(control_plane: ConformanceTarget) -> None:
     t = control_plane
     item = await t.cp.submit("x")

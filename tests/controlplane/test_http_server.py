@@ -120,6 +120,40 @@ async def test_requests_without_the_right_key_are_401(
     assert dump(store_path) == before
 
 
+async def test_the_key_check_is_a_constant_time_comparison_of_bytes(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key is checked by ``hmac.compare_digest`` on bytes, and its answer decides.
+
+    A plain ``==`` passes every other auth test (it gives the same answers);
+    only the timing differs. Here a spy records each comparison: the presented
+    and the configured key must both go through it, as bytes, and when the spy
+    answers "different" even the right key is refused.
+    """
+    import hmac as hmac_module
+
+    real = hmac_module.compare_digest
+    seen: list[tuple[object, object]] = []
+    verdict: list[bool | None] = [None]
+
+    def spy(a: Any, b: Any) -> bool:
+        seen.append((a, b))
+        return real(a, b) if verdict[0] is None else verdict[0]
+
+    monkeypatch.setattr(hmac_module, "compare_digest", spy)
+    async with httpx.AsyncClient(base_url=url) as raw:
+        right = await raw.get(f"{ENV}/work", headers=AUTH)
+        wrong = await raw.get(f"{ENV}/work", headers={"Authorization": "Bearer not-the-key-0000"})
+        verdict[0] = False
+        refused = await raw.get(f"{ENV}/work", headers=AUTH)
+    assert right.status_code == 200
+    assert wrong.status_code == 401
+    assert refused.status_code == 401, "the comparison's answer decides, not another check"
+    pairs = {(a, b) for a, b in seen if isinstance(a, bytes) and isinstance(b, bytes)}
+    assert (KEY.encode(), KEY.encode()) in pairs
+    assert (b"not-the-key-0000", KEY.encode()) in pairs
+
+
 @pytest.mark.parametrize("configured", ["", "   \n"], ids=["empty", "whitespace-file"])
 async def test_server_refuses_to_start_without_a_key(
     store: SQLiteStore, tmp_path: Path, configured: str

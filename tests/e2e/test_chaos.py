@@ -161,3 +161,83 @@ def test_the_checker_accepts_a_clean_history(tmp_path: Path) -> None:
     run.check([_item("a", attempts=1, outcome=Outcome(OutcomeStatus.COMPLETED))])
     assert run.violations == []
     assert run.agent_run_count == 2
+
+
+LATENCY_ONLY = ProxyFaults(
+    latency=(0.25, 0.25),
+    error_rate=0,
+    burst_rate=0,
+    drop_rate=0,
+    reset_rate=0,
+    truncate_rate=0,
+)
+
+
+@pytest.mark.slow
+async def test_forty_items_at_quarter_second_latency_complete_once_with_no_refused_stop() -> None:
+    """0.25 s each way and a 3 s ttl: a heartbeat is often in flight when a session ends.
+
+    The final stop must carry the token that beat earned (or the one the server
+    names on a 412 for the same lease): no refused stop, no item served twice,
+    no completed session turned into a failure.
+    """
+    config = ChaosConfig(
+        seed=7,
+        items=40,
+        workers=2,
+        max_concurrency=6,
+        lease_ttl=3.0,
+        agent=f"{shlex.quote(sys.executable)} {shlex.quote(str(AGENT))} {{prompt}}",
+        agent_seconds=(0.3, 1.5),
+        crash_rate=0.0,
+        crash_after=None,
+        faults=LATENCY_ONLY,
+        time_limit=100.0,
+    )
+    report = await run_chaos(config)
+    print(report.describe())
+    assert report.violations == (), report.describe()
+    assert report.outcomes == ("completed",) * 40
+    assert report.refused_stops == 0
+    assert report.reruns == 0
+    assert report.completed_not_recorded == 0
+    assert report.agent_runs == 40
+    assert report.attempts == (0,) * 40
+
+
+@pytest.mark.slow
+async def test_a_server_restart_and_poison_keep_every_invariant() -> None:
+    """The server restarts mid-run, then its clock steps back; a surrogate submit and results.
+
+    The submit holding a lone surrogate gets a 400 and changes nothing; the
+    agents printing one have their result recorded (repaired); listing over
+    HTTP keeps working (the run waits on it); every item ends once.
+    """
+    config = ChaosConfig(
+        seed=11,
+        items=9,
+        workers=2,
+        max_concurrency=3,
+        lease_ttl=3.0,
+        agent=f"{shlex.quote(sys.executable)} {shlex.quote(str(AGENT))} {{prompt}}",
+        agent_seconds=(0.5, 3.0),
+        crash_rate=0.0,
+        crash_after=None,
+        restart_after=2.0,
+        poison=True,
+        clock_step=-6.0,  # back by two ttls: leases last longer, nothing may break
+        clock_step_after=4.0,
+        faults=ProxyFaults(
+            latency=(0.0, 0.02),
+            error_rate=0,
+            burst_rate=0,
+            drop_rate=0,
+            reset_rate=0,
+            truncate_rate=0,
+        ),
+        time_limit=90.0,
+    )
+    report = await run_chaos(config)
+    assert report.violations == (), report.describe()
+    assert report.outcomes == ("completed",) * 9
+    assert report.restarted and report.clock_stepped

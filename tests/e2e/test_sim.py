@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -261,3 +262,61 @@ def test_wedged_agents_are_cancelled_requeued_and_finally_end_wedged() -> None:
     assert result.outcomes == ("wedged",)
     requeues = [line for line in result.trace if " requeue #0 ok" in line]
     assert len(requeues) == config.max_attempts
+
+
+# --- issue 15: beats in flight, restarts, clock steps, poison -------------------------
+
+
+def test_planted_stale_stop_bug_is_caught_within_the_ci_seeds() -> None:
+    """A keeper that abandons its beat in flight and ignores a named token loses finished work.
+
+    ``completed-lost`` names it: a completed agent, a final stop refused for a
+    stale token of the worker's own live lease and never sent again.
+    """
+    planted = SimConfig(keeper_options={"account_for_beats": False})
+    for seed in range(CI_SEEDS):
+        result = run_simulation(seed, planted)
+        if any(v.kind == "completed-lost" for v in result.violations):
+            break
+    else:
+        pytest.fail(f"the planted stale-stop bug survived {CI_SEEDS} seeds")
+    assert run_simulation(seed).violations == ()
+
+
+def test_restart_and_clock_steps_keep_every_invariant() -> None:
+    """A control-plane restart mid-session, a clock stepped back and forward: nothing breaks."""
+    config = SimConfig(workers=2, items=6, faults=FaultMix.none(), behaviours={Behaviour.SLOW: 1.0})
+    schedule = [
+        *(Fault(FaultKind.RESTART, w, 5.0, duration=4.0) for w in range(2)),
+        Fault(FaultKind.CLOCK_STEP, 0, 12.0, offset=-9.0),
+        Fault(FaultKind.CLOCK_STEP, 0, 20.0, offset=0.1),
+    ]
+    result = run_simulation(3, config, schedule=schedule, keep_trace=True)
+    assert result.violations == ()
+    assert result.outcomes == ("completed",) * 6
+    trace = "\n".join(result.trace)
+    assert "[restart]" in trace
+    assert "control plane clock steps by -9.000s" in trace
+
+
+def test_the_schedule_draws_restarts_and_clock_steps() -> None:
+    kinds = {f.kind for seed in range(40) for f in generate_schedule(seed, SimConfig())}
+    assert {FaultKind.RESTART, FaultKind.CLOCK_STEP} <= kinds
+
+
+def test_poison_is_refused_at_submit_and_repaired_in_results() -> None:
+    """Every finishing agent returns a lone surrogate: every item still completes, once."""
+    config = SimConfig(
+        items=6, faults=attrs.evolve(FaultMix.none(), poison=1.0), behaviours={Behaviour.OK: 1.0}
+    )
+    result = run_simulation(5, config, keep_trace=True)
+    assert result.violations == ()
+    assert result.outcomes == ("completed",) * 6
+    assert any("poison submit refused" in line for line in result.trace)
+
+
+def test_cli_plants_the_stale_stop_bug(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--seeds", "60", "--plant-stale-stop"]) == 1
+    out = capsys.readouterr().out
+    assert "completed-lost" in out
+    assert "refused with a stale token of its own lease" in out

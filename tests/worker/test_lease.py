@@ -510,7 +510,7 @@ async def test_final_stop_is_shielded_and_cancellation_still_propagates(
 @pytest.mark.parametrize(
     ("stop_timeout", "ends_at"),
     [
-        pytest.param(2.0, 6.0, id="bounded by stop_timeout"),
+        pytest.param(2.0, 4.0, id="bounded by stop_timeout"),
         pytest.param(10.0, 7.2, id="bounded by the lease deadline"),
     ],
 )
@@ -522,7 +522,7 @@ async def test_hanging_final_stop_is_bounded(
     work_id = await claim(cp)
     cp.hang("stop")
     keeper = LeaseKeeper(cp, work_id, desired_ttl=TTL, stop_timeout=stop_timeout)
-    with trio.move_on_after(4.0):
+    with trio.move_on_after(2.0):  # before the second beat (t=3) is in flight
         async with trio.open_nursery() as nursery:
             await nursery.start(keeper.run)
             cp.hang("heartbeat")  # so the deadline stays at 0 + 7.2
@@ -777,3 +777,103 @@ async def test_a_stop_request_cancels_the_scopes_registered_for_it() -> None:
     after = trio.CancelScope()
     lease.cancel_on_stop_request(after)  # already requested: cancelled at once
     assert after.cancel_called
+
+
+# --- the final stop after a beat in flight (issue 15, item 3) ---------------------------
+
+
+async def test_final_stop_after_an_in_flight_beat_carries_the_token_it_earned(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The session ends while a beat is in flight: the keeper waits for its answer (shielded).
+
+    The server minted a new token for that beat; a stop with the old one would
+    get 412 and the finished session would be run again after the expiry.
+    """
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    work_id = await claim(cp)
+    cp.set_latency("heartbeat", request=0.25, answer=0.25)
+    keeper = LeaseKeeper(cp, work_id, desired_ttl=TTL)
+    with trio.move_on_after(3.1):  # the second beat left at 3.0, its answer comes at 3.5
+        async with trio.open_nursery() as nursery:
+            lease = await nursery.start(keeper.run)
+            lease.outcome = COMPLETED
+    beats = cp.calls_to("heartbeat")
+    assert len(beats) == 2 and beats[1].ok and not beats[1].cancelled
+    assert beats[1].ended_at == pytest.approx(3.5)
+    (stop,) = cp.calls_to("stop")
+    assert stop.ok
+    assert stop.started_at == pytest.approx(3.5)
+    earned = beats[1].result
+    assert isinstance(earned, HeartbeatResult)
+    assert stop.args["expected_last_heartbeat"] == earned.last_heartbeat
+    assert (await cp.get(work_id)).outcome == COMPLETED
+    assert keeper.lease.reported
+
+
+async def test_a_stop_refused_for_a_missed_answer_is_sent_again_with_the_named_token(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A beat processed after its bound gave up: the stop gets 412 naming the token, and retries."""
+    caplog.set_level(logging.DEBUG, logger="supervisor.lease")
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    work_id = await claim(cp)
+    cp.script_heartbeats([Reply(), Reply(answer_delay=5.0)])  # the second: processed, unheard
+    keeper = LeaseKeeper(cp, work_id, desired_ttl=TTL)
+    with trio.move_on_after(6.1):  # the bound gave up at 6.0; no retry yet
+        async with trio.open_nursery() as nursery:
+            lease = await nursery.start(keeper.run)
+            lease.outcome = COMPLETED
+    first, second = cp.calls_to("stop")
+    assert isinstance(first.error, FencingConflict)
+    assert first.error.current_token == cp.token_of(work_id)
+    assert second.ok
+    assert second.args["expected_last_heartbeat"] == cp.token_of(work_id)
+    assert (await cp.get(work_id)).outcome == COMPLETED
+    assert keeper.lease.lost is None and keeper.lease.reported
+    token = cp.token_of(work_id)
+    assert token is not None
+    assert all(token not in r.getMessage() for r in caplog.records)
+
+
+async def test_a_beat_one_answer_behind_continues_with_the_named_token(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lost heartbeat answer no longer costs the lease: the 412 names the token; beat on."""
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    work_id = await claim(cp)
+    cp.script_heartbeats([Reply(), Reply(answer_delay=5.0)])
+    keeper = LeaseKeeper(cp, work_id, desired_ttl=TTL, rng=random.Random(0))
+    with trio.move_on_after(12.0):
+        async with trio.open_nursery() as nursery:
+            lease = await nursery.start(keeper.run)
+            lease.outcome = COMPLETED
+    beats = cp.calls_to("heartbeat")
+    refused = [b for b in beats if isinstance(b.error, FencingConflict)]
+    assert len(refused) == 1
+    after = beats[beats.index(refused[0]) + 1]
+    assert after.started_at == pytest.approx(refused[0].ended_at)  # at once
+    assert after.ok
+    assert keeper.lease.lost is None
+    (stop,) = cp.calls_to("stop")
+    assert stop.ok
+    assert (await cp.get(work_id)).outcome == COMPLETED
+
+
+async def test_a_named_token_of_a_stale_lease_is_never_taken_after_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A 412 naming a token after our deadline passed: lost as before (it may be another's)."""
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    work_id = await claim(cp)
+    keeper = LeaseKeeper(cp, work_id, desired_ttl=TTL)
+    async with trio.open_nursery() as nursery:
+        lease = await nursery.start(keeper.run)
+        lease.deadline = trio.current_time()  # as if our clock said the lease is gone
+        named = FencingConflict("stale", current_token="hb-somebody")
+        assert not keeper._adopt_named_token(named, "heartbeat")
+        lease.deadline = math.inf
+        assert not keeper._adopt_named_token(FencingConflict("stale"), "heartbeat")
+        assert keeper._adopt_named_token(named, "heartbeat")
+        assert lease.token == "hb-somebody"
+        nursery.cancel_scope.cancel()

@@ -89,6 +89,30 @@ def test_stop_with_three_hanging_sessions_fails_every_handle(
 
 
 @pytest.mark.slow
+def test_stop_answers_the_handle_of_an_item_that_never_started(
+    config: Callable[..., WorkerConfig],
+) -> None:
+    """Three hanging items, two slots: the third is still queued when stop() comes.
+
+    Its handle was dropped by the cancelled serving task without an answer, so
+    its result() waited until the timeout; now every handle raises at once.
+    """
+    tw = ThreadedWorker(config(agent=agent_cmd("hang"), max_concurrency=2))
+    tw.start()
+    handles = [tw.submit(f"hang {n}") for n in range(3)]
+    deadline = time.monotonic() + 15
+    while tw.worker is not None and tw.worker.stats().active < 2:
+        assert time.monotonic() < deadline, "sessions did not start"
+        time.sleep(0.02)
+    assert tw.worker is not None and tw.worker.stats().active == 2
+    tw.stop()
+    for handle in handles:
+        assert handle.done(), "stop() returned with a handle still unanswered"
+        with pytest.raises(WorkCancelled, match="stop"):
+            handle.result(timeout=5)
+
+
+@pytest.mark.slow
 def test_cancel_stops_the_session(config: Callable[..., WorkerConfig]) -> None:
     with ThreadedWorker(config(agent=agent_cmd("hang"))) as tw:
         handle = tw.submit("hang")

@@ -9,14 +9,13 @@ this class only.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
-import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .._exceptions import FencingConflict, NotFound
+from .._fencing import mint_token, stale_token, tokens_match
 from .._models import NO_HEARTBEAT, DelegationStatus, OutcomeStatus, WorkState
 from .._status import StatusPolicy
 from ._common import (
@@ -125,7 +124,7 @@ class StoreCore:
         with self._counter_lock:
             self._counter += 1
             counter = self._counter
-        return f"hb.{attempts}.{beats}.{counter}.{secrets.token_urlsafe(9)}"
+        return mint_token(attempts, beats, counter)
 
     # --- rows ---------------------------------------------------------------------
 
@@ -180,9 +179,10 @@ class StoreCore:
                 WorkState.STOPPING,
             )
         else:
-            ok = hmac.compare_digest(token, expected)
+            ok = tokens_match(token, expected)  # as bytes: any characters, never TypeError
         if not ok:
-            raise FencingConflict(f"stale fencing token for work item {work_id!r}")
+            # names the current token to a stale one of the same lease (see _fencing)
+            raise stale_token(work_id, presented=expected, current=token, attempts=row["attempts"])
 
     @staticmethod
     def _fenced_update(
