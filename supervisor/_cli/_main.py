@@ -219,8 +219,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-host",
         metavar="HOST",
-        help="address of the local HTTP API (/health, /metrics, /status); it has no "
-        "authentication, so keep it on loopback unless a firewall guards it "
+        help="address of the local HTTP API (a live page at /; /health, /metrics, /status); "
+        "it has no authentication, so keep it on loopback unless a firewall guards it "
         "(default: 127.0.0.1)",
     )
     parser.add_argument(
@@ -565,7 +565,8 @@ def _banner(worker: Worker, config: WorkerConfig) -> str:
             f"  agent:         {agent}",
             f"  capacity:      {config.max_concurrency} sessions at once",
             f"  session logs:  {state / 'logs'}",
-            f"  local API:     {api}" + ("  (/health /metrics /status)" if worker.api_url else ""),
+            f"  local API:     {api}"
+            + ("  (live page at /; /health /metrics /status)" if worker.api_url else ""),
             "Try, from another terminal in this directory:",
             f'  {PROG} submit{target} "describe this repository"',
             f"  {PROG} status{target}",

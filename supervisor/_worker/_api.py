@@ -445,7 +445,9 @@ async def serve_local_api(
                 except OSError as exc:
                     info = None
                     logger.warning("could not write %s: %s", api_file, exc.strerror or exc)
-            logger.info("local API listening on %s (/health, /metrics, /status)", url)
+            logger.info(
+                "local API listening on %s (a live page at /; /health, /metrics, /status)", url
+            )
             if on_bound is not None:
                 on_bound(url)
             task_status.started(url)
