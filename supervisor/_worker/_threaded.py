@@ -28,7 +28,7 @@ import trio
 from .._base._exceptions import SupervisorError
 from .._base._groups import collapse_group
 from .._base._lane import Offload
-from ..controlplane._models import Outcome, OutcomeStatus
+from ..controlplane._models import Outcome, OutcomeStatus, RetryPolicy
 from ..controlplane._protocol import ControlPlane
 from ._agent import AgentFunction, AgentSpec
 from ._config import WorkerConfig
@@ -60,10 +60,17 @@ class WorkCancelled(SupervisorError):
 class WorkHandle:
     """The host's view of one submitted session. Thread-safe."""
 
-    def __init__(self, owner: ThreadedWorker, prompt: str, metadata: dict[str, str]) -> None:
+    def __init__(
+        self,
+        owner: ThreadedWorker,
+        prompt: str,
+        metadata: dict[str, str],
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self._owner = owner
         self.prompt = prompt
         self.metadata = metadata
+        self.retry = retry
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._item_id: str | None = None
@@ -271,9 +278,15 @@ class ThreadedWorker:
 
     # --- work -----------------------------------------------------------------
 
-    def submit(self, prompt: str, **metadata: str) -> WorkHandle:
-        """Queue a session; returns its handle at once (never blocks)."""
-        handle = WorkHandle(self, prompt, dict(metadata))
+    def submit(
+        self, prompt: str, *, retry: RetryPolicy | None = None, **metadata: str
+    ) -> WorkHandle:
+        """Queue a session; returns its handle at once (never blocks).
+
+        ``retry`` retries failed sessions with backoff (see `RetryPolicy`); the
+        handle resolves with the item's final outcome, not an attempt's.
+        """
+        handle = WorkHandle(self, prompt, dict(metadata), retry)
         if not self.running:
             handle._fail(WorkCancelled("the worker is not running"))
             return handle
@@ -327,7 +340,7 @@ class ThreadedWorker:
                 handle._scope = scope
                 if handle._cancel_requested:
                     scope.cancel()
-                item_id = await worker.submit(handle.prompt, **handle.metadata)
+                item_id = await worker.submit(handle.prompt, retry=handle.retry, **handle.metadata)
                 handle._item_id = item_id
                 outcome = await worker.wait(item_id)
                 if outcome.status is OutcomeStatus.CANCELLED:

@@ -53,12 +53,14 @@ from ._models import (
     HeartbeatResult,
     Outcome,
     PresenceReport,
+    RetryPolicy,
     SessionMessage,
     WorkerRecord,
     WorkItem,
     WorkState,
     WorkStats,
 )
+from ._store._common import check_retry
 from ._text import check_text
 
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
@@ -456,8 +458,10 @@ class HttpControlPlane:
         *,
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> WorkItem:
-        request = codec.SubmitRequest(prompt, session_id, dict(metadata or {}))
+        # Refused here as the server would refuse it (a NaN could not even be sent).
+        request = codec.SubmitRequest(prompt, session_id, dict(metadata or {}), check_retry(retry))
         answer = await self._call("POST", "/work", body=codec.encode_submit_request(request))
         return self._decode("submit", answer, codec.decode_work_item)
 
@@ -539,14 +543,25 @@ class HttpControlPlane:
         answer = await self._call("POST", f"/work/{_segment(work_id, 'work_id')}/request-stop")
         return self._decode("request_stop", answer, codec.decode_work_item)
 
+    async def retry(self, work_id: str) -> WorkItem:
+        answer = await self._call("POST", f"/work/{_segment(work_id, 'work_id')}/retry")
+        return self._decode("retry", answer, codec.decode_work_item)
+
     async def get(self, work_id: str) -> WorkItem:
         answer = await self._call("GET", f"/work/{_segment(work_id, 'work_id')}")
         return self._decode("get", answer, codec.decode_work_item)
 
     async def list_work(
-        self, *, state: WorkState | None = None, limit: int = 100, page: int = 0
+        self,
+        *,
+        state: WorkState | None = None,
+        limit: int = 100,
+        page: int = 0,
+        dead: bool = False,
     ) -> Sequence[WorkItem]:
         params = {"limit": str(limit), "page": str(page)}
+        if dead:
+            params["dead"] = "true"
         if state is not None:
             params["state"] = _enum_value(WorkState, state, "state")
         answer = await self._call("GET", "/work", params=params)

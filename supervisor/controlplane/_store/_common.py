@@ -19,11 +19,13 @@ import attrs
 
 from .._exceptions import BadRequest
 from .._models import (
+    Attempt,
     Delegation,
     DelegationStatus,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    RetryPolicy,
     SessionData,
     SessionMessage,
     WorkerRecord,
@@ -203,8 +205,73 @@ def new_id(prefix: str) -> str:
 
 ITEM_COLUMNS: Final = (
     "id, environment_id, state, session_id, prompt, metadata, attempts, worker_id, created_at, "
-    "acknowledged_at, started_at, latest_heartbeat_at, stop_requested_at, stopped_at, outcome"
+    "acknowledged_at, started_at, latest_heartbeat_at, stop_requested_at, stopped_at, outcome, "
+    "retry_policy, history, not_before, dead"
 )
+
+#: The most attempts an item may ask for, and the longest backoff (one day).
+MAX_ATTEMPTS: Final = 100
+MAX_BACKOFF: Final = 86_400.0
+MAX_EXIT_CODES: Final = 64
+
+
+def check_retry(policy: RetryPolicy | None) -> RetryPolicy | None:
+    """Validate a submitter's retry policy (`BadRequest` names the bad field)."""
+    if policy is None:
+        return None
+    if not isinstance(policy, RetryPolicy):
+        raise BadRequest(f"retry must be a RetryPolicy, got {type(policy).__name__}")
+    check_int("retry.max_attempts", policy.max_attempts, 1, MAX_ATTEMPTS)
+    for name, value in (("backoff", policy.backoff), ("backoff_max", policy.backoff_max)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not 0 <= value <= MAX_BACKOFF
+        ):
+            raise BadRequest(f"retry.{name} must be a number of seconds in [0, {MAX_BACKOFF:g}]")
+    if len(policy.non_retryable_exit_codes) > MAX_EXIT_CODES:
+        raise BadRequest(f"retry.non_retryable_exit_codes takes at most {MAX_EXIT_CODES} codes")
+    for code in policy.non_retryable_exit_codes:
+        check_int("retry.non_retryable_exit_codes[]", code, -255, 255)
+    return policy
+
+
+def retry_to_json(policy: RetryPolicy | None) -> str | None:
+    if policy is None:
+        return None
+    return json.dumps(
+        {
+            "max_attempts": policy.max_attempts,
+            "backoff": policy.backoff,
+            "backoff_max": policy.backoff_max,
+            "non_retryable_exit_codes": list(policy.non_retryable_exit_codes),
+        },
+        sort_keys=True,
+    )
+
+
+def retry_from_json(text: str | None) -> RetryPolicy | None:
+    return None if text is None else RetryPolicy(**json.loads(text))
+
+
+def attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt,
+        "outcome": attrs.asdict(attempt.outcome),
+        "ended_at": attempt.ended_at,
+        "worker_id": attempt.worker_id,
+        "started_at": attempt.started_at,
+        "retry_at": attempt.retry_at,
+    }
+
+
+def history_from_json(text: str | None) -> tuple[Attempt, ...]:
+    if not text:
+        return ()
+    return tuple(
+        Attempt(**{**entry, "outcome": Outcome(**entry["outcome"])}) for entry in json.loads(text)
+    )
 
 
 def outcome_to_json(outcome: Outcome) -> str:
@@ -234,6 +301,10 @@ def item_from_row(row: Row, *, secret: str | None = None) -> WorkItem:
         stopped_at=row["stopped_at"],
         outcome=outcome_from_json(row["outcome"]),
         secret=secret,
+        retry=retry_from_json(row["retry_policy"]),
+        history=history_from_json(row["history"]),
+        not_before=row["not_before"],
+        dead=bool(row["dead"]),
     )
 
 

@@ -1,0 +1,94 @@
+"""Retry of failed sessions end to end: a real worker, real agent processes, a real SQLite file.
+
+The agents are `tests/agents/flaky.py` (fails its first N runs) and `crash.py`
+(always exits 3). Backoffs are a fraction of a second, so the real clock is
+fine; what is asserted is order (each attempt starts after the previous one's
+``retry_at``), never speed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from supervisor import ThreadedWorker, WorkerConfig, open_worker
+from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, RetryPolicy, WorkState
+
+AGENTS = Path(__file__).resolve().parents[1] / "agents"
+
+
+def flaky(counter: Path, failures: int) -> str:
+    return " ".join([sys.executable, str(AGENTS / "flaky.py"), str(counter), str(failures)])
+
+
+@pytest.mark.slow
+async def test_an_item_failing_twice_then_succeeding_completes_with_three_attempts(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane, tmp_path: Path
+) -> None:
+    counter = tmp_path / "runs.json"
+    policy = RetryPolicy(max_attempts=3, backoff=0.3)
+    async with open_worker(config(agent=flaky(counter, 2)), control_plane=plane) as worker:
+        item_id = await worker.submit("flaky task", retry=policy)
+        outcome = await worker.wait(item_id)
+    assert outcome.status is OutcomeStatus.COMPLETED
+    assert outcome.result == "succeeded on run 3"
+    item = await plane.get(item_id)
+    assert (item.state, item.dead, item.attempts) == (WorkState.STOPPED, False, 2)
+    history = item.history
+    assert [(a.attempt, a.outcome.status, a.outcome.exit_code) for a in history] == [
+        (1, OutcomeStatus.FAILED, 1),
+        (2, OutcomeStatus.FAILED, 1),
+        (3, OutcomeStatus.COMPLETED, 0),
+    ]
+    runs = json.loads(counter.read_text())
+    assert len(runs) == 3
+    # Backoff between attempts: at least half of 0.3 s, then half of 0.6 s.
+    for failed, step in zip(history[:2], (0.3, 0.6), strict=True):
+        assert failed.retry_at is not None
+        assert failed.retry_at - failed.ended_at >= step / 2 - 1e-3
+    assert runs[1] - runs[0] >= 0.15
+    assert runs[2] - runs[1] >= 0.3
+
+
+@pytest.mark.slow
+async def test_a_failing_item_lands_in_dead_letter_and_retry_brings_it_back(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane, tmp_path: Path
+) -> None:
+    counter = tmp_path / "runs.json"
+    policy = RetryPolicy(max_attempts=2, backoff=0.1)
+    async with open_worker(config(agent=flaky(counter, 2)), control_plane=plane) as worker:
+        item_id = await worker.submit("fails twice", retry=policy)
+        outcome = await worker.wait(item_id)
+        assert (outcome.status, outcome.exit_code) == (OutcomeStatus.FAILED, 1)
+        dead = await plane.get(item_id)
+        assert (dead.state, dead.dead, dead.attempts, len(dead.history)) == (
+            WorkState.STOPPED,
+            True,
+            2,
+            2,
+        )
+        assert [i.id for i in await plane.list_work(dead=True)] == [item_id]
+        back = await worker.retry(item_id)
+        assert (back.state, back.dead, back.attempts) == (WorkState.QUEUED, False, 0)
+        again = await worker.wait(item_id)
+    assert again.status is OutcomeStatus.COMPLETED
+    final = await plane.get(item_id)
+    assert [a.outcome.status for a in final.history] == ["failed", "failed", "completed"]
+    assert await plane.list_work(dead=True) == []
+
+
+@pytest.mark.slow
+def test_a_threaded_worker_handle_resolves_with_the_items_final_outcome(
+    tmp_path: Path, config: Callable[..., WorkerConfig]
+) -> None:
+    counter = tmp_path / "runs.json"
+    cfg = config(agent=flaky(counter, 1))
+    with ThreadedWorker(cfg) as worker:
+        handle = worker.submit("once more", retry=RetryPolicy(max_attempts=2, backoff=0.1))
+        outcome = handle.result(timeout=60)
+    assert outcome.status is OutcomeStatus.COMPLETED
+    assert len(json.loads(counter.read_text())) == 2
