@@ -39,10 +39,11 @@ from .._base._exceptions import ConfigError
 from .._base._logging import configure_logging
 from .._tree._exceptions import ChildStartError, RestartIntensityExceeded
 from .._worker._config import DEFAULT_AGENT, WorkerConfig, agent_text
+from ..controlplane._codec import decode_time
 from ..controlplane._exceptions import BadRequest, Conflict, ControlPlaneError, NotFound
 from ..controlplane._models import RetryPolicy, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
-from ..controlplane._store._common import check_retry
+from ..controlplane._store._common import check_retry, check_schedule
 from ._common import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE, PROG
 from ._settings import (
     config_from_layers,
@@ -311,6 +312,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="a metadata entry stored with the item (repeatable)",
+    )
+    submit.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        metavar="N",
+        help="higher is claimed first, first in first out within one priority (-1000 to 1000; "
+        "default: %(default)s)",
+    )
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument(
+        "--delay",
+        type=float,
+        metavar="SECONDS",
+        help="do not start it before this many seconds from now",
+    )
+    when.add_argument(
+        "--not-before",
+        metavar="TIME",
+        help="do not start it before this ISO-8601 time (with a zone, e.g. 2030-01-01T09:00:00Z)",
     )
     retry = submit.add_argument_group(
         "retry policy",
@@ -760,11 +781,28 @@ def cli_submit(args: argparse.Namespace) -> int:
             check_retry(policy)
         except BadRequest as exc:
             return _error(f"bad retry policy: {exc}")
+    not_before: float | None = None
+    if args.not_before is not None:
+        try:
+            not_before = decode_time(args.not_before, "--not-before")
+        except BadRequest as exc:
+            return _error(str(exc))
+    try:
+        check_schedule(args.priority, args.delay, not_before)
+    except BadRequest as exc:
+        return _error(str(exc))
     config = _target_config(args)
 
     async def action() -> int:
         async with _open_target(config) as plane:
-            item = await plane.submit(args.prompt, metadata=metadata, retry=policy)
+            item = await plane.submit(
+                args.prompt,
+                metadata=metadata,
+                retry=policy,
+                priority=args.priority,
+                delay=args.delay,
+                not_before=not_before,
+            )
         print(item.id, flush=True)
         if sys.stderr.isatty():
             _say(f"queued; follow it with: {PROG} status{_target_flags(args)}")
@@ -851,6 +889,7 @@ def _item_entry(item: WorkItem) -> dict[str, Any]:
         ),
         "attempts": item.attempts,
         "dead": item.dead,
+        "priority": item.priority,
         "not_before": item.not_before,
         "history": [
             {

@@ -66,11 +66,13 @@ class WorkHandle:
         prompt: str,
         metadata: dict[str, str],
         retry: RetryPolicy | None = None,
+        schedule: tuple[int, float | None, float | None] = (0, None, None),
     ) -> None:
         self._owner = owner
         self.prompt = prompt
         self.metadata = metadata
         self.retry = retry
+        self.priority, self.delay, self.not_before = schedule
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._item_id: str | None = None
@@ -279,14 +281,22 @@ class ThreadedWorker:
     # --- work -----------------------------------------------------------------
 
     def submit(
-        self, prompt: str, *, retry: RetryPolicy | None = None, **metadata: str
+        self,
+        prompt: str,
+        *,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        **metadata: str,
     ) -> WorkHandle:
         """Queue a session; returns its handle at once (never blocks).
 
         ``retry`` retries failed sessions with backoff (see `RetryPolicy`); the
         handle resolves with the item's final outcome, not an attempt's.
+        ``priority``, ``delay`` and ``not_before`` as for `Worker.submit`.
         """
-        handle = WorkHandle(self, prompt, dict(metadata), retry)
+        handle = WorkHandle(self, prompt, dict(metadata), retry, (priority, delay, not_before))
         if not self.running:
             handle._fail(WorkCancelled("the worker is not running"))
             return handle
@@ -340,7 +350,14 @@ class ThreadedWorker:
                 handle._scope = scope
                 if handle._cancel_requested:
                     scope.cancel()
-                item_id = await worker.submit(handle.prompt, retry=handle.retry, **handle.metadata)
+                item_id = await worker.submit(
+                    handle.prompt,
+                    retry=handle.retry,
+                    priority=handle.priority,
+                    delay=handle.delay,
+                    not_before=handle.not_before,
+                    **handle.metadata,
+                )
                 handle._item_id = item_id
                 outcome = await worker.wait(item_id)
                 if outcome.status is OutcomeStatus.CANCELLED:

@@ -600,14 +600,30 @@ class Worker:
     # ------------------------------------------------------------ public API
 
     async def submit(
-        self, prompt: str, *, retry: RetryPolicy | None = None, **metadata: str
+        self,
+        prompt: str,
+        *,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        **metadata: str,
     ) -> str:
         """Queue a session on this worker's control plane; returns the new item's id.
 
         ``retry`` makes its failed sessions retry with exponential backoff, then
-        land in dead letter (DESIGN §4.2; see `RetryPolicy`).
+        land in dead letter (DESIGN §4.2; see `RetryPolicy`). ``priority``:
+        higher is claimed first (FIFO within one); ``delay`` (seconds) or
+        ``not_before`` (POSIX time): not claimed before then.
         """
-        item = await self.control_plane.submit(prompt, metadata=metadata, retry=retry)
+        item = await self.control_plane.submit(
+            prompt,
+            metadata=metadata,
+            retry=retry,
+            priority=priority,
+            delay=delay,
+            not_before=not_before,
+        )
         return item.id
 
     async def retry(self, item_id: str) -> WorkItem:

@@ -509,6 +509,7 @@ def encode_work_item(item: WorkItem) -> dict[str, JSON]:
         "history": [encode_attempt(attempt) for attempt in item.history],
         "not_before": _time_or_none(item.not_before),
         "dead": item.dead,
+        "priority": item.priority,
     }
     if item.secret is not None:
         body["secret"] = item.secret
@@ -547,6 +548,7 @@ def decode_work_item(value: object, where: str = "") -> WorkItem:
         history=_decode_history(fields),
         not_before=fields.opt_time("not_before"),
         dead=fields.flag("dead", default=False),
+        priority=fields.req_int("priority", default=0),
     )
 
 
@@ -742,6 +744,9 @@ class SubmitRequest:
     session_id: str | None = None
     metadata: Mapping[str, str] = attrs.field(factory=dict)
     retry: RetryPolicy | None = None
+    priority: int = 0
+    delay: float | None = None
+    not_before: float | None = None
 
 
 def encode_submit_request(request: SubmitRequest) -> dict[str, JSON]:
@@ -751,6 +756,12 @@ def encode_submit_request(request: SubmitRequest) -> dict[str, JSON]:
     body: dict[str, JSON] = {"data": data, "metadata": dict(request.metadata)}
     if request.retry is not None:
         body["retry"] = encode_retry_policy(request.retry)
+    if request.priority:
+        body["priority"] = request.priority
+    if request.delay is not None:
+        body["delay_seconds"] = request.delay
+    if request.not_before is not None:
+        body["not_before"] = encode_time(request.not_before)
     return body
 
 
@@ -766,6 +777,9 @@ def decode_submit_request(value: object) -> SubmitRequest:
         prompt=data.req_str("prompt"),
         session_id=data.opt_str("id", non_empty=True),
         metadata=fields.str_map("metadata"),
+        priority=fields.req_int("priority", default=0),
+        delay=fields.opt_float("delay_seconds", minimum=0.0),
+        not_before=fields.opt_time("not_before"),
     )
     retry = fields.obj("retry")
     if retry is not None:

@@ -202,6 +202,9 @@ class EmbeddedControlPlane:
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> WorkItem:
         return await self._run(
             self._store.submit,
@@ -211,6 +214,9 @@ class EmbeddedControlPlane:
             session_id=session_id,
             metadata=metadata,
             retry=retry,
+            priority=priority,
+            delay=delay,
+            not_before=not_before,
         )
 
     async def poll(

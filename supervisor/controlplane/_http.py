@@ -60,7 +60,7 @@ from ._models import (
     WorkState,
     WorkStats,
 )
-from ._store._common import check_retry
+from ._store._common import check_retry, check_schedule
 from ._text import check_text
 
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
@@ -459,9 +459,21 @@ class HttpControlPlane:
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> WorkItem:
         # Refused here as the server would refuse it (a NaN could not even be sent).
-        request = codec.SubmitRequest(prompt, session_id, dict(metadata or {}), check_retry(retry))
+        check_schedule(priority, delay, not_before)
+        request = codec.SubmitRequest(
+            prompt,
+            session_id,
+            dict(metadata or {}),
+            check_retry(retry),
+            priority,
+            delay,
+            not_before,
+        )
         answer = await self._call("POST", "/work", body=codec.encode_submit_request(request))
         return self._decode("submit", answer, codec.decode_work_item)
 

@@ -188,6 +188,7 @@ class WorkItem:
     history: tuple[Attempt, ...] = attrs.field(default=(), converter=_attempt_tuple)
     not_before: float | None = None
     dead: bool = False
+    priority: int = 0
 
 
 @attrs.frozen

@@ -149,6 +149,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
                 "description": "Every attempt that recorded an outcome, oldest first.",
             },
             "not_before": {**_TIME, "description": "Not claimed before this time (a backoff)."},
+            "priority": {"type": "integer", "description": "Higher is claimed first."},
             "dead": {
                 "type": "boolean",
                 "description": "Stopped out of attempts (the dead letter); see POST retry.",
@@ -270,6 +271,25 @@ _SCHEMAS: Final[dict[str, Any]] = {
             },
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
             "retry": _ref("RetryPolicy"),
+            "priority": {
+                "type": "integer",
+                "minimum": -1000,
+                "maximum": 1000,
+                "default": 0,
+                "description": "Higher is claimed first; FIFO within one priority.",
+            },
+            "delay_seconds": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 2592000,
+                "description": "Not claimed before this many seconds from now (the server's "
+                "clock). Not with not_before.",
+            },
+            "not_before": {
+                "type": "string",
+                "format": "date-time",
+                "description": "Not claimed before this time. Not with delay_seconds.",
+            },
         },
     },
     "AckRequest": {

@@ -48,10 +48,15 @@ class ControlPlane(Protocol):
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> WorkItem:
         """Queue a new session work item (``session_id`` defaults to a fresh id).
 
         ``retry`` makes its failed sessions retry with backoff (DESIGN §4.2).
+        ``priority``: higher is claimed first (FIFO within one priority);
+        ``delay`` in seconds or ``not_before`` (POSIX time): not claimed before.
         """
         ...
 

@@ -459,7 +459,13 @@ class _App:
         _Query(request, ())
         body = codec.decode_submit_request(await self.body(request))
         item = await plane.submit(
-            body.prompt, session_id=body.session_id, metadata=body.metadata, retry=body.retry
+            body.prompt,
+            session_id=body.session_id,
+            metadata=body.metadata,
+            retry=body.retry,
+            priority=body.priority,
+            delay=body.delay,
+            not_before=body.not_before,
         )
         return _json(codec.encode_work_item(item), 201)
 

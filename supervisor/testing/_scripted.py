@@ -339,6 +339,9 @@ class ScriptedControlPlane:
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> WorkItem:
         async with self._recording("submit", prompt=prompt, session_id=session_id) as call:
             n = next(self._ids)
@@ -350,6 +353,8 @@ class ScriptedControlPlane:
                 metadata=metadata or {},
                 created_at=trio.current_time(),
                 retry=retry,
+                priority=priority,
+                not_before=not_before if delay is None else trio.current_time() + delay,
             )
             self._records[item.id] = _Record(item)
             self._processed(call)

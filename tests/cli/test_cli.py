@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -599,3 +600,25 @@ async def test_a_bad_retry_flag_is_refused_with_exit_2_and_queues_nothing(tmp_pa
     assert "non_retryable_exit_codes" in done.stderr
     empty = await cli("status", "--dead", cwd=tmp_path)
     assert empty.returncode == 0 and "dead letter: empty" in empty.stdout
+
+
+async def test_submit_takes_a_priority_and_a_delay_or_a_time_and_refuses_bad_ones(
+    tmp_path: Path,
+) -> None:
+    before = time.time()
+    urgent = await submit(tmp_path, "urgent", "--priority", "7", "--delay", "600")
+    timed = await submit(tmp_path, "at a time", "--not-before", "2030-01-01T09:00:00Z")
+    items = items_by_id(await status_json(tmp_path))
+    assert items[urgent]["priority"] == 7
+    assert before + 600 <= items[urgent]["not_before"] <= time.time() + 600
+    assert items[timed]["not_before"] == 1893488400.0
+    for flags, word in (
+        (("--priority", "5000"), "priority"),
+        (("--delay", "-1"), "delay"),
+        (("--not-before", "tomorrow"), "--not-before"),
+        (("--delay", "5", "--not-before", "2030-01-01T09:00:00Z"), "not allowed with"),
+    ):
+        done = await cli("submit", "x", *flags, cwd=tmp_path)
+        assert done.returncode == 2, flags
+        assert word in done.stderr, (flags, done.stderr)
+    assert len((await status_json(tmp_path))["items"]) == 2

@@ -225,3 +225,77 @@ async def test_a_bad_retry_policy_is_refused_and_queues_nothing(
     with pytest.raises(BadRequest, match="retry"):
         await t.cp.submit("never", retry=policy)
     assert await t.cp.list_work() == []
+
+
+# --- priority and not_before -----------------------------------------------------------
+
+
+async def test_a_higher_priority_overtakes_fifo_and_fifo_holds_within_a_priority(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    low = await t.cp.submit("low, oldest")
+    first_high = await t.cp.submit("high, first", priority=5)
+    negative = await t.cp.submit("below default", priority=-3)
+    second_high = await t.cp.submit("high, second", priority=5)
+    low_again = await t.cp.submit("low, younger")
+    assert (first_high.priority, negative.priority, low.priority) == (5, -3, 0)
+    order = []
+    while (polled := await t.cp.poll(worker_id=W1)) is not None:
+        order.append(polled.id)
+    assert order == [first_high.id, second_high.id, low.id, low_again.id, negative.id]
+
+
+async def test_a_delayed_item_is_not_claimed_before_its_time_and_others_pass_it(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    submitted_at = t.clock.now
+    later = await t.cp.submit("in a minute", delay=60.0, priority=9)
+    assert later.not_before == approx(submitted_at + 60.0)
+    now = await t.cp.submit("now")
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == now.id
+    await t.cp.ack(now.id, worker_id=W1)
+    t.clock.advance(59.9)
+    assert await t.cp.poll(worker_id=W1) is None
+    t.clock.advance(0.1)
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == later.id
+
+
+async def test_not_before_takes_a_time(control_plane: ConformanceTarget) -> None:
+    t = control_plane
+    at = t.clock.now + 3600.0
+    item = await t.cp.submit("at nine", not_before=at)
+    assert item.not_before == approx(at)
+    t.clock.advance(3599.0)
+    assert await t.cp.poll(worker_id=W1) is None
+    t.clock.advance(1.0)
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == item.id
+    past = await t.cp.submit("already due", not_before=t.clock.now - 10)
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == past.id
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"priority": 1001},
+        {"priority": -1001},
+        {"delay": -1.0},
+        {"delay": math.nan},
+        {"delay": 31 * 86_400.0},
+        {"delay": 5.0, "not_before": 1_700_000_000.0},
+        {"not_before": math.inf},
+    ],
+    ids=["high", "low", "negative-delay", "nan-delay", "long-delay", "both", "inf-time"],
+)
+async def test_a_bad_priority_or_delay_is_refused_and_queues_nothing(
+    control_plane: ConformanceTarget, options: dict[str, float]
+) -> None:
+    t = control_plane
+    with pytest.raises(BadRequest, match=r"priority|delay|not_before"):
+        await t.cp.submit("never", **options)  # type: ignore[arg-type]
+    assert await t.cp.list_work() == []

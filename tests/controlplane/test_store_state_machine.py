@@ -227,6 +227,7 @@ class ModelItem:
     not_before: float | None = None
     dead: bool = False
     history: int = 0
+    priority: int = 0
 
     @property
     def limit(self) -> int:
@@ -315,6 +316,22 @@ class WorkStoreMachine(RuleBasedStateMachine):
             ModelItem(id=stored.id, created=len(self.items), max_attempts=max_attempts)
         )
 
+    @rule(priority=st.integers(-2, 2), delay=st.sampled_from([None, 0.0, 10.0, 45.0]))
+    def submit_with_priority_and_delay(self, priority: int, delay: float | None) -> None:
+        stored = self.store.submit(
+            ENV, f"prompt {len(self.items)}", now=self.now, priority=priority, delay=delay
+        )
+        assert stored.priority == priority
+        not_before = None if delay is None else self.now + delay
+        assert stored.not_before == (
+            None if not_before is None else pytest.approx(not_before, abs=1e-3)
+        )
+        self.items.append(
+            ModelItem(
+                id=stored.id, created=len(self.items), priority=priority, not_before=not_before
+            )
+        )
+
     @rule(worker=st.sampled_from(WORKERS))
     def poll(self, worker: str) -> None:
         self.expire()
@@ -326,7 +343,8 @@ class WorkStoreMachine(RuleBasedStateMachine):
             and (i.delivered_at is None or i.delivered_at <= cutoff)
             and (i.not_before is None or i.not_before <= self.now)
         ]
-        expected = min(claimable, key=lambda i: i.created) if claimable else None
+        # The highest priority first, then the oldest.
+        expected = min(claimable, key=lambda i: (-i.priority, i.created)) if claimable else None
         got = self.store.poll(ENV, worker_id=worker, now=self.now)
         if expected is None:
             assert got is None

@@ -206,8 +206,35 @@ def new_id(prefix: str) -> str:
 ITEM_COLUMNS: Final = (
     "id, environment_id, state, session_id, prompt, metadata, attempts, worker_id, created_at, "
     "acknowledged_at, started_at, latest_heartbeat_at, stop_requested_at, stopped_at, outcome, "
-    "retry_policy, history, not_before, dead"
+    "retry_policy, history, not_before, dead, priority"
 )
+
+#: Priorities an item may have (higher first), and the longest delay at submit (30 days).
+MIN_PRIORITY: Final = -1000
+MAX_PRIORITY: Final = 1000
+MAX_DELAY: Final = 30 * 86_400.0
+
+
+def check_schedule(priority: int, delay: float | None, not_before: float | None) -> None:
+    """Validate an item's priority and its delay (seconds) or ``not_before`` (POSIX time)."""
+    check_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY)
+    if delay is not None and not_before is not None:
+        raise BadRequest("give a delay or not_before, not both")
+    if delay is not None and (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not math.isfinite(delay)
+        or not 0 <= delay <= MAX_DELAY
+    ):
+        raise BadRequest(f"delay must be a number of seconds in [0, {MAX_DELAY:g}]")
+    if not_before is not None and (
+        isinstance(not_before, bool)
+        or not isinstance(not_before, int | float)
+        or not math.isfinite(not_before)
+        or not 0 <= not_before < 1e11
+    ):
+        raise BadRequest("not_before must be a finite POSIX time")
+
 
 #: The most attempts an item may ask for, and the longest backoff (one day).
 MAX_ATTEMPTS: Final = 100
@@ -305,6 +332,7 @@ def item_from_row(row: Row, *, secret: str | None = None) -> WorkItem:
         history=history_from_json(row["history"]),
         not_before=row["not_before"],
         dead=bool(row["dead"]),
+        priority=row["priority"],
     )
 
 

@@ -60,6 +60,7 @@ from ._common import (
     check_int,
     check_metadata,
     check_retry,
+    check_schedule,
     check_text,
     check_ttl,
     hash_secret,
@@ -134,8 +135,15 @@ class ItemRecords(StoreCore):
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
     ) -> WorkItem:
         """Queue a new session work item; the environment is created on first use.
+
+        ``priority``: higher is claimed first, FIFO within one priority.
+        ``delay`` (seconds from now, on the store's clock) or ``not_before`` (a
+        POSIX time): the item is not claimed before then.
 
         ``retry`` makes failed sessions of this item retry (see `RetryPolicy`);
         without it a failure is final and lease losses are bounded by the
@@ -151,6 +159,7 @@ class ItemRecords(StoreCore):
             check_id("session_id", session_id)
         meta = json.dumps(check_metadata(metadata), sort_keys=True)
         policy = check_retry(retry)
+        check_schedule(priority, delay, not_before)
         work_id = new_id("work")
         session = session_id or new_id("sess")
         with self._committing("submitting work", now) as tx:
@@ -166,8 +175,8 @@ class ItemRecords(StoreCore):
                 )
             tx.execute(
                 "INSERT INTO work_items (id, environment_id, state, session_id, prompt, "
-                "metadata, created_at, retry_policy, max_attempts) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                "metadata, created_at, retry_policy, max_attempts, priority, not_before) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     work_id,
                     environment_id,
@@ -177,6 +186,8 @@ class ItemRecords(StoreCore):
                     tx.now,
                     retry_to_json(policy),
                     None if policy is None else policy.max_attempts,
+                    priority,
+                    tx.now + delay if delay is not None else not_before,
                 ),
             )
             tx.announce(environment_id)
@@ -192,7 +203,9 @@ class ItemRecords(StoreCore):
     ) -> WorkItem | None:
         """Claim the oldest claimable queued item for ``worker_id``, or ``None``.
 
-        Claimable: ``queued``, past its ``not_before`` (a retry's backoff), and
+        The highest priority first, the oldest first within one priority.
+        Claimable: ``queued``, past its ``not_before`` (a delay or a retry's
+        backoff), and
         not handed out within the last ``reclaim_older_than_ms`` (default from
         the lease policy). The claim
         records the hand-out and mints a fresh session secret, returned here
@@ -225,7 +238,7 @@ class ItemRecords(StoreCore):
                 "SELECT id FROM work_items WHERE environment_id = ? AND state = 'queued' "
                 "AND (delivered_at IS NULL OR delivered_at <= ?) "
                 "AND (not_before IS NULL OR not_before <= ?) "
-                "ORDER BY created_at, seq LIMIT 1{skip_locked}",
+                "ORDER BY priority DESC, created_at, seq LIMIT 1{skip_locked}",
                 (environment_id, tx.now - window_ms / 1000.0, tx.now),
             )
             if row is None:

@@ -1,4 +1,6 @@
-"""Retry of failed sessions end to end: a real worker, real agent processes, a real SQLite file.
+"""Work policies end to end: retry, dead letter, priority, delay.
+
+A real worker, real agent processes, a real SQLite file (the delay under MockClock).
 
 The agents are `tests/agents/flaky.py` (fails its first N runs) and `crash.py`
 (always exits 3). Backoffs are a fraction of a second, so the real clock is
@@ -9,14 +11,18 @@ fine; what is asserted is order (each attempt starts after the previous one's
 from __future__ import annotations
 
 import json
+import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
-from supervisor import ThreadedWorker, WorkerConfig, open_worker
+from supervisor import AgentContext, ThreadedWorker, Worker, WorkerConfig, open_worker
 from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, RetryPolicy, WorkState
+from supervisor.testing import MemoryWorkspaces
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 
@@ -92,3 +98,57 @@ def test_a_threaded_worker_handle_resolves_with_the_items_final_outcome(
         outcome = handle.result(timeout=60)
     assert outcome.status is OutcomeStatus.COMPLETED
     assert len(json.loads(counter.read_text())) == 2
+
+
+# --- priority and not_before ------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_higher_priority_overtakes_fifo_with_real_agents(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
+) -> None:
+    """Queued before the worker starts; one slot: the claim order is priority, then age."""
+    ok = " ".join([sys.executable, str(AGENTS / "ok.py"), "{prompt}"])
+    first = await plane.submit("first in")
+    second = await plane.submit("second in")
+    urgent = await plane.submit("urgent", priority=10)
+    async with open_worker(config(agent=ok, max_concurrency=1), control_plane=plane) as worker:
+        for item in (first, second, urgent):
+            assert (await worker.wait(item.id)).status is OutcomeStatus.COMPLETED
+    started = {i.id: i.started_at for i in await plane.list_work()}
+    order = sorted(started, key=lambda work_id: started[work_id] or 0.0)
+    assert order == [urgent.id, first.id, second.id]
+
+
+async def test_a_delayed_item_waits_for_its_time_while_others_run(
+    config: Callable[..., WorkerConfig],
+    plane: EmbeddedControlPlane,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Under MockClock: the worker serves the undelayed item and claims the delayed one
+    only once its time has come."""
+    claimed_at: dict[str, float] = {}
+
+    async def agent(ctx: AgentContext) -> str:
+        claimed_at[ctx.prompt] = trio.current_time()
+        await trio.sleep(1.0)
+        return ctx.prompt
+
+    worker = Worker(
+        config(max_concurrency=2),
+        control_plane=plane,
+        agent=agent,
+        workspaces=MemoryWorkspaces(),
+        rng=random.Random(0),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        start = trio.current_time()
+        later = await worker.submit("later", delay=120.0)
+        now = await worker.submit("now")
+        assert (await worker.wait(now)).status is OutcomeStatus.COMPLETED
+        assert "later" not in claimed_at
+        assert (await worker.wait(later)).status is OutcomeStatus.COMPLETED
+        nursery.cancel_scope.cancel()
+    assert claimed_at["now"] - start < 5.0
+    assert claimed_at["later"] - start >= 120.0
