@@ -43,7 +43,7 @@ from ..controlplane._codec import decode_time
 from ..controlplane._exceptions import BadRequest, Conflict, ControlPlaneError, NotFound
 from ..controlplane._models import RetryPolicy, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
-from ..controlplane._store._common import check_retry, check_schedule
+from ..controlplane._store._common import check_key, check_retry, check_schedule
 from ._common import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE, PROG
 from ._settings import (
     config_from_layers,
@@ -320,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="higher is claimed first, first in first out within one priority (-1000 to 1000; "
         "default: %(default)s)",
+    )
+    submit.add_argument(
+        "--key",
+        metavar="KEY",
+        help="idempotency key: if an item of the environment already has it, print that "
+        "item's id and queue nothing",
     )
     when = submit.add_mutually_exclusive_group()
     when.add_argument(
@@ -789,6 +795,7 @@ def cli_submit(args: argparse.Namespace) -> int:
             return _error(str(exc))
     try:
         check_schedule(args.priority, args.delay, not_before)
+        check_key(args.key)
     except BadRequest as exc:
         return _error(str(exc))
     config = _target_config(args)
@@ -802,9 +809,16 @@ def cli_submit(args: argparse.Namespace) -> int:
                 priority=args.priority,
                 delay=args.delay,
                 not_before=not_before,
+                key=args.key,
             )
         print(item.id, flush=True)
-        if sys.stderr.isatty():
+        if item.duplicate:
+            print(
+                f"{PROG}: the key {args.key!r} was already used: that item is "
+                f"{item.state.value}; nothing queued",
+                file=sys.stderr,
+            )
+        elif sys.stderr.isatty():
             _say(f"queued; follow it with: {PROG} status{_target_flags(args)}")
         return EXIT_OK
 
@@ -890,6 +904,7 @@ def _item_entry(item: WorkItem) -> dict[str, Any]:
         "attempts": item.attempts,
         "dead": item.dead,
         "priority": item.priority,
+        "key": item.key,
         "not_before": item.not_before,
         "history": [
             {

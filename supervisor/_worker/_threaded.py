@@ -67,12 +67,14 @@ class WorkHandle:
         metadata: dict[str, str],
         retry: RetryPolicy | None = None,
         schedule: tuple[int, float | None, float | None] = (0, None, None),
+        key: str | None = None,
     ) -> None:
         self._owner = owner
         self.prompt = prompt
         self.metadata = metadata
         self.retry = retry
         self.priority, self.delay, self.not_before = schedule
+        self.key = key
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._item_id: str | None = None
@@ -288,15 +290,17 @@ class ThreadedWorker:
         priority: int = 0,
         delay: float | None = None,
         not_before: float | None = None,
+        key: str | None = None,
         **metadata: str,
     ) -> WorkHandle:
         """Queue a session; returns its handle at once (never blocks).
 
         ``retry`` retries failed sessions with backoff (see `RetryPolicy`); the
         handle resolves with the item's final outcome, not an attempt's.
-        ``priority``, ``delay`` and ``not_before`` as for `Worker.submit`.
+        ``priority``, ``delay``, ``not_before`` and ``key`` as for `Worker.submit`
+        (a handle of a key already used follows the first item).
         """
-        handle = WorkHandle(self, prompt, dict(metadata), retry, (priority, delay, not_before))
+        handle = WorkHandle(self, prompt, dict(metadata), retry, (priority, delay, not_before), key)
         if not self.running:
             handle._fail(WorkCancelled("the worker is not running"))
             return handle
@@ -356,6 +360,7 @@ class ThreadedWorker:
                     priority=handle.priority,
                     delay=handle.delay,
                     not_before=handle.not_before,
+                    key=handle.key,
                     **handle.metadata,
                 )
                 handle._item_id = item_id

@@ -607,6 +607,7 @@ class Worker:
         priority: int = 0,
         delay: float | None = None,
         not_before: float | None = None,
+        key: str | None = None,
         **metadata: str,
     ) -> str:
         """Queue a session on this worker's control plane; returns the new item's id.
@@ -614,7 +615,8 @@ class Worker:
         ``retry`` makes its failed sessions retry with exponential backoff, then
         land in dead letter (DESIGN §4.2; see `RetryPolicy`). ``priority``:
         higher is claimed first (FIFO within one); ``delay`` (seconds) or
-        ``not_before`` (POSIX time): not claimed before then.
+        ``not_before`` (POSIX time): not claimed before then. ``key``: a key
+        already used in the environment returns that item's id, queueing nothing.
         """
         item = await self.control_plane.submit(
             prompt,
@@ -623,6 +625,7 @@ class Worker:
             priority=priority,
             delay=delay,
             not_before=not_before,
+            key=key,
         )
         return item.id
 

@@ -510,6 +510,7 @@ def encode_work_item(item: WorkItem) -> dict[str, JSON]:
         "not_before": _time_or_none(item.not_before),
         "dead": item.dead,
         "priority": item.priority,
+        "key": item.key,
     }
     if item.secret is not None:
         body["secret"] = item.secret
@@ -549,6 +550,7 @@ def decode_work_item(value: object, where: str = "") -> WorkItem:
         not_before=fields.opt_time("not_before"),
         dead=fields.flag("dead", default=False),
         priority=fields.req_int("priority", default=0),
+        key=fields.opt_str("key"),
     )
 
 
@@ -747,6 +749,7 @@ class SubmitRequest:
     priority: int = 0
     delay: float | None = None
     not_before: float | None = None
+    key: str | None = None
 
 
 def encode_submit_request(request: SubmitRequest) -> dict[str, JSON]:
@@ -762,6 +765,8 @@ def encode_submit_request(request: SubmitRequest) -> dict[str, JSON]:
         body["delay_seconds"] = request.delay
     if request.not_before is not None:
         body["not_before"] = encode_time(request.not_before)
+    if request.key is not None:
+        body["key"] = request.key
     return body
 
 
@@ -780,6 +785,7 @@ def decode_submit_request(value: object) -> SubmitRequest:
         priority=fields.req_int("priority", default=0),
         delay=fields.opt_float("delay_seconds", minimum=0.0),
         not_before=fields.opt_time("not_before"),
+        key=fields.opt_str("key", non_empty=True),
     )
     retry = fields.obj("retry")
     if retry is not None:

@@ -205,6 +205,7 @@ class EmbeddedControlPlane:
         priority: int = 0,
         delay: float | None = None,
         not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
         return await self._run(
             self._store.submit,
@@ -217,6 +218,7 @@ class EmbeddedControlPlane:
             priority=priority,
             delay=delay,
             not_before=not_before,
+            key=key,
         )
 
     async def poll(

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Final, Self, TypeVar
 from urllib.parse import quote
 
+import attrs
 import httpx
 import trio
 
@@ -60,7 +61,7 @@ from ._models import (
     WorkState,
     WorkStats,
 )
-from ._store._common import check_retry, check_schedule
+from ._store._common import check_key, check_retry, check_schedule
 from ._text import check_text
 
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
@@ -394,6 +395,7 @@ class HttpControlPlane:
         params: Mapping[str, str] | None = None,
         body: codec.JSON | None = None,
         seconds: float | None = None,
+        statuses: list[int] | None = None,
     ) -> codec.JSON | None:
         """One request with auth, a 401 key re-read, and status translation.
 
@@ -420,6 +422,8 @@ class HttpControlPlane:
             if fresh is not None:
                 response = await self._send(method, what, url, fresh, params, content, limit)
         status = response.status_code
+        if statuses is not None:
+            statuses.append(status)
         if status == 204:
             return None
         if 200 <= status < 300:
@@ -462,9 +466,11 @@ class HttpControlPlane:
         priority: int = 0,
         delay: float | None = None,
         not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
         # Refused here as the server would refuse it (a NaN could not even be sent).
         check_schedule(priority, delay, not_before)
+        check_key(key)
         request = codec.SubmitRequest(
             prompt,
             session_id,
@@ -473,9 +479,15 @@ class HttpControlPlane:
             priority,
             delay,
             not_before,
+            key,
         )
-        answer = await self._call("POST", "/work", body=codec.encode_submit_request(request))
-        return self._decode("submit", answer, codec.decode_work_item)
+        statuses: list[int] = []
+        answer = await self._call(
+            "POST", "/work", body=codec.encode_submit_request(request), statuses=statuses
+        )
+        item = self._decode("submit", answer, codec.decode_work_item)
+        # 200 instead of 201: the key was used already and this is that item.
+        return attrs.evolve(item, duplicate=statuses == [200])
 
     async def poll(
         self,

@@ -189,6 +189,9 @@ class WorkItem:
     not_before: float | None = None
     dead: bool = False
     priority: int = 0
+    key: str | None = None
+    #: Set on the answer to a submit whose ``key`` was already used: this is that item.
+    duplicate: bool = attrs.field(default=False, eq=False)
 
 
 @attrs.frozen

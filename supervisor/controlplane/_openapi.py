@@ -150,6 +150,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
             },
             "not_before": {**_TIME, "description": "Not claimed before this time (a backoff)."},
             "priority": {"type": "integer", "description": "Higher is claimed first."},
+            "key": {**_OPT_STR, "description": "The idempotency key it was submitted with."},
             "dead": {
                 "type": "boolean",
                 "description": "Stopped out of attempts (the dead letter); see POST retry.",
@@ -289,6 +290,13 @@ _SCHEMAS: Final[dict[str, Any]] = {
                 "type": "string",
                 "format": "date-time",
                 "description": "Not claimed before this time. Not with delay_seconds.",
+            },
+            "key": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "description": "Idempotency key: when an item of the environment already has "
+                "it, that item is answered with 200 and nothing is queued.",
             },
         },
     },
@@ -450,12 +458,16 @@ _PATHS: Final[dict[str, Any]] = {
         }
     },
     _WORK: {
-        "post": _operation(
-            "submitWork",
-            "Queue a session work item.",
-            "WorkItem",
-            status="201",
-            body="SubmitRequest",
+        "post": _with_response(
+            _operation(
+                "submitWork",
+                "Queue a session work item.",
+                "WorkItem",
+                status="201",
+                body="SubmitRequest",
+            ),
+            "200",
+            "The key was already used in this environment: the item it names; nothing queued.",
         ),
         "get": _operation(
             "listWork",

@@ -51,12 +51,15 @@ class ControlPlane(Protocol):
         priority: int = 0,
         delay: float | None = None,
         not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
         """Queue a new session work item (``session_id`` defaults to a fresh id).
 
         ``retry`` makes its failed sessions retry with backoff (DESIGN §4.2).
         ``priority``: higher is claimed first (FIFO within one priority);
         ``delay`` in seconds or ``not_before`` (POSIX time): not claimed before.
+        ``key``: idempotency; a key already used in the environment returns
+        that item (``duplicate=True``, HTTP 200) instead of queueing another.
         """
         ...
 

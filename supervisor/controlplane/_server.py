@@ -466,8 +466,9 @@ class _App:
             priority=body.priority,
             delay=body.delay,
             not_before=body.not_before,
+            key=body.key,
         )
-        return _json(codec.encode_work_item(item), 201)
+        return _json(codec.encode_work_item(item), 200 if item.duplicate else 201)
 
     async def poll(self, request: Request, plane: ControlPlane) -> Response:
         query = _Query(request, ("worker_id", "block_ms", "reclaim_older_than_ms"))

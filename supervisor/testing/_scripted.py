@@ -342,6 +342,7 @@ class ScriptedControlPlane:
         priority: int = 0,
         delay: float | None = None,
         not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
         async with self._recording("submit", prompt=prompt, session_id=session_id) as call:
             n = next(self._ids)

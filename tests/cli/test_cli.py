@@ -22,6 +22,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from supervisor import WorkerConfig, open_worker
 from supervisor._worker._process import process_group_members
 
 pytestmark = pytest.mark.slow
@@ -622,3 +623,25 @@ async def test_submit_takes_a_priority_and_a_delay_or_a_time_and_refuses_bad_one
         assert done.returncode == 2, flags
         assert word in done.stderr, (flags, done.stderr)
     assert len((await status_json(tmp_path))["items"]) == 2
+
+
+async def test_a_duplicate_key_returns_the_same_id_from_the_cli_and_from_python(
+    tmp_path: Path,
+) -> None:
+    first = await cli("submit", "deploy 42", "--key", "deploy-42", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    item_id = first.stdout.strip()
+    again = await cli("submit", "deploy 42 again", "--key", "deploy-42", cwd=tmp_path)
+    assert again.returncode == 0
+    assert again.stdout.strip() == item_id
+    assert "already used" in again.stderr and "nothing queued" in again.stderr
+    # The same key from Python, on the same store: the same item.
+    config = WorkerConfig(
+        state_dir=tmp_path / ".supervisor", api_enabled=False, agent=agent("ok", "{prompt}")
+    )
+    async with open_worker(config) as worker:
+        assert await worker.submit("deploy 42 from python", key="deploy-42") == item_id
+        assert await worker.submit("a new one", key="deploy-43") != item_id
+    assert len((await status_json(tmp_path))["items"]) == 2
+    bad = await cli("submit", "x", "--key", "", cwd=tmp_path)
+    assert bad.returncode == 2 and "key" in bad.stderr

@@ -299,3 +299,37 @@ async def test_a_bad_priority_or_delay_is_refused_and_queues_nothing(
     with pytest.raises(BadRequest, match=r"priority|delay|not_before"):
         await t.cp.submit("never", **options)  # type: ignore[arg-type]
     assert await t.cp.list_work() == []
+
+
+# --- idempotency keys ---------------------------------------------------------------------
+
+
+async def test_a_second_submit_with_a_key_returns_the_first_item_and_queues_nothing(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    first = await t.cp.submit("build release 1.2", key="release-1.2")
+    assert (first.key, first.duplicate) == ("release-1.2", False)
+    again = await t.cp.submit("a different prompt", key="release-1.2", priority=9)
+    assert again.duplicate
+    assert (again.id, again.data, again.priority) == (first.id, first.data, 0)
+    other = await t.cp.submit("build release 1.3", key="release-1.3")
+    assert other.id != first.id and not other.duplicate
+    unkeyed = [await t.cp.submit("no key"), await t.cp.submit("no key")]
+    assert unkeyed[0].id != unkeyed[1].id
+    assert len(await t.cp.list_work()) == 4
+    # The key holds whatever became of the first item, stopped included.
+    await t.cp.request_stop(first.id)
+    still = await t.cp.submit("build release 1.2", key="release-1.2")
+    assert (still.id, still.state, still.duplicate) == (first.id, WorkState.STOPPED, True)
+    assert len(await t.cp.list_work()) == 4
+
+
+@pytest.mark.parametrize("key", ["", "   ", "k" * 201], ids=["empty", "blank", "too-long"])
+async def test_a_bad_key_is_refused_and_queues_nothing(
+    control_plane: ConformanceTarget, key: str
+) -> None:
+    t = control_plane
+    with pytest.raises(BadRequest, match="key"):
+        await t.cp.submit("never", key=key)
+    assert await t.cp.list_work() == []

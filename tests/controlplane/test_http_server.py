@@ -915,3 +915,17 @@ async def test_the_http_client_polls_and_acks_anonymously(url: str) -> None:
         second = await cp.submit("named at ack")
         assert (await cp.poll()) is not None
         assert (await cp.ack(second.id, worker_id="w-c")).worker_id == "w-c"
+
+
+async def test_a_submit_with_a_used_key_answers_200_with_the_first_item_not_201(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"data": {"prompt": "p"}, "key": "deploy-42"}
+    created = await client.post(ENV + "/work", json=body)
+    assert created.status_code == 201
+    again = await client.post(ENV + "/work", json={**body, "data": {"prompt": "other"}})
+    assert again.status_code == 200
+    assert again.json()["id"] == created.json()["id"]
+    assert again.json()["key"] == "deploy-42"
+    listed = await client.get(ENV + "/work")
+    assert [item["id"] for item in listed.json()["data"]] == [created.json()["id"]]

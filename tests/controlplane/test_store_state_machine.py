@@ -269,6 +269,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
         self.store = self.open_store(self._stack, POLICY)
         self.now = 1_000_000.0
         self.items: list[ModelItem] = []
+        self.keys: dict[str, str] = {}  # idempotency key -> the item it names
         self.seen_attempts: dict[str, int] = {}
         # item id -> worker -> end of the lease that worker was granted (the safety check)
         self.leases: dict[str, dict[str, float]] = {}
@@ -331,6 +332,18 @@ class WorkStoreMachine(RuleBasedStateMachine):
                 id=stored.id, created=len(self.items), priority=priority, not_before=not_before
             )
         )
+
+    @rule(key=st.sampled_from(["k1", "k2", "k3"]))
+    def submit_with_key(self, key: str) -> None:
+        """A keyed submit: a key already used returns its item and queues nothing."""
+        stored = self.store.submit(ENV, f"prompt {len(self.items)}", now=self.now, key=key)
+        first = self.keys.get(key)
+        if first is not None:
+            assert (stored.id, stored.duplicate) == (first, True)
+            return
+        assert not stored.duplicate and stored.key == key
+        self.keys[key] = stored.id
+        self.items.append(ModelItem(id=stored.id, created=len(self.items)))
 
     @rule(worker=st.sampled_from(WORKERS))
     def poll(self, worker: str) -> None:

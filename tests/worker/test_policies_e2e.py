@@ -152,3 +152,18 @@ async def test_a_delayed_item_waits_for_its_time_while_others_run(
         nursery.cancel_scope.cancel()
     assert claimed_at["now"] - start < 5.0
     assert claimed_at["later"] - start >= 120.0
+
+
+@pytest.mark.slow
+def test_threaded_worker_handles_of_one_key_follow_the_same_item(
+    tmp_path: Path, config: Callable[..., WorkerConfig]
+) -> None:
+    ok = " ".join([sys.executable, str(AGENTS / "ok.py"), "{prompt}"])
+    with ThreadedWorker(config(agent=ok)) as worker:
+        first = worker.submit("nightly report", key="report-2030-01-01")
+        second = worker.submit("nightly report, again", key="report-2030-01-01")
+        # The handles submit concurrently: whichever came first made the one item.
+        outcome = first.result(timeout=60)
+        assert outcome.result in ("done: nightly report", "done: nightly report, again")
+        assert second.result(timeout=60) == outcome
+    assert first.item_id is not None and first.item_id == second.item_id

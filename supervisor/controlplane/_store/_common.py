@@ -206,13 +206,27 @@ def new_id(prefix: str) -> str:
 ITEM_COLUMNS: Final = (
     "id, environment_id, state, session_id, prompt, metadata, attempts, worker_id, created_at, "
     "acknowledged_at, started_at, latest_heartbeat_at, stop_requested_at, stopped_at, outcome, "
-    "retry_policy, history, not_before, dead, priority"
+    "retry_policy, history, not_before, dead, priority, idem_key"
 )
 
 #: Priorities an item may have (higher first), and the longest delay at submit (30 days).
 MIN_PRIORITY: Final = -1000
 MAX_PRIORITY: Final = 1000
 MAX_DELAY: Final = 30 * 86_400.0
+
+
+#: The longest idempotency key (characters).
+MAX_KEY: Final = 200
+
+
+def check_key(key: str | None) -> str | None:
+    """An idempotency key: 1 to 200 characters of text (`BadRequest` otherwise)."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+        raise BadRequest(f"key must be a string of 1 to {MAX_KEY} characters")
+    check_text("key", key)
+    return key
 
 
 def check_schedule(priority: int, delay: float | None, not_before: float | None) -> None:
@@ -333,6 +347,7 @@ def item_from_row(row: Row, *, secret: str | None = None) -> WorkItem:
         not_before=row["not_before"],
         dead=bool(row["dead"]),
         priority=row["priority"],
+        key=row["idem_key"],
     )
 
 

@@ -37,6 +37,8 @@ import random
 import secrets
 from collections.abc import Mapping
 
+import attrs
+
 from .._exceptions import BadRequest, Conflict, NotFound
 from .._models import (
     NO_HEARTBEAT,
@@ -58,6 +60,7 @@ from ._common import (
     check_enum,
     check_id,
     check_int,
+    check_key,
     check_metadata,
     check_retry,
     check_schedule,
@@ -71,6 +74,7 @@ from ._common import (
     retry_to_json,
 )
 from ._core import StoreCore
+from ._sql import Transaction
 
 _REQUEUE = (
     "state = 'queued', attempts = ?, worker_id = NULL, token = NULL, secret_hash = NULL, "
@@ -138,8 +142,14 @@ class ItemRecords(StoreCore):
         priority: int = 0,
         delay: float | None = None,
         not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
         """Queue a new session work item; the environment is created on first use.
+
+        ``key`` makes the submit idempotent: when an item of this environment
+        already has it, that item is returned (``duplicate=True``) and nothing
+        is queued, whatever its state. Two concurrent submits of one key queue
+        one item (a unique index arbitrates; the loser reads the winner's).
 
         ``priority``: higher is claimed first, FIFO within one priority.
         ``delay`` (seconds from now, on the store's clock) or ``not_before`` (a
@@ -160,10 +170,15 @@ class ItemRecords(StoreCore):
         meta = json.dumps(check_metadata(metadata), sort_keys=True)
         policy = check_retry(retry)
         check_schedule(priority, delay, not_before)
+        check_key(key)
         work_id = new_id("work")
         session = session_id or new_id("sess")
         with self._committing("submitting work", now) as tx:
             self._ensure_environment(tx, environment_id)
+            if key is not None:
+                first = self._keyed(tx, environment_id, key)
+                if first is not None:
+                    return first
             clash = tx.one(
                 "SELECT id FROM work_items WHERE environment_id = ? AND session_id = ?",
                 (environment_id, session),
@@ -173,10 +188,11 @@ class ItemRecords(StoreCore):
                     f"session {session!r} already exists in environment {environment_id!r} "
                     f"(work item {clash['id']!r})"
                 )
-            tx.execute(
+            inserted = tx.execute(
                 "INSERT INTO work_items (id, environment_id, state, session_id, prompt, "
-                "metadata, created_at, retry_policy, max_attempts, priority, not_before) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                "metadata, created_at, retry_policy, max_attempts, priority, not_before, "
+                "idem_key) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (environment_id, idem_key) WHERE idem_key IS NOT NULL DO NOTHING",
                 (
                     work_id,
                     environment_id,
@@ -188,10 +204,24 @@ class ItemRecords(StoreCore):
                     None if policy is None else policy.max_attempts,
                     priority,
                     tx.now + delay if delay is not None else not_before,
+                    key,
                 ),
-            )
+            ).rowcount
+            if inserted == 0 and key is not None:
+                # Another submit of this key committed between our look and our insert.
+                first = self._keyed(tx, environment_id, key)
+                assert first is not None
+                return first
             tx.announce(environment_id)
             return self._read_item(tx, work_id)
+
+    @staticmethod
+    def _keyed(tx: Transaction, environment_id: str, key: str) -> WorkItem | None:
+        found = tx.one(
+            f"SELECT {ITEM_COLUMNS} FROM work_items WHERE environment_id = ? AND idem_key = ?",
+            (environment_id, key),
+        )
+        return None if found is None else attrs.evolve(item_from_row(found), duplicate=True)
 
     def poll(
         self,

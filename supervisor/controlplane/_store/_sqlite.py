@@ -93,11 +93,14 @@ CREATE TABLE work_items (
     not_before          REAL,
     dead                INTEGER NOT NULL DEFAULT 0,
     priority            INTEGER NOT NULL DEFAULT 0,
+    idem_key            TEXT,
     UNIQUE (environment_id, session_id)
 );
 CREATE INDEX work_items_claim ON work_items (environment_id, state, created_at, seq);
 CREATE INDEX work_items_claim_by_priority
     ON work_items (environment_id, state, priority DESC, created_at, seq);
+CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
+    WHERE idem_key IS NOT NULL;
 CREATE INDEX work_items_lease ON work_items (lease_expires_at)
     WHERE lease_expires_at IS NOT NULL;
 CREATE TABLE pollers (
@@ -159,10 +162,13 @@ _POLICY_COLUMNS: Final = (
     "not_before",
     "dead",
     "priority",
+    "idem_key",
 )
 
 _PRIORITY_INDEX: Final = """CREATE INDEX work_items_claim_by_priority
     ON work_items (environment_id, state, priority DESC, created_at, seq);
+CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
+    WHERE idem_key IS NOT NULL;
 """
 
 #: The schema as version 2 (and, but for its delegations, version 1) created it.
@@ -180,8 +186,11 @@ ALTER TABLE work_items ADD COLUMN history TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE work_items ADD COLUMN not_before REAL;
 ALTER TABLE work_items ADD COLUMN dead INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE work_items ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE work_items ADD COLUMN idem_key TEXT;
 CREATE INDEX work_items_claim_by_priority
     ON work_items (environment_id, state, priority DESC, created_at, seq);
+CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
+    WHERE idem_key IS NOT NULL;
 """
 
 #: Statements that bring a file of each older schema version up to the next one.
