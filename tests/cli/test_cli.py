@@ -626,7 +626,7 @@ async def test_submit_takes_a_priority_and_a_delay_or_a_time_and_refuses_bad_one
 
 
 async def test_a_duplicate_key_returns_the_same_id_from_the_cli_and_from_python(
-    tmp_path: Path,
+    tmp_path: Path, config: Callable[..., WorkerConfig]
 ) -> None:
     first = await cli("submit", "deploy 42", "--key", "deploy-42", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -636,12 +636,11 @@ async def test_a_duplicate_key_returns_the_same_id_from_the_cli_and_from_python(
     assert again.stdout.strip() == item_id
     assert "already used" in again.stderr and "nothing queued" in again.stderr
     # The same key from Python, on the same store: the same item.
-    config = WorkerConfig(
-        state_dir=tmp_path / ".supervisor", api_enabled=False, agent=agent("ok", "{prompt}")
-    )
-    async with open_worker(config) as worker:
-        assert await worker.submit("deploy 42 from python", key="deploy-42") == item_id
-        assert await worker.submit("a new one", key="deploy-43") != item_id
+    settings = config(state_dir=tmp_path / ".supervisor", agent=agent("ok", "{prompt}"))
+    with trio.fail_after(60):
+        async with open_worker(settings) as worker:
+            assert await worker.submit("deploy 42 from python", key="deploy-42") == item_id
+            assert await worker.submit("a new one", key="deploy-43") != item_id
     assert len((await status_json(tmp_path))["items"]) == 2
     bad = await cli("submit", "x", "--key", "", cwd=tmp_path)
     assert bad.returncode == 2 and "key" in bad.stderr
