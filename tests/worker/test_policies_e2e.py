@@ -167,3 +167,15 @@ def test_threaded_worker_handles_of_one_key_follow_the_same_item(
         assert outcome.result in ("done: nightly report", "done: nightly report, again")
         assert second.result(timeout=60) == outcome
     assert first.item_id is not None and first.item_id == second.item_id
+
+
+async def test_a_duplicate_key_returns_the_same_id_from_python(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
+) -> None:
+    ok = " ".join([sys.executable, str(AGENTS / "ok.py"), "{prompt}"])
+    async with open_worker(config(agent=ok), control_plane=plane) as worker:
+        first = await worker.submit("deploy 42", key="deploy-42")
+        assert await worker.submit("deploy 42 again", key="deploy-42") == first
+        assert await worker.submit("deploy 43", key="deploy-43") != first
+        assert (await worker.wait(first)).result == "done: deploy 42"
+    assert len(await plane.list_work()) == 2
