@@ -1,4 +1,4 @@
-"""Command line: ``python -m supervisor [run|submit|status|cancel|serve|demo|delegate] ...``.
+"""Command line: ``python -m supervisor [run|submit|status|cancel|retry|serve|demo|delegate] ...``.
 
 ``python -m supervisor`` with no arguments (or with only options) is ``run``:
 a worker on the embedded control plane in ``./.supervisor/`` with the
@@ -39,9 +39,11 @@ from .._base._exceptions import ConfigError
 from .._base._logging import configure_logging
 from .._tree._exceptions import ChildStartError, RestartIntensityExceeded
 from .._worker._config import DEFAULT_AGENT, WorkerConfig, agent_text
-from ..controlplane._exceptions import Conflict, ControlPlaneError, NotFound
-from ..controlplane._models import WorkItem, WorkState
+from ..controlplane._codec import decode_time
+from ..controlplane._exceptions import BadRequest, Conflict, ControlPlaneError, NotFound
+from ..controlplane._models import RetryPolicy, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
+from ..controlplane._store._common import check_key, check_retry, check_schedule
 from ._common import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE, PROG
 from ._settings import (
     config_from_layers,
@@ -311,6 +313,62 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a metadata entry stored with the item (repeatable)",
     )
+    submit.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        metavar="N",
+        help="higher is claimed first, first in first out within one priority (-1000 to 1000; "
+        "default: %(default)s)",
+    )
+    submit.add_argument(
+        "--key",
+        metavar="KEY",
+        help="idempotency key: if an item of the environment already has it, print that "
+        "item's id and queue nothing",
+    )
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument(
+        "--delay",
+        type=float,
+        metavar="SECONDS",
+        help="do not start it before this many seconds from now",
+    )
+    when.add_argument(
+        "--not-before",
+        metavar="TIME",
+        help="do not start it before this ISO-8601 time (with a zone, e.g. 2030-01-01T09:00:00Z)",
+    )
+    retry = submit.add_argument_group(
+        "retry policy",
+        "A failed session is retried after an exponential backoff with jitter (half to all "
+        "of BACKOFF * 2^(failures - 1), capped by --backoff-max) until --max-attempts "
+        "attempts ran; then the item is stopped in dead letter (status --dead; retry ID "
+        "brings it back). Without any of these flags a failure is final.",
+    )
+    retry.add_argument(
+        "--max-attempts", type=int, metavar="N", help="attempts in all, the first included (1-100)"
+    )
+    retry.add_argument(
+        "--backoff",
+        type=float,
+        metavar="SECONDS",
+        help="the wait before the second attempt; doubled for each further one (default: 1)",
+    )
+    retry.add_argument(
+        "--backoff-max",
+        type=float,
+        metavar="SECONDS",
+        help="the longest single wait (default: 300)",
+    )
+    retry.add_argument(
+        "--no-retry-exit-code",
+        type=int,
+        action="append",
+        default=[],
+        metavar="CODE",
+        help="an agent exit code whose failure is final at once (repeatable)",
+    )
     _add_target_arguments(submit)
 
     status = sub.add_parser(
@@ -334,7 +392,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="show the newest N items, plus any still running (default: %(default)s)",
     )
+    status.add_argument(
+        "--dead",
+        action="store_true",
+        help="list only the dead letter: items stopped out of attempts (oldest first, up to "
+        "--limit); bring one back with retry ID",
+    )
     _add_target_arguments(status)
+
+    retry_cmd = sub.add_parser(
+        "retry",
+        help="put a stopped work item back in the queue",
+        description="Put a stopped item (typically from the dead letter, see status --dead) "
+        "back to queued with fresh attempts. It keeps its id, session, retry policy and "
+        "attempt history.",
+        formatter_class=_Formatter,
+    )
+    retry_cmd.add_argument("id", metavar="ID", help="the work item's id")
+    _add_target_arguments(retry_cmd)
 
     cancel = sub.add_parser(
         "cancel",
@@ -694,13 +769,56 @@ def cli_submit(args: argparse.Namespace) -> int:
         metadata[key.strip()] = value
     if not args.prompt.strip():
         return _error("the prompt is empty: say what the agent should do")
+    policy: RetryPolicy | None = None
+    if (
+        args.max_attempts is not None
+        or args.backoff is not None
+        or args.backoff_max is not None
+        or args.no_retry_exit_code
+    ):
+        defaults = RetryPolicy()
+        policy = RetryPolicy(
+            max_attempts=defaults.max_attempts if args.max_attempts is None else args.max_attempts,
+            backoff=defaults.backoff if args.backoff is None else args.backoff,
+            backoff_max=defaults.backoff_max if args.backoff_max is None else args.backoff_max,
+            non_retryable_exit_codes=tuple(args.no_retry_exit_code),
+        )
+        try:
+            check_retry(policy)
+        except BadRequest as exc:
+            return _error(f"bad retry policy: {exc}")
+    not_before: float | None = None
+    if args.not_before is not None:
+        try:
+            not_before = decode_time(args.not_before, "--not-before")
+        except BadRequest as exc:
+            return _error(str(exc))
+    try:
+        check_schedule(args.priority, args.delay, not_before)
+        check_key(args.key)
+    except BadRequest as exc:
+        return _error(str(exc))
     config = _target_config(args)
 
     async def action() -> int:
         async with _open_target(config) as plane:
-            item = await plane.submit(args.prompt, metadata=metadata)
+            item = await plane.submit(
+                args.prompt,
+                metadata=metadata,
+                retry=policy,
+                priority=args.priority,
+                delay=args.delay,
+                not_before=not_before,
+                key=args.key,
+            )
         print(item.id, flush=True)
-        if sys.stderr.isatty():
+        if item.duplicate:
+            print(
+                f"{PROG}: the key {args.key!r} was already used: that item is "
+                f"{item.state.value}; nothing queued",
+                file=sys.stderr,
+            )
+        elif sys.stderr.isatty():
             _say(f"queued; follow it with: {PROG} status{_target_flags(args)}")
         return EXIT_OK
 
@@ -745,6 +863,25 @@ def cli_cancel(args: argparse.Namespace) -> int:
     return _run_one_shot(action)
 
 
+def cli_retry(args: argparse.Namespace) -> int:
+    """``retry``: put a stopped item back in the queue with fresh attempts."""
+    config = _target_config(args)
+    if _store_missing(config):
+        return _error(f"no work item {args.id!r}: {config.state_dir} holds no control plane yet")
+
+    async def action() -> int:
+        async with _open_target(config) as plane:
+            try:
+                item = await plane.retry(args.id)
+            except Conflict:
+                item = await plane.get(args.id)
+                return _error(f"{item.id} is {item.state.value}, not stopped: nothing to retry")
+        print(f"{item.id}: queued again with fresh attempts")
+        return EXIT_OK
+
+    return _run_one_shot(action)
+
+
 # --------------------------------------------------------------------------- status
 
 
@@ -765,6 +902,21 @@ def _item_entry(item: WorkItem) -> dict[str, Any]:
             else None
         ),
         "attempts": item.attempts,
+        "dead": item.dead,
+        "priority": item.priority,
+        "key": item.key,
+        "not_before": item.not_before,
+        "history": [
+            {
+                "attempt": a.attempt,
+                "status": a.outcome.status.value,
+                "exit_code": a.outcome.exit_code,
+                "reason": a.outcome.reason,
+                "ended_at": a.ended_at,
+                "retry_at": a.retry_at,
+            }
+            for a in item.history
+        ],
         "worker_id": item.worker_id,
         "created_at": item.created_at,
         "stopped_at": item.stopped_at,
@@ -876,12 +1028,45 @@ async def _status_document(config: WorkerConfig, limit: int) -> dict[str, Any]:
     return document
 
 
+def _print_dead_letter(config: WorkerConfig, limit: int, *, as_json: bool) -> int:
+    """``status --dead``: the items stopped out of attempts, with their last outcome."""
+    dead: list[WorkItem] = []
+
+    async def action() -> int:
+        if not _store_missing(config):
+            async with _open_target(config) as plane:
+                dead.extend(await plane.list_work(dead=True, limit=limit))
+        return EXIT_OK
+
+    code = _run_one_shot(action)
+    if code != EXIT_OK:
+        return code
+    if as_json:
+        print(json.dumps({"dead": [_item_entry(item) for item in dead]}, indent=2))
+        return EXIT_OK
+    if not dead:
+        print("dead letter: empty")
+        return EXIT_OK
+    print(f"dead letter: {len(dead)} item(s); bring one back with: {PROG} retry ID")
+    for item in dead:
+        outcome = item.outcome
+        last = "no outcome" if outcome is None else outcome.status.value
+        if outcome is not None and outcome.exit_code is not None:
+            last += f" (exit {outcome.exit_code})"
+        if outcome is not None and outcome.reason:
+            last += f": {outcome.reason[:80]}"
+        print(f"  {item.id}  {item.attempts} attempt(s)  {last}")
+    return EXIT_OK
+
+
 def cli_status(args: argparse.Namespace) -> int:
     """``status``: the live tree (from the worker's API) and the control plane's view."""
     if args.limit < 1:
         return _error(f"--limit must be at least 1, got {args.limit}")
     config = _target_config(args)
     limit = min(args.limit, 1000)
+    if args.dead:
+        return _print_dead_letter(config, limit, as_json=args.json)
     document: dict[str, Any] = {}
 
     async def action() -> int:
@@ -951,6 +1136,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cli_submit,
     "status": cli_status,
     "cancel": cli_cancel,
+    "retry": cli_retry,
     "serve": cli_serve,
     "migrate": cli_migrate,
     "demo": cli_demo,

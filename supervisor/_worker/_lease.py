@@ -195,6 +195,9 @@ class Lease:
     outcome: Outcome | None = attrs.field(default=None, repr=False)
     #: Whether the final stop (or requeue) carrying ``outcome`` was accepted.
     reported: bool = False
+    #: Whether the control plane answered that stop by queueing the item again
+    #: (its retry policy): ``outcome`` is then one attempt's, not the item's.
+    retried: bool = False
     _on_stop: list[trio.CancelScope] = attrs.field(factory=list, init=False, repr=False)
     _on_renew: list[Callable[[], None]] = attrs.field(factory=list, init=False, repr=False)
 
@@ -601,12 +604,13 @@ class LeaseKeeper:
                     self.work_id, expected_last_heartbeat=lease.token, outcome=outcome
                 )
             else:
-                await self.control_plane.stop(
+                answer = await self.control_plane.stop(
                     self.work_id,
                     force=True,
                     expected_last_heartbeat=lease.token,
                     outcome=outcome,
                 )
+                lease.retried = answer.state is not WorkState.STOPPED
             lease.reported = True
         except Conflict:
             logger.debug("work item %s was already stopped", self.work_id)
@@ -629,6 +633,12 @@ class LeaseKeeper:
             if requeue:
                 logger.info(
                     "work item %s given back for another try (%s)", self.work_id, outcome.status
+                )
+            elif lease.retried:
+                logger.info(
+                    "work item %s ended %s; its retry policy queues it again",
+                    self.work_id,
+                    outcome.status,
                 )
             else:
                 logger.debug("work item %s stopped with outcome %s", self.work_id, outcome.status)

@@ -28,7 +28,7 @@ import trio
 from .._base._exceptions import SupervisorError
 from .._base._groups import collapse_group
 from .._base._lane import Offload
-from ..controlplane._models import Outcome, OutcomeStatus
+from ..controlplane._models import Outcome, OutcomeStatus, RetryPolicy
 from ..controlplane._protocol import ControlPlane
 from ._agent import AgentFunction, AgentSpec
 from ._config import WorkerConfig
@@ -60,10 +60,21 @@ class WorkCancelled(SupervisorError):
 class WorkHandle:
     """The host's view of one submitted session. Thread-safe."""
 
-    def __init__(self, owner: ThreadedWorker, prompt: str, metadata: dict[str, str]) -> None:
+    def __init__(
+        self,
+        owner: ThreadedWorker,
+        prompt: str,
+        metadata: dict[str, str],
+        retry: RetryPolicy | None = None,
+        schedule: tuple[int, float | None, float | None] = (0, None, None),
+        key: str | None = None,
+    ) -> None:
         self._owner = owner
         self.prompt = prompt
         self.metadata = metadata
+        self.retry = retry
+        self.priority, self.delay, self.not_before = schedule
+        self.key = key
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._item_id: str | None = None
@@ -271,9 +282,25 @@ class ThreadedWorker:
 
     # --- work -----------------------------------------------------------------
 
-    def submit(self, prompt: str, **metadata: str) -> WorkHandle:
-        """Queue a session; returns its handle at once (never blocks)."""
-        handle = WorkHandle(self, prompt, dict(metadata))
+    def submit(
+        self,
+        prompt: str,
+        *,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        key: str | None = None,
+        **metadata: str,
+    ) -> WorkHandle:
+        """Queue a session; returns its handle at once (never blocks).
+
+        ``retry`` retries failed sessions with backoff (see `RetryPolicy`); the
+        handle resolves with the item's final outcome, not an attempt's.
+        ``priority``, ``delay``, ``not_before`` and ``key`` as for `Worker.submit`
+        (a handle of a key already used follows the first item).
+        """
+        handle = WorkHandle(self, prompt, dict(metadata), retry, (priority, delay, not_before), key)
         if not self.running:
             handle._fail(WorkCancelled("the worker is not running"))
             return handle
@@ -327,7 +354,15 @@ class ThreadedWorker:
                 handle._scope = scope
                 if handle._cancel_requested:
                     scope.cancel()
-                item_id = await worker.submit(handle.prompt, **handle.metadata)
+                item_id = await worker.submit(
+                    handle.prompt,
+                    retry=handle.retry,
+                    priority=handle.priority,
+                    delay=handle.delay,
+                    not_before=handle.not_before,
+                    key=handle.key,
+                    **handle.metadata,
+                )
                 handle._item_id = item_id
                 outcome = await worker.wait(item_id)
                 if outcome.status is OutcomeStatus.CANCELLED:

@@ -40,7 +40,7 @@ from .._tree._exceptions import ChildStartError
 from .._tree._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from .._tree._supervisor import Supervisor
 from ..controlplane._exceptions import ControlPlaneError
-from ..controlplane._models import Outcome, OutcomeStatus, WorkItem, WorkState
+from ..controlplane._models import Outcome, OutcomeStatus, RetryPolicy, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
 from ..controlplane._session_client import SessionCredentials, session_location
 from ._agent import AgentFunction, AgentRunner, AgentSpec, EnvPolicy
@@ -599,10 +599,50 @@ class Worker:
 
     # ------------------------------------------------------------ public API
 
-    async def submit(self, prompt: str, **metadata: str) -> str:
-        """Queue a session on this worker's control plane; returns the new item's id."""
-        item = await self.control_plane.submit(prompt, metadata=metadata)
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        key: str | None = None,
+        **metadata: str,
+    ) -> str:
+        """Queue a session on this worker's control plane; returns the new item's id.
+
+        ``retry`` makes its failed sessions retry with exponential backoff, then
+        land in dead letter (DESIGN §4.2; see `RetryPolicy`). ``priority``:
+        higher is claimed first (FIFO within one); ``delay`` (seconds) or
+        ``not_before`` (POSIX time): not claimed before then. ``key``: a key
+        already used in the environment returns that item's id, queueing nothing.
+        """
+        item = await self.control_plane.submit(
+            prompt,
+            metadata=metadata,
+            retry=retry,
+            priority=priority,
+            delay=delay,
+            not_before=not_before,
+            key=key,
+        )
         return item.id
+
+    async def retry(self, item_id: str) -> WorkItem:
+        """Put a stopped item (out of dead letter) back in the queue with fresh attempts.
+
+        The outcome this worker kept of the item's last run is forgotten, so
+        `wait` follows the new attempts instead of answering with the old end.
+        """
+        item = await self.control_plane.retry(item_id)
+        if self._runner is not None:
+            record = self._runner.records.get(item_id)
+            if record is not None and record.done.is_set():
+                del self._runner.records[item_id]
+                if self._runner.by_session.get(record.session_id) is record:
+                    del self._runner.by_session[record.session_id]
+        return item
 
     async def wait(self, item_id: str, *, poll_interval: float = 0.5) -> Outcome:
         """Wait for an item to end; returns its outcome.
@@ -717,7 +757,7 @@ def _no_secret() -> None:
 def _final(record: SessionRecord) -> bool:
     """Whether a finished session's own outcome is the item's final one."""
     outcome, lease = record.outcome, record.lease
-    if outcome is None or lease is None or not lease.reported:
+    if outcome is None or lease is None or not lease.reported or lease.retried:
         return False
     return outcome.status not in REQUEUE_OUTCOMES and outcome.status is not OutcomeStatus.LEASE_LOST
 

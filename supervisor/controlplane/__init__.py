@@ -28,12 +28,14 @@ from ._exceptions import (
 from ._keys import FileKey as FileKey, KeyProvider as KeyProvider, StaticKey as StaticKey
 from ._models import (
     NO_HEARTBEAT as NO_HEARTBEAT,
+    Attempt as Attempt,
     Delegation as Delegation,
     DelegationStatus as DelegationStatus,
     HeartbeatResult as HeartbeatResult,
     Outcome as Outcome,
     OutcomeStatus as OutcomeStatus,
     PresenceReport as PresenceReport,
+    RetryPolicy as RetryPolicy,
     SessionData as SessionData,
     SessionMessage as SessionMessage,
     WorkerRecord as WorkerRecord,
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     # The protocol every control plane implements, and the records it exchanges.
+    "Attempt",
     "ControlPlane",
     "Delegation",
     "DelegationStatus",
@@ -66,6 +69,7 @@ __all__ = [
     "Outcome",
     "OutcomeStatus",
     "PresenceReport",
+    "RetryPolicy",
     "SessionData",
     "SessionMessage",
     "WorkItem",

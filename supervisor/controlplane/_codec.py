@@ -31,12 +31,14 @@ import attrs
 
 from ._exceptions import BadRequest
 from ._models import (
+    Attempt,
     Delegation,
     DelegationStatus,
     HeartbeatResult,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    RetryPolicy,
     SessionData,
     SessionMessage,
     WorkerRecord,
@@ -419,6 +421,72 @@ def decode_outcome(value: object, where: str = "outcome") -> Outcome:
     return _read_outcome(_Fields(value, where))
 
 
+def encode_retry_policy(policy: RetryPolicy) -> dict[str, JSON]:
+    return {
+        "max_attempts": policy.max_attempts,
+        "backoff_seconds": policy.backoff,
+        "backoff_max_seconds": policy.backoff_max,
+        "non_retryable_exit_codes": list(policy.non_retryable_exit_codes),
+    }
+
+
+def _read_retry_policy(fields: _Fields) -> RetryPolicy:
+    codes = fields.raw("non_retryable_exit_codes")
+    if codes is None:
+        codes = []
+    if not isinstance(codes, list) or not all(
+        isinstance(code, int) and not isinstance(code, bool) for code in codes
+    ):
+        raise BadRequest(f"{fields.path('non_retryable_exit_codes')} must be an array of integers")
+    policy = RetryPolicy(
+        max_attempts=fields.req_int("max_attempts", minimum=1, default=3),
+        backoff=fields.req_float("backoff_seconds", minimum=0.0, default=1.0),
+        backoff_max=fields.req_float("backoff_max_seconds", minimum=0.0, default=300.0),
+        non_retryable_exit_codes=tuple(codes),
+    )
+    fields.done()
+    return policy
+
+
+def encode_attempt(attempt: Attempt) -> dict[str, JSON]:
+    return {
+        "attempt": attempt.attempt,
+        "worker_id": attempt.worker_id,
+        "started_at": _time_or_none(attempt.started_at),
+        "ended_at": encode_time(attempt.ended_at),
+        "outcome": encode_outcome(attempt.outcome),
+        "retry_at": _time_or_none(attempt.retry_at),
+    }
+
+
+def _decode_history(fields: _Fields) -> tuple[Attempt, ...]:
+    raw = fields.raw("history")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise fields._wrong("history", "an array", raw)
+    attempts = []
+    for index, entry in enumerate(raw):
+        one = _Fields(entry, fields.path(f"history[{index}]"))
+        outcome = one.obj("outcome")
+        if outcome is None:
+            raise BadRequest(f"{one.path('outcome')} is required")
+        ended = one.opt_time("ended_at")
+        if ended is None:
+            raise BadRequest(f"{one.path('ended_at')} is required")
+        attempts.append(
+            Attempt(
+                attempt=one.req_int("attempt", minimum=1),
+                worker_id=one.opt_str("worker_id"),
+                started_at=one.opt_time("started_at"),
+                ended_at=ended,
+                outcome=_read_outcome(outcome),
+                retry_at=one.opt_time("retry_at"),
+            )
+        )
+    return tuple(attempts)
+
+
 def encode_work_item(item: WorkItem) -> dict[str, JSON]:
     """The item's wire form; ``secret`` only appears when the item carries one (poll)."""
     body: dict[str, JSON] = {
@@ -437,6 +505,12 @@ def encode_work_item(item: WorkItem) -> dict[str, JSON]:
         "stop_requested_at": _time_or_none(item.stop_requested_at),
         "stopped_at": _time_or_none(item.stopped_at),
         "outcome": None if item.outcome is None else encode_outcome(item.outcome),
+        "retry": None if item.retry is None else encode_retry_policy(item.retry),
+        "history": [encode_attempt(attempt) for attempt in item.history],
+        "not_before": _time_or_none(item.not_before),
+        "dead": item.dead,
+        "priority": item.priority,
+        "key": item.key,
     }
     if item.secret is not None:
         body["secret"] = item.secret
@@ -449,6 +523,7 @@ def decode_work_item(value: object, where: str = "") -> WorkItem:
     if data is None:
         raise BadRequest(f"{fields.path('data')} is required")
     outcome = fields.obj("outcome")
+    retry = fields.obj("retry")
     return WorkItem(
         id=fields.req_str("id"),
         environment_id=fields.req_str("environment_id"),
@@ -470,6 +545,12 @@ def decode_work_item(value: object, where: str = "") -> WorkItem:
         outcome=None if outcome is None else _read_outcome(outcome),
         secret=fields.opt_str("secret"),
         type=fields.opt_str("type") or "work",
+        retry=None if retry is None else _read_retry_policy(retry),
+        history=_decode_history(fields),
+        not_before=fields.opt_time("not_before"),
+        dead=fields.flag("dead", default=False),
+        priority=fields.req_int("priority", default=0),
+        key=fields.opt_str("key"),
     )
 
 
@@ -659,18 +740,34 @@ def decode_list(value: object, decode: Callable[[object, str], _T]) -> list[_T]:
 
 @attrs.frozen
 class SubmitRequest:
-    """``POST /work``: ``{"data": {"type": "session", "id"?, "prompt"}, "metadata"?}``."""
+    """``POST /work``: ``{"data": {"type": "session", "id"?, "prompt"}, "metadata"?, "retry"?}``."""
 
     prompt: str
     session_id: str | None = None
     metadata: Mapping[str, str] = attrs.field(factory=dict)
+    retry: RetryPolicy | None = None
+    priority: int = 0
+    delay: float | None = None
+    not_before: float | None = None
+    key: str | None = None
 
 
 def encode_submit_request(request: SubmitRequest) -> dict[str, JSON]:
     data: dict[str, JSON] = {"type": "session", "prompt": request.prompt}
     if request.session_id is not None:
         data["id"] = request.session_id
-    return {"data": data, "metadata": dict(request.metadata)}
+    body: dict[str, JSON] = {"data": data, "metadata": dict(request.metadata)}
+    if request.retry is not None:
+        body["retry"] = encode_retry_policy(request.retry)
+    if request.priority:
+        body["priority"] = request.priority
+    if request.delay is not None:
+        body["delay_seconds"] = request.delay
+    if request.not_before is not None:
+        body["not_before"] = encode_time(request.not_before)
+    if request.key is not None:
+        body["key"] = request.key
+    return body
 
 
 def decode_submit_request(value: object) -> SubmitRequest:
@@ -685,7 +782,14 @@ def decode_submit_request(value: object) -> SubmitRequest:
         prompt=data.req_str("prompt"),
         session_id=data.opt_str("id", non_empty=True),
         metadata=fields.str_map("metadata"),
+        priority=fields.req_int("priority", default=0),
+        delay=fields.opt_float("delay_seconds", minimum=0.0),
+        not_before=fields.opt_time("not_before"),
+        key=fields.opt_str("key", non_empty=True),
     )
+    retry = fields.obj("retry")
+    if retry is not None:
+        request = attrs.evolve(request, retry=_read_retry_policy(retry))
     data.done()
     fields.done()
     return request

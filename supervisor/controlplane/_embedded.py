@@ -49,6 +49,7 @@ from ._models import (
     HeartbeatResult,
     Outcome,
     PresenceReport,
+    RetryPolicy,
     SessionMessage,
     WorkerRecord,
     WorkItem,
@@ -200,6 +201,11 @@ class EmbeddedControlPlane:
         *,
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
         return await self._run(
             self._store.submit,
@@ -208,6 +214,11 @@ class EmbeddedControlPlane:
             now=self._clock(),
             session_id=session_id,
             metadata=metadata,
+            retry=retry,
+            priority=priority,
+            delay=delay,
+            not_before=not_before,
+            key=key,
         )
 
     async def poll(
@@ -310,11 +321,19 @@ class EmbeddedControlPlane:
             self._store.request_stop, self._environment_id, work_id, now=self._clock()
         )
 
+    async def retry(self, work_id: str) -> WorkItem:
+        return await self._run(self._store.retry, self._environment_id, work_id, now=self._clock())
+
     async def get(self, work_id: str) -> WorkItem:
         return await self._run(self._store.get, self._environment_id, work_id, now=self._clock())
 
     async def list_work(
-        self, *, state: WorkState | None = None, limit: int = 100, page: int = 0
+        self,
+        *,
+        state: WorkState | None = None,
+        limit: int = 100,
+        page: int = 0,
+        dead: bool = False,
     ) -> Sequence[WorkItem]:
         return await self._run(
             self._store.list_work,
@@ -323,6 +342,7 @@ class EmbeddedControlPlane:
             state=state,
             limit=limit,
             page=page,
+            dead=dead,
         )
 
     async def stats(self) -> WorkStats:

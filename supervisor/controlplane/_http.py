@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Final, Self, TypeVar
 from urllib.parse import quote
 
+import attrs
 import httpx
 import trio
 
@@ -53,12 +54,14 @@ from ._models import (
     HeartbeatResult,
     Outcome,
     PresenceReport,
+    RetryPolicy,
     SessionMessage,
     WorkerRecord,
     WorkItem,
     WorkState,
     WorkStats,
 )
+from ._store._common import check_key, check_retry, check_schedule
 from ._text import check_text
 
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
@@ -392,6 +395,7 @@ class HttpControlPlane:
         params: Mapping[str, str] | None = None,
         body: codec.JSON | None = None,
         seconds: float | None = None,
+        statuses: list[int] | None = None,
     ) -> codec.JSON | None:
         """One request with auth, a 401 key re-read, and status translation.
 
@@ -418,6 +422,8 @@ class HttpControlPlane:
             if fresh is not None:
                 response = await self._send(method, what, url, fresh, params, content, limit)
         status = response.status_code
+        if statuses is not None:
+            statuses.append(status)
         if status == 204:
             return None
         if 200 <= status < 300:
@@ -456,10 +462,32 @@ class HttpControlPlane:
         *,
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
-        request = codec.SubmitRequest(prompt, session_id, dict(metadata or {}))
-        answer = await self._call("POST", "/work", body=codec.encode_submit_request(request))
-        return self._decode("submit", answer, codec.decode_work_item)
+        # Refused here as the server would refuse it (a NaN could not even be sent).
+        check_schedule(priority, delay, not_before)
+        check_key(key)
+        request = codec.SubmitRequest(
+            prompt,
+            session_id,
+            dict(metadata or {}),
+            check_retry(retry),
+            priority,
+            delay,
+            not_before,
+            key,
+        )
+        statuses: list[int] = []
+        answer = await self._call(
+            "POST", "/work", body=codec.encode_submit_request(request), statuses=statuses
+        )
+        item = self._decode("submit", answer, codec.decode_work_item)
+        # 200 instead of 201: the key was used already and this is that item.
+        return attrs.evolve(item, duplicate=statuses == [200])
 
     async def poll(
         self,
@@ -539,14 +567,25 @@ class HttpControlPlane:
         answer = await self._call("POST", f"/work/{_segment(work_id, 'work_id')}/request-stop")
         return self._decode("request_stop", answer, codec.decode_work_item)
 
+    async def retry(self, work_id: str) -> WorkItem:
+        answer = await self._call("POST", f"/work/{_segment(work_id, 'work_id')}/retry")
+        return self._decode("retry", answer, codec.decode_work_item)
+
     async def get(self, work_id: str) -> WorkItem:
         answer = await self._call("GET", f"/work/{_segment(work_id, 'work_id')}")
         return self._decode("get", answer, codec.decode_work_item)
 
     async def list_work(
-        self, *, state: WorkState | None = None, limit: int = 100, page: int = 0
+        self,
+        *,
+        state: WorkState | None = None,
+        limit: int = 100,
+        page: int = 0,
+        dead: bool = False,
     ) -> Sequence[WorkItem]:
         params = {"limit": str(limit), "page": str(page)}
+        if dead:
+            params["dead"] = "true"
         if state is not None:
             params["state"] = _enum_value(WorkState, state, "state")
         answer = await self._call("GET", "/work", params=params)

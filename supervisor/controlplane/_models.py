@@ -8,19 +8,21 @@ on the wire they are ISO-8601 UTC strings (see ``_codec``). The fencing token
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
 __all__ = [
     "NO_HEARTBEAT",
+    "Attempt",
     "Delegation",
     "DelegationStatus",
     "HeartbeatResult",
     "Outcome",
     "OutcomeStatus",
     "PresenceReport",
+    "RetryPolicy",
     "SessionData",
     "SessionMessage",
     "WorkItem",
@@ -95,6 +97,60 @@ class Outcome:
     reason: str | None = None
 
 
+def _int_tuple(value: Iterable[int] | None) -> tuple[int, ...]:
+    return tuple(value) if value else ()
+
+
+def _attempt_tuple(value: Iterable[Attempt] | None) -> tuple[Attempt, ...]:
+    return tuple(value) if value else ()
+
+
+@attrs.frozen
+class RetryPolicy:
+    """How a failed session of one item is retried (set at submit, DESIGN §4.2).
+
+    A ``failed`` outcome stopped by its holder puts the item back to ``queued``
+    with ``not_before`` pushed out by an exponential backoff with jitter, until
+    ``max_attempts`` attempts have run; the last failure lands the item in dead
+    letter (``stopped``, ``dead``). ``cancelled``, ``timeout``, ``completed`` and
+    a failure whose exit code is listed in ``non_retryable_exit_codes`` are
+    final at once. The same ``max_attempts`` bounds lease losses and requeues
+    of the item, in place of the environment's default.
+
+    Attributes:
+        max_attempts: attempts in all, the first included (1-100).
+        backoff: seconds before the second attempt; each further one doubles it.
+        backoff_max: the cap on one wait.
+        non_retryable_exit_codes: agent exit codes that mean "do not try again".
+    """
+
+    max_attempts: int = 3
+    backoff: float = 1.0
+    backoff_max: float = 300.0
+    non_retryable_exit_codes: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+
+
+@attrs.frozen
+class Attempt:
+    """One finished attempt of an item, as kept in its ``history``.
+
+    Attributes:
+        attempt: 1 for the first attempt.
+        worker_id: the worker that ran it, if one was bound.
+        started_at: when its lease started (first heartbeat), if it did.
+        ended_at: when its outcome was recorded.
+        outcome: how it ended.
+        retry_at: when the item became claimable again (``None``: it did not retry).
+    """
+
+    attempt: int
+    outcome: Outcome
+    ended_at: float
+    worker_id: str | None = None
+    started_at: float | None = None
+    retry_at: float | None = None
+
+
 @attrs.frozen
 class SessionData:
     """The ``data`` of a session work item."""
@@ -128,6 +184,14 @@ class WorkItem:
     outcome: Outcome | None = None
     secret: str | None = attrs.field(default=None, repr=False)
     type: str = "work"
+    retry: RetryPolicy | None = None
+    history: tuple[Attempt, ...] = attrs.field(default=(), converter=_attempt_tuple)
+    not_before: float | None = None
+    dead: bool = False
+    priority: int = 0
+    key: str | None = None
+    #: Set on the answer to a submit whose ``key`` was already used: this is that item.
+    duplicate: bool = attrs.field(default=False, eq=False)
 
 
 @attrs.frozen

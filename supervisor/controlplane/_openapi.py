@@ -84,6 +84,45 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "reason": _OPT_STR,
         },
     },
+    "RetryPolicy": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "How failed sessions of the item are retried: a 'failed' outcome goes "
+        "back to queued after an exponential backoff with jitter (half to all of "
+        "backoff_seconds * 2^(failures - 1), capped by backoff_max_seconds) until max_attempts "
+        "attempts ran; the last failure puts the item in dead letter. Also bounds lease losses.",
+        "properties": {
+            "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3},
+            "backoff_seconds": {"type": "number", "minimum": 0, "maximum": 86400, "default": 1},
+            "backoff_max_seconds": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 86400,
+                "default": 300,
+            },
+            "non_retryable_exit_codes": {
+                "type": "array",
+                "maxItems": 64,
+                "items": {"type": "integer", "minimum": -255, "maximum": 255},
+                "description": "Agent exit codes whose failure is final at once.",
+            },
+        },
+    },
+    "Attempt": {
+        "type": "object",
+        "required": ["attempt", "ended_at", "outcome"],
+        "properties": {
+            "attempt": {"type": "integer", "minimum": 1},
+            "worker_id": _OPT_STR,
+            "started_at": _TIME,
+            "ended_at": {"type": "string", "format": "date-time"},
+            "outcome": _ref("Outcome"),
+            "retry_at": {
+                **_TIME,
+                "description": "When the item became claimable again; null: it did not retry.",
+            },
+        },
+    },
     "WorkItem": {
         "type": "object",
         "required": ["id", "type", "environment_id", "state", "data", "attempts"],
@@ -103,6 +142,19 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "stop_requested_at": _TIME,
             "stopped_at": _TIME,
             "outcome": _nullable_ref("Outcome"),
+            "retry": _nullable_ref("RetryPolicy"),
+            "history": {
+                "type": "array",
+                "items": _ref("Attempt"),
+                "description": "Every attempt that recorded an outcome, oldest first.",
+            },
+            "not_before": {**_TIME, "description": "Not claimed before this time (a backoff)."},
+            "priority": {"type": "integer", "description": "Higher is claimed first."},
+            "key": {**_OPT_STR, "description": "The idempotency key it was submitted with."},
+            "dead": {
+                "type": "boolean",
+                "description": "Stopped out of attempts (the dead letter); see POST retry.",
+            },
             "secret": {
                 "type": "string",
                 "description": "Session credential; only in the answer to the claiming poll.",
@@ -219,6 +271,33 @@ _SCHEMAS: Final[dict[str, Any]] = {
                 },
             },
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "retry": _ref("RetryPolicy"),
+            "priority": {
+                "type": "integer",
+                "minimum": -1000,
+                "maximum": 1000,
+                "default": 0,
+                "description": "Higher is claimed first; FIFO within one priority.",
+            },
+            "delay_seconds": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 2592000,
+                "description": "Not claimed before this many seconds from now (the server's "
+                "clock). Not with not_before.",
+            },
+            "not_before": {
+                "type": "string",
+                "format": "date-time",
+                "description": "Not claimed before this time. Not with delay_seconds.",
+            },
+            "key": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "description": "Idempotency key: when an item of the environment already has "
+                "it, that item is answered with 200 and nothing is queued.",
+            },
         },
     },
     "AckRequest": {
@@ -379,12 +458,16 @@ _PATHS: Final[dict[str, Any]] = {
         }
     },
     _WORK: {
-        "post": _operation(
-            "submitWork",
-            "Queue a session work item.",
-            "WorkItem",
-            status="201",
-            body="SubmitRequest",
+        "post": _with_response(
+            _operation(
+                "submitWork",
+                "Queue a session work item.",
+                "WorkItem",
+                status="201",
+                body="SubmitRequest",
+            ),
+            "200",
+            "The key was already used in this environment: the item it names; nothing queued.",
         ),
         "get": _operation(
             "listWork",
@@ -402,6 +485,11 @@ _PATHS: Final[dict[str, Any]] = {
                     "Items per page.",
                 ),
                 _query("page", {"type": "integer", "minimum": 0, "default": 0}, "Page number."),
+                _query(
+                    "dead",
+                    {"type": "string", "enum": ["true", "false"], "default": "false"},
+                    "true: only the dead letter (stopped out of attempts).",
+                ),
             ),
         ),
     },
@@ -506,6 +594,15 @@ _PATHS: Final[dict[str, Any]] = {
         "post": _operation(
             "requestStopWork",
             "Operator cancel: the next heartbeat answers state 'stopping'.",
+            "WorkItem",
+            parameters=(_path("work_id"),),
+            errors=("409",),
+        ),
+    },
+    f"{_WORK}/{{work_id}}/retry": {
+        "post": _operation(
+            "retryWork",
+            "Put a stopped item (out of dead letter) back to queued with fresh attempts.",
             "WorkItem",
             parameters=(_path("work_id"),),
             errors=("409",),

@@ -21,6 +21,7 @@ from ._models import (
     HeartbeatResult,
     Outcome,
     PresenceReport,
+    RetryPolicy,
     SessionMessage,
     WorkerRecord,
     WorkItem,
@@ -46,8 +47,20 @@ class ControlPlane(Protocol):
         *,
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
-        """Queue a new session work item (``session_id`` defaults to a fresh id)."""
+        """Queue a new session work item (``session_id`` defaults to a fresh id).
+
+        ``retry`` makes its failed sessions retry with backoff (DESIGN §4.2).
+        ``priority``: higher is claimed first (FIFO within one priority);
+        ``delay`` in seconds or ``not_before`` (POSIX time): not claimed before.
+        ``key``: idempotency; a key already used in the environment returns
+        that item (``duplicate=True``, HTTP 200) instead of queueing another.
+        """
         ...
 
     async def poll(
@@ -112,12 +125,21 @@ class ControlPlane(Protocol):
         """Operator cancel: the next heartbeat answers ``state: stopping``."""
         ...
 
+    async def retry(self, work_id: str) -> WorkItem:
+        """Put a stopped item (typically out of dead letter) back with fresh attempts."""
+        ...
+
     async def get(self, work_id: str) -> WorkItem: ...
 
     async def list_work(
-        self, *, state: WorkState | None = None, limit: int = 100, page: int = 0
+        self,
+        *,
+        state: WorkState | None = None,
+        limit: int = 100,
+        page: int = 0,
+        dead: bool = False,
     ) -> Sequence[WorkItem]:
-        """Items oldest first, ``limit`` per page."""
+        """Items oldest first, ``limit`` per page; ``dead=True``: only the dead letter."""
         ...
 
     async def stats(self) -> WorkStats: ...

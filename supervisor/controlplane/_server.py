@@ -458,8 +458,17 @@ class _App:
     async def submit(self, request: Request, plane: ControlPlane) -> Response:
         _Query(request, ())
         body = codec.decode_submit_request(await self.body(request))
-        item = await plane.submit(body.prompt, session_id=body.session_id, metadata=body.metadata)
-        return _json(codec.encode_work_item(item), 201)
+        item = await plane.submit(
+            body.prompt,
+            session_id=body.session_id,
+            metadata=body.metadata,
+            retry=body.retry,
+            priority=body.priority,
+            delay=body.delay,
+            not_before=body.not_before,
+            key=body.key,
+        )
+        return _json(codec.encode_work_item(item), 200 if item.duplicate else 201)
 
     async def poll(self, request: Request, plane: ControlPlane) -> Response:
         query = _Query(request, ("worker_id", "block_ms", "reclaim_older_than_ms"))
@@ -514,13 +523,21 @@ class _App:
         item = await plane.request_stop(request.path_params["work_id"])
         return _json(codec.encode_work_item(item))
 
+    async def retry(self, request: Request, plane: ControlPlane) -> Response:
+        _Query(request, ())
+        item = await plane.retry(request.path_params["work_id"])
+        return _json(codec.encode_work_item(item))
+
     async def get_work(self, request: Request, plane: ControlPlane) -> Response:
         _Query(request, ())
         item = await plane.get(request.path_params["work_id"])
         return _json(codec.encode_work_item(item))
 
     async def list_work(self, request: Request, plane: ControlPlane) -> Response:
-        query = _Query(request, ("state", "limit", "page"))
+        query = _Query(request, ("state", "limit", "page", "dead"))
+        raw_dead = query.opt_str("dead")
+        if raw_dead not in (None, "", "true", "false"):
+            raise BadRequest("query parameter dead must be true or false")
         raw_state = query.opt_str("state")
         state = None
         if raw_state:
@@ -531,7 +548,7 @@ class _App:
                 raise BadRequest(f"query parameter state must be one of {allowed}") from None
         limit = query.opt_int("limit", default=100, minimum=1, maximum=MAX_PAGE_SIZE) or 100
         page = query.opt_int("page", default=0, minimum=0) or 0
-        items = await plane.list_work(state=state, limit=limit, page=page)
+        items = await plane.list_work(state=state, limit=limit, page=page, dead=raw_dead == "true")
         return _json(codec.encode_list(items, codec.encode_work_item))
 
     async def stats(self, request: Request, plane: ControlPlane) -> Response:
@@ -639,6 +656,7 @@ class _App:
             ("POST", "/work/{work_id}/stop", self.stop),
             ("POST", "/work/{work_id}/requeue", self.requeue),
             ("POST", "/work/{work_id}/request-stop", self.request_stop),
+            ("POST", "/work/{work_id}/retry", self.retry),
             ("GET", "/workers", self.list_workers),
             ("GET", "/workers/{worker_id}", self.get_worker),
             ("DELETE", "/workers/{worker_id}", self.deregister_worker),

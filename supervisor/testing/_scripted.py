@@ -39,6 +39,7 @@ from ..controlplane._models import (
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    RetryPolicy,
     SessionData,
     SessionMessage,
     WorkerRecord,
@@ -337,6 +338,11 @@ class ScriptedControlPlane:
         *,
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
         async with self._recording("submit", prompt=prompt, session_id=session_id) as call:
             n = next(self._ids)
@@ -347,6 +353,9 @@ class ScriptedControlPlane:
                 data=SessionData(id=session_id or f"session-{n}", prompt=prompt),
                 metadata=metadata or {},
                 created_at=trio.current_time(),
+                retry=retry,
+                priority=priority,
+                not_before=not_before if delay is None else trio.current_time() + delay,
             )
             self._records[item.id] = _Record(item)
             self._processed(call)
@@ -548,13 +557,40 @@ class ScriptedControlPlane:
             call.result = item
         return item
 
+    async def retry(self, work_id: str) -> WorkItem:
+        """Put a stopped item back to ``queued`` with fresh attempts (no retry rule here)."""
+        async with self._recording("retry", work_id=work_id) as call:
+            record = self._live_record(work_id)
+            if record.item.state is not WorkState.STOPPED:
+                raise Conflict(f"work item {work_id} is {record.item.state}, not stopped")
+            record.item = attrs.evolve(
+                record.item,
+                state=WorkState.QUEUED,
+                attempts=0,
+                worker_id=None,
+                outcome=None,
+                stopped_at=None,
+                stop_requested_at=None,
+                dead=False,
+            )
+            self._processed(call)
+            call.result = record.item
+        return record.item
+
     async def list_work(
-        self, *, state: WorkState | None = None, limit: int = 100, page: int = 0
+        self,
+        *,
+        state: WorkState | None = None,
+        limit: int = 100,
+        page: int = 0,
+        dead: bool = False,
     ) -> Sequence[WorkItem]:
         async with self._recording("list_work", state=state, limit=limit, page=page) as call:
             self._expire(trio.current_time())
             items = [
-                r.item for r in self._records.values() if state is None or r.item.state is state
+                r.item
+                for r in self._records.values()
+                if (state is None or r.item.state is state) and (not dead or r.item.dead)
             ]
             items = items[page * limit : (page + 1) * limit]
             call.result = items

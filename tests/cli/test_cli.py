@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -540,3 +541,99 @@ async def test_status_json_still_works_after_poisoned_requests(tmp_path: Path) -
             conn.execute("UPDATE work_items SET metadata = ?", ('{"k": "\\udfff"}',))
         document = await status_json(tmp_path, *flags, env=env)
         assert items_by_id(document)[good]["metadata"] == {"k": "\ufffd"}
+
+
+# --- work policies: submit's retry flags, status --dead, retry ---------------------------
+
+
+async def dead_letter(cwd: Path) -> list[dict[str, object]]:
+    done = await cli("status", "--dead", "--json", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    dead: list[dict[str, object]] = json.loads(done.stdout)["dead"]
+    return dead
+
+
+@pytest.mark.slow
+async def test_a_failing_item_lands_in_dead_letter_and_the_retry_command_brings_it_back(
+    tmp_path: Path,
+) -> None:
+    async with running_worker(tmp_path, "--agent", agent("crash")):
+        item_id = await submit(tmp_path, "always fails", "--max-attempts", "2", "--backoff", "0.1")
+        fine = await submit(tmp_path, "fails once, no retry")
+        await wait_status(
+            tmp_path,
+            lambda d: all(
+                items_by_id(d).get(i, {}).get("state") == "stopped" for i in (item_id, fine)
+            ),
+        )
+        dead = await dead_letter(tmp_path)
+        assert [entry["id"] for entry in dead] == [item_id]
+        (entry,) = dead
+        assert entry["dead"] is True and entry["attempts"] == 2
+        assert [h["status"] for h in entry["history"]] == ["failed", "failed"]  # type: ignore[attr-defined]
+        drawn = await cli("status", "--dead", cwd=tmp_path)
+        assert drawn.returncode == 0
+        assert item_id in drawn.stdout and "exit 3" in drawn.stdout
+        assert "retry ID" in drawn.stdout
+        back = await cli("retry", item_id, cwd=tmp_path)
+        assert back.returncode == 0, back.stderr
+        assert f"{item_id}: queued again with fresh attempts" in back.stdout
+        document = await wait_status(
+            tmp_path,
+            lambda d: (
+                len(items_by_id(d)[item_id]["history"]) == 4
+                and items_by_id(d)[item_id]["state"] == "stopped"
+            ),
+        )
+        assert items_by_id(document)[item_id]["dead"] is True
+        # A live item cannot be retried: a clear error, exit 2.
+        live = await cli("retry", "work_nope", cwd=tmp_path)
+        assert live.returncode != 0 and "work_nope" in live.stderr
+
+
+async def test_a_bad_retry_flag_is_refused_with_exit_2_and_queues_nothing(tmp_path: Path) -> None:
+    done = await cli("submit", "x", "--max-attempts", "0", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "max_attempts" in done.stderr
+    done = await cli("submit", "x", "--no-retry-exit-code", "999", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "non_retryable_exit_codes" in done.stderr
+    empty = await cli("status", "--dead", cwd=tmp_path)
+    assert empty.returncode == 0 and "dead letter: empty" in empty.stdout
+
+
+async def test_submit_takes_a_priority_and_a_delay_or_a_time_and_refuses_bad_ones(
+    tmp_path: Path,
+) -> None:
+    before = time.time()
+    urgent = await submit(tmp_path, "urgent", "--priority", "7", "--delay", "600")
+    timed = await submit(tmp_path, "at a time", "--not-before", "2030-01-01T09:00:00Z")
+    items = items_by_id(await status_json(tmp_path))
+    assert items[urgent]["priority"] == 7
+    assert before + 600 <= items[urgent]["not_before"] <= time.time() + 600
+    assert items[timed]["not_before"] == 1893488400.0
+    for flags, word in (
+        (("--priority", "5000"), "priority"),
+        (("--delay", "-1"), "delay"),
+        (("--not-before", "tomorrow"), "--not-before"),
+        (("--delay", "5", "--not-before", "2030-01-01T09:00:00Z"), "not allowed with"),
+    ):
+        done = await cli("submit", "x", *flags, cwd=tmp_path)
+        assert done.returncode == 2, flags
+        assert word in done.stderr, (flags, done.stderr)
+    assert len((await status_json(tmp_path))["items"]) == 2
+
+
+async def test_a_duplicate_key_returns_the_same_id_from_the_cli(tmp_path: Path) -> None:
+    first = await cli("submit", "deploy 42", "--key", "deploy-42", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    item_id = first.stdout.strip()
+    again = await cli("submit", "deploy 42 again", "--key", "deploy-42", cwd=tmp_path)
+    assert again.returncode == 0
+    assert again.stdout.strip() == item_id
+    assert "already used" in again.stderr and "nothing queued" in again.stderr
+    other = await submit(tmp_path, "deploy 43", "--key", "deploy-43")
+    assert other != item_id
+    assert len((await status_json(tmp_path))["items"]) == 2
+    bad = await cli("submit", "x", "--key", "", cwd=tmp_path)
+    assert bad.returncode == 2 and "key" in bad.stderr

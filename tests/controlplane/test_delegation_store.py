@@ -6,14 +6,14 @@ import sqlite3
 from pathlib import Path
 
 from supervisor.controlplane import DelegationStatus, SQLiteStore
-from supervisor.controlplane._store import _SCHEMA, SCHEMA_VERSION
+from supervisor.controlplane._store import SCHEMA_BEFORE_POLICIES, SCHEMA_VERSION
 
 NOW = 1_700_000_000.0
 
 
 def version_one_schema() -> str:
     """The schema as version 1 wrote it: no ``collected_at``, no delegation indexes of v2."""
-    text = _SCHEMA.replace(
+    text = SCHEMA_BEFORE_POLICIES.replace(
         "    completed_at        REAL,\n    collected_at        REAL\n",
         "    completed_at        REAL\n",
     )
@@ -70,7 +70,7 @@ def test_a_version_one_file_is_migrated_and_keeps_its_delegations(tmp_path: Path
         store.close()
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         indexes = {row[1] for row in raw.execute("PRAGMA index_list(delegations)")}
         assert {"delegations_pending", "delegations_uncollected"} <= indexes
     finally:

@@ -266,10 +266,82 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         "unknown-field",
         "POST",
         "/work",
-        {"json": {"data": {"prompt": "p"}, "priority": 1}},
+        {"json": {"data": {"prompt": "p"}, "urgency": 1}},
         400,
         "invalid_request",
-        "unknown field(s): priority",
+        "unknown field(s): urgency",
+    ),
+    (
+        "priority-not-int",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "priority": "high"}},
+        400,
+        "invalid_request",
+        "priority",
+    ),
+    (
+        "priority-out-of-range",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "priority": 10**9}},
+        400,
+        "invalid_request",
+        "priority",
+    ),
+    (
+        "delay-negative",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "delay_seconds": -5}},
+        400,
+        "invalid_request",
+        "delay_seconds",
+    ),
+    (
+        "not-before-not-a-time",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "not_before": "soon"}},
+        400,
+        "invalid_request",
+        "not_before",
+    ),
+    (
+        "retry-zero-attempts",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "retry": {"max_attempts": 0}}},
+        400,
+        "invalid_request",
+        "retry.max_attempts",
+    ),
+    (
+        "retry-unknown-field",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "retry": {"tries": 2}}},
+        400,
+        "invalid_request",
+        "retry.tries",
+    ),
+    (
+        "retry-codes-not-ints",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "retry": {"non_retryable_exit_codes": ["1"]}}},
+        400,
+        "invalid_request",
+        "retry.non_retryable_exit_codes",
+    ),
+    (
+        "dead-not-bool",
+        "GET",
+        "/work?dead=yes",
+        {},
+        400,
+        "invalid_request",
+        "dead",
     ),
     (
         "stop-force-not-bool",
@@ -843,3 +915,17 @@ async def test_the_http_client_polls_and_acks_anonymously(url: str) -> None:
         second = await cp.submit("named at ack")
         assert (await cp.poll()) is not None
         assert (await cp.ack(second.id, worker_id="w-c")).worker_id == "w-c"
+
+
+async def test_a_submit_with_a_used_key_answers_200_with_the_first_item_not_201(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"data": {"prompt": "p"}, "key": "deploy-42"}
+    created = await client.post(ENV + "/work", json=body)
+    assert created.status_code == 201
+    again = await client.post(ENV + "/work", json={**body, "data": {"prompt": "other"}})
+    assert again.status_code == 200
+    assert again.json()["id"] == created.json()["id"]
+    assert again.json()["key"] == "deploy-42"
+    listed = await client.get(ENV + "/work")
+    assert [item["id"] for item in listed.json()["data"]] == [created.json()["id"]]

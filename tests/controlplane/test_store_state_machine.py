@@ -49,6 +49,7 @@ from supervisor.controlplane import (
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    RetryPolicy,
     SQLiteStore,
     StatusPolicy,
     WorkerStatus,
@@ -64,6 +65,8 @@ WORKERS = ("w1", "w2", "w3")
 TTL = 30.0
 POLICY = LeasePolicy(default_ttl=60.0, max_attempts=3, reclaim_older_than_ms=20_000)
 LIVE = ("starting", "active", "stopping")
+#: The retry policies items may be submitted with (step 10 s, doubling, capped at 25 s).
+BACKOFF, BACKOFF_MAX, NON_RETRYABLE = 10.0, 25.0, 2
 # max_examples comes from the loaded profile (tests/conftest.py), so HYPOTHESIS_PROFILE=thorough
 # runs these machines harder.
 MACHINE_SETTINGS = settings(stateful_step_count=40, deadline=None)
@@ -155,6 +158,9 @@ class ServedStore:
     def requeue(self, env: str, work_id: str, *, now: float, **kw: Any) -> Any:
         return self._call(now, self.cp.requeue, work_id, **kw)
 
+    def retry(self, env: str, work_id: str, *, now: float) -> Any:
+        return self._call(now, self.cp.retry, work_id)
+
     def request_stop(self, env: str, work_id: str, *, now: float) -> Any:
         return self._call(now, self.cp.request_stop, work_id)
 
@@ -217,6 +223,15 @@ class ModelItem:
     token: str | None = None
     lease_until: float | None = None
     stale: set[str] = attrs.Factory(set)
+    max_attempts: int | None = None  # the item's retry policy, if it has one
+    not_before: float | None = None
+    dead: bool = False
+    history: int = 0
+    priority: int = 0
+
+    @property
+    def limit(self) -> int:
+        return self.max_attempts or POLICY.max_attempts
 
     def current_token(self) -> str | None:
         """The token the holder would send now, if there is a holder."""
@@ -235,7 +250,8 @@ def model_expire(items: list[ModelItem], now: float) -> None:
                 item.stale.add(item.token)
             item.token = None
             item.lease_until = None
-            if item.state == "stopping" or item.attempts >= POLICY.max_attempts:
+            if item.state == "stopping" or item.attempts >= item.limit:
+                item.dead = item.state != "stopping"
                 item.state = "stopped"
             else:
                 item.state = "queued"
@@ -253,6 +269,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
         self.store = self.open_store(self._stack, POLICY)
         self.now = 1_000_000.0
         self.items: list[ModelItem] = []
+        self.keys: dict[str, str] = {}  # idempotency key -> the item it names
         self.seen_attempts: dict[str, int] = {}
         # item id -> worker -> end of the lease that worker was granted (the safety check)
         self.leases: dict[str, dict[str, float]] = {}
@@ -286,6 +303,48 @@ class WorkStoreMachine(RuleBasedStateMachine):
         assert stored.state is WorkState.QUEUED
         self.items.append(ModelItem(id=stored.id, created=len(self.items)))
 
+    @rule(max_attempts=st.integers(1, 3))
+    def submit_with_retry(self, max_attempts: int) -> None:
+        policy = RetryPolicy(
+            max_attempts=max_attempts,
+            backoff=BACKOFF,
+            backoff_max=BACKOFF_MAX,
+            non_retryable_exit_codes=(NON_RETRYABLE,),
+        )
+        stored = self.store.submit(ENV, f"prompt {len(self.items)}", now=self.now, retry=policy)
+        assert stored.retry == policy
+        self.items.append(
+            ModelItem(id=stored.id, created=len(self.items), max_attempts=max_attempts)
+        )
+
+    @rule(priority=st.integers(-2, 2), delay=st.sampled_from([None, 0.0, 10.0, 45.0]))
+    def submit_with_priority_and_delay(self, priority: int, delay: float | None) -> None:
+        stored = self.store.submit(
+            ENV, f"prompt {len(self.items)}", now=self.now, priority=priority, delay=delay
+        )
+        assert stored.priority == priority
+        not_before = None if delay is None else self.now + delay
+        assert stored.not_before == (
+            None if not_before is None else pytest.approx(not_before, abs=1e-3)
+        )
+        self.items.append(
+            ModelItem(
+                id=stored.id, created=len(self.items), priority=priority, not_before=not_before
+            )
+        )
+
+    @rule(key=st.sampled_from(["k1", "k2", "k3"]))
+    def submit_with_key(self, key: str) -> None:
+        """A keyed submit: a key already used returns its item and queues nothing."""
+        stored = self.store.submit(ENV, f"prompt {len(self.items)}", now=self.now, key=key)
+        first = self.keys.get(key)
+        if first is not None:
+            assert (stored.id, stored.duplicate) == (first, True)
+            return
+        assert not stored.duplicate and stored.key == key
+        self.keys[key] = stored.id
+        self.items.append(ModelItem(id=stored.id, created=len(self.items)))
+
     @rule(worker=st.sampled_from(WORKERS))
     def poll(self, worker: str) -> None:
         self.expire()
@@ -293,9 +352,12 @@ class WorkStoreMachine(RuleBasedStateMachine):
         claimable = [
             i
             for i in self.items
-            if i.state == "queued" and (i.delivered_at is None or i.delivered_at <= cutoff)
+            if i.state == "queued"
+            and (i.delivered_at is None or i.delivered_at <= cutoff)
+            and (i.not_before is None or i.not_before <= self.now)
         ]
-        expected = min(claimable, key=lambda i: i.created) if claimable else None
+        # The highest priority first, then the oldest.
+        expected = min(claimable, key=lambda i: (-i.priority, i.created)) if claimable else None
         got = self.store.poll(ENV, worker_id=worker, now=self.now)
         if expected is None:
             assert got is None
@@ -409,14 +471,25 @@ class WorkStoreMachine(RuleBasedStateMachine):
             self.store.stop(ENV, item.id, expected_last_heartbeat=token, now=self.now)
 
     @precondition(lambda self: self.items)
-    @rule(index=st.integers(0, 100), with_token=st.booleans())
-    def stop(self, index: int, with_token: bool) -> None:
+    @rule(
+        index=st.integers(0, 100),
+        with_token=st.booleans(),
+        outcome=st.sampled_from(
+            [
+                Outcome(OutcomeStatus.COMPLETED),
+                Outcome(OutcomeStatus.FAILED, exit_code=1),
+                Outcome(OutcomeStatus.FAILED, exit_code=NON_RETRYABLE),
+                Outcome(OutcomeStatus.CANCELLED),
+            ]
+        ),
+    )
+    def stop(self, index: int, with_token: bool, outcome: Outcome) -> None:
+        """A stop with an outcome; a retryable failure of a running attempt comes back later."""
         item = self.pick(index)
         self.expire()
         token = item.current_token() if with_token else None
         if with_token and token is None:
             return
-        outcome = Outcome(OutcomeStatus.COMPLETED)
         if item.state == "stopped":
             with pytest.raises(Conflict):
                 self.store.stop(
@@ -426,9 +499,74 @@ class WorkStoreMachine(RuleBasedStateMachine):
         got = self.store.stop(
             ENV, item.id, expected_last_heartbeat=token, outcome=outcome, now=self.now
         )
+        item.history += 1
+        if item.worker is not None and item.state in LIVE:  # the holder's lease ends here
+            self.leases.setdefault(item.id, {})[item.worker] = self.now
+        failed = (
+            outcome.status is OutcomeStatus.FAILED
+            and item.state in ("starting", "active")
+            and item.max_attempts is not None
+            and outcome.exit_code != NON_RETRYABLE
+        )
+        if failed:
+            item.attempts += 1
+        if failed and item.attempts < item.limit:
+            step = min(BACKOFF_MAX, BACKOFF * 2 ** (item.attempts - 1))
+            assert got.not_before is not None
+            assert self.now + step / 2 - 1e-3 <= got.not_before <= self.now + step + 1e-3
+            assert (got.state, got.outcome) == (WorkState.QUEUED, None)
+            if item.token is not None:
+                item.stale.add(item.token)
+            item.token = None
+            item.state = "queued"
+            item.worker = None
+            item.delivered_at = None
+            item.delivered_to = None
+            item.not_before = got.not_before
+            item.lease_until = None
+            return
         assert (got.state, got.outcome) == (WorkState.STOPPED, outcome)
         item.state = "stopped"
+        item.dead = failed
         item.lease_until = None
+
+    @precondition(lambda self: any(i.state in ("starting", "active") for i in self.items))
+    @rule(index=st.integers(0, 100))
+    def fail_a_running_attempt(self, index: int) -> None:
+        """The holder reports a failed session: the case the retry policy is for."""
+        running = [i for i in self.items if i.state in ("starting", "active")]
+        item = running[index % len(running)]
+        self.stop(self.items.index(item), True, Outcome(OutcomeStatus.FAILED, exit_code=1))
+
+    @precondition(lambda self: self.items)
+    @rule(index=st.integers(0, 100))
+    def retry(self, index: int) -> None:
+        """An operator puts an item back: only a stopped one, with fresh attempts."""
+        item = self.pick(index)
+        self.expire()
+        if item.state != "stopped":
+            with pytest.raises(Conflict):
+                self.store.retry(ENV, item.id, now=self.now)
+            return
+        got = self.store.retry(ENV, item.id, now=self.now)
+        assert (got.state, got.attempts, got.dead, got.not_before) == (
+            WorkState.QUEUED,
+            0,
+            False,
+            None,
+        )
+        if item.token is not None:
+            item.stale.add(item.token)
+        item.token = None
+        item.state = "queued"
+        item.attempts = 0
+        item.worker = None
+        item.delivered_at = None
+        item.delivered_to = None
+        item.not_before = None
+        item.dead = False
+        item.lease_until = None
+        self.seen_attempts[item.id] = 0
 
     @precondition(lambda self: self.items)
     @rule(index=st.integers(0, 100))
@@ -455,8 +593,9 @@ class WorkStoreMachine(RuleBasedStateMachine):
         item.lease_until = None
         if item.worker is not None:  # the holder's lease ends here, not at its expiry
             self.leases.setdefault(item.id, {})[item.worker] = self.now
-        if item.state == "stopping" or item.attempts >= POLICY.max_attempts:
+        if item.state == "stopping" or item.attempts >= item.limit:
             # like stop: the holder's token survives (its next beat answers "stopped")
+            item.dead = item.state != "stopping"
             item.state = "stopped"
             assert got.outcome == outcome
         else:
@@ -510,12 +649,20 @@ class WorkStoreMachine(RuleBasedStateMachine):
             got = stored[item.id]
             assert got.state == item.state, item
             assert got.attempts == item.attempts, item
+            assert got.dead == item.dead, item
+            assert len(got.history) == item.history, item
+            if item.state == "queued":
+                assert got.not_before == (
+                    None if item.not_before is None else pytest.approx(item.not_before, abs=1e-3)
+                ), item
             if item.state in LIVE:
                 assert got.worker_id == item.worker
             # attempts only grow
             assert got.attempts >= self.seen_attempts.get(item.id, 0)
             self.seen_attempts[item.id] = got.attempts
-            assert got.attempts <= POLICY.max_attempts
+            assert got.attempts <= item.limit
+        dead = {i.id for i in self.store.list_work(ENV, now=self.now, limit=1000, dead=True)}
+        assert dead == {i.id for i in self.items if i.dead}
 
     @invariant()
     def stats_agree_with_the_model(self) -> None:

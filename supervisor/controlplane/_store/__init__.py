@@ -20,7 +20,12 @@ from ._common import (
     LeasePolicy,
     SubmitListener,
 )
-from ._sqlite import _SCHEMA as _SCHEMA, SCHEMA_VERSION, SQLiteStore  # _SCHEMA: for migration tests
+from ._sqlite import (  # _SCHEMA, SCHEMA_BEFORE_POLICIES: for migration tests
+    _SCHEMA as _SCHEMA,
+    SCHEMA_BEFORE_POLICIES as SCHEMA_BEFORE_POLICIES,
+    SCHEMA_VERSION,
+    SQLiteStore,
+)
 
 __all__ = [
     "DEFAULT_ENVIRONMENT_ID",

@@ -19,11 +19,13 @@ import attrs
 
 from .._exceptions import BadRequest
 from .._models import (
+    Attempt,
     Delegation,
     DelegationStatus,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    RetryPolicy,
     SessionData,
     SessionMessage,
     WorkerRecord,
@@ -203,8 +205,114 @@ def new_id(prefix: str) -> str:
 
 ITEM_COLUMNS: Final = (
     "id, environment_id, state, session_id, prompt, metadata, attempts, worker_id, created_at, "
-    "acknowledged_at, started_at, latest_heartbeat_at, stop_requested_at, stopped_at, outcome"
+    "acknowledged_at, started_at, latest_heartbeat_at, stop_requested_at, stopped_at, outcome, "
+    "retry_policy, history, not_before, dead, priority, idem_key"
 )
+
+#: Priorities an item may have (higher first), and the longest delay at submit (30 days).
+MIN_PRIORITY: Final = -1000
+MAX_PRIORITY: Final = 1000
+MAX_DELAY: Final = 30 * 86_400.0
+
+
+#: The longest idempotency key (characters).
+MAX_KEY: Final = 200
+
+
+def check_key(key: str | None) -> str | None:
+    """An idempotency key: 1 to 200 characters of text (`BadRequest` otherwise)."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+        raise BadRequest(f"key must be a string of 1 to {MAX_KEY} characters")
+    check_text("key", key)
+    return key
+
+
+def check_schedule(priority: int, delay: float | None, not_before: float | None) -> None:
+    """Validate an item's priority and its delay (seconds) or ``not_before`` (POSIX time)."""
+    check_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY)
+    if delay is not None and not_before is not None:
+        raise BadRequest("give a delay or not_before, not both")
+    if delay is not None and (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not math.isfinite(delay)
+        or not 0 <= delay <= MAX_DELAY
+    ):
+        raise BadRequest(f"delay must be a number of seconds in [0, {MAX_DELAY:g}]")
+    if not_before is not None and (
+        isinstance(not_before, bool)
+        or not isinstance(not_before, int | float)
+        or not math.isfinite(not_before)
+        or not 0 <= not_before < 1e11
+    ):
+        raise BadRequest("not_before must be a finite POSIX time")
+
+
+#: The most attempts an item may ask for, and the longest backoff (one day).
+MAX_ATTEMPTS: Final = 100
+MAX_BACKOFF: Final = 86_400.0
+MAX_EXIT_CODES: Final = 64
+
+
+def check_retry(policy: RetryPolicy | None) -> RetryPolicy | None:
+    """Validate a submitter's retry policy (`BadRequest` names the bad field)."""
+    if policy is None:
+        return None
+    if not isinstance(policy, RetryPolicy):
+        raise BadRequest(f"retry must be a RetryPolicy, got {type(policy).__name__}")
+    check_int("retry.max_attempts", policy.max_attempts, 1, MAX_ATTEMPTS)
+    for name, value in (("backoff", policy.backoff), ("backoff_max", policy.backoff_max)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not 0 <= value <= MAX_BACKOFF
+        ):
+            raise BadRequest(f"retry.{name} must be a number of seconds in [0, {MAX_BACKOFF:g}]")
+    if len(policy.non_retryable_exit_codes) > MAX_EXIT_CODES:
+        raise BadRequest(f"retry.non_retryable_exit_codes takes at most {MAX_EXIT_CODES} codes")
+    for code in policy.non_retryable_exit_codes:
+        check_int("retry.non_retryable_exit_codes[]", code, -255, 255)
+    return policy
+
+
+def retry_to_json(policy: RetryPolicy | None) -> str | None:
+    if policy is None:
+        return None
+    return json.dumps(
+        {
+            "max_attempts": policy.max_attempts,
+            "backoff": policy.backoff,
+            "backoff_max": policy.backoff_max,
+            "non_retryable_exit_codes": list(policy.non_retryable_exit_codes),
+        },
+        sort_keys=True,
+    )
+
+
+def retry_from_json(text: str | None) -> RetryPolicy | None:
+    return None if text is None else RetryPolicy(**json.loads(text))
+
+
+def attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt,
+        "outcome": attrs.asdict(attempt.outcome),
+        "ended_at": attempt.ended_at,
+        "worker_id": attempt.worker_id,
+        "started_at": attempt.started_at,
+        "retry_at": attempt.retry_at,
+    }
+
+
+def history_from_json(text: str | None) -> tuple[Attempt, ...]:
+    if not text:
+        return ()
+    return tuple(
+        Attempt(**{**entry, "outcome": Outcome(**entry["outcome"])}) for entry in json.loads(text)
+    )
 
 
 def outcome_to_json(outcome: Outcome) -> str:
@@ -234,6 +342,12 @@ def item_from_row(row: Row, *, secret: str | None = None) -> WorkItem:
         stopped_at=row["stopped_at"],
         outcome=outcome_from_json(row["outcome"]),
         secret=secret,
+        retry=retry_from_json(row["retry_policy"]),
+        history=history_from_json(row["history"]),
+        not_before=row["not_before"],
+        dead=bool(row["dead"]),
+        priority=row["priority"],
+        key=row["idem_key"],
     )
 
 

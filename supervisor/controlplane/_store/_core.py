@@ -222,8 +222,8 @@ class StoreCore:
         tx.execute(
             "UPDATE work_items SET state = 'stopped', attempts = attempts + 1, "
             "stopped_at = lease_expires_at, outcome = ?, token = NULL, secret_hash = NULL, "
-            "lease_expires_at = NULL WHERE lease_expires_at <= ? "
-            "AND state IN ('starting', 'active') AND attempts + 1 >= ?",
+            "lease_expires_at = NULL, dead = 1 WHERE lease_expires_at <= ? "
+            "AND state IN ('starting', 'active') AND attempts + 1 >= COALESCE(max_attempts, ?)",
             (EXPIRED_OUTCOME, now, self.lease_policy.max_attempts),
         )
         self._settle_delegations(tx)

@@ -33,15 +33,20 @@ from __future__ import annotations
 
 import hmac
 import json
+import random
 import secrets
 from collections.abc import Mapping
+
+import attrs
 
 from .._exceptions import BadRequest, Conflict, NotFound
 from .._models import (
     NO_HEARTBEAT,
+    Attempt,
     HeartbeatResult,
     Outcome,
     OutcomeStatus,
+    RetryPolicy,
     WorkItem,
     WorkState,
     WorkStats,
@@ -51,24 +56,70 @@ from ._common import (
     MAX_BLOCK_OR_RECLAIM_MS,
     MAX_LIMIT,
     MAX_PAGE,
+    attempt_to_dict,
     check_enum,
     check_id,
     check_int,
+    check_key,
     check_metadata,
+    check_retry,
+    check_schedule,
     check_text,
     check_ttl,
     hash_secret,
     item_from_row,
     new_id,
     outcome_to_json,
+    retry_from_json,
+    retry_to_json,
 )
 from ._core import StoreCore
+from ._sql import Transaction
 
 _REQUEUE = (
     "state = 'queued', attempts = ?, worker_id = NULL, token = NULL, secret_hash = NULL, "
     "lease_expires_at = NULL, delivered_at = NULL, delivered_to = NULL, acknowledged_at = NULL, "
     "started_at = NULL, latest_heartbeat_at = NULL"
 )
+
+#: Jitter draws; module-level so a test may seed it (the model in the state machine
+#: only relies on the bounds: half to all of the exponential step).
+_JITTER = random.Random()
+
+
+def backoff_delay(policy: RetryPolicy, failed_attempts: int) -> float:
+    """Seconds to wait after the ``failed_attempts``-th failure: exponential, with jitter.
+
+    The step doubles per failure from ``policy.backoff`` up to ``backoff_max``;
+    the wait is drawn uniformly from the upper half of the step ("equal
+    jitter"), so retries of many items failing together spread out while each
+    still waits at least half its step.
+    """
+    step = min(policy.backoff_max, policy.backoff * 2.0 ** max(failed_attempts - 1, 0))
+    return step * (0.5 + 0.5 * _JITTER.random())
+
+
+def _history_with(row: Mapping[str, object], attempt: Attempt) -> str:
+    entries = json.loads(str(row["history"] or "[]"))
+    entries.append(attempt_to_dict(attempt))
+    return json.dumps(entries, sort_keys=True, allow_nan=False)
+
+
+def _attempt(
+    row: Mapping[str, object], outcome: Outcome, now: float, retry_at: float | None
+) -> Attempt:
+    attempts = row["attempts"]
+    assert isinstance(attempts, int)
+    worker = row["worker_id"]
+    started = row["started_at"]
+    return Attempt(
+        attempt=attempts + 1,
+        outcome=outcome,
+        ended_at=now,
+        worker_id=worker if isinstance(worker, str) else None,
+        started_at=float(started) if isinstance(started, int | float) else None,
+        retry_at=retry_at,
+    )
 
 
 def _check_outcome(outcome: Outcome | None) -> None:
@@ -87,8 +138,26 @@ class ItemRecords(StoreCore):
         now: float,
         session_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        not_before: float | None = None,
+        key: str | None = None,
     ) -> WorkItem:
         """Queue a new session work item; the environment is created on first use.
+
+        ``key`` makes the submit idempotent: when an item of this environment
+        already has it, that item is returned (``duplicate=True``) and nothing
+        is queued, whatever its state. Two concurrent submits of one key queue
+        one item (a unique index arbitrates; the loser reads the winner's).
+
+        ``priority``: higher is claimed first, FIFO within one priority.
+        ``delay`` (seconds from now, on the store's clock) or ``not_before`` (a
+        POSIX time): the item is not claimed before then.
+
+        ``retry`` makes failed sessions of this item retry (see `RetryPolicy`);
+        without it a failure is final and lease losses are bounded by the
+        environment's ``max_attempts``.
 
         Raises:
             BadRequest: empty prompt, malformed ids or metadata.
@@ -99,10 +168,17 @@ class ItemRecords(StoreCore):
         if session_id is not None:
             check_id("session_id", session_id)
         meta = json.dumps(check_metadata(metadata), sort_keys=True)
+        policy = check_retry(retry)
+        check_schedule(priority, delay, not_before)
+        check_key(key)
         work_id = new_id("work")
         session = session_id or new_id("sess")
         with self._committing("submitting work", now) as tx:
             self._ensure_environment(tx, environment_id)
+            if key is not None:
+                first = self._keyed(tx, environment_id, key)
+                if first is not None:
+                    return first
             clash = tx.one(
                 "SELECT id FROM work_items WHERE environment_id = ? AND session_id = ?",
                 (environment_id, session),
@@ -112,13 +188,40 @@ class ItemRecords(StoreCore):
                     f"session {session!r} already exists in environment {environment_id!r} "
                     f"(work item {clash['id']!r})"
                 )
-            tx.execute(
+            inserted = tx.execute(
                 "INSERT INTO work_items (id, environment_id, state, session_id, prompt, "
-                "metadata, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                (work_id, environment_id, session, prompt, meta, tx.now),
-            )
+                "metadata, created_at, retry_policy, max_attempts, priority, not_before, "
+                "idem_key) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (environment_id, idem_key) WHERE idem_key IS NOT NULL DO NOTHING",
+                (
+                    work_id,
+                    environment_id,
+                    session,
+                    prompt,
+                    meta,
+                    tx.now,
+                    retry_to_json(policy),
+                    None if policy is None else policy.max_attempts,
+                    priority,
+                    tx.now + delay if delay is not None else not_before,
+                    key,
+                ),
+            ).rowcount
+            if inserted == 0 and key is not None:
+                # Another submit of this key committed between our look and our insert.
+                first = self._keyed(tx, environment_id, key)
+                assert first is not None
+                return first
             tx.announce(environment_id)
             return self._read_item(tx, work_id)
+
+    @staticmethod
+    def _keyed(tx: Transaction, environment_id: str, key: str) -> WorkItem | None:
+        found = tx.one(
+            f"SELECT {ITEM_COLUMNS} FROM work_items WHERE environment_id = ? AND idem_key = ?",
+            (environment_id, key),
+        )
+        return None if found is None else attrs.evolve(item_from_row(found), duplicate=True)
 
     def poll(
         self,
@@ -130,8 +233,11 @@ class ItemRecords(StoreCore):
     ) -> WorkItem | None:
         """Claim the oldest claimable queued item for ``worker_id``, or ``None``.
 
-        Claimable: ``queued`` and not handed out within the last
-        ``reclaim_older_than_ms`` (default from the lease policy). The claim
+        The highest priority first, the oldest first within one priority.
+        Claimable: ``queued``, past its ``not_before`` (a delay or a retry's
+        backoff), and
+        not handed out within the last ``reclaim_older_than_ms`` (default from
+        the lease policy). The claim
         records the hand-out and mints a fresh session secret, returned here
         and nowhere else. A row another claim holds is skipped, not waited for.
         An anonymous poll (``worker_id=None``) records a hand-out to nobody in
@@ -161,8 +267,9 @@ class ItemRecords(StoreCore):
             row = tx.one(
                 "SELECT id FROM work_items WHERE environment_id = ? AND state = 'queued' "
                 "AND (delivered_at IS NULL OR delivered_at <= ?) "
-                "ORDER BY created_at, seq LIMIT 1{skip_locked}",
-                (environment_id, tx.now - window_ms / 1000.0),
+                "AND (not_before IS NULL OR not_before <= ?) "
+                "ORDER BY priority DESC, created_at, seq LIMIT 1{skip_locked}",
+                (environment_id, tx.now - window_ms / 1000.0, tx.now),
             )
             if row is None:
                 return None
@@ -273,6 +380,14 @@ class ItemRecords(StoreCore):
     ) -> WorkItem:
         """Move a live item to ``stopped`` and record its outcome.
 
+        The retry rule of DESIGN §4.2 is decided here: a ``failed`` outcome of
+        a running attempt (``starting`` or ``active``: not ``stopping``, not an
+        operator's stop of a queued item) on an item with a `RetryPolicy`,
+        exit code not listed as non-retryable, goes back to ``queued`` with ``attempts + 1`` and
+        ``not_before`` = now + `backoff_delay`, unless that was its last
+        attempt: then it stops in dead letter (``dead``). Every outcome
+        recorded here is appended to the item's ``history``.
+
         Without a token this is an operator's force-stop and always allowed on
         a live item; with one, the token must be current (`NO_HEARTBEAT` is
         current for an acknowledged item that has not beaten yet).
@@ -290,19 +405,46 @@ class ItemRecords(StoreCore):
         ):
             raise BadRequest("expected_last_heartbeat must be a non-empty string when given")
         recorded = outcome or Outcome(OutcomeStatus.CANCELLED, reason="stopped without an outcome")
-        with self._transaction("stopping work", now) as tx:
+        with self._committing("stopping work", now) as tx:
             self._expire_leases(tx)
             row = self._item_row(tx, environment_id, work_id)
             if expected_last_heartbeat is not None:
                 self._check_fence(row, expected_last_heartbeat, work_id)
             if row["state"] == WorkState.STOPPED:
                 raise Conflict(f"work item {work_id!r} is already stopped")
+            policy = retry_from_json(row["retry_policy"])
+            # Only an attempt that ran (held, no stop requested) can fail and be retried.
+            failed = (
+                recorded.status is OutcomeStatus.FAILED
+                and row["state"] in (WorkState.STARTING, WorkState.ACTIVE)
+                and policy is not None
+                and recorded.exit_code not in policy.non_retryable_exit_codes
+            )
+            attempts = row["attempts"] + 1 if failed else row["attempts"]
+            if failed and policy is not None and attempts < policy.max_attempts:
+                retry_at = tx.now + backoff_delay(policy, attempts)
+                history = _history_with(row, _attempt(row, recorded, tx.now, retry_at))
+                self._fenced_update(
+                    tx,
+                    row,
+                    _REQUEUE + ", history = ?, not_before = ?",
+                    (attempts, history, retry_at),
+                )
+                tx.announce(environment_id)
+                return self._read_item(tx, work_id)
+            history = _history_with(row, _attempt(row, recorded, tx.now, None))
             self._fenced_update(
                 tx,
                 row,
                 "state = 'stopped', stopped_at = ?, outcome = ?, lease_expires_at = NULL, "
-                "secret_hash = NULL",
-                (tx.now, outcome_to_json(recorded)),
+                "secret_hash = NULL, attempts = ?, history = ?, dead = ?",
+                (
+                    tx.now,
+                    outcome_to_json(recorded),
+                    attempts,
+                    history,
+                    int(failed),
+                ),
             )
             self._settle_delegations(tx, work_id)
             return self._read_item(tx, work_id)
@@ -350,13 +492,19 @@ class ItemRecords(StoreCore):
                 raise Conflict(f"work item {work_id!r} is already stopped")
             self._check_fence(row, expected_last_heartbeat, work_id)
             attempts = row["attempts"] + 1
-            if state is WorkState.STOPPING or attempts >= self.lease_policy.max_attempts:
+            limit = row["max_attempts"] or self.lease_policy.max_attempts
+            if state is WorkState.STOPPING or attempts >= limit:
                 self._fenced_update(
                     tx,
                     row,
                     "state = 'stopped', attempts = ?, stopped_at = ?, outcome = ?, "
-                    "lease_expires_at = NULL, secret_hash = NULL",
-                    (attempts, tx.now, outcome_to_json(recorded)),
+                    "lease_expires_at = NULL, secret_hash = NULL, dead = ?",
+                    (
+                        attempts,
+                        tx.now,
+                        outcome_to_json(recorded),
+                        int(state is not WorkState.STOPPING),
+                    ),
                 )
                 self._settle_delegations(tx, work_id)
             else:
@@ -398,6 +546,34 @@ class ItemRecords(StoreCore):
                 )
             return self._read_item(tx, work_id)
 
+    def retry(self, environment_id: str, work_id: str, *, now: float) -> WorkItem:
+        """Put a stopped item back to ``queued`` with fresh attempts (out of dead letter).
+
+        The item keeps its id, session, policy and history; its outcome, stop
+        times, attempt count, backoff and dead-letter mark are cleared, so it
+        is claimable at once and has its whole ``max_attempts`` again.
+
+        Raises:
+            NotFound: unknown item.
+            Conflict: the item is not stopped (a live item needs no retry).
+        """
+        check_id("environment_id", environment_id)
+        with self._committing("retrying work", now) as tx:
+            self._expire_leases(tx)
+            row = self._item_row(tx, environment_id, work_id)
+            if row["state"] != WorkState.STOPPED:
+                raise Conflict(
+                    f"work item {work_id!r} is {row['state']}, not stopped: only a stopped "
+                    "item can be retried"
+                )
+            tx.execute(
+                f"UPDATE work_items SET {_REQUEUE}, outcome = NULL, stopped_at = NULL, "
+                "stop_requested_at = NULL, not_before = NULL, dead = 0 WHERE id = ?",
+                (0, work_id),
+            )
+            tx.announce(environment_id)
+            return self._read_item(tx, work_id)
+
     def get(self, environment_id: str, work_id: str, *, now: float) -> WorkItem:
         """One item, without its secret.
 
@@ -423,8 +599,12 @@ class ItemRecords(StoreCore):
         state: WorkState | str | None = None,
         limit: int = 100,
         page: int = 0,
+        dead: bool = False,
     ) -> list[WorkItem]:
-        """Items oldest first, ``limit`` (1-1000) per zero-based ``page``; no secrets."""
+        """Items oldest first, ``limit`` (1-1000) per zero-based ``page``; no secrets.
+
+        ``dead=True`` lists only the dead letter: stopped items out of attempts.
+        """
         check_id("environment_id", environment_id)
         wanted = None if state is None else check_enum("state", state, WorkState)
         check_int("limit", limit, 1, MAX_LIMIT)
@@ -436,6 +616,8 @@ class ItemRecords(StoreCore):
             if wanted is not None:
                 sql += " AND state = ?"
                 params.append(wanted.value)
+            if dead:
+                sql += " AND dead = 1"
             sql += " ORDER BY created_at, seq LIMIT ? OFFSET ?"
             params += [limit, limit * page]
             return [item_from_row(row) for row in tx.execute(sql, params)]

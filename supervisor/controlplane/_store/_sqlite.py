@@ -52,8 +52,9 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 log = logging.getLogger("supervisor.controlplane")
 
 #: The schema this code writes and understands (kept in ``PRAGMA user_version``).
-#: Version 2 added delegation results collected by their worker (``collected_at``).
-SCHEMA_VERSION: Final = 2
+#: Version 2 added delegation results collected by their worker (``collected_at``);
+#: version 3 the retry policy, attempt history, priority, ``not_before`` and dead letter.
+SCHEMA_VERSION: Final = 3
 
 _SQLITE_BUSY: Final = 5
 _SQLITE_LOCKED: Final = 6
@@ -86,9 +87,20 @@ CREATE TABLE work_items (
     stopped_at          REAL,
     outcome             TEXT,
     secret_hash         TEXT,
+    retry_policy        TEXT,
+    max_attempts        INTEGER,
+    history             TEXT NOT NULL DEFAULT '[]',
+    not_before          REAL,
+    dead                INTEGER NOT NULL DEFAULT 0,
+    priority            INTEGER NOT NULL DEFAULT 0,
+    idem_key            TEXT,
     UNIQUE (environment_id, session_id)
 );
 CREATE INDEX work_items_claim ON work_items (environment_id, state, created_at, seq);
+CREATE INDEX work_items_claim_by_priority
+    ON work_items (environment_id, state, priority DESC, created_at, seq);
+CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
+    WHERE idem_key IS NOT NULL;
 CREATE INDEX work_items_lease ON work_items (lease_expires_at)
     WHERE lease_expires_at IS NOT NULL;
 CREATE TABLE pollers (
@@ -142,6 +154,45 @@ CREATE TABLE messages (
 CREATE INDEX messages_by_session ON messages (environment_id, session_id, seq);
 """
 
+#: The columns version 3 added to ``work_items``.
+_POLICY_COLUMNS: Final = (
+    "retry_policy",
+    "max_attempts",
+    "history",
+    "not_before",
+    "dead",
+    "priority",
+    "idem_key",
+)
+
+_PRIORITY_INDEX: Final = """CREATE INDEX work_items_claim_by_priority
+    ON work_items (environment_id, state, priority DESC, created_at, seq);
+CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
+    WHERE idem_key IS NOT NULL;
+"""
+
+#: The schema as version 2 (and, but for its delegations, version 1) created it.
+SCHEMA_BEFORE_POLICIES: Final = "\n".join(
+    line
+    for line in _SCHEMA.replace(_PRIORITY_INDEX, "").splitlines()
+    if line.split()[:1] not in ([c] for c in _POLICY_COLUMNS)
+)
+
+#: Version 2 to 3 (both dialects): the work policies of DESIGN §4.2.
+POLICY_COLUMNS_MIGRATION: Final = """
+ALTER TABLE work_items ADD COLUMN retry_policy TEXT;
+ALTER TABLE work_items ADD COLUMN max_attempts INTEGER;
+ALTER TABLE work_items ADD COLUMN history TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE work_items ADD COLUMN not_before REAL;
+ALTER TABLE work_items ADD COLUMN dead INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE work_items ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE work_items ADD COLUMN idem_key TEXT;
+CREATE INDEX work_items_claim_by_priority
+    ON work_items (environment_id, state, priority DESC, created_at, seq);
+CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
+    WHERE idem_key IS NOT NULL;
+"""
+
 #: Statements that bring a file of each older schema version up to the next one.
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -150,6 +201,7 @@ CREATE INDEX delegations_pending ON delegations (work_id) WHERE status = 'pendin
 CREATE INDEX delegations_uncollected ON delegations (environment_id, worker_id, seq)
     WHERE collected_at IS NULL;
 """,
+    2: POLICY_COLUMNS_MIGRATION,
 }
 
 

@@ -1,0 +1,335 @@
+"""Conformance lines of the work policies (DESIGN §4.2), run on every control plane.
+
+Retry of failed sessions with backoff, the attempt history, the dead letter and
+``retry``. Time is the `ManualClock` shared with the store, so a backoff is
+exact: an item is not claimable a moment before its ``not_before``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import pytest
+
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    BadRequest,
+    Conflict,
+    NotFound,
+    Outcome,
+    OutcomeStatus,
+    RetryPolicy,
+    WorkItem,
+    WorkState,
+)
+
+if TYPE_CHECKING:
+    from controlplane.conformance import ConformanceTarget
+
+W1 = "worker-1"
+FAILED = Outcome(OutcomeStatus.FAILED, exit_code=1, reason="agent exited 1")
+
+
+def approx(value: float | None) -> object:
+    assert value is not None
+    return pytest.approx(value, abs=1e-3)
+
+
+async def run_once(t: ConformanceTarget, item_id: str, outcome: Outcome) -> WorkItem:
+    """Claim ``item_id`` (it must be claimable now), beat once, and stop it with ``outcome``."""
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == item_id
+    await t.cp.ack(item_id, worker_id=W1)
+    beat = await t.cp.heartbeat(item_id, expected_last_heartbeat=NO_HEARTBEAT)
+    return await t.cp.stop(item_id, expected_last_heartbeat=beat.last_heartbeat, outcome=outcome)
+
+
+async def test_a_failed_session_with_a_retry_policy_is_queued_again_after_its_backoff(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    policy = RetryPolicy(max_attempts=3, backoff=10.0, backoff_max=60.0)
+    item = await t.cp.submit("flaky", retry=policy)
+    assert item.retry == policy and item.history == () and not item.dead
+    failed_at = t.clock.now
+    again = await run_once(t, item.id, FAILED)
+    assert (again.state, again.attempts, again.outcome, again.dead) == (
+        WorkState.QUEUED,
+        1,
+        None,
+        False,
+    )
+    # Equal jitter: at least half the first step, at most all of it.
+    assert again.not_before is not None
+    assert failed_at + 5.0 - 1e-3 <= again.not_before <= failed_at + 10.0 + 1e-3
+    (first,) = again.history
+    assert (first.attempt, first.outcome, first.worker_id) == (1, FAILED, W1)
+    assert first.ended_at == approx(failed_at)
+    assert first.retry_at == approx(again.not_before)
+    t.clock.advance(again.not_before - t.clock.now - 0.01)
+    assert await t.cp.poll(worker_id=W1) is None
+    t.clock.advance(0.02)
+    second = await run_once(t, item.id, FAILED)
+    assert second.attempts == 2
+    # The second wait is drawn from the doubled step: [10, 20] seconds.
+    assert second.not_before is not None
+    assert t.clock.now + 10.0 - 1e-3 <= second.not_before <= t.clock.now + 20.0 + 1e-3
+
+
+async def test_a_retried_item_that_completes_keeps_every_attempt_in_its_history(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("flaky", retry=RetryPolicy(max_attempts=3, backoff=1.0))
+    for _ in range(2):
+        again = await run_once(t, item.id, FAILED)
+        assert again.not_before is not None
+        t.clock.advance(again.not_before - t.clock.now + 0.01)
+    done = await run_once(t, item.id, Outcome(OutcomeStatus.COMPLETED, result="ok"))
+    assert (done.state, done.dead, done.attempts) == (WorkState.STOPPED, False, 2)
+    assert [a.outcome.status for a in done.history] == ["failed", "failed", "completed"]
+    assert [a.attempt for a in done.history] == [1, 2, 3]
+    assert done.history[0].retry_at is not None and done.history[2].retry_at is None
+    assert done.history[0].retry_at <= done.history[1].ended_at
+    assert await t.cp.list_work(dead=True) == []
+
+
+async def test_out_of_attempts_the_item_lands_in_dead_letter_and_retry_brings_it_back(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("doomed", retry=RetryPolicy(max_attempts=2, backoff=1.0))
+    other = await t.cp.submit("fine")
+    again = await run_once(t, item.id, FAILED)
+    assert again.not_before is not None
+    t.clock.advance(2.0)
+    last = Outcome(OutcomeStatus.FAILED, exit_code=3, reason="still broken")
+    dead = await run_once(t, item.id, last)
+    assert (dead.state, dead.dead, dead.outcome, dead.attempts) == (
+        WorkState.STOPPED,
+        True,
+        last,
+        2,
+    )
+    assert [a.outcome for a in dead.history] == [FAILED, last]
+    assert [i.id for i in await t.cp.list_work(dead=True)] == [item.id]
+    assert [i.id for i in await t.cp.list_work(state=WorkState.QUEUED)] == [other.id]
+    back = await t.cp.retry(item.id)
+    assert (back.state, back.dead, back.attempts, back.outcome, back.not_before) == (
+        WorkState.QUEUED,
+        False,
+        0,
+        None,
+        None,
+    )
+    assert back.stopped_at is None and back.history == dead.history
+    assert await t.cp.list_work(dead=True) == []
+    # Fresh attempts: it fails once more and is retried, not dead at once. It keeps
+    # its place in the queue (its creation time), ahead of the younger item.
+    requeued = await run_once(t, item.id, FAILED)
+    assert (requeued.state, requeued.attempts) == (WorkState.QUEUED, 1)
+
+
+async def test_non_retryable_outcomes_are_final_at_once_and_not_dead_letter(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    policy = RetryPolicy(max_attempts=5, backoff=1.0, non_retryable_exit_codes=(2, 64))
+    listed = await t.cp.submit("usage error", retry=policy)
+    stopped = await run_once(t, listed.id, Outcome(OutcomeStatus.FAILED, exit_code=64))
+    assert (stopped.state, stopped.dead, len(stopped.history)) == (WorkState.STOPPED, False, 1)
+    for status in (OutcomeStatus.CANCELLED, OutcomeStatus.TIMEOUT, OutcomeStatus.COMPLETED):
+        item = await t.cp.submit(f"ends {status}", retry=policy)
+        ended = await run_once(t, item.id, Outcome(status))
+        assert (ended.state, ended.dead, ended.outcome) == (
+            WorkState.STOPPED,
+            False,
+            Outcome(status),
+        )
+    assert await t.cp.list_work(dead=True) == []
+
+
+async def test_without_a_retry_policy_a_failure_is_final_and_recorded_in_history(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("once")
+    assert item.retry is None
+    ended = await run_once(t, item.id, FAILED)
+    assert (ended.state, ended.dead, ended.outcome, ended.attempts) == (
+        WorkState.STOPPED,
+        False,
+        FAILED,
+        0,
+    )
+    assert [a.outcome for a in ended.history] == [FAILED]
+
+
+async def test_a_failure_after_a_stop_request_is_not_retried(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("asked to stop", retry=RetryPolicy(max_attempts=3))
+    await t.cp.poll(worker_id=W1)
+    await t.cp.ack(item.id, worker_id=W1)
+    beat = await t.cp.heartbeat(item.id, expected_last_heartbeat=NO_HEARTBEAT)
+    await t.cp.request_stop(item.id)
+    ended = await t.cp.stop(item.id, expected_last_heartbeat=beat.last_heartbeat, outcome=FAILED)
+    assert (ended.state, ended.dead) == (WorkState.STOPPED, False)
+
+
+async def test_an_items_max_attempts_also_bounds_its_lease_expiries(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("one shot", retry=RetryPolicy(max_attempts=1))
+    await t.cp.poll(worker_id=W1)
+    await t.cp.ack(item.id, worker_id=W1)
+    await t.cp.heartbeat(item.id, expected_last_heartbeat=NO_HEARTBEAT, desired_ttl_seconds=5)
+    t.clock.advance(5)
+    got = await t.cp.get(item.id)
+    assert (got.state, got.dead, got.attempts) == (WorkState.STOPPED, True, 1)
+    assert got.outcome is not None and got.outcome.reason == "lease expired"
+    assert [i.id for i in await t.cp.list_work(dead=True)] == [item.id]
+
+
+async def test_retry_answers_409_on_a_live_item_and_404_on_an_unknown_one(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("live")
+    with pytest.raises(Conflict):
+        await t.cp.retry(item.id)
+    with pytest.raises(NotFound):
+        await t.cp.retry("work-nope")
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        RetryPolicy(max_attempts=0),
+        RetryPolicy(max_attempts=101),
+        RetryPolicy(backoff=-1.0),
+        RetryPolicy(backoff=math.inf),
+        RetryPolicy(backoff_max=1e9),
+        RetryPolicy(non_retryable_exit_codes=(300,)),
+        RetryPolicy(non_retryable_exit_codes=tuple(range(65))),
+    ],
+    ids=["zero", "too-many", "negative", "infinite", "cap-too-long", "code", "too-many-codes"],
+)
+async def test_a_bad_retry_policy_is_refused_and_queues_nothing(
+    control_plane: ConformanceTarget, policy: RetryPolicy
+) -> None:
+    t = control_plane
+    with pytest.raises(BadRequest, match="retry"):
+        await t.cp.submit("never", retry=policy)
+    assert await t.cp.list_work() == []
+
+
+# --- priority and not_before -----------------------------------------------------------
+
+
+async def test_a_higher_priority_overtakes_fifo_and_fifo_holds_within_a_priority(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    low = await t.cp.submit("low, oldest")
+    first_high = await t.cp.submit("high, first", priority=5)
+    negative = await t.cp.submit("below default", priority=-3)
+    second_high = await t.cp.submit("high, second", priority=5)
+    low_again = await t.cp.submit("low, younger")
+    assert (first_high.priority, negative.priority, low.priority) == (5, -3, 0)
+    order = []
+    while (polled := await t.cp.poll(worker_id=W1)) is not None:
+        order.append(polled.id)
+    assert order == [first_high.id, second_high.id, low.id, low_again.id, negative.id]
+
+
+async def test_a_delayed_item_is_not_claimed_before_its_time_and_others_pass_it(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    submitted_at = t.clock.now
+    later = await t.cp.submit("in a minute", delay=60.0, priority=9)
+    assert later.not_before == approx(submitted_at + 60.0)
+    now = await t.cp.submit("now")
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == now.id
+    await t.cp.ack(now.id, worker_id=W1)
+    t.clock.advance(59.9)
+    assert await t.cp.poll(worker_id=W1) is None
+    t.clock.advance(0.1)
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == later.id
+
+
+async def test_not_before_takes_a_time(control_plane: ConformanceTarget) -> None:
+    t = control_plane
+    at = t.clock.now + 3600.0
+    item = await t.cp.submit("at nine", not_before=at)
+    assert item.not_before == approx(at)
+    t.clock.advance(3599.0)
+    assert await t.cp.poll(worker_id=W1) is None
+    t.clock.advance(1.0)
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == item.id
+    past = await t.cp.submit("already due", not_before=t.clock.now - 10)
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == past.id
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"priority": 1001},
+        {"priority": -1001},
+        {"delay": -1.0},
+        {"delay": math.nan},
+        {"delay": 31 * 86_400.0},
+        {"delay": 5.0, "not_before": 1_700_000_000.0},
+        {"not_before": math.inf},
+    ],
+    ids=["high", "low", "negative-delay", "nan-delay", "long-delay", "both", "inf-time"],
+)
+async def test_a_bad_priority_or_delay_is_refused_and_queues_nothing(
+    control_plane: ConformanceTarget, options: dict[str, float]
+) -> None:
+    t = control_plane
+    with pytest.raises(BadRequest, match=r"priority|delay|not_before"):
+        await t.cp.submit("never", **options)  # type: ignore[arg-type]
+    assert await t.cp.list_work() == []
+
+
+# --- idempotency keys ---------------------------------------------------------------------
+
+
+async def test_a_second_submit_with_a_key_returns_the_first_item_and_queues_nothing(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    first = await t.cp.submit("build release 1.2", key="release-1.2")
+    assert (first.key, first.duplicate) == ("release-1.2", False)
+    again = await t.cp.submit("a different prompt", key="release-1.2", priority=9)
+    assert again.duplicate
+    assert (again.id, again.data, again.priority) == (first.id, first.data, 0)
+    other = await t.cp.submit("build release 1.3", key="release-1.3")
+    assert other.id != first.id and not other.duplicate
+    unkeyed = [await t.cp.submit("no key"), await t.cp.submit("no key")]
+    assert unkeyed[0].id != unkeyed[1].id
+    assert len(await t.cp.list_work()) == 4
+    # The key holds whatever became of the first item, stopped included.
+    await t.cp.request_stop(first.id)
+    still = await t.cp.submit("build release 1.2", key="release-1.2")
+    assert (still.id, still.state, still.duplicate) == (first.id, WorkState.STOPPED, True)
+    assert len(await t.cp.list_work()) == 4
+
+
+@pytest.mark.parametrize("key", ["", "   ", "k" * 201], ids=["empty", "blank", "too-long"])
+async def test_a_bad_key_is_refused_and_queues_nothing(
+    control_plane: ConformanceTarget, key: str
+) -> None:
+    t = control_plane
+    with pytest.raises(BadRequest, match="key"):
+        await t.cp.submit("never", key=key)
+    assert await t.cp.list_work() == []
