@@ -168,7 +168,20 @@ def worker_href(worker_id: str) -> str:
 
 
 def cancel_button(item: WorkItem) -> Markup:
-    """The operator's cancel, for items it can still stop (``stopping`` already asked)."""
+    """The item's action: cancel while it can still be stopped (``stopping`` already
+    asked), retry once it is in dead letter; nothing otherwise."""
+    if item.state is WorkState.STOPPED and item.dead:
+        return h(
+            "button",
+            {
+                "type": "button",
+                "class": "retry",
+                "id": f"retry-{item.id}",
+                "data_retry": item.id,
+                "aria_label": f"Retry {item.id}",
+            },
+            "Retry",
+        )
     if item.state not in (WorkState.QUEUED, WorkState.STARTING, WorkState.ACTIVE):
         return Markup("")
     return h(

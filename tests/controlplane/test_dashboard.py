@@ -6,6 +6,7 @@ in ``tests/e2e/test_dashboard_browser.py``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import httpx
 import pytest
 
 from supervisor.controlplane import (
+    NO_HEARTBEAT,
     EmbeddedControlPlane,
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    RetryPolicy,
     SessionData,
     WorkItem,
     WorkState,
@@ -329,3 +332,33 @@ async def test_an_items_delegations_show_on_both_ends(client: httpx.AsyncClient)
         assert "check &lt;the&gt; tests" in body
     worker = (await client.get(f"{DATA}/workers/w1", headers=AUTH)).text
     assert f"<code>{delegation['id']}</code>" in worker
+
+
+async def test_a_dead_letter_item_offers_retry_and_retrying_brings_it_back(
+    client: httpx.AsyncClient, store: SQLiteStore
+) -> None:
+    """Dead letter shows a Retry button (no Cancel); after the retry the item can be cancelled."""
+    now = time.time()
+    item = store.submit("default", "fails", now=now, retry=RetryPolicy(max_attempts=1))
+    assert store.poll("default", worker_id="w1", now=now) is not None
+    store.ack("default", item.id, worker_id="w1", now=now)
+    beat = store.heartbeat("default", item.id, expected_last_heartbeat=NO_HEARTBEAT, now=now)
+    failed = Outcome(status=OutcomeStatus.FAILED, exit_code=1, reason="exit 1")
+    dead = store.stop(
+        "default",
+        item.id,
+        now=now,
+        force=True,
+        expected_last_heartbeat=beat.last_heartbeat,
+        outcome=failed,
+    )
+    assert dead.dead
+    for fragment in (f"items/{item.id}", "items"):
+        body = (await client.get(f"{DATA}/{fragment}", headers=AUTH)).text
+        assert f'data-retry="{item.id}"' in body and "data-cancel" not in body
+    retried = await client.post(f"{API}/work/{item.id}/retry", headers=AUTH)
+    assert retried.status_code == 200 and retried.json()["state"] == "queued"
+    body = (await client.get(f"{DATA}/items/{item.id}", headers=AUTH)).text
+    assert f'data-cancel="{item.id}"' in body and "data-retry" not in body
+    script = (await client.get("/dashboard/static/dashboard.js")).text
+    assert "button[data-retry]" in script and '"/retry"' in script

@@ -1,4 +1,4 @@
-// The dashboard's only script: sign-in, live refresh of one region, cancel buttons.
+// The dashboard's only script: sign-in, live refresh of one region, cancel and retry buttons.
 //
 // The key lives in sessionStorage (this tab only) and travels only in the
 // Authorization header of fetch() calls: never in a URL, never in the page,
@@ -194,9 +194,26 @@
     start();
   }
 
-  async function onCancel(button) {
-    const id = button.dataset.cancel;
-    if (!window.confirm("Cancel " + id + "? Its worker stops the session at its next heartbeat.")) {
+  // Cancel (request-stop) and retry (a dead-letter item) call the same API as the CLI.
+  const ACTIONS = {
+    cancel: {
+      path: "/request-stop",
+      ask: (id) => "Cancel " + id + "? Its worker stops the session at its next heartbeat.",
+      done: (id) => "Stop requested for " + id + ".",
+      verb: "cancel",
+    },
+    retry: {
+      path: "/retry",
+      ask: (id) => "Retry " + id + "? It goes back to the queue with fresh attempts.",
+      done: (id) => "Queued again: " + id + ".",
+      verb: "retry",
+    },
+  };
+
+  async function onAction(button, name) {
+    const action = ACTIONS[name];
+    const id = button.dataset[name];
+    if (!window.confirm(action.ask(id))) {
       return;
     }
     button.disabled = true;
@@ -204,11 +221,11 @@
     try {
       response = await fetch(
         "/v1/environments/" + encodeURIComponent(environment) + "/work/" +
-          encodeURIComponent(id) + "/request-stop",
+          encodeURIComponent(id) + action.path,
         { method: "POST", headers: authHeaders(), cache: "no-store" },
       );
     } catch (_) {
-      notice.textContent = "Could not reach the server to cancel " + id + ".";
+      notice.textContent = "Could not reach the server to " + action.verb + " " + id + ".";
       button.disabled = false;
       setConnection(false);
       return;
@@ -218,17 +235,20 @@
       return;
     }
     if (response.ok) {
-      notice.textContent = "Stop requested for " + id + ".";
+      notice.textContent = action.done(id);
     } else {
-      notice.textContent = "Could not cancel " + id + ": " + (await errorText(response));
+      notice.textContent =
+        "Could not " + action.verb + " " + id + ": " + (await errorText(response));
       button.disabled = false;
     }
     await refresh();
   }
 
   document.addEventListener("click", (event) => {
-    const button = event.target.closest("button[data-cancel]");
-    if (button && live.contains(button)) onCancel(button);
+    const button = event.target.closest("button[data-cancel], button[data-retry]");
+    if (button && live.contains(button)) {
+      onAction(button, button.dataset.cancel !== undefined ? "cancel" : "retry");
+    }
   });
 
   if (needsKey) {
