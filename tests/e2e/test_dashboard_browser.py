@@ -408,3 +408,42 @@ def test_the_page_says_when_the_connection_is_lost(
     lost.wait_for()
     assert page.get_by_text("still here").is_visible()  # the last data stays, marked stale
     _shot(page, "13-connection-lost")
+
+
+def test_the_retry_button_brings_a_dead_letter_item_back(
+    page: Any, server: tuple[str, subprocess.Popen[str]], api: httpx.Client
+) -> None:
+    url, _ = server
+    response = api.post(
+        "/work",
+        json={"data": {"type": "session", "prompt": "fails once"}, "retry": {"max_attempts": 1}},
+    )
+    assert response.status_code == 201, response.text
+    work_id = str(response.json()["id"])
+    # One attempt, failed, as a worker would report it: the item lands in dead letter.
+    assert api.get("/work/poll", params={"worker_id": "w-dead"}).json()["id"] == work_id
+    assert api.post(f"/work/{work_id}/ack", json={"worker_id": "w-dead"}).status_code == 200
+    beat = api.post(
+        f"/work/{work_id}/heartbeat", params={"expected_last_heartbeat": "NO_HEARTBEAT"}
+    ).json()
+    stopped = api.post(
+        f"/work/{work_id}/stop",
+        json={
+            "force": True,
+            "expected_last_heartbeat": beat["last_heartbeat"],
+            "outcome": {"status": "failed", "exit_code": 1, "reason": "exit 1"},
+        },
+    ).json()
+    assert stopped["state"] == "stopped" and stopped["dead"] is True
+
+    _sign_in(page, url, path=f"/dashboard/items/{work_id}")
+    page.locator("dl.facts .badge", has_text="stopped").wait_for()
+    assert page.get_by_role("button", name=f"Cancel {work_id}").count() == 0
+    page.get_by_role("button", name=f"Retry {work_id}").click()
+    page.locator("#notice", has_text="Queued again").wait_for()
+    page.locator("dl.facts .badge", has_text="queued").wait_for()
+    assert any(work_id in text and "Retry" in text for text in page.dialogs)
+    item = api.get(f"/work/{work_id}").json()
+    assert item["state"] == "queued" and not item["dead"]
+    _shot(page, "14-item-retried")
+    _assert_no_script_errors(page)
