@@ -472,8 +472,15 @@ def _delegations_table(caption: str, delegations: Sequence[Delegation], now: flo
     )
 
 
+def _retry_time(when: float | None, now: float) -> object:
+    """When a retried attempt's item became claimable again (or will)."""
+    if when is None:
+        return ""
+    return age(when, now) if when <= now else "in " + duration_text(when - now)
+
+
 async def item_fragment(request: Request, plane: ControlPlane) -> Response:
-    """One item: its data, metadata, times, outcome, delegations and messages."""
+    """One item: its data, metadata, times, outcome, attempts, delegations and messages."""
     item = await plane.get(request.path_params["work_id"])
     now = time.time()
     outcome = item.outcome
@@ -524,6 +531,24 @@ async def item_fragment(request: Request, plane: ControlPlane) -> Response:
         )
     else:
         outcome_part = render(h("h2", None, "Outcome"), h("p", None, "Not finished yet."))
+    # Every recorded attempt, oldest first: a retried or dead-letter item shows why.
+    attempts = table(
+        "Attempts",
+        ["Attempt", "Outcome", "Exit code", "Reason", "Worker", "Ended", "Retry at"],
+        [
+            [
+                a.attempt,
+                badge(a.outcome.status.value),
+                "" if a.outcome.exit_code is None else a.outcome.exit_code,
+                a.outcome.reason or "",
+                a.worker_id or "",
+                age(a.ended_at, now),
+                _retry_time(a.retry_at, now),
+            ]
+            for a in item.history
+        ],
+        empty="No attempt has ended yet.",
+    )
     metadata = table(
         "Metadata",
         ["Key", "Value"],
@@ -555,6 +580,7 @@ async def item_fragment(request: Request, plane: ControlPlane) -> Response:
             _dl(facts),
             timeline,
             outcome_part,
+            attempts,
             h("h2", None, "Prompt"),
             h("pre", {"class": "text prompt-full"}, item.data.prompt),
             metadata,

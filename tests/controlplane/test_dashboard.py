@@ -362,3 +362,30 @@ async def test_a_dead_letter_item_offers_retry_and_retrying_brings_it_back(
     assert f'data-cancel="{item.id}"' in body and "data-retry" not in body
     script = (await client.get("/dashboard/static/dashboard.js")).text
     assert "button[data-retry]" in script and '"/retry"' in script
+
+
+async def test_the_item_page_lists_every_attempt_with_its_outcome(
+    client: httpx.AsyncClient, store: SQLiteStore
+) -> None:
+    """A retried item's page shows each ended attempt: outcome, exit code, reason, worker."""
+    now = time.time()
+    item = store.submit("default", "flaky", now=now, retry=RetryPolicy(max_attempts=3))
+    assert store.poll("default", worker_id="w1", now=now) is not None
+    store.ack("default", item.id, worker_id="w1", now=now)
+    beat = store.heartbeat("default", item.id, expected_last_heartbeat=NO_HEARTBEAT, now=now)
+    requeued = store.stop(
+        "default",
+        item.id,
+        now=now,
+        force=True,
+        expected_last_heartbeat=beat.last_heartbeat,
+        outcome=Outcome(status=OutcomeStatus.FAILED, exit_code=7, reason="<exit> 7"),
+    )
+    assert requeued.state == "queued" and len(requeued.history) == 1
+    body = (await client.get(f"{DATA}/items/{item.id}", headers=AUTH)).text
+    attempts = body[body.index("Attempts</caption>") :]
+    assert 'class="badge badge-failed"' in attempts and ">7<" in attempts
+    assert "&lt;exit&gt; 7" in attempts and ">w1<" in attempts
+    fresh = store.submit("default", "new", now=now)
+    body = (await client.get(f"{DATA}/items/{fresh.id}", headers=AUTH)).text
+    assert "No attempt has ended yet." in body
