@@ -168,10 +168,10 @@ def test_session_lines_share_one_fsync_and_results_are_synced_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sessions starting together never wait for the disk; one sync covers them all."""
-    import supervisor._worker._journal as journal_module
+    import os
 
     synced: list[int] = []
-    real_fsync = journal_module.os.fsync
+    real_fsync = os.fsync
 
     def counting_fsync(fd: int) -> None:
         synced.append(fd)
@@ -180,7 +180,7 @@ def test_session_lines_share_one_fsync_and_results_are_synced_at_once(
     path = tmp_path / "j.jsonl"
     journal = DelegationJournal.open(path, lru_size=10)
     journal.sync()  # whatever an earlier run left unsynced
-    monkeypatch.setattr(journal_module.os, "fsync", counting_fsync)
+    monkeypatch.setattr(os, "fsync", counting_fsync)
     for n in range(5):
         journal.record_session(f"sess-{n}", f"work-{n}", at=float(n))
     assert synced == []
