@@ -356,6 +356,7 @@ class Worker:
             gate=self.breaker,
             ack_timeout=self._claim_limits()[0],
             rng=self._rng,
+            max_batch=config.max_concurrency,
         )
         self.wedge_detector.on_wedge = poller.interrupt_poll
         work = self._work = Supervisor(
