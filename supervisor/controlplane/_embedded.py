@@ -370,7 +370,7 @@ class EmbeddedControlPlane:
             self._store.configure_environment, self._environment_id, changes, now=self._clock()
         )
 
-    async def purge_expired(self, *, limit: int = 500) -> int:
+    async def purge_expired(self, limit: int = 500) -> int:
         """One bounded batch of the retention sweep (every environment of the store)."""
         return await self._run(self._store.purge_expired, now=self._clock(), limit=limit)
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
+import trio.lowlevel
 
 from ._exceptions import ControlPlaneError
 
@@ -43,7 +44,7 @@ async def sweep_once(purge: PurgeBatch, *, batch: int = SWEEP_BATCH) -> int:
         total += deleted
         if deleted < batch:
             return total
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
 
 
 async def run_retention_sweep(

@@ -157,9 +157,7 @@ def _error_for(exc: ControlPlaneError) -> Response:
             "max_queue_depth": exc.max_queue_depth,
             "retry_after": exc.retry_after,
         }
-    return _error(
-        status, exc.error_type, exc.message, headers, current_token=current, extra=extra
-    )
+    return _error(status, exc.error_type, exc.message, headers, current_token=current, extra=extra)
 
 
 # --- environments -----------------------------------------------------------------
@@ -864,9 +862,7 @@ async def serve_control_plane(
 
 
 async def _purge_batch(store: Store, limit: int) -> int:
-    return await trio.to_thread.run_sync(
-        partial(store.purge_expired, now=time.time(), limit=limit)
-    )
+    return await trio.to_thread.run_sync(partial(store.purge_expired, now=time.time(), limit=limit))
 
 
 def apply_environment_settings(store: Store, settings: Mapping[str, int | float | None]) -> None:
@@ -884,7 +880,8 @@ def apply_environment_settings(store: Store, settings: Mapping[str, int | float 
         checked = check_settings(settings)
     except BadRequest as exc:
         raise ConfigError(exc.message) from None
-    store.environment_defaults = attrs.evolve(store.environment_defaults, **checked)
+    changes: dict[str, Any] = dict(checked)
+    store.environment_defaults = attrs.evolve(store.environment_defaults, **changes)
     now = time.time()
     for environment_id in {"default", *store.list_environments()}:
         store.configure_environment(environment_id, checked, now=now)

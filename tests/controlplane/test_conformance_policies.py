@@ -2,8 +2,9 @@
 
 Retry of failed sessions with backoff, the attempt history, the dead letter and
 ``retry``; the environment policies: backpressure (``max_queue_depth``), retention
-(the purge sweep) and the default retry policy; lease expiries in the history. Time is the `ManualClock` shared with the store, so a backoff is
-exact: an item is not claimable a moment before its ``not_before``.
+(the purge sweep) and the default retry policy; lease expiries in the history.
+Time is the `ManualClock` shared with the store, so a backoff is exact: an item is
+not claimable a moment before its ``not_before``.
 """
 
 from __future__ import annotations
@@ -492,7 +493,7 @@ async def test_bad_environment_settings_are_refused_and_change_nothing(
         {"priority": 1},
     ):
         with pytest.raises(BadRequest):
-            await configure(t, **bad)  # type: ignore[arg-type]
+            await configure(t, **bad)
     settings = await trio.to_thread.run_sync(
         lambda: t.store.environment_settings(t.cp.environment_id, now=t.clock.now)
     )

@@ -473,7 +473,5 @@ def parse_duration(text: str) -> float:
     """
     match = _DURATION_RE.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        raise ValueError(
-            f"expected a duration such as 90, 45s, 30m, 12h, 7d or 2w, got {text!r}"
-        )
+        raise ValueError(f"expected a duration such as 90, 45s, 30m, 12h, 7d or 2w, got {text!r}")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]

@@ -300,9 +300,7 @@ class ItemRecords(StoreCore):
                 tx.one(f"SELECT {columns} FROM environments WHERE id = ?", (environment_id,))
             )
 
-    def purge(
-        self, environment_id: str, *, older_than: float, limit: int, now: float
-    ) -> int:
+    def purge(self, environment_id: str, *, older_than: float, limit: int, now: float) -> int:
         """Delete at most ``limit`` records of the environment that ended before ``older_than``.
 
         One short transaction. What goes, each by its own end time: settled
