@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cli.test_cli import KEY, cli, cli_env, running, running_worker, status_json, submit
 
-from supervisor.controlplane import SQLiteStore
+from supervisor.controlplane import EnvironmentSettings, SQLiteStore
 from supervisor.controlplane._embedded import STORE_FILENAME
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ FULL_LINE = (
 )
 
 
-def settings_of(state_dir: Path, environment_id: str = "default") -> object:
+def settings_of(state_dir: Path, environment_id: str = "default") -> EnvironmentSettings:
     store = SQLiteStore(state_dir / STORE_FILENAME)
     try:
         return store.environment_settings(environment_id, now=time.time())
@@ -83,7 +83,7 @@ async def test_serve_applies_its_policy_flags_and_a_full_queue_is_429_for_submit
         done = await cli("submit", "second", *target, *other, cwd=tmp_path, env=env)
         assert done.returncode == 1 and "environment later holds 1" in done.stderr
     settings = settings_of(server_dir)
-    assert settings == type(settings)(
+    assert settings == EnvironmentSettings(
         max_queue_depth=1, retention=7 * 86_400.0, max_attempts=4, backoff=2.0, backoff_max=30.0
     )
 
@@ -117,7 +117,7 @@ async def test_run_writes_its_policy_flags_to_the_embedded_store(tmp_path: Path)
     ):  # fmt: skip
         pass
     settings = settings_of(tmp_path / ".supervisor")
-    assert settings == type(settings)(max_queue_depth=3, retention=43_200.0, max_attempts=2)
+    assert settings == EnvironmentSettings(max_queue_depth=3, retention=43_200.0, max_attempts=2)
 
 
 @pytest.mark.parametrize(
