@@ -104,6 +104,42 @@ def backoff_delay(policy: RetryPolicy, failed_attempts: int) -> float:
     return step * (0.5 + 0.5 * _JITTER.random())
 
 
+@attrs.frozen
+class StopDecision:
+    """What a stop with an outcome does to an item (the retry rule of DESIGN §4.2).
+
+    Attributes:
+        requeue: the failure is retried: back to ``queued`` after `backoff_delay`.
+        attempts: the item's attempt count afterwards.
+        dead: the item stops in dead letter (out of attempts).
+    """
+
+    requeue: bool
+    attempts: int
+    dead: bool
+
+
+def stop_decision(
+    policy: RetryPolicy | None, state: WorkState | str, outcome: Outcome, attempts: int
+) -> StopDecision:
+    """The retry rule, pure: shared by the store and the in-memory test double.
+
+    Only a ``failed`` outcome of an attempt that ran (``starting`` or
+    ``active``; not ``stopping``, not a stop of a queued item) of an item with
+    a policy counts, unless its exit code is listed as non-retryable; it is
+    retried while attempts remain, else the item is dead.
+    """
+    failed = (
+        outcome.status is OutcomeStatus.FAILED
+        and state in (WorkState.STARTING, WorkState.ACTIVE)
+        and policy is not None
+        and outcome.exit_code not in policy.non_retryable_exit_codes
+    )
+    after = attempts + 1 if failed else attempts
+    requeue = failed and policy is not None and after < policy.max_attempts
+    return StopDecision(requeue=requeue, attempts=after, dead=failed and not requeue)
+
+
 def _history_with(row: Mapping[str, object], attempt: Attempt) -> str:
     entries = json.loads(str(row["history"] or "[]"))
     entries.append(attempt_to_dict(attempt))
@@ -577,15 +613,9 @@ class ItemRecords(StoreCore):
             if row["state"] == WorkState.STOPPED:
                 raise Conflict(f"work item {work_id!r} is already stopped")
             policy = retry_from_json(row["retry_policy"])
-            # Only an attempt that ran (held, no stop requested) can fail and be retried.
-            failed = (
-                recorded.status is OutcomeStatus.FAILED
-                and row["state"] in (WorkState.STARTING, WorkState.ACTIVE)
-                and policy is not None
-                and recorded.exit_code not in policy.non_retryable_exit_codes
-            )
-            attempts = row["attempts"] + 1 if failed else row["attempts"]
-            if failed and policy is not None and attempts < policy.max_attempts:
+            decision = stop_decision(policy, row["state"], recorded, row["attempts"])
+            attempts = decision.attempts
+            if decision.requeue and policy is not None:
                 retry_at = tx.now + backoff_delay(policy, attempts)
                 history = _history_with(row, _attempt(row, recorded, tx.now, retry_at))
                 self._fenced_update(
@@ -607,7 +637,7 @@ class ItemRecords(StoreCore):
                     outcome_to_json(recorded),
                     attempts,
                     history,
-                    int(failed),
+                    int(decision.dead),
                 ),
             )
             self._settle_delegations(tx, work_id)
