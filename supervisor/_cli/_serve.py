@@ -27,6 +27,7 @@ from ..controlplane._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, key_provide
 from ..controlplane._server import DEFAULT_PORT, require_key, serve_control_plane
 from ..controlplane._store import SQLiteStore, Store
 from ._common import PROG
+from ._policies import add_environment_arguments
 
 __all__ = ["add_serve_arguments", "cli_serve"]
 
@@ -68,9 +69,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="text",
         help="log lines on stderr: readable text or JSON lines (default: %(default)s)",
     )
-    from ._main import _add_environment_arguments
-
-    _add_environment_arguments(parser, serve=True)
+    add_environment_arguments(parser, serve=True)
 
 
 #: ``serve``'s flag of each environment setting (`EnvironmentSettings` field names).
