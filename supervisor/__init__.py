@@ -75,6 +75,7 @@ if TYPE_CHECKING:
         ControlPlaneError as ControlPlaneError,
         ControlPlaneUnavailable as ControlPlaneUnavailable,
         FatalError as FatalError,
+        QueueFull as QueueFull,
         TransientError as TransientError,
     )
     from .controlplane._session_client import (
@@ -133,6 +134,7 @@ __all__ = [
     "ControlPlaneError",
     "ControlPlaneUnavailable",
     "FatalError",
+    "QueueFull",
     "SessionClient",
     "SessionCredentials",
     "TransientError",
@@ -153,7 +155,13 @@ _LAZY: Final[dict[str, str]] = {
     **dict.fromkeys(("Worker", "open_worker"), "._worker._worker"),
     "WorkspaceError": "._worker._workspace",
     **dict.fromkeys(
-        ("ControlPlaneError", "ControlPlaneUnavailable", "FatalError", "TransientError"),
+        (
+            "ControlPlaneError",
+            "ControlPlaneUnavailable",
+            "FatalError",
+            "QueueFull",
+            "TransientError",
+        ),
         ".controlplane._exceptions",
     ),
     **dict.fromkeys(

@@ -9,7 +9,8 @@ Grouped by what callers catch::
     ├── LeaseLost                      a work item's lease is gone; its session must stop
     └── ControlPlaneError              anything the control plane said or failed to say
         ├── TransientError             worth retrying: 5xx, 408, 429, timeouts, connection errors
-        │   └── ControlPlaneUnavailable  could not reach the control plane at all
+        │   ├── ControlPlaneUnavailable  could not reach the control plane at all
+        │   └── QueueFull              429: the environment's queue is at max_queue_depth
         └── FatalError                 retrying the same call will not help (other 4xx)
             ├── BadRequest             400 / 413 / 415 / 422: the request itself was malformed
             ├── Unauthorized           401 / 403: the key is missing, wrong or revoked

@@ -40,11 +40,18 @@ from .._base._logging import configure_logging
 from .._tree._exceptions import ChildStartError, RestartIntensityExceeded
 from .._worker._config import DEFAULT_AGENT, WorkerConfig, agent_text
 from ..controlplane._codec import decode_time
-from ..controlplane._exceptions import BadRequest, Conflict, ControlPlaneError, NotFound
+from ..controlplane._exceptions import (
+    BadRequest,
+    Conflict,
+    ControlPlaneError,
+    NotFound,
+    QueueFull,
+)
 from ..controlplane._models import RetryPolicy, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
 from ..controlplane._store._common import check_key, check_retry, check_schedule
 from ._common import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE, PROG
+from ._policies import add_environment_arguments
 from ._settings import (
     config_from_layers,
     config_path_from_environment,
@@ -259,6 +266,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("text", "json"),
         help="log lines on stderr: readable text, or one JSON object per line (default: text)",
     )
+    add_environment_arguments(parser, serve=False)
     parser.add_argument(
         "--drain-timeout",
         type=float,
@@ -754,6 +762,10 @@ def _run_one_shot(action: Callable[[], Awaitable[int]]) -> int:
         raise
     except NotFound as exc:
         return _error(str(exc))
+    except QueueFull as exc:
+        # Backpressure, not a failure of the control plane: say what and when, on one line.
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_GAVE_UP
     except ControlPlaneError as exc:
         print(f"{PROG}: error: {describe_exception(exc)}", file=sys.stderr)
         return EXIT_GAVE_UP
@@ -902,6 +914,15 @@ def _item_entry(item: WorkItem) -> dict[str, Any]:
             else None
         ),
         "attempts": item.attempts,
+        "retry": (
+            {
+                "max_attempts": item.retry.max_attempts,
+                "backoff": item.retry.backoff,
+                "backoff_max": item.retry.backoff_max,
+            }
+            if item.retry is not None
+            else None
+        ),
         "dead": item.dead,
         "priority": item.priority,
         "key": item.key,

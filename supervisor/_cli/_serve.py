@@ -27,6 +27,7 @@ from ..controlplane._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, key_provide
 from ..controlplane._server import DEFAULT_PORT, require_key, serve_control_plane
 from ..controlplane._store import SQLiteStore, Store
 from ._common import PROG
+from ._policies import add_environment_arguments
 
 __all__ = ["add_serve_arguments", "cli_serve"]
 
@@ -68,6 +69,35 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="text",
         help="log lines on stderr: readable text or JSON lines (default: %(default)s)",
     )
+    add_environment_arguments(parser, serve=True)
+
+
+#: ``serve``'s flag of each environment setting (`EnvironmentSettings` field names).
+_SETTING_FLAGS: Final = {
+    "max_queue_depth": "--max-queue-depth",
+    "retention": "--retention",
+    "max_attempts": "--max-attempts",
+    "backoff": "--backoff",
+    "backoff_max": "--backoff-max",
+}
+
+
+def environment_settings(args: argparse.Namespace) -> dict[str, int | float | None]:
+    """The environment policies given as flags, validated (``ConfigError`` names the flag)."""
+    from ..controlplane._exceptions import BadRequest
+    from ..controlplane._store._common import check_settings
+
+    given = {
+        name: getattr(args, name)
+        for name in _SETTING_FLAGS
+        if getattr(args, name, None) is not None
+    }
+    for name, value in given.items():
+        try:
+            check_settings({name: value})
+        except BadRequest as exc:
+            raise ConfigError(exc.message, key=_SETTING_FLAGS[name]) from None
+    return dict(given)
 
 
 def _open_store(state_dir: Path) -> SQLiteStore:
@@ -95,6 +125,7 @@ def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, Store]:
     """Everything ``serve`` needs before it binds, or the ``ConfigError`` that stops it."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"must be between 0 and 65535, got {args.port}", key="--port")
+    environment_settings(args)  # refused before anything is opened
     keys = key_provider_from_env(os.environ, watch=True)
     if keys is None:
         raise ConfigError(
@@ -108,12 +139,25 @@ def _serve_config(args: argparse.Namespace) -> tuple[KeyProvider, Store]:
     return keys, _open_store(Path(args.state_dir))
 
 
-async def _serve_until_signalled(store: Store, host: str, port: int, keys: KeyProvider) -> int:
+async def _serve_until_signalled(
+    store: Store,
+    host: str,
+    port: int,
+    keys: KeyProvider,
+    settings: dict[str, int | float | None] | None = None,
+) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 url = await nursery.start(
-                    partial(serve_control_plane, store, host=host, port=port, key_provider=keys)
+                    partial(
+                        serve_control_plane,
+                        store,
+                        host=host,
+                        port=port,
+                        key_provider=keys,
+                        environment_settings=settings,
+                    )
                 )
             except ConfigError as exc:
                 print(f"{_COMMAND}: error: {exc}", file=sys.stderr)
@@ -129,9 +173,17 @@ async def _serve_until_signalled(store: Store, host: str, port: int, keys: KeyPr
 def cli_serve(args: argparse.Namespace) -> int:
     """``python -m supervisor serve``: serve the state directory's store until SIGINT/SIGTERM.
 
+    The environment policies given as flags (``--max-queue-depth``, ``--retention``,
+    ``--max-attempts``, ``--backoff``, ``--backoff-max``) are written at start to every
+    environment of the store and given to environments created later through this
+    server; flags not given leave the stored values alone. Precedence: a per-item
+    submit value, then the environment's stored value (the last writer's: a ``serve``
+    replica starting, a worker on its own store, ``configure_environment``).
+
     Returns:
         0 after a clean stop; 2 for a configuration error (no key, unreadable key
-        file, port in use, unusable state directory), with the reason on stderr.
+        file, port in use, unusable state directory, a bad policy), with the reason
+        on stderr.
     """
     try:
         keys, store = _serve_config(args)
@@ -141,6 +193,8 @@ def cli_serve(args: argparse.Namespace) -> int:
     # The redaction filter is a second line of defence: nothing here logs the key.
     configure_logging(getattr(args, "log_format", "text"), secrets=[keys.current()])
     try:
-        return trio.run(_serve_until_signalled, store, args.host, args.port, keys)
+        return trio.run(
+            _serve_until_signalled, store, args.host, args.port, keys, environment_settings(args)
+        )
     finally:
         store.close()

@@ -106,6 +106,8 @@ def _convert(name: str, text: str, type_text: str) -> Any:
     if type_text.startswith("float"):
         if text.strip().lower() in ("", "none") and "None" in type_text:
             return None
+        if name.lower().endswith("retention"):
+            return text  # a duration ("7d"); the setting converts it and names a bad one
         try:
             return float(text)
         except ValueError:

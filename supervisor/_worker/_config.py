@@ -23,6 +23,14 @@ import attrs
 from .._base._exceptions import ConfigError
 from ..controlplane._connect import open_control_plane
 from ..controlplane._protocol import ControlPlane
+from ..controlplane._store._common import (
+    MAX_ATTEMPTS,
+    MAX_BACKOFF,
+    MAX_QUEUE_DEPTH,
+    MAX_RETENTION,
+    parse_duration,
+)
+from ..controlplane._store._dburl import is_postgres_url
 from ._agent import AgentFunction, is_async_callable, qualified_name
 from ._lease import DEADLINE_FRACTION
 from ._wedge import DEFAULT_WEDGE_PATTERNS, compile_wedge_patterns
@@ -114,6 +122,30 @@ def _path(value: Any) -> Path:
 
 def _optional_path(value: Any) -> Path | None:
     return None if value is None or value == "" else _path(value)
+
+
+def _duration(value: Any) -> Any:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or a number, as seconds."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="retention") from None
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _whole(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+#: The settings that are the environment's (`EnvironmentSettings`), by their name there.
+ENVIRONMENT_FIELDS = {
+    "max_queue_depth": "max_queue_depth",
+    "retention": "retention",
+    "default_max_attempts": "max_attempts",
+    "default_backoff": "backoff",
+    "default_backoff_max": "backoff_max",
+}
 
 
 def _patterns(value: Any) -> Any:
@@ -272,6 +304,19 @@ class WorkerConfig:
             clears the wedge.
         presence_interval: seconds between the worker's presence reports to the control
             plane (its ``offline_after`` should be about three of them).
+        max_queue_depth: the environment's queue cap: a submit beyond it is refused
+            (`QueueFull`). ``None`` leaves the environment's stored setting as it is.
+        retention: seconds (or ``"7d"``, ``"12h"``...) stopped items, messages and
+            settled delegations are kept; the worker's retention sweep purges older ones.
+        default_max_attempts, default_backoff, default_backoff_max: the environment's
+            default retry policy, for items submitted without one.
+
+            These five are the environment's settings, kept in the control plane's
+            database: the worker writes the ones given when it starts (later writes win),
+            and only on a plane it owns (embedded or direct PostgreSQL); a served plane
+            takes them from ``serve``'s flags.
+        retention_sweep_interval: seconds between the worker's retention sweeps (embedded
+            and direct PostgreSQL planes only).
     """
 
     state_dir: Path = attrs.field(default=Path(".supervisor"), converter=_path)
@@ -380,6 +425,44 @@ class WorkerConfig:
     presence_interval: float = attrs.field(
         default=30.0, validator=_check(_positive, "expected seconds > 0")
     )
+    max_queue_depth: int | None = attrs.field(
+        default=None,
+        validator=_check(
+            _optional(_whole(1, MAX_QUEUE_DEPTH)),
+            f"expected a whole number from 1 to {MAX_QUEUE_DEPTH}",
+        ),
+    )
+    retention: float | None = attrs.field(
+        default=None,
+        converter=_duration,
+        validator=_check(
+            _optional(lambda v: _positive(v) and v <= MAX_RETENTION),
+            "expected a duration > 0 (seconds, or 45s, 30m, 12h, 7d, 2w)",
+        ),
+    )
+    default_max_attempts: int | None = attrs.field(
+        default=None,
+        validator=_check(
+            _optional(_whole(1, MAX_ATTEMPTS)), f"expected a whole number from 1 to {MAX_ATTEMPTS}"
+        ),
+    )
+    default_backoff: float | None = attrs.field(
+        default=None,
+        validator=_check(
+            _optional(lambda v: _non_negative(v) and v <= MAX_BACKOFF),
+            f"expected seconds from 0 to {MAX_BACKOFF:g}",
+        ),
+    )
+    default_backoff_max: float | None = attrs.field(
+        default=None,
+        validator=_check(
+            _optional(lambda v: _non_negative(v) and v <= MAX_BACKOFF),
+            f"expected seconds from 0 to {MAX_BACKOFF:g}",
+        ),
+    )
+    retention_sweep_interval: float = attrs.field(
+        default=60.0, validator=_check(_positive, "expected seconds > 0")
+    )
 
     def __attrs_post_init__(self) -> None:
         for name in self.agent_env:
@@ -406,6 +489,22 @@ class WorkerConfig:
             )
         if self.control_plane is not None:
             _check_control_plane(self.control_plane)
+            given = [name for name in ENVIRONMENT_FIELDS if getattr(self, name) is not None]
+            if given and not is_postgres_url(self.control_plane):
+                raise ConfigError(
+                    "the environment's policies are kept by the server of a served control "
+                    "plane: set them with 'serve' (--max-queue-depth, --retention, "
+                    "--max-attempts, --backoff, --backoff-max), not on the worker",
+                    key=given[0],
+                )
+
+    def environment_settings(self) -> dict[str, int | float]:
+        """The environment policies given here, by their `EnvironmentSettings` names."""
+        return {
+            ENVIRONMENT_FIELDS[name]: getattr(self, name)
+            for name in ENVIRONMENT_FIELDS
+            if getattr(self, name) is not None
+        }
 
     @property
     def embedded(self) -> bool:

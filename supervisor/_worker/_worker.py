@@ -27,6 +27,7 @@ import random
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
+from functools import partial
 from typing import Any
 
 import trio
@@ -39,9 +40,11 @@ from .._tree._events import SupervisorSnapshot
 from .._tree._exceptions import ChildStartError
 from .._tree._spec import Backoff, ChildSpec, Strategy, SupervisorSpec
 from .._tree._supervisor import Supervisor
-from ..controlplane._exceptions import ControlPlaneError
+from ..controlplane._embedded import EmbeddedControlPlane
+from ..controlplane._exceptions import BadRequest, ControlPlaneError
 from ..controlplane._models import Outcome, OutcomeStatus, RetryPolicy, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
+from ..controlplane._retention import run_retention_sweep
 from ..controlplane._session_client import SessionCredentials, session_location
 from ._agent import AgentFunction, AgentRunner, AgentSpec, EnvPolicy
 from ._config import WorkerConfig
@@ -232,6 +235,7 @@ class Worker:
                 if plane is None:
                     plane = await stack.enter_async_context(self._open_control_plane())
                 self._control_plane = plane
+                await self._apply_environment_settings(plane)
                 tree = self._build_tree(plane)
                 manager = self._workspace_manager
                 if manager is not None:
@@ -244,6 +248,27 @@ class Worker:
         finally:
             self._running = False
             self._control_plane = None
+
+    async def _apply_environment_settings(self, plane: ControlPlane) -> None:
+        """Write the environment policies the configuration gives (queue cap, retention...).
+
+        Only to a plane whose store this worker holds (embedded SQLite, direct
+        PostgreSQL); a served plane's policies are its server's (`WorkerConfig`
+        refuses them there).
+        """
+        changes = self.config.environment_settings()
+        if not changes:
+            return
+        if not isinstance(plane, EmbeddedControlPlane):
+            raise ConfigError(
+                "environment policies need a control plane whose store this worker opens",
+                key="max_queue_depth",
+            )
+        try:
+            settings = await plane.configure_environment(**changes)
+        except BadRequest as exc:
+            raise ConfigError(exc.message) from None
+        logger.info("environment %s policies: %s", plane.environment_id, settings)
 
     def _wants_reaper(self) -> bool:
         """A reaper for subprocess agents, where ``/proc`` lets it find them."""
@@ -374,6 +399,21 @@ class Worker:
         )
         service_specs = [self._presence_spec(counted), *self._service_specs]
         service_specs.append(self._delegations_spec(plane))
+        if isinstance(plane, EmbeddedControlPlane):
+            # This worker holds the store: it sweeps what the retention says is old
+            # (a no-op for environments without one; idempotent beside other sweepers).
+            service_specs.append(
+                ChildSpec(
+                    "retention",
+                    partial(
+                        run_retention_sweep,
+                        plane.purge_expired,
+                        interval=config.retention_sweep_interval,
+                    ),
+                    shutdown=0,
+                    backoff=Backoff(initial=1.0, maximum=60.0),
+                )
+            )
         if config.api_enabled:
             service_specs.append(self._api_spec())
         services = self._services = Supervisor(

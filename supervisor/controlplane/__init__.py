@@ -22,6 +22,7 @@ from ._exceptions import (
     FencingConflict as FencingConflict,
     Gone as Gone,
     NotFound as NotFound,
+    QueueFull as QueueFull,
     TransientError as TransientError,
     Unauthorized as Unauthorized,
 )
@@ -31,6 +32,7 @@ from ._models import (
     Attempt as Attempt,
     Delegation as Delegation,
     DelegationStatus as DelegationStatus,
+    EnvironmentSettings as EnvironmentSettings,
     HeartbeatResult as HeartbeatResult,
     Outcome as Outcome,
     OutcomeStatus as OutcomeStatus,
@@ -64,6 +66,7 @@ __all__ = [
     "ControlPlane",
     "Delegation",
     "DelegationStatus",
+    "EnvironmentSettings",
     "HeartbeatResult",
     "NO_HEARTBEAT",
     "Outcome",
@@ -86,6 +89,7 @@ __all__ = [
     "FencingConflict",
     "Gone",
     "NotFound",
+    "QueueFull",
     "TransientError",
     "Unauthorized",
     # The environment keys a client presents and a server checks.

@@ -46,6 +46,7 @@ from ._exceptions import BadRequest, ControlPlaneError
 from ._models import (
     Delegation,
     DelegationStatus,
+    EnvironmentSettings,
     HeartbeatResult,
     Outcome,
     PresenceReport,
@@ -392,6 +393,31 @@ class EmbeddedControlPlane:
 
     async def stats(self) -> WorkStats:
         return await self._run(self._store.stats, self._environment_id, now=self._clock())
+
+    # --- environment policies ----------------------------------------------------
+
+    async def environment_settings(self) -> EnvironmentSettings:
+        """This environment's policies (queue cap, retention, default retry policy)."""
+        return await self._run(
+            self._store.environment_settings, self._environment_id, now=self._clock()
+        )
+
+    async def configure_environment(self, **changes: int | float | None) -> EnvironmentSettings:
+        """Change some of this environment's policies (``None`` clears one); returns them all.
+
+        The names are `EnvironmentSettings`' fields (``max_queue_depth``,
+        ``retention`` in seconds, ``max_attempts``, ``backoff``, ``backoff_max``).
+
+        Raises:
+            BadRequest: an unknown name or a value out of range.
+        """
+        return await self._run(
+            self._store.configure_environment, self._environment_id, changes, now=self._clock()
+        )
+
+    async def purge_expired(self, limit: int = 500) -> int:
+        """One bounded batch of the retention sweep (every environment of the store)."""
+        return await self._run(self._store.purge_expired, now=self._clock(), limit=limit)
 
     async def verify_session_secret(self, session_id: str, secret: str) -> bool:
         """Whether ``secret`` is the live credential of ``session_id`` (see `SQLiteStore`)."""

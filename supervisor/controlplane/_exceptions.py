@@ -13,6 +13,7 @@ __all__ = [
     "FencingConflict",
     "Gone",
     "NotFound",
+    "QueueFull",
     "TransientError",
     "Unauthorized",
 ]
@@ -40,6 +41,36 @@ class TransientError(ControlPlaneError):
     """Worth retrying later: 5xx, 408, 429, timeouts, connection errors."""
 
     error_type = "transient"
+
+
+class QueueFull(TransientError):
+    """The environment's queue is at its ``max_queue_depth``: the submit was refused.
+
+    Nothing was queued. HTTP answers it with 429 and a ``Retry-After`` header;
+    the embedded plane raises it as is. Try again after ``retry_after`` seconds
+    (workers drain the queue meanwhile).
+
+    Attributes:
+        environment_id: the environment whose queue is full.
+        depth: the queued items it held when the submit was refused.
+        max_queue_depth: its cap.
+        retry_after: whole seconds worth waiting before the next try.
+    """
+
+    status_code = 429
+    error_type = "queue_full"
+
+    def __init__(
+        self, environment_id: str, depth: int, max_queue_depth: int, retry_after: int
+    ) -> None:
+        super().__init__(
+            f"queue full: environment {environment_id} holds {depth} queued items "
+            f"(max_queue_depth {max_queue_depth}); retry in {retry_after} s"
+        )
+        self.environment_id = environment_id
+        self.depth = depth
+        self.max_queue_depth = max_queue_depth
+        self.retry_after = retry_after
 
 
 class ControlPlaneUnavailable(TransientError):

@@ -44,6 +44,7 @@ from ._exceptions import (
     FencingConflict,
     Gone,
     NotFound,
+    QueueFull,
     TransientError,
     Unauthorized,
 )
@@ -61,7 +62,7 @@ from ._models import (
     WorkState,
     WorkStats,
 )
-from ._store._common import check_key, check_retry, check_schedule
+from ._store._common import QUEUE_FULL_RETRY_AFTER, check_key, check_retry, check_schedule
 from ._text import check_text
 
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
@@ -113,6 +114,25 @@ def _check_base(base_url: str) -> str:
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(f"the control plane URL must be http(s)://host[:port], got {base_url!r}")
     return str(url).rstrip("/")
+
+
+def _queue_full(body: object, retry_after_header: str | None) -> QueueFull | None:
+    """The `QueueFull` a 429 describes (its body's fields, its ``Retry-After``), if it is one."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or error.get("type") != QueueFull.error_type:
+        return None
+    environment_id, depth, cap = (
+        error.get("environment_id"),
+        error.get("depth"),
+        error.get("max_queue_depth"),
+    )
+    if not (isinstance(environment_id, str) and isinstance(depth, int) and isinstance(cap, int)):
+        return None
+    try:
+        retry_after = max(1, int((retry_after_header or "").strip()))
+    except ValueError:
+        retry_after = QUEUE_FULL_RETRY_AFTER
+    return QueueFull(environment_id, depth, cap, retry_after)
 
 
 def _error_for(status: int, message: str, body: object = None) -> ControlPlaneError:
@@ -435,6 +455,10 @@ class HttpControlPlane:
                     status_code=status,
                 ) from None
         body = _error_body(response)
+        if status == 429:
+            full = _queue_full(body, response.headers.get("Retry-After"))
+            if full is not None:
+                raise full
         raise _error_for(status, f"{what} -> HTTP {status}: {_error_message(body, response)}", body)
 
     @staticmethod

@@ -18,6 +18,7 @@ __all__ = [
     "Attempt",
     "Delegation",
     "DelegationStatus",
+    "EnvironmentSettings",
     "HeartbeatResult",
     "Outcome",
     "OutcomeStatus",
@@ -149,6 +150,48 @@ class Attempt:
     worker_id: str | None = None
     started_at: float | None = None
     retry_at: float | None = None
+
+
+@attrs.frozen
+class EnvironmentSettings:
+    """The policies of one environment (DESIGN §4.2), kept with the environment itself.
+
+    Stored in the control plane's database, so every ``serve`` replica and
+    every worker sharing it applies the same values. ``None`` everywhere is
+    the built-in behaviour: no queue cap, nothing purged, failed sessions not
+    retried (lease losses bounded by the store's ``LeasePolicy.max_attempts``).
+
+    Attributes:
+        max_queue_depth: the most ``queued`` items the environment holds; a
+            submit beyond it is refused (`QueueFull`, HTTP 429).
+        retention: seconds a stopped item, a message or a settled delegation is
+            kept after it ended; then the retention sweep deletes it.
+        max_attempts: the default retry policy's attempts, for items submitted
+            without a `RetryPolicy` (a per-item policy overrides it whole).
+        backoff: the default retry policy's first backoff, in seconds.
+        backoff_max: the default retry policy's longest backoff, in seconds.
+    """
+
+    max_queue_depth: int | None = None
+    retention: float | None = None
+    max_attempts: int | None = None
+    backoff: float | None = None
+    backoff_max: float | None = None
+
+    def retry_policy(self) -> RetryPolicy | None:
+        """The retry policy an item submitted without one gets (``None``: no retries).
+
+        Any of the three retry fields set makes one; the others take
+        `RetryPolicy`'s defaults.
+        """
+        if self.max_attempts is None and self.backoff is None and self.backoff_max is None:
+            return None
+        default = RetryPolicy()
+        return RetryPolicy(
+            max_attempts=default.max_attempts if self.max_attempts is None else self.max_attempts,
+            backoff=default.backoff if self.backoff is None else self.backoff,
+            backoff_max=default.backoff_max if self.backoff_max is None else self.backoff_max,
+        )
 
 
 @attrs.frozen

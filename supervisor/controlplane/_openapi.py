@@ -49,7 +49,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
                         "type": "string",
                         "description": "Stable machine-readable kind: invalid_request, "
                         "unauthorized, not_found, conflict, gone, fencing_conflict, "
-                        "method_not_allowed, transient, unavailable, internal.",
+                        "method_not_allowed, queue_full, transient, unavailable, internal.",
                     },
                     "message": {"type": "string"},
                     "current_token": {
@@ -57,6 +57,28 @@ _SCHEMAS: Final[dict[str, Any]] = {
                         "description": "On a 412 only, and only when the stale token was "
                         "issued for the same lease (its holder missed an answer): the "
                         "current fencing token.",
+                    },
+                    "environment_id": {
+                        "type": "string",
+                        "description": "On a 429 queue_full only: the environment whose queue "
+                        "is full.",
+                    },
+                    "depth": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "On a 429 queue_full only: the queued items the "
+                        "environment held when the submit was refused.",
+                    },
+                    "max_queue_depth": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "description": "On a 429 queue_full only: the environment's cap.",
+                    },
+                    "retry_after": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "description": "On a 429 queue_full only: seconds worth waiting "
+                        "before the next try (also the Retry-After header).",
                     },
                 },
             }
@@ -271,7 +293,12 @@ _SCHEMAS: Final[dict[str, Any]] = {
                 },
             },
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-            "retry": _ref("RetryPolicy"),
+            "retry": {
+                **_ref("RetryPolicy"),
+                "description": "Retries of failed sessions; without it the item gets the "
+                "environment's default retry policy (serve --max-attempts/--backoff/"
+                "--backoff-max), if it has one. Given, it replaces the default whole.",
+            },
             "priority": {
                 "type": "integer",
                 "minimum": -1000,
@@ -437,6 +464,23 @@ def _with_response(operation: dict[str, Any], status: str, description: str) -> 
     return operation
 
 
+def _with_queue_full(operation: dict[str, Any]) -> dict[str, Any]:
+    """The backpressure answer of a submit (DESIGN §4.2): 429 with ``Retry-After``."""
+    operation["responses"]["429"] = {
+        "description": "The environment's queue holds max_queue_depth items already: nothing "
+        "was queued (a key already used still answers 200 with its item). Try again after "
+        "Retry-After seconds.",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before submitting again.",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+        "content": {"application/json": {"schema": _ref("Error")}},
+    }
+    return operation
+
+
 _WORK = f"{API_PREFIX}/work"
 _WORKERS = f"{API_PREFIX}/workers"
 _SESSIONS = f"{API_PREFIX}/sessions"
@@ -458,16 +502,18 @@ _PATHS: Final[dict[str, Any]] = {
         }
     },
     _WORK: {
-        "post": _with_response(
-            _operation(
-                "submitWork",
-                "Queue a session work item.",
-                "WorkItem",
-                status="201",
-                body="SubmitRequest",
-            ),
-            "200",
-            "The key was already used in this environment: the item it names; nothing queued.",
+        "post": _with_queue_full(
+            _with_response(
+                _operation(
+                    "submitWork",
+                    "Queue a session work item.",
+                    "WorkItem",
+                    status="201",
+                    body="SubmitRequest",
+                ),
+                "200",
+                "The key was already used in this environment: the item it names; nothing queued.",
+            )
         ),
         "get": _operation(
             "listWork",

@@ -57,6 +57,7 @@ from ._exceptions import (
     ControlPlaneError,
     FencingConflict,
     NotFound,
+    QueueFull,
     TransientError,
     Unauthorized,
 )
@@ -64,6 +65,7 @@ from ._keys import KEY_ENV, KEY_FILE_ENV, KeyProvider, as_key_provider
 from ._models import DelegationStatus, WorkState
 from ._openapi import API_PREFIX, openapi_document
 from ._protocol import ControlPlane
+from ._retention import SWEEP_INTERVAL, run_retention_sweep
 from ._store import SQLiteStore, Store
 
 __all__ = [
@@ -124,10 +126,13 @@ def _error(
     headers: Mapping[str, str] | None = None,
     *,
     current_token: str | None = None,
+    extra: Mapping[str, codec.JSON] | None = None,
 ) -> Response:
     error: dict[str, codec.JSON] = {"type": kind, "message": message}
     if current_token is not None:
         error["current_token"] = current_token
+    if extra:
+        error.update(extra)
     return Response(
         codec.dumps({"error": error}),
         status_code=status,
@@ -143,7 +148,16 @@ def _error_for(exc: ControlPlaneError) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     # A stale token of the holder's own lease learns the current one (see _fencing).
     current = exc.current_token if isinstance(exc, FencingConflict) else None
-    return _error(status, exc.error_type, exc.message, headers, current_token=current)
+    extra: dict[str, codec.JSON] | None = None
+    if isinstance(exc, QueueFull):
+        headers = {"Retry-After": str(exc.retry_after)}
+        extra = {
+            "environment_id": exc.environment_id,
+            "depth": exc.depth,
+            "max_queue_depth": exc.max_queue_depth,
+            "retry_after": exc.retry_after,
+        }
+    return _error(status, exc.error_type, exc.message, headers, current_token=current, extra=extra)
 
 
 # --- environments -----------------------------------------------------------------
@@ -167,11 +181,15 @@ class _Environments:
         self._single = single
         self._owned_store = owned_store
         self._planes: dict[str, ControlPlane] = {}
+        #: The store behind every plane, when the server has one (it sweeps it).
+        self.store: Store | None = owned_store
 
     @classmethod
     def from_source(cls, source: object) -> _Environments:
         if isinstance(source, Store):
-            return cls(partial(_embedded_plane, source), None)
+            environments = cls(partial(_embedded_plane, source), None)
+            environments.store = source
+            return environments
         if isinstance(source, ControlPlane):
             return cls(None, source)
         if isinstance(source, str | os.PathLike):
@@ -777,6 +795,8 @@ async def serve_control_plane(
     port: int = 0,
     key_provider: str | KeyProvider,
     max_body_bytes: int = MAX_BODY_BYTES,
+    environment_settings: Mapping[str, int | float | None] | None = None,
+    retention_sweep_interval: float | None = SWEEP_INTERVAL,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a control plane over HTTP until cancelled.
@@ -792,15 +812,30 @@ async def serve_control_plane(
         port: the port to bind; 0 picks a free one.
         key_provider: the environment key or a ``KeyProvider``; required and non-empty.
         max_body_bytes: the largest request body accepted (413 above).
+        environment_settings: policies (`EnvironmentSettings` field names to values) written,
+            as the server starts, to every environment the store already has and to
+            ``default``, and given to every environment created later through this server.
+            Fields not named keep their stored values. Needs a store (or a path).
+        retention_sweep_interval: seconds between retention sweeps of the store (see
+            `run_retention_sweep`); ``None`` turns the sweep off. Only with a store.
         task_status: receives the bound base URL, for example ``http://127.0.0.1:41234``.
 
     Raises:
-        ConfigError: no key, or the address cannot be bound (for example the port is in use).
+        ConfigError: no key, the address cannot be bound (for example the port is in
+            use), or environment settings that are out of range or given without a store.
     """
     app, environments = _build(factory_or_store, as_key_provider(key_provider), max_body_bytes)
     try:
         if port:
             _check_bindable(host, port)
+        store = environments.store
+        if environment_settings:
+            if store is None:
+                raise ConfigError(
+                    "environment settings need a store to keep them in: serve a store or "
+                    "a database path"
+                )
+            await trio.to_thread.run_sync(apply_environment_settings, store, environment_settings)
         config = HypercornConfig()
         config.bind = [_bind_address(host, port)]
         config.accesslog = None
@@ -812,10 +847,44 @@ async def serve_control_plane(
             asgi: Any = app
             binds: list[str] = await nursery.start(partial(hypercorn_serve, asgi, config))
             url = binds[0]
+            if store is not None and retention_sweep_interval is not None:
+                await nursery.start(
+                    partial(
+                        run_retention_sweep,
+                        partial(_purge_batch, store),
+                        interval=retention_sweep_interval,
+                    )
+                )
             logger.info("reference control plane listening on %s", url)
             task_status.started(url)
     finally:
         await environments.aclose()
+
+
+async def _purge_batch(store: Store, limit: int) -> int:
+    return await trio.to_thread.run_sync(partial(store.purge_expired, now=time.time(), limit=limit))
+
+
+def apply_environment_settings(store: Store, settings: Mapping[str, int | float | None]) -> None:
+    """Write ``settings`` to every environment of ``store`` (and ``default``), and make them
+    the settings of environments created from now on through this store object.
+
+    Raises:
+        ConfigError: a setting is unknown or out of range.
+    """
+    import attrs
+
+    from ._store._common import check_settings
+
+    try:
+        checked = check_settings(settings)
+    except BadRequest as exc:
+        raise ConfigError(exc.message) from None
+    changes: dict[str, Any] = dict(checked)
+    store.environment_defaults = attrs.evolve(store.environment_defaults, **changes)
+    now = time.time()
+    for environment_id in {"default", *store.list_environments()}:
+        store.configure_environment(environment_id, checked, now=now)
 
 
 @asynccontextmanager
@@ -826,6 +895,8 @@ async def open_control_plane_server(
     port: int = 0,
     key_provider: str | KeyProvider,
     max_body_bytes: int = MAX_BODY_BYTES,
+    environment_settings: Mapping[str, int | float | None] | None = None,
+    retention_sweep_interval: float | None = SWEEP_INTERVAL,
 ) -> AsyncIterator[str]:
     """Run the server for the duration of the block; yields its base URL.
 
@@ -846,6 +917,8 @@ async def open_control_plane_server(
                     port=port,
                     key_provider=key_provider,
                     max_body_bytes=max_body_bytes,
+                    environment_settings=environment_settings,
+                    retention_sweep_interval=retention_sweep_interval,
                 )
             )
             try:

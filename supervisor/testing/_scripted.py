@@ -30,9 +30,11 @@ from ..controlplane._exceptions import (
     FencingConflict,
     Gone,
     NotFound,
+    QueueFull,
 )
 from ..controlplane._models import (
     NO_HEARTBEAT,
+    Attempt,
     Delegation,
     DelegationStatus,
     HeartbeatResult,
@@ -49,6 +51,8 @@ from ..controlplane._models import (
     WorkStats,
 )
 from ..controlplane._status import StatusPolicy, evaluate, new_worker
+from ..controlplane._store._common import QUEUE_FULL_RETRY_AFTER
+from ..controlplane._store._items import backoff_delay, stop_decision
 
 __all__ = [
     "HANG",
@@ -170,6 +174,17 @@ class _Record:
         self.lease_tokens.clear()
 
 
+def _attempt(item: WorkItem, outcome: Outcome, ended: float, retry_at: float | None) -> Attempt:
+    return Attempt(
+        attempt=item.attempts + 1,
+        outcome=outcome,
+        ended_at=ended,
+        worker_id=item.worker_id,
+        started_at=item.started_at,
+        retry_at=retry_at,
+    )
+
+
 class ScriptedControlPlane:
     """An in-memory ``ControlPlane`` with fault injection, for unit tests.
 
@@ -178,9 +193,17 @@ class ScriptedControlPlane:
         default_ttl: the ttl granted when none is asked for.
         min_ttl: lower clamp of a desired ttl.
         max_ttl: upper clamp of a desired ttl.
-        max_attempts: expired leases before an item ends ``stopped`` (failed).
+        max_attempts: expired leases before an item ends ``stopped`` (failed), for an
+            item without a retry policy.
         reclaim_ms: how long a polled but never acknowledged item stays
             hidden when the poller names no ``reclaim_older_than_ms``.
+        max_queue_depth: the environment's queue cap (``None``: none); a submit past it
+            raises `QueueFull`, as the store does.
+
+    The policy rules follow the store's, small: the retry rule (the same pure
+    `stop_decision` and `backoff_delay`), dead letter, each ended attempt in the
+    item's history, priority then age for claims, ``not_before``, idempotency keys
+    and the queue cap. Retention is the store's alone (nothing is purged here).
     """
 
     def __init__(
@@ -192,6 +215,7 @@ class ScriptedControlPlane:
         max_ttl: float = 3600.0,
         max_attempts: int = 3,
         reclaim_ms: int = 60_000,
+        max_queue_depth: int | None = None,
     ) -> None:
         self._environment_id = environment_id
         self.default_ttl = default_ttl
@@ -199,6 +223,7 @@ class ScriptedControlPlane:
         self.max_ttl = max_ttl
         self.max_attempts = max_attempts
         self.reclaim_ms = reclaim_ms
+        self.max_queue_depth = max_queue_depth
         #: Every call, in the order made.
         self.calls: list[Call] = []
         #: Leases that expired server-side: ``(work_id, trio time)``.
@@ -345,6 +370,18 @@ class ScriptedControlPlane:
         key: str | None = None,
     ) -> WorkItem:
         async with self._recording("submit", prompt=prompt, session_id=session_id) as call:
+            for known in self._records.values():
+                if key is not None and known.item.key == key:
+                    item = attrs.evolve(known.item, duplicate=True)
+                    self._processed(call)
+                    call.result = item
+                    return item
+            self._expire(trio.current_time())
+            depth = sum(r.item.state is WorkState.QUEUED for r in self._records.values())
+            if self.max_queue_depth is not None and depth >= self.max_queue_depth:
+                raise QueueFull(
+                    self._environment_id, depth, self.max_queue_depth, QUEUE_FULL_RETRY_AFTER
+                )
             n = next(self._ids)
             item = WorkItem(
                 id=f"work-{n}",
@@ -356,6 +393,7 @@ class ScriptedControlPlane:
                 retry=retry,
                 priority=priority,
                 not_before=not_before if delay is None else trio.current_time() + delay,
+                key=key,
             )
             self._records[item.id] = _Record(item)
             self._processed(call)
@@ -472,9 +510,42 @@ class ScriptedControlPlane:
                     raise record.stale(work_id, expected_last_heartbeat)
             now = trio.current_time()
             record.expires_at = None
-            record.item = attrs.evolve(
-                record.item, state=WorkState.STOPPED, stopped_at=now, outcome=outcome
+            recorded = outcome or Outcome(OutcomeStatus.CANCELLED, reason="stopped")
+            item = record.item
+            decision = stop_decision(item.retry, item.state, recorded, item.attempts)
+            retry_at = (
+                now + backoff_delay(item.retry, decision.attempts)
+                if decision.requeue and item.retry is not None
+                else None
             )
+            history = (*item.history, _attempt(item, recorded, now, retry_at))
+            if retry_at is not None:
+                record.token = None
+                record.new_lease()
+                record.delivered_at = None
+                record.delivered_to = None
+                record.item = attrs.evolve(
+                    item,
+                    state=WorkState.QUEUED,
+                    attempts=decision.attempts,
+                    worker_id=None,
+                    acknowledged_at=None,
+                    started_at=None,
+                    latest_heartbeat_at=None,
+                    not_before=retry_at,
+                    history=history,
+                )
+                self._notify()
+            else:
+                record.item = attrs.evolve(
+                    item,
+                    state=WorkState.STOPPED,
+                    stopped_at=now,
+                    outcome=outcome,
+                    attempts=decision.attempts,
+                    dead=decision.dead,
+                    history=history,
+                )
             self._processed(call)
             call.result = record.item
         return record.item
@@ -501,18 +572,26 @@ class ScriptedControlPlane:
                 raise record.stale(work_id, expected_last_heartbeat)
             now = trio.current_time()
             attempts = record.item.attempts + 1
+            recorded = outcome or Outcome(OutcomeStatus.CANCELLED, reason="requeued")
             record.token = None
             record.new_lease()
             record.expires_at = None
             record.delivered_at = None
             record.delivered_to = None
-            if state is WorkState.STOPPING or attempts >= self.max_attempts:
+            final = state is WorkState.STOPPING or attempts >= self._limit(record.item)
+            history = (
+                *record.item.history,
+                _attempt(record.item, recorded, now, None if final else now),
+            )
+            if final:
                 record.item = attrs.evolve(
                     record.item,
                     state=WorkState.STOPPED,
                     attempts=attempts,
                     stopped_at=now,
-                    outcome=outcome or Outcome(OutcomeStatus.CANCELLED, reason="requeued"),
+                    outcome=recorded,
+                    dead=state is not WorkState.STOPPING,
+                    history=history,
                 )
             else:
                 record.item = attrs.evolve(
@@ -523,6 +602,7 @@ class ScriptedControlPlane:
                     acknowledged_at=None,
                     started_at=None,
                     latest_heartbeat_at=None,
+                    history=history,
                 )
             self._processed(call)
             call.result = record.item
@@ -571,6 +651,7 @@ class ScriptedControlPlane:
                 outcome=None,
                 stopped_at=None,
                 stop_requested_at=None,
+                not_before=None,
                 dead=False,
             )
             self._processed(call)
@@ -875,34 +956,62 @@ class ScriptedControlPlane:
                 record.expires_at = None
                 continue
             attempts = record.item.attempts + 1
+            ended = record.expires_at
+            stopping = record.item.state is WorkState.STOPPING
             record.token = None
             record.new_lease()
             record.expires_at = None
             record.delivered_at = None
             record.delivered_to = None
-            if attempts >= self.max_attempts:
+            final = stopping or attempts >= self._limit(record.item)
+            expired = (
+                Outcome(OutcomeStatus.CANCELLED, reason="lease expired after a stop request")
+                if stopping
+                else Outcome(OutcomeStatus.FAILED, reason="lease expired")
+            )
+            history = (
+                *record.item.history,
+                _attempt(record.item, expired, ended, None if final else now),
+            )
+            if final:
                 record.item = attrs.evolve(
                     record.item,
                     state=WorkState.STOPPED,
                     attempts=attempts,
                     stopped_at=now,
-                    outcome=Outcome(OutcomeStatus.FAILED, reason="lease expired"),
+                    outcome=expired,
+                    dead=not stopping,
+                    history=history,
                 )
             else:
                 record.item = attrs.evolve(
-                    record.item, state=WorkState.QUEUED, attempts=attempts, worker_id=None
+                    record.item,
+                    state=WorkState.QUEUED,
+                    attempts=attempts,
+                    worker_id=None,
+                    history=history,
                 )
             self.expirations.append((work_id, now))
             self._notify()
 
+    def _limit(self, item: WorkItem) -> int:
+        """Attempts an item may lose: its retry policy's, else the plane's default."""
+        return item.retry.max_attempts if item.retry is not None else self.max_attempts
+
     def _claimable(self, now: float, reclaim: float) -> _Record | None:
-        for record in self._records.values():
-            if record.item.state is not WorkState.QUEUED:
+        """The highest priority first, the oldest within one; never before ``not_before``."""
+        best: _Record | None = None
+        for record in self._records.values():  # insertion order is submit order
+            item = record.item
+            if item.state is not WorkState.QUEUED:
                 continue
             if record.delivered_at is not None and now - record.delivered_at < reclaim:
                 continue
-            return record
-        return None
+            if item.not_before is not None and now < item.not_before:
+                continue
+            if best is None or item.priority > best.item.priority:
+                best = record
+        return best
 
     def _get(self, work_id: str) -> _Record:
         try:

@@ -63,19 +63,23 @@ class ConformanceTarget:
     cp: ControlPlane
     clock: ManualClock
     implementation: str
+    #: The store behind the plane: environment settings and the retention sweep are its
+    #: owner's calls (the server's, the worker's), not calls of the protocol.
+    store: Store
     lease: LeasePolicy = LEASE_POLICY
     status: StatusPolicy = STATUS_POLICY
 
 
 Factory = Callable[
-    [Path, ManualClock, LeasePolicy, StatusPolicy], AbstractAsyncContextManager[ControlPlane]
+    [Path, ManualClock, LeasePolicy, StatusPolicy],
+    AbstractAsyncContextManager[tuple[ControlPlane, Store]],
 ]
 
 
 @asynccontextmanager
 async def _embedded(
     tmp_path: Path, clock: ManualClock, lease: LeasePolicy, status: StatusPolicy
-) -> AsyncIterator[ControlPlane]:
+) -> AsyncIterator[tuple[ControlPlane, Store]]:
     async with EmbeddedControlPlane(
         tmp_path / "controlplane.sqlite3",
         clock=clock,
@@ -84,13 +88,13 @@ async def _embedded(
         lease_policy=lease,
         status_policy=status,
     ) as cp:
-        yield cp
+        yield cp, cp.store
 
 
 @asynccontextmanager
 async def _embedded_inline(
     tmp_path: Path, clock: ManualClock, lease: LeasePolicy, status: StatusPolicy
-) -> AsyncIterator[ControlPlane]:
+) -> AsyncIterator[tuple[ControlPlane, Store]]:
     async with EmbeddedControlPlane(
         tmp_path / "controlplane.sqlite3",
         clock=clock,
@@ -99,7 +103,7 @@ async def _embedded_inline(
         lease_policy=lease,
         status_policy=status,
     ) as cp:
-        yield cp
+        yield cp, cp.store
 
 
 #: The environment key the "http" implementation's server and client share.
@@ -123,11 +127,11 @@ async def _served(store: Store, clock: ManualClock) -> AsyncIterator[ControlPlan
 @asynccontextmanager
 async def _http(
     tmp_path: Path, clock: ManualClock, lease: LeasePolicy, status: StatusPolicy
-) -> AsyncIterator[ControlPlane]:
+) -> AsyncIterator[tuple[ControlPlane, Store]]:
     store = SQLiteStore(tmp_path / "controlplane.sqlite3", lease_policy=lease, status_policy=status)
     try:
         async with _served(store, clock) as cp:
-            yield cp
+            yield cp, store
     finally:
         store.close()
 
@@ -152,20 +156,20 @@ async def _postgres_store(lease: LeasePolicy, status: StatusPolicy) -> AsyncIter
 @asynccontextmanager
 async def _postgres(
     tmp_path: Path, clock: ManualClock, lease: LeasePolicy, status: StatusPolicy
-) -> AsyncIterator[ControlPlane]:
+) -> AsyncIterator[tuple[ControlPlane, Store]]:
     async with (
         _postgres_store(lease, status) as store,
         EmbeddedControlPlane(store, clock=clock, poll_interval=0.02) as cp,
     ):
-        yield cp
+        yield cp, store
 
 
 @asynccontextmanager
 async def _http_postgres(
     tmp_path: Path, clock: ManualClock, lease: LeasePolicy, status: StatusPolicy
-) -> AsyncIterator[ControlPlane]:
+) -> AsyncIterator[tuple[ControlPlane, Store]]:
     async with _postgres_store(lease, status) as store, _served(store, clock) as cp:
-        yield cp
+        yield cp, store
 
 
 IMPLEMENTATIONS: dict[str, Factory] = {

@@ -18,5 +18,5 @@ async def control_plane(
     """Each `ControlPlane` implementation in turn, over a fresh store and a manual clock."""
     name: str = request.param
     clock = ManualClock()
-    async with IMPLEMENTATIONS[name](tmp_path, clock, LEASE_POLICY, STATUS_POLICY) as cp:
-        yield ConformanceTarget(cp=cp, clock=clock, implementation=name)
+    async with IMPLEMENTATIONS[name](tmp_path, clock, LEASE_POLICY, STATUS_POLICY) as (cp, store):
+        yield ConformanceTarget(cp=cp, clock=clock, implementation=name, store=store)

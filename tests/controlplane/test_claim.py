@@ -34,7 +34,8 @@ async def target(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[tuple[EmbeddedControlPlane, ManualClock]]:
     clock = ManualClock()
-    async with IMPLEMENTATIONS[request.param](tmp_path, clock, LEASE_POLICY, STATUS_POLICY) as cp:
+    factory = IMPLEMENTATIONS[request.param]
+    async with factory(tmp_path, clock, LEASE_POLICY, STATUS_POLICY) as (cp, _store):
         assert isinstance(cp, ClaimsBatches)
         yield cast(EmbeddedControlPlane, cp), clock
 

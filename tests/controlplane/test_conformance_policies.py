@@ -1,8 +1,10 @@
 """Conformance lines of the work policies (DESIGN §4.2), run on every control plane.
 
 Retry of failed sessions with backoff, the attempt history, the dead letter and
-``retry``. Time is the `ManualClock` shared with the store, so a backoff is
-exact: an item is not claimable a moment before its ``not_before``.
+``retry``; the environment policies: backpressure (``max_queue_depth``), retention
+(the purge sweep) and the default retry policy; lease expiries in the history.
+Time is the `ManualClock` shared with the store, so a backoff is exact: an item is
+not claimable a moment before its ``not_before``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
+import trio
 
 from supervisor.controlplane import (
     NO_HEARTBEAT,
@@ -19,10 +23,12 @@ from supervisor.controlplane import (
     NotFound,
     Outcome,
     OutcomeStatus,
+    QueueFull,
     RetryPolicy,
     WorkItem,
     WorkState,
 )
+from supervisor.controlplane._http import HttpControlPlane
 
 if TYPE_CHECKING:
     from controlplane.conformance import ConformanceTarget
@@ -333,3 +339,243 @@ async def test_a_bad_key_is_refused_and_queues_nothing(
     with pytest.raises(BadRequest, match="key"):
         await t.cp.submit("never", key=key)
     assert await t.cp.list_work() == []
+
+
+# --- environment policies ------------------------------------------------------------
+
+
+async def configure(t: ConformanceTarget, **changes: int | float | None) -> None:
+    """Set the environment's policies through the store, as its owner does."""
+    await trio.to_thread.run_sync(
+        lambda: t.store.configure_environment(t.cp.environment_id, changes, now=t.clock.now)
+    )
+
+
+async def test_a_submit_beyond_max_queue_depth_is_refused_and_queues_nothing(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    await configure(t, max_queue_depth=2)
+    first = await t.cp.submit("one")
+    await t.cp.submit("two")
+    with pytest.raises(QueueFull) as refused:
+        await t.cp.submit("three")
+    full = refused.value
+    assert (full.environment_id, full.depth, full.max_queue_depth) == ("default", 2, 2)
+    assert full.status_code == 429 and full.retry_after == 5
+    assert str(full) == (
+        "queue full: environment default holds 2 queued items (max_queue_depth 2); retry in 5 s"
+    )
+    assert (await t.cp.stats()).depth == 2
+    if isinstance(t.cp, HttpControlPlane):
+        # On the wire: 429, Retry-After, and the JSON error shape with the figures.
+        from controlplane.conformance import HTTP_KEY
+
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(
+                f"{t.cp.base_url}/v1/environments/default/work",
+                json={"data": {"type": "session", "prompt": "four"}},
+                headers={"Authorization": f"Bearer {HTTP_KEY}"},
+            )
+        assert answer.status_code == 429
+        assert answer.headers["Retry-After"] == "5"
+        error = answer.json()["error"]
+        assert error["type"] == "queue_full" and "max_queue_depth 2" in error["message"]
+        assert (error["depth"], error["max_queue_depth"], error["retry_after"]) == (2, 2, 5)
+    # A claimed item leaves the queue: there is room for one more.
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == first.id
+    await t.cp.ack(first.id, worker_id=W1)
+    assert (await t.cp.submit("three")).state is WorkState.QUEUED
+    with pytest.raises(QueueFull):
+        await t.cp.submit("four")
+    # Lifting the cap lets submits through again.
+    await configure(t, max_queue_depth=None)
+    await t.cp.submit("four")
+    assert (await t.cp.stats()).depth == 3
+
+
+async def test_a_key_already_used_returns_its_item_even_when_the_queue_is_full(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    await configure(t, max_queue_depth=1)
+    first = await t.cp.submit("keyed", key="k-1")
+    again = await t.cp.submit("keyed", key="k-1")
+    assert (again.id, again.duplicate) == (first.id, True)
+    with pytest.raises(QueueFull):
+        await t.cp.submit("another key", key="k-2")
+    assert [i.id for i in await t.cp.list_work()] == [first.id]
+
+
+async def test_concurrent_submits_at_the_edge_never_exceed_the_cap(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    await configure(t, max_queue_depth=5)
+    for n in range(4):
+        await t.cp.submit(f"filler {n}")
+    accepted: list[str] = []
+    refused: list[QueueFull] = []
+
+    async def one(n: int) -> None:
+        try:
+            accepted.append((await t.cp.submit(f"racer {n}")).id)
+        except QueueFull as exc:
+            refused.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(8):
+            nursery.start_soon(one, n)
+    assert (len(accepted), len(refused)) == (1, 7)
+    # The store itself, from several threads at once (PostgreSQL: several connections).
+    await configure(t, max_queue_depth=7)
+
+    def direct(n: int) -> str | None:
+        try:
+            return t.store.submit(t.cp.environment_id, f"thread {n}", now=t.clock.now).id
+        except QueueFull:
+            return None
+
+    results: list[str | None] = []
+
+    async def threaded(n: int) -> None:
+        results.append(await trio.to_thread.run_sync(direct, n))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(8):
+            nursery.start_soon(threaded, n)
+    assert sum(r is not None for r in results) == 2
+    assert (await t.cp.stats()).depth == 7
+
+
+async def test_the_environment_retry_policy_applies_unless_the_item_brings_its_own(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    await configure(t, max_attempts=2, backoff=10.0, backoff_max=20.0)
+    plain = await t.cp.submit("uses the default")
+    assert plain.retry == RetryPolicy(max_attempts=2, backoff=10.0, backoff_max=20.0)
+    failed_at = t.clock.now
+    again = await run_once(t, plain.id, FAILED)
+    assert (again.state, again.attempts) == (WorkState.QUEUED, 1)
+    assert again.not_before is not None
+    assert failed_at + 5.0 - 1e-3 <= again.not_before <= failed_at + 10.0 + 1e-3
+    t.clock.advance(10.0)
+    last = await run_once(t, plain.id, FAILED)
+    assert (last.state, last.dead, len(last.history)) == (WorkState.STOPPED, True, 2)
+    # A per-item policy overrides the default whole.
+    own = RetryPolicy(max_attempts=1)
+    mine = await t.cp.submit("brings its own", retry=own)
+    assert mine.retry == own
+    ended = await run_once(t, mine.id, FAILED)
+    assert (ended.state, ended.dead) == (WorkState.STOPPED, True)
+    # Without a default, a failure is final again.
+    await configure(t, max_attempts=None, backoff=None, backoff_max=None)
+    bare = await t.cp.submit("no policy")
+    assert bare.retry is None
+    assert (await run_once(t, bare.id, FAILED)).dead is False
+
+
+async def test_bad_environment_settings_are_refused_and_change_nothing(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    await configure(t, max_queue_depth=3)
+    for bad in (
+        {"max_queue_depth": 0},
+        {"max_queue_depth": True},
+        {"retention": -1.0},
+        {"retention": math.inf},
+        {"max_attempts": 0},
+        {"backoff": math.nan},
+        {"backoff_max": 1e9},
+        {"priority": 1},
+    ):
+        with pytest.raises(BadRequest):
+            await configure(t, **bad)
+    settings = await trio.to_thread.run_sync(
+        lambda: t.store.environment_settings(t.cp.environment_id, now=t.clock.now)
+    )
+    assert settings.max_queue_depth == 3 and settings.retention is None
+
+
+async def test_a_lease_expiry_adds_an_attempt_to_the_history(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("abandoned")
+    ttl = t.lease.default_ttl
+    for attempt in range(1, t.lease.max_attempts + 1):
+        polled = await t.cp.poll(worker_id=W1, reclaim_older_than_ms=0)
+        assert polled is not None and polled.id == item.id
+        await t.cp.ack(item.id, worker_id=W1)
+        await t.cp.heartbeat(item.id, expected_last_heartbeat=NO_HEARTBEAT)
+        started = t.clock.now
+        t.clock.advance(ttl + 1)
+        got = await t.cp.get(item.id)
+        assert len(got.history) == attempt
+        entry = got.history[-1]
+        assert entry.attempt == attempt and entry.worker_id == W1
+        assert entry.outcome == Outcome(OutcomeStatus.FAILED, reason="lease expired")
+        assert entry.started_at == approx(started)
+        assert entry.ended_at == approx(started + ttl)
+        if attempt < t.lease.max_attempts:
+            assert got.state is WorkState.QUEUED and entry.retry_at is not None
+        else:
+            assert (got.state, got.dead, entry.retry_at) == (WorkState.STOPPED, True, None)
+
+
+async def test_retention_purges_what_ended_long_ago_and_never_a_live_item(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    env = t.cp.environment_id
+    await configure(t, retention=100.0)
+    # Ends now: a completed item (keyed, with a message), a dead letter, a delegate.
+    done = await t.cp.submit("done", key="k-done")
+    await t.cp.post_message(done.data.id, "a follow-up")
+    await run_once(t, done.id, Outcome(OutcomeStatus.COMPLETED))
+    dead = await t.cp.submit("dead", retry=RetryPolicy(max_attempts=1))
+    assert (await run_once(t, dead.id, FAILED)).dead
+    # Live: an active item (its old message stays with it) that delegated, and a queued one.
+    active = await t.cp.submit("active")
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and polled.id == active.id
+    await t.cp.ack(active.id, worker_id=W1)
+    beat = await t.cp.heartbeat(
+        active.id, expected_last_heartbeat=NO_HEARTBEAT, desired_ttl_seconds=1000.0
+    )
+    await t.cp.post_message(active.data.id, "for a live session")
+    delegation = await t.cp.delegate(active.data.id, "a sub-task")
+    await run_once(t, delegation.work_id, Outcome(OutcomeStatus.COMPLETED, result="ok"))
+    queued = await t.cp.submit("queued")
+
+    def purge(limit: int) -> int:
+        return t.store.purge_expired(now=t.clock.now, limit=limit)
+
+    # Younger than the retention (a young dead letter included): nothing goes.
+    t.clock.advance(99.0)
+    assert await trio.to_thread.run_sync(purge, 100) == 0
+    t.clock.advance(2.0)
+    # Bounded: 2 rows a call. Due: 3 items, 1 delegation, 1 message = 5 rows.
+    assert [await trio.to_thread.run_sync(purge, 2) for _ in range(4)] == [2, 2, 1, 0]
+    left = {i.id for i in await t.cp.list_work()}
+    assert left == {active.id, queued.id}
+    with pytest.raises(NotFound):
+        await t.cp.get(done.id)
+    assert await t.cp.list_delegations(W1) == []
+    assert [m.body for m in await t.cp.list_messages(active.data.id)] == ["for a live session"]
+    assert (await t.cp.list_work(dead=True)) == []
+    # The purged item's key is free again.
+    fresh = await t.cp.submit("done again", key="k-done")
+    assert not fresh.duplicate and fresh.id != done.id
+    # Without a retention nothing is purged, however old.
+    await configure(t, retention=None)
+    await t.cp.stop(active.id, expected_last_heartbeat=beat.last_heartbeat)
+    t.clock.advance(10 * 365 * 86_400.0)
+    assert await trio.to_thread.run_sync(purge, 100) == 0
+    await trio.to_thread.run_sync(
+        lambda: t.store.purge(env, older_than=t.clock.now, limit=100, now=t.clock.now)
+    )
+    assert {i.id for i in await t.cp.list_work()} == {queued.id, fresh.id}

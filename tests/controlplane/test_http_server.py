@@ -929,3 +929,21 @@ async def test_a_submit_with_a_used_key_answers_200_with_the_first_item_not_201(
     assert again.json()["key"] == "deploy-42"
     listed = await client.get(ENV + "/work")
     assert [item["id"] for item in listed.json()["data"]] == [created.json()["id"]]
+
+
+async def test_openapi_describes_the_queue_full_answer_of_submit(
+    client: httpx.AsyncClient,
+) -> None:
+    """A submit past max_queue_depth: 429, its Retry-After header and the error's figures."""
+    document = (await client.get("/openapi.json")).json()
+    submit = next(
+        operations["post"]
+        for path, operations in document["paths"].items()
+        if path.endswith("/work") and "post" in operations
+    )
+    full = submit["responses"]["429"]
+    assert full["headers"]["Retry-After"]["schema"] == {"type": "integer", "minimum": 1}
+    assert full["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    error = document["components"]["schemas"]["Error"]["properties"]["error"]
+    assert {"environment_id", "depth", "max_queue_depth", "retry_after"} <= set(error["properties"])
+    assert "queue_full" in error["properties"]["type"]["description"]

@@ -182,8 +182,8 @@ def test_the_migrate_command_is_idempotent_and_never_prints_the_password(
             capture_output=True, text=True, env=env, check=True,
         )  # fmt: skip
         outputs.append(done.stdout + done.stderr)
-    assert "migrated from version 0 to 2" in outputs[0]
-    assert "already at version 2" in outputs[1]
+    assert "migrated from version 0 to 3" in outputs[0]
+    assert "already at version 3" in outputs[1]
     assert all("hunter2" not in out and "***" in out for out in outputs)
 
 

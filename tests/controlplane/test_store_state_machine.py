@@ -49,6 +49,7 @@ from supervisor.controlplane import (
     Outcome,
     OutcomeStatus,
     PresenceReport,
+    QueueFull,
     RetryPolicy,
     SQLiteStore,
     StatusPolicy,
@@ -185,6 +186,13 @@ class ServedStore:
     def deregister_worker(self, env: str, worker_id: str, *, now: float) -> Any:
         return self._call(now, self.cp.deregister_worker, worker_id)
 
+    # Environment settings and the retention sweep are the store's owner's, not API calls.
+    def configure_environment(self, env: str, changes: Any, *, now: float) -> Any:
+        return self._store.configure_environment(env, changes, now=now)
+
+    def purge(self, env: str, **kw: Any) -> Any:
+        return self._store.purge(env, **kw)
+
 
 def served(opener: Callable[..., Store]) -> Callable[..., Any]:
     """``opener``'s store behind the reference server, as the machines see a store."""
@@ -228,6 +236,7 @@ class ModelItem:
     dead: bool = False
     history: int = 0
     priority: int = 0
+    stopped_at: float | None = None
 
     @property
     def limit(self) -> int:
@@ -245,14 +254,18 @@ class ModelItem:
 def model_expire(items: list[ModelItem], now: float) -> None:
     for item in items:
         if item.state in LIVE and item.lease_until is not None and item.lease_until <= now:
+            ended = item.lease_until
             item.attempts += 1
             if item.token is not None:
                 item.stale.add(item.token)
             item.token = None
             item.lease_until = None
+            # an expiry ends an attempt: it is kept in the history like a stop
+            item.history += 1
             if item.state == "stopping" or item.attempts >= item.limit:
                 item.dead = item.state != "stopping"
                 item.state = "stopped"
+                item.stopped_at = ended
             else:
                 item.state = "queued"
                 item.worker = None
@@ -273,6 +286,17 @@ class WorkStoreMachine(RuleBasedStateMachine):
         self.seen_attempts: dict[str, int] = {}
         # item id -> worker -> end of the lease that worker was granted (the safety check)
         self.leases: dict[str, dict[str, float]] = {}
+        self.serial = 0  # submit order (items may be purged, so not len(items))
+        self.cap: int | None = None  # the environment's max_queue_depth
+
+    def next_serial(self) -> int:
+        self.serial += 1
+        return self.serial
+
+    def queue_full(self) -> bool:
+        """Whether the model expects the next new submit to be refused (backpressure)."""
+        self.expire()
+        return self.cap is not None and sum(i.state == "queued" for i in self.items) >= self.cap
 
     def teardown(self) -> None:
         self._stack.close()
@@ -299,9 +323,13 @@ class WorkStoreMachine(RuleBasedStateMachine):
 
     @rule()
     def submit(self) -> None:
+        if self.queue_full():
+            with pytest.raises(QueueFull):
+                self.store.submit(ENV, "one too many", now=self.now)
+            return
         stored = self.store.submit(ENV, f"prompt {len(self.items)}", now=self.now)
         assert stored.state is WorkState.QUEUED
-        self.items.append(ModelItem(id=stored.id, created=len(self.items)))
+        self.items.append(ModelItem(id=stored.id, created=self.next_serial()))
 
     @rule(max_attempts=st.integers(1, 3))
     def submit_with_retry(self, max_attempts: int) -> None:
@@ -311,14 +339,22 @@ class WorkStoreMachine(RuleBasedStateMachine):
             backoff_max=BACKOFF_MAX,
             non_retryable_exit_codes=(NON_RETRYABLE,),
         )
+        if self.queue_full():
+            with pytest.raises(QueueFull):
+                self.store.submit(ENV, "one too many", now=self.now, retry=policy)
+            return
         stored = self.store.submit(ENV, f"prompt {len(self.items)}", now=self.now, retry=policy)
         assert stored.retry == policy
         self.items.append(
-            ModelItem(id=stored.id, created=len(self.items), max_attempts=max_attempts)
+            ModelItem(id=stored.id, created=self.next_serial(), max_attempts=max_attempts)
         )
 
     @rule(priority=st.integers(-2, 2), delay=st.sampled_from([None, 0.0, 10.0, 45.0]))
     def submit_with_priority_and_delay(self, priority: int, delay: float | None) -> None:
+        if self.queue_full():
+            with pytest.raises(QueueFull):
+                self.store.submit(ENV, "one too many", now=self.now, priority=priority)
+            return
         stored = self.store.submit(
             ENV, f"prompt {len(self.items)}", now=self.now, priority=priority, delay=delay
         )
@@ -329,21 +365,28 @@ class WorkStoreMachine(RuleBasedStateMachine):
         )
         self.items.append(
             ModelItem(
-                id=stored.id, created=len(self.items), priority=priority, not_before=not_before
+                id=stored.id, created=self.next_serial(), priority=priority, not_before=not_before
             )
         )
 
     @rule(key=st.sampled_from(["k1", "k2", "k3"]))
     def submit_with_key(self, key: str) -> None:
-        """A keyed submit: a key already used returns its item and queues nothing."""
-        stored = self.store.submit(ENV, f"prompt {len(self.items)}", now=self.now, key=key)
+        """A keyed submit: a key already used returns its item and queues nothing.
+
+        Even on a full queue: the answer names an item that exists, nothing is added.
+        """
         first = self.keys.get(key)
+        if first is None and self.queue_full():
+            with pytest.raises(QueueFull):
+                self.store.submit(ENV, "one too many", now=self.now, key=key)
+            return
+        stored = self.store.submit(ENV, f"prompt {len(self.items)}", now=self.now, key=key)
         if first is not None:
             assert (stored.id, stored.duplicate) == (first, True)
             return
         assert not stored.duplicate and stored.key == key
         self.keys[key] = stored.id
-        self.items.append(ModelItem(id=stored.id, created=len(self.items)))
+        self.items.append(ModelItem(id=stored.id, created=self.next_serial()))
 
     @rule(worker=st.sampled_from(WORKERS))
     def poll(self, worker: str) -> None:
@@ -527,6 +570,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
             return
         assert (got.state, got.outcome) == (WorkState.STOPPED, outcome)
         item.state = "stopped"
+        item.stopped_at = self.now
         item.dead = failed
         item.lease_until = None
 
@@ -566,6 +610,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
         item.not_before = None
         item.dead = False
         item.lease_until = None
+        item.stopped_at = None
         self.seen_attempts[item.id] = 0
 
     @precondition(lambda self: self.items)
@@ -590,6 +635,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
             ENV, item.id, expected_last_heartbeat=token, outcome=outcome, now=self.now
         )
         item.attempts += 1
+        item.history += 1  # the given-back attempt is kept in the history
         item.lease_until = None
         if item.worker is not None:  # the holder's lease ends here, not at its expiry
             self.leases.setdefault(item.id, {})[item.worker] = self.now
@@ -597,6 +643,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
             # like stop: the holder's token survives (its next beat answers "stopped")
             item.dead = item.state != "stopping"
             item.state = "stopped"
+            item.stopped_at = self.now
             assert got.outcome == outcome
         else:
             if item.token is not None:
@@ -630,8 +677,46 @@ class WorkStoreMachine(RuleBasedStateMachine):
                 self.store.request_stop(ENV, item.id, now=self.now)
             return
         got = self.store.request_stop(ENV, item.id, now=self.now)
+        if item.state == "queued":
+            item.stopped_at = self.now
         item.state = "stopped" if item.state == "queued" else "stopping"
         assert got.state == item.state
+
+    @rule(cap=st.sampled_from([None, 1, 2, 3]))
+    def set_queue_cap(self, cap: int | None) -> None:
+        """The environment's max_queue_depth changes (queued items above it stay)."""
+        settings = self.store.configure_environment(ENV, {"max_queue_depth": cap}, now=self.now)
+        assert settings.max_queue_depth == cap
+        self.cap = cap
+
+    @rule(age=st.sampled_from([0.0, 5.0, 30.0, 60.0]), limit=st.integers(1, 3))
+    def purge(self, age: float, limit: int) -> None:
+        """Retention: at most ``limit`` stopped items that ended before ``now - age`` go.
+
+        Never a live item; the oldest first; their keys are free again.
+        """
+        self.expire()
+        older_than = self.now - age
+        due = sorted(
+            (
+                i
+                for i in self.items
+                if i.state == "stopped" and i.stopped_at is not None and i.stopped_at < older_than
+            ),
+            key=lambda i: i.stopped_at or 0.0,
+        )
+        deleted = self.store.purge(ENV, older_than=older_than, limit=limit, now=self.now)
+        assert deleted == min(limit, len(due))
+        left = {i.id for i in self.store.list_work(ENV, now=self.now, limit=1000)}
+        gone = {i.id for i in self.items} - left
+        assert len(gone) == deleted
+        assert gone <= {i.id for i in due}, "only stopped items past retention are purged"
+        if deleted:  # the oldest go first (items that stopped at the same time in any order)
+            assert max(i.stopped_at or 0.0 for i in due if i.id in gone) <= min(
+                (i.stopped_at or 0.0 for i in due if i.id not in gone), default=float("inf")
+            )
+        self.items = [i for i in self.items if i.id not in gone]
+        self.keys = {k: v for k, v in self.keys.items() if v not in gone}
 
     @rule(seconds=st.sampled_from([0.0, 0.5, 5.0, 19.5, 20.0, 29.5, 30.0, 31.0, 60.0, 75.0]))
     def advance_clock(self, seconds: float) -> None:

@@ -22,6 +22,7 @@ from .._models import (
     Attempt,
     Delegation,
     DelegationStatus,
+    EnvironmentSettings,
     Outcome,
     OutcomeStatus,
     PresenceReport,
@@ -393,3 +394,86 @@ def message_from_row(row: Row) -> SessionMessage:
         body=row["body"],
         created_at=row["created_at"],
     )
+
+
+# --- environment settings -----------------------------------------------------
+
+#: The largest queue cap an environment may set, and the longest retention (100 years).
+MAX_QUEUE_DEPTH: Final = 100_000_000
+MAX_RETENTION: Final = 100 * 365 * 86_400.0
+
+#: Seconds a refused submit is told to wait (``Retry-After``): long enough for a
+#: busy fleet to claim some items, short enough that a client does not idle.
+QUEUE_FULL_RETRY_AFTER: Final = 5
+
+#: The environments table's column of each `EnvironmentSettings` field.
+SETTINGS_COLUMNS: Final = {
+    "max_queue_depth": "max_queue_depth",
+    "retention": "retention_seconds",
+    "max_attempts": "max_attempts",
+    "backoff": "backoff",
+    "backoff_max": "backoff_max",
+}
+
+
+def _check_seconds(what: str, value: object, low: float, high: float, *, open_low: bool) -> float:
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and (low < value if open_low else low <= value)
+        and value <= high
+    )
+    if not ok:
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        raise BadRequest(f"{what} must be a number of seconds {bound} and <= {high:g}")
+    assert isinstance(value, int | float)
+    return float(value)
+
+
+def check_settings(changes: Mapping[str, object]) -> dict[str, int | float | None]:
+    """Validate a change of environment settings (`BadRequest` names the field).
+
+    Each key is an `EnvironmentSettings` field; ``None`` clears it.
+    """
+    if not isinstance(changes, Mapping):
+        raise BadRequest(f"settings must be a mapping, got {type(changes).__name__}")
+    checked: dict[str, int | float | None] = {}
+    for name, value in changes.items():
+        if name not in SETTINGS_COLUMNS:
+            raise BadRequest(
+                f"unknown environment setting {name!r}; known: {', '.join(SETTINGS_COLUMNS)}"
+            )
+        if value is None:
+            checked[name] = None
+        elif name == "max_queue_depth":
+            checked[name] = check_int(name, value, 1, MAX_QUEUE_DEPTH)
+        elif name == "max_attempts":
+            checked[name] = check_int(name, value, 1, MAX_ATTEMPTS)
+        elif name == "retention":
+            checked[name] = _check_seconds(name, value, 0, MAX_RETENTION, open_low=True)
+        else:
+            checked[name] = _check_seconds(name, value, 0, MAX_BACKOFF, open_low=False)
+    return checked
+
+
+def settings_from_row(row: Row | None) -> EnvironmentSettings:
+    if row is None:
+        return EnvironmentSettings()
+    return EnvironmentSettings(**{name: row[column] for name, column in SETTINGS_COLUMNS.items()})
+
+
+_DURATION_RE: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
+_UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"45s"``, ``"30m"``, ``"12h"``, ``"7d"`` or ``"2w"``.
+
+    Raises:
+        ValueError: anything else (the caller names the setting).
+    """
+    match = _DURATION_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"expected a duration such as 90, 45s, 30m, 12h, 7d or 2w, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]

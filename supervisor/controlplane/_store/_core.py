@@ -9,6 +9,7 @@ this class only.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -16,16 +17,25 @@ from typing import TYPE_CHECKING
 
 from .._exceptions import FencingConflict, NotFound
 from .._fencing import mint_token, stale_token, tokens_match
-from .._models import NO_HEARTBEAT, DelegationStatus, OutcomeStatus, WorkState
+from .._models import (
+    NO_HEARTBEAT,
+    Attempt,
+    DelegationStatus,
+    EnvironmentSettings,
+    OutcomeStatus,
+    WorkState,
+)
 from .._status import StatusPolicy
 from ._common import (
     EXPIRED_OUTCOME,
     EXPIRED_WHILE_STOPPING_OUTCOME,
     ITEM_COLUMNS,
     RESPONSE_PREVIEW_CHARS,
+    SETTINGS_COLUMNS,
     LeasePolicy,
     Row,
     SubmitListener,
+    attempt_to_dict,
     item_from_row,
     outcome_from_json,
 )
@@ -42,6 +52,9 @@ class StoreCore:
 
     lease_policy: LeasePolicy
     status_policy: StatusPolicy
+    #: The settings an environment is created with (a ``serve`` replica sets its flags
+    #: here, so environments first used after it started get them too).
+    environment_defaults: EnvironmentSettings = EnvironmentSettings()
     #: Whether submit listeners hear commits made by other processes too.
     wakes_across_processes: bool = False
 
@@ -128,11 +141,17 @@ class StoreCore:
 
     # --- rows ---------------------------------------------------------------------
 
-    @staticmethod
-    def _ensure_environment(tx: Transaction, environment_id: str) -> None:
+    def _ensure_environment(self, tx: Transaction, environment_id: str) -> None:
+        defaults = self.environment_defaults
+        columns = ", ".join(SETTINGS_COLUMNS.values())
         tx.execute(
-            "INSERT INTO environments (id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (environment_id, tx.now),
+            f"INSERT INTO environments (id, created_at, {columns}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (
+                environment_id,
+                tx.now,
+                *(getattr(defaults, name) for name in SETTINGS_COLUMNS),
+            ),
         )
 
     @staticmethod
@@ -204,37 +223,64 @@ class StoreCore:
     # --- expiry ---------------------------------------------------------------------
 
     def _expire_leases(self, tx: Transaction) -> None:
-        """Apply every lease expiry due at ``tx.now``; the old tokens and secrets die here."""
+        """Apply every lease expiry due at ``tx.now``; the old tokens and secrets die here.
+
+        Each expiry ends an attempt, kept in the item's ``history`` like one its
+        holder stopped: ``failed: lease expired`` (retried at once, or final on
+        the last attempt: dead letter), or ``cancelled`` for a ``stopping`` item,
+        which is never run again.
+        """
         now = tx.now
-        # Nearly every call finds nothing due: one indexed probe is cheaper than three UPDATEs.
+        # Nearly every call finds nothing due: one indexed probe is cheaper than a scan.
         if (
             tx.one("SELECT 1 AS due FROM work_items WHERE lease_expires_at <= ? LIMIT 1", (now,))
             is None
         ):
             return
-        # An operator asked these to stop: do not run them again.
-        tx.execute(
-            "UPDATE work_items SET state = 'stopped', attempts = attempts + 1, "
-            "stopped_at = lease_expires_at, outcome = ?, token = NULL, secret_hash = NULL, "
-            "lease_expires_at = NULL WHERE lease_expires_at <= ? AND state = 'stopping'",
-            (EXPIRED_WHILE_STOPPING_OUTCOME, now),
-        )
-        tx.execute(
-            "UPDATE work_items SET state = 'stopped', attempts = attempts + 1, "
-            "stopped_at = lease_expires_at, outcome = ?, token = NULL, secret_hash = NULL, "
-            "lease_expires_at = NULL, dead = 1 WHERE lease_expires_at <= ? "
-            "AND state IN ('starting', 'active') AND attempts + 1 >= COALESCE(max_attempts, ?)",
-            (EXPIRED_OUTCOME, now, self.lease_policy.max_attempts),
-        )
-        self._settle_delegations(tx)
-        tx.execute(
-            "UPDATE work_items SET state = 'queued', attempts = attempts + 1, worker_id = NULL, "
-            "token = NULL, secret_hash = NULL, lease_expires_at = NULL, delivered_at = NULL, "
-            "delivered_to = NULL, acknowledged_at = NULL, started_at = NULL, "
-            "latest_heartbeat_at = NULL WHERE lease_expires_at <= ? "
-            "AND state IN ('starting', 'active')",
+        due = tx.execute(
+            "SELECT id, state, attempts, max_attempts, worker_id, started_at, history, "
+            "lease_expires_at FROM work_items WHERE lease_expires_at <= ? "
+            "AND state IN ('starting', 'active', 'stopping') ORDER BY seq{for_update}",
             (now,),
-        )
+        ).fetchall()
+        for row in due:
+            stopping = row["state"] == WorkState.STOPPING
+            attempts = row["attempts"] + 1
+            final = stopping or attempts >= (row["max_attempts"] or self.lease_policy.max_attempts)
+            recorded = EXPIRED_WHILE_STOPPING_OUTCOME if stopping else EXPIRED_OUTCOME
+            ended = row["lease_expires_at"]
+            outcome = outcome_from_json(recorded)
+            assert outcome is not None
+            entries = json.loads(row["history"] or "[]")
+            entries.append(
+                attempt_to_dict(
+                    Attempt(
+                        attempt=attempts,
+                        outcome=outcome,
+                        ended_at=ended,
+                        worker_id=row["worker_id"],
+                        started_at=row["started_at"],
+                        retry_at=None if final else now,
+                    )
+                )
+            )
+            history = json.dumps(entries, sort_keys=True, allow_nan=False)
+            if final:
+                tx.execute(
+                    "UPDATE work_items SET state = 'stopped', attempts = ?, stopped_at = ?, "
+                    "outcome = ?, token = NULL, secret_hash = NULL, lease_expires_at = NULL, "
+                    "dead = ?, history = ? WHERE id = ?",
+                    (attempts, ended, recorded, int(not stopping), history, row["id"]),
+                )
+            else:
+                tx.execute(
+                    "UPDATE work_items SET state = 'queued', attempts = ?, worker_id = NULL, "
+                    "token = NULL, secret_hash = NULL, lease_expires_at = NULL, "
+                    "delivered_at = NULL, delivered_to = NULL, acknowledged_at = NULL, "
+                    "started_at = NULL, latest_heartbeat_at = NULL, history = ? WHERE id = ?",
+                    (attempts, history, row["id"]),
+                )
+        self._settle_delegations(tx)
 
     @staticmethod
     def _settle_delegations(tx: Transaction, work_id: str | None = None) -> None:

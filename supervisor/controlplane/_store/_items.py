@@ -39,10 +39,11 @@ from collections.abc import Mapping
 
 import attrs
 
-from .._exceptions import BadRequest, Conflict, NotFound
+from .._exceptions import BadRequest, Conflict, NotFound, QueueFull
 from .._models import (
     NO_HEARTBEAT,
     Attempt,
+    EnvironmentSettings,
     HeartbeatResult,
     Outcome,
     OutcomeStatus,
@@ -57,6 +58,8 @@ from ._common import (
     MAX_CLAIM_BATCH,
     MAX_LIMIT,
     MAX_PAGE,
+    QUEUE_FULL_RETRY_AFTER,
+    SETTINGS_COLUMNS,
     Row,
     attempt_to_dict,
     check_enum,
@@ -66,6 +69,7 @@ from ._common import (
     check_metadata,
     check_retry,
     check_schedule,
+    check_settings,
     check_text,
     check_ttl,
     hash_secret,
@@ -74,6 +78,7 @@ from ._common import (
     outcome_to_json,
     retry_from_json,
     retry_to_json,
+    settings_from_row,
 )
 from ._core import StoreCore
 from ._sql import Transaction
@@ -99,6 +104,42 @@ def backoff_delay(policy: RetryPolicy, failed_attempts: int) -> float:
     """
     step = min(policy.backoff_max, policy.backoff * 2.0 ** max(failed_attempts - 1, 0))
     return step * (0.5 + 0.5 * _JITTER.random())
+
+
+@attrs.frozen
+class StopDecision:
+    """What a stop with an outcome does to an item (the retry rule of DESIGN §4.2).
+
+    Attributes:
+        requeue: the failure is retried: back to ``queued`` after `backoff_delay`.
+        attempts: the item's attempt count afterwards.
+        dead: the item stops in dead letter (out of attempts).
+    """
+
+    requeue: bool
+    attempts: int
+    dead: bool
+
+
+def stop_decision(
+    policy: RetryPolicy | None, state: WorkState | str, outcome: Outcome, attempts: int
+) -> StopDecision:
+    """The retry rule, pure: shared by the store and the in-memory test double.
+
+    Only a ``failed`` outcome of an attempt that ran (``starting`` or
+    ``active``; not ``stopping``, not a stop of a queued item) of an item with
+    a policy counts, unless its exit code is listed as non-retryable; it is
+    retried while attempts remain, else the item is dead.
+    """
+    failed = (
+        outcome.status is OutcomeStatus.FAILED
+        and state in (WorkState.STARTING, WorkState.ACTIVE)
+        and policy is not None
+        and outcome.exit_code not in policy.non_retryable_exit_codes
+    )
+    after = attempts + 1 if failed else attempts
+    requeue = failed and policy is not None and after < policy.max_attempts
+    return StopDecision(requeue=requeue, attempts=after, dead=failed and not requeue)
 
 
 def _history_with(row: Mapping[str, object], attempt: Attempt) -> str:
@@ -158,12 +199,20 @@ class ItemRecords(StoreCore):
         POSIX time): the item is not claimed before then.
 
         ``retry`` makes failed sessions of this item retry (see `RetryPolicy`);
-        without it a failure is final and lease losses are bounded by the
-        environment's ``max_attempts``.
+        without it the item gets the environment's default retry policy
+        (`EnvironmentSettings`), and without that a failure is final and lease
+        losses are bounded by the store's ``LeasePolicy.max_attempts``.
+
+        Backpressure: when the environment has a ``max_queue_depth`` and
+        already holds that many queued items, the submit is refused with
+        `QueueFull` (after the key lookup: a key already used still answers
+        its item). The count and the insert are one transaction, the
+        environment's row locked, so concurrent submits never overfill it.
 
         Raises:
             BadRequest: empty prompt, malformed ids or metadata.
             Conflict: ``session_id`` is already used in this environment.
+            QueueFull: the environment's queue is at its ``max_queue_depth``.
         """
         check_id("environment_id", environment_id)
         check_text("prompt", prompt)
@@ -181,6 +230,9 @@ class ItemRecords(StoreCore):
                 first = self._keyed(tx, environment_id, key)
                 if first is not None:
                     return first
+            settings = self._admit(tx, environment_id)
+            if policy is None:
+                policy = settings.retry_policy()
             clash = tx.one(
                 "SELECT id FROM work_items WHERE environment_id = ? AND session_id = ?",
                 (environment_id, session),
@@ -216,6 +268,154 @@ class ItemRecords(StoreCore):
                 return first
             tx.announce(environment_id)
             return self._read_item(tx, work_id)
+
+    def _admit(self, tx: Transaction, environment_id: str) -> EnvironmentSettings:
+        """The environment's settings, once its queue has room for one more item.
+
+        Uncapped environments are not locked (submits stay concurrent); a
+        capped one's row is locked for the rest of the transaction and re-read,
+        so the depth counted below cannot change until this submit commits.
+
+        Raises:
+            QueueFull: the queue holds ``max_queue_depth`` items already.
+        """
+        columns = ", ".join(SETTINGS_COLUMNS.values())
+        sql = f"SELECT {columns} FROM environments WHERE id = ?"
+        settings = settings_from_row(tx.one(sql, (environment_id,)))
+        if settings.max_queue_depth is None:
+            return settings
+        settings = settings_from_row(tx.one(sql + "{for_update}", (environment_id,)))
+        cap = settings.max_queue_depth
+        if cap is not None:
+            self._expire_leases(tx)  # an expired lease is a queued item again: count it
+            row = tx.one(
+                "SELECT COUNT(*) AS depth FROM work_items "
+                "WHERE environment_id = ? AND state = 'queued'",
+                (environment_id,),
+            )
+            assert row is not None
+            if row["depth"] >= cap:
+                raise QueueFull(environment_id, row["depth"], cap, QUEUE_FULL_RETRY_AFTER)
+        return settings
+
+    def environment_settings(self, environment_id: str, *, now: float) -> EnvironmentSettings:
+        """The environment's policies (`EnvironmentSettings`); it is created on first use."""
+        check_id("environment_id", environment_id)
+        with self._transaction("reading environment settings", now) as tx:
+            self._ensure_environment(tx, environment_id)
+            columns = ", ".join(SETTINGS_COLUMNS.values())
+            return settings_from_row(
+                tx.one(f"SELECT {columns} FROM environments WHERE id = ?", (environment_id,))
+            )
+
+    def configure_environment(
+        self, environment_id: str, changes: Mapping[str, object], *, now: float
+    ) -> EnvironmentSettings:
+        """Change some of an environment's policies; returns all of them.
+
+        ``changes`` maps `EnvironmentSettings` field names to new values
+        (``None`` clears one); fields not named keep their stored value. The
+        settings live in the database, so every replica and worker sharing it
+        sees the change at its next call. A new default retry policy applies to
+        items submitted from then on; a new cap to submits from then on (items
+        already queued stay, even above it).
+
+        Raises:
+            BadRequest: an unknown field or a value out of range.
+        """
+        check_id("environment_id", environment_id)
+        checked = check_settings(changes)
+        with self._transaction("configuring an environment", now) as tx:
+            self._ensure_environment(tx, environment_id)
+            if checked:
+                assignments = ", ".join(f"{SETTINGS_COLUMNS[name]} = ?" for name in checked)
+                tx.execute(
+                    f"UPDATE environments SET {assignments} WHERE id = ?",
+                    (*checked.values(), environment_id),
+                )
+            columns = ", ".join(SETTINGS_COLUMNS.values())
+            return settings_from_row(
+                tx.one(f"SELECT {columns} FROM environments WHERE id = ?", (environment_id,))
+            )
+
+    def purge(self, environment_id: str, *, older_than: float, limit: int, now: float) -> int:
+        """Delete at most ``limit`` records of the environment that ended before ``older_than``.
+
+        One short transaction. What goes, each by its own end time: settled
+        delegations (``completed_at``), messages (``created_at``) of sessions
+        that are not live, and stopped items (``stopped_at``; history, dead
+        letter and idempotency key with them, so the key is free again). An
+        item still named by a delegation that is not old enough waits for it.
+        A live item (queued, starting, active, stopping) is never deleted.
+
+        Returns:
+            How many rows were deleted (``limit`` means there may be more).
+
+        Raises:
+            BadRequest: a malformed ``older_than`` or ``limit``.
+        """
+        check_id("environment_id", environment_id)
+        check_int("limit", limit, 1, 100_000)
+        if (
+            isinstance(older_than, bool)
+            or not isinstance(older_than, int | float)
+            or not older_than == older_than  # NaN
+        ):
+            raise BadRequest(f"older_than must be a POSIX time, got {older_than!r}")
+        with self._transaction("purging old records", now) as tx:
+            left = limit
+            left -= tx.execute(
+                "DELETE FROM delegations WHERE id IN (SELECT id FROM delegations "
+                "WHERE environment_id = ? AND status <> 'pending' AND completed_at < ? "
+                "ORDER BY completed_at LIMIT ?{skip_locked})",
+                (environment_id, older_than, left),
+            ).rowcount
+            if left > 0:
+                left -= tx.execute(
+                    "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m "
+                    "WHERE m.environment_id = ? AND m.created_at < ? AND NOT EXISTS ("
+                    "SELECT 1 FROM work_items w WHERE w.environment_id = m.environment_id "
+                    "AND w.session_id = m.session_id AND w.state <> 'stopped') "
+                    "ORDER BY m.created_at LIMIT ?{skip_locked})",
+                    (environment_id, older_than, left),
+                ).rowcount
+            if left > 0:
+                left -= tx.execute(
+                    "DELETE FROM work_items WHERE id IN (SELECT w.id FROM work_items w "
+                    "WHERE w.environment_id = ? AND w.state = 'stopped' AND w.stopped_at < ? "
+                    "AND NOT EXISTS (SELECT 1 FROM delegations d WHERE d.work_id = w.id) "
+                    "ORDER BY w.stopped_at LIMIT ?{skip_locked})",
+                    (environment_id, older_than, left),
+                ).rowcount
+            return limit - left
+
+    def purge_expired(self, *, now: float, limit: int) -> int:
+        """One bounded batch of the retention sweep, over every environment with a ``retention``.
+
+        Each environment's batch is a `purge` of what ended more than its
+        ``retention`` before ``now``; at most ``limit`` rows in all.
+
+        Returns:
+            How many rows were deleted (``limit`` means there may be more).
+        """
+        check_int("limit", limit, 1, 100_000)
+        with self._transaction("reading retention settings", now) as tx:
+            kept = [
+                (row["id"], row["retention_seconds"])
+                for row in tx.execute(
+                    "SELECT id, retention_seconds FROM environments "
+                    "WHERE retention_seconds IS NOT NULL ORDER BY rowid"
+                )
+            ]
+            now = tx.now  # the database's clock, when it is the time authority
+        deleted = 0
+        for environment_id, retention in kept:
+            if deleted >= limit:
+                break
+            deleted += self.purge(
+                environment_id, older_than=now - retention, limit=limit - deleted, now=now
+            )
+        return deleted
 
     @staticmethod
     def _keyed(tx: Transaction, environment_id: str, key: str) -> WorkItem | None:
@@ -494,15 +694,9 @@ class ItemRecords(StoreCore):
             if row["state"] == WorkState.STOPPED:
                 raise Conflict(f"work item {work_id!r} is already stopped")
             policy = retry_from_json(row["retry_policy"])
-            # Only an attempt that ran (held, no stop requested) can fail and be retried.
-            failed = (
-                recorded.status is OutcomeStatus.FAILED
-                and row["state"] in (WorkState.STARTING, WorkState.ACTIVE)
-                and policy is not None
-                and recorded.exit_code not in policy.non_retryable_exit_codes
-            )
-            attempts = row["attempts"] + 1 if failed else row["attempts"]
-            if failed and policy is not None and attempts < policy.max_attempts:
+            decision = stop_decision(policy, row["state"], recorded, row["attempts"])
+            attempts = decision.attempts
+            if decision.requeue and policy is not None:
                 retry_at = tx.now + backoff_delay(policy, attempts)
                 history = _history_with(row, _attempt(row, recorded, tx.now, retry_at))
                 self._fenced_update(
@@ -524,7 +718,7 @@ class ItemRecords(StoreCore):
                     outcome_to_json(recorded),
                     attempts,
                     history,
-                    int(failed),
+                    int(decision.dead),
                 ),
             )
             self._settle_delegations(tx, work_id)
@@ -545,8 +739,8 @@ class ItemRecords(StoreCore):
         session): the item goes back to ``queued`` with ``attempts + 1``,
         unbound and claimable at once, exactly as if its lease had expired,
         but without making everyone wait for the ttl. The holder's token and
-        the session secret die here. The outcome of the failed attempt is not
-        kept on a requeued item (``outcome`` stays ``None`` until it stops).
+        the session secret die here. The outcome of the failed attempt is kept
+        in the item's ``history`` (``outcome`` stays ``None`` until it stops).
 
         Two cases stop the item instead, recording ``outcome`` (``cancelled``
         when none is given): it is ``stopping`` (an operator asked for a stop,
@@ -575,21 +769,24 @@ class ItemRecords(StoreCore):
             attempts = row["attempts"] + 1
             limit = row["max_attempts"] or self.lease_policy.max_attempts
             if state is WorkState.STOPPING or attempts >= limit:
+                history = _history_with(row, _attempt(row, recorded, tx.now, None))
                 self._fenced_update(
                     tx,
                     row,
                     "state = 'stopped', attempts = ?, stopped_at = ?, outcome = ?, "
-                    "lease_expires_at = NULL, secret_hash = NULL, dead = ?",
+                    "lease_expires_at = NULL, secret_hash = NULL, dead = ?, history = ?",
                     (
                         attempts,
                         tx.now,
                         outcome_to_json(recorded),
                         int(state is not WorkState.STOPPING),
+                        history,
                     ),
                 )
                 self._settle_delegations(tx, work_id)
             else:
-                self._fenced_update(tx, row, _REQUEUE, (attempts,))
+                history = _history_with(row, _attempt(row, recorded, tx.now, tx.now))
+                self._fenced_update(tx, row, _REQUEUE + ", history = ?", (attempts, history))
                 tx.announce(environment_id)
             return self._read_item(tx, work_id)
 

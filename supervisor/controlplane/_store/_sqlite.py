@@ -20,8 +20,10 @@ Design notes (the why):
 * **WAL journal, ``synchronous=NORMAL`` by default.** A commit survives the
   death of any process (including SIGKILL); pass ``synchronous="FULL"`` to also
   survive power loss, at the cost of an fsync per call.
-* **Nothing is deleted.** Stopped items, removed workers, answered delegations
-  and messages stay in the file; inspection calls page through them.
+* **Nothing is deleted by the lifecycle.** Stopped items, removed workers,
+  answered delegations and messages stay in the file; inspection calls page
+  through them. Only the retention sweep (`Store.purge`) deletes, and only
+  what an environment's ``retention`` says has ended long enough ago.
 * **Secrets are stored hashed.** The per-claim session credential is returned
   once, to the claiming poller, and only its SHA-256 is kept (it is 256 random
   bits, so a plain hash is as strong as a slow one). It is valid while that
@@ -53,8 +55,13 @@ log = logging.getLogger("supervisor.controlplane")
 
 #: The schema this code writes and understands (kept in ``PRAGMA user_version``).
 #: Version 2 added delegation results collected by their worker (``collected_at``);
-#: version 3 the retry policy, attempt history, priority, ``not_before`` and dead letter.
-SCHEMA_VERSION: Final = 3
+#: version 3 the retry policy, attempt history, priority, ``not_before`` and dead letter;
+#: version 4 the environment settings (queue cap, retention, default retry policy) and
+#: the indexes of the retention sweep.
+SCHEMA_VERSION: Final = 4
+
+#: The version `_SCHEMA` describes; a new file gets it, then every later migration.
+_SCHEMA_BASE_VERSION: Final = 3
 
 _SQLITE_BUSY: Final = 5
 _SQLITE_LOCKED: Final = 6
@@ -193,6 +200,22 @@ CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
     WHERE idem_key IS NOT NULL;
 """
 
+#: Version 3 to 4 (both dialects): the environment settings of DESIGN §4.2 (one row per
+#: environment, so every replica and worker sharing the database applies the same ones),
+#: and what the retention sweep looks its rows up by.
+ENVIRONMENT_SETTINGS_MIGRATION: Final = """
+ALTER TABLE environments ADD COLUMN max_queue_depth INTEGER;
+ALTER TABLE environments ADD COLUMN retention_seconds REAL;
+ALTER TABLE environments ADD COLUMN max_attempts INTEGER;
+ALTER TABLE environments ADD COLUMN backoff REAL;
+ALTER TABLE environments ADD COLUMN backoff_max REAL;
+CREATE INDEX work_items_stopped ON work_items (environment_id, stopped_at)
+    WHERE state = 'stopped';
+CREATE INDEX delegations_completed ON delegations (environment_id, completed_at)
+    WHERE completed_at IS NOT NULL;
+CREATE INDEX messages_by_time ON messages (environment_id, created_at);
+"""
+
 #: Statements that bring a file of each older schema version up to the next one.
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -202,6 +225,7 @@ CREATE INDEX delegations_uncollected ON delegations (environment_id, worker_id, 
     WHERE collected_at IS NULL;
 """,
     2: POLICY_COLUMNS_MIGRATION,
+    3: ENVIRONMENT_SETTINGS_MIGRATION,
 }
 
 
@@ -317,7 +341,7 @@ class SQLiteStore(Store):
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             script = None
             if version == 0:
-                script, version = _SCHEMA, SCHEMA_VERSION
+                script, version = _SCHEMA, _SCHEMA_BASE_VERSION
             while script is not None or version in _MIGRATIONS:
                 if script is None:
                     script, version = _MIGRATIONS[version], version + 1
