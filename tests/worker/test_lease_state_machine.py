@@ -210,8 +210,10 @@ class LeaseModel:
             if result.lease_extended or first:
                 self.deadline = start + DEADLINE_FRACTION * max(result.ttl_seconds, 0.0)
             self.noticed_at = end if end >= self.deadline else -math.inf
-            # Ready only on a lease that is still good when its answer arrives.
-            self.ready = self.ready or (first and end < self.deadline)
+            # Ready only on a lease that is still good when its answer arrives,
+            # and only while the session lasts: an answer to a beat that was
+            # in flight when it ended finds nobody waiting for the lease.
+            self.ready = self.ready or (first and end < self.deadline and self.finished_at is None)
             self.interval = heartbeat_interval(result.ttl_seconds)
             if result.state in STOP_STATES or not result.lease_extended:
                 self.stop_requested = True
@@ -622,6 +624,35 @@ def test_a_session_ending_as_the_first_beat_leaves_waits_for_that_beat() -> None
         assert stop.started_at == pytest.approx(0.5)
         assert stop.args["expected_last_heartbeat"] == NO_HEARTBEAT
         assert isinstance(stop.error, FencingConflict) and not stop.cancelled
+        assert world.ready_at is None and world.lost is None and world.cancelled
+    finally:
+        machine.teardown()
+
+
+def test_a_first_answer_after_the_session_ended_makes_nothing_ready() -> None:
+    """The session ends while its first beat is in flight; the answer comes after.
+
+    Found by a run near the first case: nobody waits for the lease any more, so
+    the keeper is never ready (the model once said it must be); its final
+    stop waits for that answer and carries the token it brought.
+    """
+    machine = LeaseMachine()
+    try:
+        machine.start(desired_ttl=1.5, first=[Reply(ttl=0.3, answer_delay=0.14)])
+        machine.advance(0.1)
+        machine.keeper_matches_the_model()
+        machine.session_ends(status=OutcomeStatus.COMPLETED)
+        machine.keeper_matches_the_model()
+        machine.advance(1.0)
+        machine.keeper_matches_the_model()
+        world = machine.world
+        assert world is not None
+        (beat,) = world.cp.calls_to("heartbeat")
+        assert beat.ok and beat.ended_at == pytest.approx(0.14)
+        assert isinstance(beat.result, HeartbeatResult)
+        (stop,) = world.cp.calls_to("stop")
+        assert stop.ok and stop.started_at == pytest.approx(0.14)
+        assert stop.args["expected_last_heartbeat"] == beat.result.last_heartbeat
         assert world.ready_at is None and world.lost is None and world.cancelled
     finally:
         machine.teardown()
