@@ -19,7 +19,9 @@ The numbers are the contract:
   to one round trip after the item went to someone else (split brain);
 * every heartbeat call is bounded by ``min(interval, time left)``;
 * the final ``stop`` is never sent once the lease was lost or its deadline
-  passed: by then another worker may own the item.
+  passed: by then another worker may own the item. Before the first answer
+  the start budget stands in for the deadline (the stop then carries
+  ``NO_HEARTBEAT``, as would the first beat of the next holder);
 * a session that ended ``wedged`` is not stopped but given back with
   ``requeue`` (same fencing, same rule about lost leases), so the item goes
   back to the queue at once for another try;
@@ -343,6 +345,8 @@ class LeaseKeeper:
         # The last tokens this keeper held, so that none leaks into a log line
         # through a control-plane error message (older ones are worthless).
         self._tokens: collections.deque[str] = collections.deque(maxlen=4)
+        # When an unconfirmed lease counts as lost (set by the first send).
+        self._give_up_at = math.inf
 
     def __repr__(self) -> str:
         return f"<LeaseKeeper work_id={self.work_id!r} lease={self.lease!r}>"
@@ -379,7 +383,7 @@ class LeaseKeeper:
     async def _confirm(self) -> None:
         """Send the first heartbeat, retrying transient failures within ``start_timeout``."""
         lease = self.lease
-        give_up_at = trio.current_time() + self.start_timeout
+        give_up_at = self._give_up_at = trio.current_time() + self.start_timeout
         bound = heartbeat_interval(
             self.desired_ttl if self.desired_ttl is not None else ASSUMED_TTL
         )
@@ -546,11 +550,26 @@ class LeaseKeeper:
     # --- the final stop ------------------------------------------------------
 
     def _final_stop_budget(self) -> float | None:
-        """Seconds the final stop may take, or ``None`` when it must not be sent."""
+        """Seconds the final stop may take, or ``None`` when it must not be sent.
+
+        Before the first answer the start budget stands in for the deadline:
+        past it, a grant we never heard of may have expired and the item been
+        acknowledged by another worker, whose token is ``NO_HEARTBEAT`` too.
+        """
         lease = self.lease
         if lease.lost is not None:
             logger.debug("work item %s: no final stop, the lease was lost", self.work_id)
             return None
+        if not lease.confirmed:
+            left = self._give_up_at - trio.current_time()
+            if left <= 0:
+                lease.lost = f"first heartbeat did not succeed within {self.start_timeout:g}s"
+                logger.warning(
+                    "work item %s: no final stop, the start budget ran out at shutdown",
+                    self.work_id,
+                )
+                return None
+            return min(self.stop_timeout, left)
         left = lease.time_left()
         if left <= 0:
             lease.lost = self._deadline_reason()

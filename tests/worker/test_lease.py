@@ -612,6 +612,47 @@ async def test_cancelled_before_the_first_beat_answered_stops_with_no_heartbeat(
     assert not keeper.lease.confirmed
 
 
+async def test_a_stop_before_the_first_answer_ends_with_the_start_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Cancelled while confirming: the NO_HEARTBEAT stop is retried only within the start budget.
+
+    Past that budget (0.8 x ttl from the first send) the keeper counts such a
+    lease as lost: a grant it never heard of may have expired and another
+    worker acknowledged the item, whose token is still NO_HEARTBEAT too.
+    """
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    work_id = await claim(cp)
+    cp.script_heartbeats([HANG])  # bounded by the interval: ends at 3
+    cp.fail_next("stop", TransientError("503", status_code=503), times=1000)
+    keeper = LeaseKeeper(cp, work_id, desired_ttl=TTL)
+    with trio.move_on_after(1.0):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keeper.run)
+            pytest.fail("never ready")  # pragma: no cover
+    stops = cp.calls_to("stop")
+    assert stops and stops[0].started_at == pytest.approx(3.0)
+    assert all(s.args["expected_last_heartbeat"] == NO_HEARTBEAT for s in stops)
+    assert stops[-1].started_at < 0.8 * TTL
+    assert trio.current_time() == pytest.approx(0.8 * TTL)
+    # Cancelled at the end of that budget: no stop at all, and the lease counts as lost.
+    cp2 = ScriptedControlPlane(default_ttl=TTL)
+    work_id2 = await claim(cp2)
+    t0 = trio.current_time()
+    cp2.script_heartbeats([HANG, HANG, HANG, HANG])
+    keeper2 = LeaseKeeper(cp2, work_id2, desired_ttl=TTL, rng=random.Random(0))
+    with trio.move_on_after(7.0):  # beats at 0, ~3.3 and ~6.8, the last one cut at 7.2
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keeper2.run)
+            pytest.fail("never ready")  # pragma: no cover
+    assert [b.started_at - t0 for b in cp2.calls_to("heartbeat")] == pytest.approx(
+        [0.0, 3.25, 6.76], abs=0.05
+    )
+    assert cp2.calls_to("heartbeat")[-1].ended_at == pytest.approx(t0 + 0.8 * TTL)
+    assert cp2.calls_to("stop") == []
+    assert keeper2.lease.lost is not None and "first heartbeat" in keeper2.lease.lost
+
+
 @pytest.mark.parametrize(
     ("desired_ttl", "start_timeout", "expected"),
     [

@@ -149,6 +149,12 @@ class LeaseModel:
     fatal_at: float | None = None
     stop_requested: bool = False
     finished_at: float | None = None
+    #: Heartbeat calls made before the session ended (in flight ones included).
+    #: Counted, not timed: a beat sent at the very instant the session ended
+    #: was sent before the cancellation, so it is in flight, not "after the end".
+    beats_at_end: int | None = None
+    #: Heartbeat calls checked so far.
+    beats_seen: int = 0
 
     @property
     def start_timeout(self) -> float:
@@ -177,9 +183,11 @@ class LeaseModel:
         assert end is not None
         due = self.loss_due()
         assert self.fatal_at is None, "a heartbeat after a fatal answer"
-        assert self.finished_at is None or start < self.finished_at, (
+        assert self.beats_at_end is None or self.beats_seen < self.beats_at_end, (
             f"heartbeat at {start} after the session ended"
         )
+        assert self.finished_at is None or start <= self.finished_at
+        self.beats_seen += 1
         assert due is None or start < due - EPS, f"heartbeat at {start}, deadline {due}"
         assert call.args["expected_last_heartbeat"] == self.token, "carries the last token"
         assert self.next_window is not None, f"unexpected heartbeat at {start}"
@@ -202,8 +210,10 @@ class LeaseModel:
             if result.lease_extended or first:
                 self.deadline = start + DEADLINE_FRACTION * max(result.ttl_seconds, 0.0)
             self.noticed_at = end if end >= self.deadline else -math.inf
-            # Ready only on a lease that is still good when its answer arrives.
-            self.ready = self.ready or (first and end < self.deadline)
+            # Ready only on a lease that is still good when its answer arrives,
+            # and only while the session lasts: an answer to a beat that was
+            # in flight when it ended finds nobody waiting for the lease.
+            self.ready = self.ready or (first and end < self.deadline and self.finished_at is None)
             self.interval = heartbeat_interval(result.ttl_seconds)
             if result.state in STOP_STATES or not result.lease_extended:
                 self.stop_requested = True
@@ -445,9 +455,10 @@ class LeaseMachine(RuleBasedStateMachine):
         """The runner is done: the session supervisor cancels the keeper."""
         assert self.world is not None
         assert self.model is not None
-        self.sync_model()  # everything before this instant
+        observed = self.sync_model()  # everything before this instant
         self.outcome = Outcome(status, reason="model")
-        self.model.finished_at = self.world.observe().now
+        self.model.finished_at = observed.now
+        self.model.beats_at_end = sum(c.method == "heartbeat" for c in observed.calls)
         self.world.finish(self.outcome)
 
     def sync_model(self) -> Observed:
@@ -465,16 +476,21 @@ class LeaseMachine(RuleBasedStateMachine):
     def final_stop_at(self, observed: Observed) -> float | None:
         """When the final stop goes out: at the end, or when the beat then in flight ended.
 
-        ``None`` while that beat is still in flight.
+        ``None`` while that beat is still in flight. Which beats were made
+        before the end is counted (`LeaseModel.beats_at_end`), not read from
+        their send times: one sent at the very instant the session ended is
+        in flight too, and the keeper waits for it.
         """
         assert self.model is not None
         end = self.model.finished_at
+        before_end = self.model.beats_at_end
         assert end is not None
-        for call in observed.calls:
-            if call.method == "heartbeat" and call.started_at < end:
-                if call.ended_at is None:
-                    return None
-                end = max(end, call.ended_at)
+        assert before_end is not None
+        beats = [c for c in observed.calls if c.method == "heartbeat"]
+        for call in beats[:before_end]:
+            if call.ended_at is None:
+                return None
+            end = max(end, call.ended_at)
         return end
 
     @invariant()
@@ -576,3 +592,67 @@ def test_model_flags_a_late_heartbeat() -> None:
     )
     with pytest.raises(AssertionError, match="deadline"):
         model.observe(late)
+
+
+def test_a_session_ending_as_the_first_beat_leaves_waits_for_that_beat() -> None:
+    """The falsifying example of a run, replayed step by step, then carried on.
+
+    The session ends at 0, the instant its first beat went out (granted 0.3 s,
+    answered only after 1 s). That beat is in flight: the keeper waits for it
+    within its bound (``ttl/3`` of the desired 1.5 s, clamped to 0.5 s) and
+    sends the final stop at 0.5 with ``NO_HEARTBEAT`` (refused: the short
+    grant expired at 0.3). The model once took a beat sent at the end's own
+    instant for one sent after it and demanded the stop at 0.
+    """
+    machine = LeaseMachine()
+    try:
+        machine.start(desired_ttl=1.5, first=[Reply(ttl=0.3, answer_delay=1.0)])
+        machine.keeper_matches_the_model()
+        for _ in range(12):  # what lets the session end (the rule's precondition)
+            machine.queue_answers(batch=[Reply(ttl=0.3)])
+            machine.keeper_matches_the_model()
+        machine.session_ends(status=OutcomeStatus.COMPLETED)
+        machine.keeper_matches_the_model()
+        world = machine.world
+        assert world is not None
+        assert world.cp.calls_to("stop") == [], "no stop while the first beat is in flight"
+        machine.advance(1.0)
+        machine.keeper_matches_the_model()
+        (beat,) = world.cp.calls_to("heartbeat")
+        assert beat.started_at == 0.0 and beat.cancelled and beat.ended_at == pytest.approx(0.5)
+        (stop,) = world.cp.calls_to("stop")
+        assert stop.started_at == pytest.approx(0.5)
+        assert stop.args["expected_last_heartbeat"] == NO_HEARTBEAT
+        assert isinstance(stop.error, FencingConflict) and not stop.cancelled
+        assert world.ready_at is None and world.lost is None and world.cancelled
+    finally:
+        machine.teardown()
+
+
+def test_a_first_answer_after_the_session_ended_makes_nothing_ready() -> None:
+    """The session ends while its first beat is in flight; the answer comes after.
+
+    Found by a run near the first case: nobody waits for the lease any more, so
+    the keeper is never ready (the model once said it must be); its final
+    stop waits for that answer and carries the token it brought.
+    """
+    machine = LeaseMachine()
+    try:
+        machine.start(desired_ttl=1.5, first=[Reply(ttl=0.3, answer_delay=0.14)])
+        machine.advance(0.1)
+        machine.keeper_matches_the_model()
+        machine.session_ends(status=OutcomeStatus.COMPLETED)
+        machine.keeper_matches_the_model()
+        machine.advance(1.0)
+        machine.keeper_matches_the_model()
+        world = machine.world
+        assert world is not None
+        (beat,) = world.cp.calls_to("heartbeat")
+        assert beat.ok and beat.ended_at == pytest.approx(0.14)
+        assert isinstance(beat.result, HeartbeatResult)
+        (stop,) = world.cp.calls_to("stop")
+        assert stop.ok and stop.started_at == pytest.approx(0.14)
+        assert stop.args["expected_last_heartbeat"] == beat.result.last_heartbeat
+        assert world.ready_at is None and world.lost is None and world.cancelled
+    finally:
+        machine.teardown()
