@@ -124,8 +124,10 @@ class WorkHandle:
             if self._done.is_set():
                 return False
             self._cancel_requested = True
-        self._owner._call_soon(self._cancel_in_loop)
+        # Failed first: the loop side, once it cancels the work, resolves the handle
+        # itself ("the worker stopped ..."), and the caller's reason must win.
         self._fail(WorkCancelled("cancelled by the caller", item_id=self._item_id))
+        self._owner._call_soon(self._cancel_in_loop)
         return True
 
     # --- loop side ----------------------------------------------------------
