@@ -194,6 +194,8 @@ class Poller:
             was requeued and acked by another worker meanwhile, and the first
             heartbeat cannot tell the two claims apart. The worker sets it well
             inside the ack lease.
+        labels: the worker's routing labels, carried by every poll: the control
+            plane hands out only items whose required labels are among them.
 
     Raises:
         ValueError: on a negative ``block_ms`` or ``reclaim_older_than_ms``.
@@ -211,6 +213,7 @@ class Poller:
         rng: random.Random | None = None,
         reclaim_older_than_ms: int | None = None,
         ack_timeout: float | None = None,
+        labels: tuple[str, ...] = (),
     ) -> None:
         if block_ms < 0:
             raise ValueError(f"block_ms must be >= 0, got {block_ms!r}")
@@ -226,6 +229,7 @@ class Poller:
         self.gate: ClaimGate = gate if gate is not None else OpenGate()
         self.reclaim_older_than_ms = reclaim_older_than_ms
         self.ack_timeout = ack_timeout
+        self.labels = tuple(labels)
         self._rng = rng if rng is not None else random.Random()
         self._state = PollerState.IDLE
         self._polls = 0
@@ -321,6 +325,7 @@ class Poller:
                         worker_id=self.worker_id,
                         block_ms=self.block_ms,
                         reclaim_older_than_ms=self.reclaim_older_than_ms,
+                        labels=self.labels,
                     )
             except TransientError as exc:
                 self.gate.claim_result(None)

@@ -26,7 +26,7 @@ import os
 import random
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -354,6 +354,7 @@ class Worker:
             gate=self.breaker,
             ack_timeout=self._claim_limits()[0],
             rng=self._rng,
+            labels=config.labels,
         )
         self.wedge_detector.on_wedge = poller.interrupt_poll
         work = self._work = Supervisor(
@@ -544,7 +545,7 @@ class Worker:
     def runtime_metadata(self) -> dict[str, Any]:
         """The default ``runtime_metadata`` of presence reports.
 
-        Capabilities, capacity and version, plus the live supervision tree
+        Capabilities, capacity, routing labels and version, plus the live supervision tree
         (``tree``), so the control plane's dashboard can draw it without
         reaching the worker's local API.
         """
@@ -563,6 +564,7 @@ class Worker:
                 },
             },
             "capacity": config.max_concurrency,
+            "labels": list(config.labels),
             "version": default_version(),
             "tree": tree,
         }
@@ -608,6 +610,8 @@ class Worker:
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the item's, not this call's)
         **metadata: str,
     ) -> str:
         """Queue a session on this worker's control plane; returns the new item's id.
@@ -617,6 +621,13 @@ class Worker:
         higher is claimed first (FIFO within one); ``delay`` (seconds) or
         ``not_before`` (POSIX time): not claimed before then. ``key``: a key
         already used in the environment returns that item's id, queueing nothing.
+        ``labels``: only a worker with all of them claims it (routing).
+        ``timeout``: seconds of execution its session may take, in place of
+        the claiming worker's ``session_timeout``.
+
+        Raises:
+            BadRequest: a bad value (a label outside letters, digits and
+                ``:._/-``, a timeout outside (0, 7 days], ...); nothing is queued.
         """
         item = await self.control_plane.submit(
             prompt,
@@ -626,6 +637,8 @@ class Worker:
             delay=delay,
             not_before=not_before,
             key=key,
+            labels=labels,
+            timeout=timeout,
         )
         return item.id
 

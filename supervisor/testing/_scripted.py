@@ -49,6 +49,7 @@ from ..controlplane._models import (
     WorkStats,
 )
 from ..controlplane._status import StatusPolicy, evaluate, new_worker
+from ..controlplane._store._common import check_labels, check_timeout
 
 __all__ = [
     "HANG",
@@ -343,6 +344,8 @@ class ScriptedControlPlane:
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the item's, not this call's)
     ) -> WorkItem:
         async with self._recording("submit", prompt=prompt, session_id=session_id) as call:
             n = next(self._ids)
@@ -356,6 +359,8 @@ class ScriptedControlPlane:
                 retry=retry,
                 priority=priority,
                 not_before=not_before if delay is None else trio.current_time() + delay,
+                labels=check_labels(labels),
+                timeout=check_timeout(timeout),
             )
             self._records[item.id] = _Record(item)
             self._processed(call)
@@ -368,13 +373,16 @@ class ScriptedControlPlane:
         worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
         async with self._recording(
             "poll",
             worker_id=worker_id,
             block_ms=block_ms,
             reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=tuple(labels or ()),
         ) as call:
+            wanted = frozenset(check_labels(labels))
             give_up_at = trio.current_time() + max(0, block_ms) / 1000
             item: WorkItem | None = None
             reclaim = (
@@ -385,7 +393,7 @@ class ScriptedControlPlane:
                 self._expire(now)
                 if worker_id is not None:
                     self._polled_by[worker_id] = now
-                record = self._claimable(now, reclaim)
+                record = self._claimable(now, reclaim, wanted)
                 if record is not None:
                     record.delivered_at = now
                     record.delivered_to = worker_id
@@ -895,10 +903,12 @@ class ScriptedControlPlane:
             self.expirations.append((work_id, now))
             self._notify()
 
-    def _claimable(self, now: float, reclaim: float) -> _Record | None:
+    def _claimable(self, now: float, reclaim: float, labels: frozenset[str]) -> _Record | None:
         for record in self._records.values():
             if record.item.state is not WorkState.QUEUED:
                 continue
+            if not labels.issuperset(record.item.labels):
+                continue  # routing: the poller lacks a label the item requires
             if record.delivered_at is not None and now - record.delivered_at < reclaim:
                 continue
             return record

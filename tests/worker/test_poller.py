@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Sequence
 
 import pytest
 import trio
@@ -238,8 +239,11 @@ class ImpatientPlane(ScriptedControlPlane):
         worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
-        return await super().poll(worker_id=worker_id, reclaim_older_than_ms=reclaim_older_than_ms)
+        return await super().poll(
+            worker_id=worker_id, reclaim_older_than_ms=reclaim_older_than_ms, labels=labels
+        )
 
 
 async def test_empty_poll_that_did_not_wait_still_pauses(

@@ -52,7 +52,7 @@ from ._base import Store
 from ._common import DEFAULT_ENVIRONMENT_ID, LeasePolicy
 from ._dburl import DatabaseUrl, resolve_database_url
 from ._sql import NO_TIME, POSTGRES, Transaction
-from ._sqlite import POLICY_COLUMNS_MIGRATION, SCHEMA_BEFORE_POLICIES
+from ._sqlite import POLICY_COLUMNS_MIGRATION, ROUTING_MIGRATION, SCHEMA_BEFORE_POLICIES
 
 if TYPE_CHECKING:
     from .._embedded import EmbeddedControlPlane
@@ -91,6 +91,7 @@ def _postgres_ddl(sqlite_ddl: str) -> str:
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: _postgres_ddl(SCHEMA_BEFORE_POLICIES),
     2: _postgres_ddl(POLICY_COLUMNS_MIGRATION),
+    3: _postgres_ddl(ROUTING_MIGRATION),
 }
 
 #: The newest schema version this code writes and understands.
