@@ -104,6 +104,8 @@ CREATE INDEX work_items_claim_by_priority
     ON work_items (environment_id, state, priority DESC, created_at, seq);
 CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
     WHERE idem_key IS NOT NULL;
+CREATE INDEX work_items_claim_unlabelled
+    ON work_items (environment_id, state, priority DESC, created_at, seq) WHERE labels = '[]';
 CREATE INDEX work_items_lease ON work_items (lease_expires_at)
     WHERE lease_expires_at IS NOT NULL;
 CREATE TABLE pollers (
@@ -169,7 +171,9 @@ def _without(schema: str, index: str, columns: tuple[str, ...]) -> str:
 
 #: The columns version 4 added to ``work_items``, and its statements on a version 3 file.
 _ROUTING_COLUMNS: Final = ("labels", "timeout_seconds")
-_ROUTING_INDEX: Final = ""
+_ROUTING_INDEX: Final = """CREATE INDEX work_items_claim_unlabelled
+    ON work_items (environment_id, state, priority DESC, created_at, seq) WHERE labels = '[]';
+"""
 
 #: Version 3 to 4 (both dialects): routing labels (a sorted JSON array, ``[]`` for
 #: none; see ``_items.label_filter``) and the per-item execution timeout.
