@@ -582,3 +582,35 @@ async def test_poller_validates_options() -> None:
             on_claim=Sessions(cp).on_claim,
             reclaim_older_than_ms=-5,
         )
+
+
+async def test_every_poll_carries_the_workers_labels_and_the_fake_routes_by_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The scripted fake hands a labelled item only to a poller with all its labels."""
+    cp = ScriptedControlPlane()
+    routed = await cp.submit("on the gpu", labels=["repo:foo", "gpu"])
+    plain = await cp.submit("anywhere")
+    assert routed.labels == ("gpu", "repo:foo")
+    taken = await cp.poll(worker_id="half", labels=["gpu"])
+    assert taken is not None and taken.id == plain.id
+    await cp.ack(plain.id, worker_id="half")
+    assert await cp.poll(worker_id="half", labels=["gpu"]) is None
+    with pytest.raises(BadRequest, match="bad label"):
+        await cp.poll(worker_id="bad", labels=["a b"])
+    sessions = Sessions(cp)
+    poller = Poller(
+        cp,
+        worker_id="w",
+        slots=trio.CapacityLimiter(2),
+        on_claim=sessions.on_claim,
+        block_ms=500,
+        labels=("gpu", "repo:foo"),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(poller.run)
+        await trio.sleep(100)
+        nursery.cancel_scope.cancel()
+    assert [item.id for _, item, _ in sessions.claimed] == [routed.id]
+    mine = [c for c in cp.calls_to("poll") if c.args["worker_id"] == "w"]
+    assert mine and all(c.args["labels"] == ("gpu", "repo:foo") for c in mine)
