@@ -1,4 +1,5 @@
-"""Usage: python benchmarks/peers.py [--items 300] [--rounds 3] [--concurrency 8] [--only NAME ...]
+"""Usage: python benchmarks/peers.py [--items 300] [--rounds 3] [--concurrency 2 8 32] [--dir PATH]
+[--only NAME ...]
 
 This worker against the job systems its users would pick instead, doing the same work
 in the same run: every job runs ``/bin/true`` as a subprocess, at the same concurrency.
@@ -70,7 +71,9 @@ DURABILITY = {
 
 class Window:
     """CPU seconds spent between ``start()`` and ``stop()``: this process, the children it
-    waited for, and the named server processes (read from ``/proc``)."""
+    waited for, its long-lived helper processes (alive at both ends, such as this worker's
+    reaper: a child not yet waited for is in no ``getrusage`` figure) and the named server
+    processes (both read from ``/proc``)."""
 
     def __init__(self, servers: tuple[str, ...] = ()) -> None:
         self.servers = servers
@@ -87,11 +90,17 @@ class Window:
 
     def start(self) -> None:
         self._wall = time.perf_counter()
-        self._cpu = self._own() + _server_cpu(self.servers)
+        self._helpers = _children_cpu(os.getpid())
+        servers = _server_cpu(self.servers)
+        self._cpu = self._own() + servers  # the walks above cost nothing in the window
 
     def stop(self) -> None:
         self.seconds = time.perf_counter() - self._wall
-        self.cpu = self._own() + _server_cpu(self.servers) - self._cpu
+        own = self._own()  # before the /proc walks, which cost CPU of their own
+        before = self._helpers
+        now = _children_cpu(os.getpid())
+        lived = sum(cpu - before[pid] for pid, cpu in now.items() if pid in before)
+        self.cpu = own + _server_cpu(self.servers) + lived - self._cpu
 
     def result(self, latencies: list[float]) -> dict[str, Any]:
         return {"seconds": self.seconds, "cpu": self.cpu, "latencies": latencies}
@@ -143,9 +152,10 @@ def child_supervisor(args: argparse.Namespace) -> dict[str, Any]:
         plane = EmbeddedControlPlane(state / "cp.sqlite3")
         try:
             paced = args.phase == "latency"
+            ids: list[str] = []
             if not paced:
                 for n in range(args.items):
-                    await plane.submit(f"item {n}")
+                    ids.append((await plane.submit(f"item {n}")).id)
             config = WorkerConfig(
                 state_dir=state / "worker",
                 max_concurrency=args.concurrency,
@@ -164,12 +174,10 @@ def child_supervisor(args: argparse.Namespace) -> dict[str, Any]:
                     begin = trio.current_time()
                     for n in range(args.items):
                         await trio.sleep_until(begin + n / args.rate)
-                        await plane.submit(f"item {n}")
-                while True:
-                    stats = await plane.stats()
-                    if stats.depth == 0 and stats.pending == 0:
-                        break
-                    await trio.sleep(0.005)
+                        ids.append((await plane.submit(f"item {n}")).id)
+                # Done means the outcome is committed: a session ends after its final stop.
+                for work_id in ids:
+                    await worker.wait(work_id)
                 window.stop()
                 await worker.drain()
                 nursery.cancel_scope.cancel()
@@ -380,10 +388,9 @@ CHILDREN: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 # --- the parent: rounds, CPU accounting, the table -------------------------------------------
 
 
-def _server_cpu(names: tuple[str, ...]) -> float:
-    """CPU seconds so far of every process whose command name is one of ``names``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def _proc_stats() -> list[tuple[int, str, list[str]]]:
+    """``(pid, command name, the fields after it)`` of every process, from ``/proc``."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -392,15 +399,34 @@ def _server_cpu(names: tuple[str, ...]) -> float:
         except OSError:
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if comm in names:
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+        found.append((int(entry.name), comm, stat[stat.rindex(")") + 2 :].split()))
+    return found
 
 
-def run_child(system: str, phase: str, args: argparse.Namespace) -> dict[str, Any] | str:
+def _children_cpu(parent: int) -> dict[int, float]:
+    """CPU seconds so far of each live child process of ``parent``, by pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return {
+        pid: (int(fields[11]) + int(fields[12])) / tick
+        for pid, _, fields in _proc_stats()
+        if int(fields[1]) == parent  # ppid
+    }
+
+
+def _server_cpu(names: tuple[str, ...]) -> float:
+    """CPU seconds so far of every process whose command name is one of ``names``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return (
+        sum(int(fields[11]) + int(fields[12]) for _, comm, fields in _proc_stats() if comm in names)
+        / tick
+    )
+
+
+def run_child(
+    system: str, phase: str, concurrency: int, args: argparse.Namespace
+) -> dict[str, Any] | str:
     """One round of one system in a fresh process; its figures, or why it was skipped."""
-    with tempfile.TemporaryDirectory(prefix=f"peers-{system}-") as state:
+    with tempfile.TemporaryDirectory(prefix=f"peers-{system}-", dir=args.dir) as state:
         argv = [
             sys.executable,
             __file__,
@@ -411,7 +437,7 @@ def run_child(system: str, phase: str, args: argparse.Namespace) -> dict[str, An
             "--items",
             str(args.items),
             "--concurrency",
-            str(args.concurrency),
+            str(concurrency),
             "--rate",
             str(args.rate),
             "--state",
@@ -435,13 +461,39 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _filesystem(path: str) -> str:
+    """The type of the file system ``path`` is on (``ext4``, ``tmpfs``...), from /proc/mounts."""
+    best, kind = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1]
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[8], help="one table per value"
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="jobs/s in the latency phase")
     parser.add_argument("--only", nargs="*", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument(
+        "--dir",
+        default=tempfile.gettempdir(),
+        help="where the state files go (its file system is printed: ext4, tmpfs...)",
+    )
     parser.add_argument(
         "--database",
         default=os.environ.get(
@@ -457,13 +509,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.child:
+        args.concurrency = args.concurrency[0]
         print(json.dumps(CHILDREN[args.child](args)))
         return 0
 
     print(
-        f"{args.items} jobs of {TRUE}, concurrency {args.concurrency}, {args.rounds} rounds "
-        f"(interleaved), latency phase paced at {args.rate:g} jobs/s; {os.cpu_count()} CPUs"
+        f"{args.items} jobs of {TRUE}, {args.rounds} rounds (interleaved), latency phase "
+        f"paced at {args.rate:g} jobs/s; {os.cpu_count()} CPUs; state in {args.dir} "
+        f"({_filesystem(args.dir)})"
     )
+    for concurrency in args.concurrency:
+        _table(concurrency, args)
+    return 0
+
+
+def _table(concurrency: int, args: argparse.Namespace) -> None:
     rates: dict[str, list[float]] = {s: [] for s in args.only}
     cpu: dict[str, list[float]] = {s: [] for s in args.only}
     latencies: dict[str, list[float]] = {s: [] for s in args.only}
@@ -473,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             if system in skipped:
                 continue
             for phase in ("throughput", "latency"):
-                result = run_child(system, phase, args)
+                result = run_child(system, phase, concurrency, args)
                 if isinstance(result, str):
                     skipped[system] = result
                     break
@@ -484,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                     latencies[system] += result["latencies"]
 
     medians = {s: statistics.median(rates[s]) for s in args.only if s not in skipped}
+    print(f"\n### concurrency {concurrency}")
     print(
         "\n| system | jobs/s | vs bare | vs huey | CPU ms/job "
         "| enqueue→start p50 / p99 ms | durability |"
@@ -501,7 +562,6 @@ def main(argv: list[str] | None = None) -> int:
             f"| {system} | {rate:.0f} | {versus[0]} | {versus[1]} "
             f"| {statistics.median(cpu[system]):.2f} | {latency} | {DURABILITY[system]} |"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ class EnvPolicy:
 
     _patterns: tuple[str, ...] = attrs.field(init=False, repr=False, eq=False)
     _verdicts: dict[str, bool] = attrs.field(init=False, repr=False, eq=False)
+    _last: tuple[object, dict[str, str]] | None = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         _check_env_names(self.allow, "agent_env_allow")
@@ -152,6 +153,7 @@ class EnvPolicy:
         patterns = tuple(p for p in (*self.allow, *self.extra) if any(c in p for c in "*?["))
         object.__setattr__(self, "_patterns", patterns)
         object.__setattr__(self, "_verdicts", {})
+        object.__setattr__(self, "_last", None)
 
     def admits(self, name: str) -> bool:
         """Whether the variable ``name`` of the worker's environment is passed on."""
@@ -168,6 +170,23 @@ class EnvPolicy:
         if name.startswith("SUPERVISOR_") or looks_secret(name):
             return False
         return any(fnmatch.fnmatchcase(name, p) for p in self._patterns)
+
+    def _admitted(self, source: Mapping[str, str]) -> dict[str, str]:
+        """The admitted part of ``source``, recomputed only when ``source`` changed.
+
+        Filtering the worker's whole environment for every session costs more
+        than the rest of building it; the environment rarely changes. The cache
+        key is a snapshot of ``source`` taken in C: for ``os.environ`` its raw
+        ``bytes`` mapping, which skips decoding every variable on each session.
+        """
+        raw = getattr(source, "_data", None) if source is os.environ else None
+        snapshot = tuple((raw if isinstance(raw, dict) else source).items())
+        last = self._last
+        if last is not None and last[0] == snapshot:
+            return last[1]
+        admitted = {name: value for name, value in source.items() if self.admits(name)}
+        object.__setattr__(self, "_last", (snapshot, admitted))
+        return admitted
 
     def build(
         self,
@@ -191,7 +210,7 @@ class EnvPolicy:
             ValueError: a per-session variable has an unusable name or value
                 (the message names the variable, never its value).
         """
-        env = {name: value for name, value in source.items() if self.admits(name)}
+        env = dict(self._admitted(source))
         for name, value in (session_env or {}).items():
             if not isinstance(name, str) or not _ENV_NAME.match(name):
                 raise ValueError(f"invalid environment variable name {name!r}")

@@ -272,6 +272,7 @@ class DelegationWatcher:
                 else:
                     failures += 1
                 await self.flush()
+                journal.sync()  # the session lines of the sessions started since
                 delay = self.poll_interval
                 if failures:
                     # The exponent is capped: days of outage must not overflow a float.

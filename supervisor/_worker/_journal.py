@@ -23,7 +23,9 @@ is ignored, and the next append starts on a fresh line.
 
 Writes are synchronous (``os.write`` of whole lines on an ``O_APPEND``
 descriptor, then ``os.fsync``), done in the Trio thread: a few small appends
-per poll cycle, and a deterministic run under ``MockClock``.
+per poll cycle, and a deterministic run under ``MockClock``. Session lines are
+the exception: they are written at once but fsynced in groups (`sync`, which
+the watcher calls every cycle), so no session waits for the disk to start.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ class DelegationJournal:
         self._sessions: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._pending: dict[str, JournalledResult] = {}
         self._fd: int | None = None
+        #: Lines were written since the last fsync (session lines, and lines
+        #: appended by `append_session_line` while the journal was closed).
+        self._unsynced = True
         #: Lines skipped on replay because they were not valid journal lines.
         self.skipped_lines = 0
 
@@ -249,11 +254,25 @@ class DelegationJournal:
     # --- appends ------------------------------------------------------------------
 
     def record_session(self, session_id: str, work_id: str, *, at: float) -> None:
-        """Durably note that this worker claimed ``session_id``."""
+        """Note that this worker claimed ``session_id``, without waiting for the disk.
+
+        The line is written (so it survives the death of this process) but not
+        fsynced: the next `sync`, or the fsync of any later append, makes it
+        durable, so sessions starting together share one fsync and none waits
+        for one before its agent starts. Only a crash of the machine itself can
+        lose an unsynced line, and that crash ends the session's agent too.
+        """
         line = {"kind": "session", "session_id": session_id, "work_id": work_id, "at": at}
         with self._lock:
-            self._append([line])
+            self._append([line], sync=False)
             _remember(self._sessions, session_id, self.lru_size)
+
+    def sync(self) -> None:
+        """Make every line written so far durable (one fsync, only if one is owed)."""
+        with self._lock:
+            if self._unsynced and self._fd is not None:
+                os.fsync(self._fd)
+                self._unsynced = False
 
     def record_results(self, results: Iterable[JournalledResult], *, at: float) -> None:
         """Durably append results (one fsync for all); then they count as seen and pending."""
@@ -283,12 +302,13 @@ class DelegationJournal:
             for delegation_id in ids:
                 del self._pending[delegation_id]
 
-    def _append(self, records: list[dict[str, Any]]) -> None:
+    def _append(self, records: list[dict[str, Any]], *, sync: bool = True) -> None:
         self._write(
-            [json.dumps(r, ensure_ascii=False, allow_nan=False).encode("utf-8") for r in records]
+            [json.dumps(r, ensure_ascii=False, allow_nan=False).encode("utf-8") for r in records],
+            sync=sync,
         )
 
-    def _write(self, lines: list[bytes]) -> None:
+    def _write(self, lines: list[bytes], *, sync: bool = True) -> None:
         fd = self._fd
         if fd is None:
             raise ValueError(f"the delegation journal {str(self.path)!r} is closed")
@@ -297,20 +317,27 @@ class DelegationJournal:
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
+        self._unsynced = not sync
 
     def close(self) -> None:
-        """Close the file; idempotent."""
+        """Make the lines durable, then close the file; idempotent."""
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)
+            try:
+                if self._unsynced:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def append_session_line(path: Path, session_id: str, work_id: str, *, at: float) -> None:
-    """Durably append a ``session`` line without opening (replaying) the journal.
+    """Append a ``session`` line without opening (replaying) the journal.
 
     For the worker to note a claim while its watcher is between runs; appends
-    on ``O_APPEND`` descriptors from one process never interleave.
+    on ``O_APPEND`` descriptors from one process never interleave. Not fsynced,
+    as in `DelegationJournal.record_session`: the watcher's next start syncs it.
     """
     created = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,7 +352,6 @@ def append_session_line(path: Path, session_id: str, work_id: str, *, at: float)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
     finally:
         os.close(fd)
 

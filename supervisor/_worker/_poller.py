@@ -40,10 +40,11 @@ from ..controlplane._exceptions import (
     TransientError,
 )
 from ..controlplane._models import WorkItem, WorkState
-from ..controlplane._protocol import ControlPlane
+from ..controlplane._protocol import ClaimsBatches, ControlPlane
 
 __all__ = [
     "MAX_BACKOFF",
+    "BatchGate",
     "ClaimGate",
     "OpenGate",
     "Poller",
@@ -95,11 +96,26 @@ class ClaimGate(Protocol):
         ...
 
 
+@runtime_checkable
+class BatchGate(Protocol):
+    """A :class:`ClaimGate` that may let one permission claim several items.
+
+    A gate without this method permits one item per permission.
+    """
+
+    def permitted_claims(self, wanted: int) -> int:
+        """How many of ``wanted`` items the permission just granted may claim (at least 1)."""
+        ...
+
+
 class OpenGate:
     """The default :class:`ClaimGate`: never pauses."""
 
     async def wait_for_permission(self) -> None:
         await trio.lowlevel.checkpoint()
+
+    def permitted_claims(self, wanted: int) -> int:
+        return wanted
 
     def claim_result(self, work_id: str | None) -> None:
         pass
@@ -121,6 +137,14 @@ class Slot:
     async def acquire(self) -> None:
         """Wait for a free slot (done by the poller)."""
         await self._limiter.acquire_on_behalf_of(self)
+
+    def acquire_nowait(self) -> bool:
+        """Take a free slot if there is one; whether it was taken."""
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            return False
+        return True
 
     def release(self) -> None:
         """Give the slot back; further calls do nothing."""
@@ -213,6 +237,7 @@ class Poller:
         rng: random.Random | None = None,
         reclaim_older_than_ms: int | None = None,
         ack_timeout: float | None = None,
+        max_batch: int = 1,
         labels: tuple[str, ...] = (),
     ) -> None:
         if block_ms < 0:
@@ -221,6 +246,8 @@ class Poller:
             raise ValueError(f"reclaim_older_than_ms must be >= 0, got {reclaim_older_than_ms!r}")
         if ack_timeout is not None and not ack_timeout > 0:
             raise ValueError(f"ack_timeout must be > 0, got {ack_timeout!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.control_plane = control_plane
         self.worker_id = worker_id
         self.slots = slots
@@ -229,6 +256,10 @@ class Poller:
         self.gate: ClaimGate = gate if gate is not None else OpenGate()
         self.reclaim_older_than_ms = reclaim_older_than_ms
         self.ack_timeout = ack_timeout
+        self.max_batch = max_batch
+        self._batches: ClaimsBatches | None = (
+            control_plane if max_batch > 1 and isinstance(control_plane, ClaimsBatches) else None
+        )
         self.labels = tuple(labels)
         self._rng = rng if rng is not None else random.Random()
         self._state = PollerState.IDLE
@@ -287,10 +318,17 @@ class Poller:
             self._state = PollerState.STOPPED
 
     async def _claim_one(self) -> None:
-        """Take a slot, claim one item into it, hand both over (or give the slot back)."""
+        """Take a slot, claim one item into it, hand both over (or give the slot back).
+
+        With a control plane that claims in batches, every other slot free at
+        that moment is taken too, and one call claims up to that many items.
+        """
         slot = Slot(self.slots)
         self._state = PollerState.WAITING_FOR_SLOT
         await slot.acquire()
+        if self._batches is not None:
+            await self._claim_batch(self._batches, slot)
+            return
         handed_over = False
         try:
             item = await self._poll_until_claimed()
@@ -308,6 +346,90 @@ class Poller:
         finally:
             if not handed_over:
                 slot.release()
+
+    async def _claim_batch(self, plane: ClaimsBatches, first: Slot) -> None:
+        """Claim up to one item per free slot in one call; hand each over with its slot.
+
+        Every slot is taken before the claim (DESIGN §3.3: no lease on work that
+        cannot start at once), and the slots no item came for go back at once.
+        """
+        slots = [first]
+        try:
+            while len(slots) < self.max_batch:
+                extra = Slot(self.slots)
+                if not extra.acquire_nowait():
+                    break
+                slots.append(extra)
+            items = await self._claim_until_some(plane, slots)
+            self._state = PollerState.HANDING_OVER
+            for item in items:
+                slot = slots.pop(0)
+                try:
+                    await self.on_claim(item, slot)
+                except BaseException:
+                    slot.release()
+                    self.gate.claim_result(None)
+                    raise
+                self._claims += 1
+                self.gate.claim_result(item.id)
+        finally:
+            for slot in slots:
+                slot.release()
+
+    async def _claim_until_some(self, plane: ClaimsBatches, slots: list[Slot]) -> list[WorkItem]:
+        """Claim (holding ``slots``) until at least one item came."""
+        while True:
+            self._state = PollerState.PAUSED
+            await self.gate.wait_for_permission()
+            wanted = len(slots)
+            if wanted > 1:
+                permitted = self.gate.permitted_claims if isinstance(self.gate, BatchGate) else None
+                wanted = max(1, min(wanted, permitted(wanted))) if permitted else 1
+            self._state = PollerState.POLLING
+            self._polls += 1
+            started = trio.current_time()
+            items: list[WorkItem] = []
+            scope = self._poll_scope = trio.CancelScope()
+            # As for an ack (see ``ack_timeout``): a claim answered too late is not
+            # trusted; its items come back when their ack leases run out.
+            limit = (
+                math.inf if self.ack_timeout is None else self.block_ms / 1000 + self.ack_timeout
+            )
+            try:
+                with scope, trio.fail_after(limit):
+                    items = await plane.claim(
+                        worker_id=self.worker_id,
+                        limit=wanted,
+                        block_ms=self.block_ms,
+                        reclaim_older_than_ms=self.reclaim_older_than_ms,
+                        labels=self.labels,
+                    )
+            except trio.TooSlowError:
+                self.gate.claim_result(None)
+                await self._back_off(
+                    "claim", TransientError(f"no answer within {limit:g}s; claim abandoned")
+                )
+                continue
+            except TransientError as exc:
+                self.gate.claim_result(None)
+                await self._back_off("claim", exc)
+                continue
+            except FatalError as exc:
+                self.gate.claim_result(None)
+                self._report_fatal("claim", exc)
+                raise
+            finally:
+                self._poll_scope = None
+            if scope.cancelled_caught:
+                self.gate.claim_result(None)  # interrupted: ask the gate again
+                continue
+            self._succeeded()
+            if not items:
+                self._empty += 1
+                self.gate.claim_result(None)
+                await self._after_empty_poll(trio.current_time() - started)
+                continue
+            return items
 
     async def _poll_until_claimed(self) -> WorkItem | None:
         """Poll (holding a slot) until an item is acknowledged; ``None`` if its ack was refused."""

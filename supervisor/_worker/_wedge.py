@@ -344,6 +344,10 @@ class WedgeBreaker:
             deadline = due if self._probe_work_id is None else math.inf
             await self._wait_for_change(deadline)
 
+    def permitted_claims(self, wanted: int) -> int:
+        """A probe claims one item; a healthy worker as many as it has free slots."""
+        return 1 if self._granted_probe else wanted
+
     def claim_result(self, work_id: str | None) -> None:
         """A probe permission that claimed nothing may be granted again at once."""
         if not self._granted_probe:

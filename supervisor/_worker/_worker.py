@@ -66,6 +66,8 @@ _FIRST_BEAT_LIMIT = 30.0
 _ACK_LIMIT = 10.0
 #: Finished sessions whose records the worker keeps (for ``wait``, status, metrics).
 _FINISHED_KEPT = 1000
+#: Finished records pruned at once when ``_FINISHED_KEPT`` is exceeded by this many.
+_FORGET_BATCH = 100
 
 
 class _Relay:
@@ -354,6 +356,7 @@ class Worker:
             gate=self.breaker,
             ack_timeout=self._claim_limits()[0],
             rng=self._rng,
+            max_batch=config.max_concurrency,
             labels=config.labels,
         )
         self.wedge_detector.on_wedge = poller.interrupt_poll
@@ -590,9 +593,10 @@ class Worker:
         runner = self._runner
         assert runner is not None
         records = runner.records
-        excess = len(records) - _FINISHED_KEPT
-        if excess <= 0:
+        # Pruned in batches: a scan per ended session would cost O(kept) each time.
+        if len(records) <= _FINISHED_KEPT + _FORGET_BATCH:
             return
+        excess = len(records) - _FINISHED_KEPT
         finished = [work_id for work_id, record in records.items() if record.done.is_set()]
         for work_id in finished[:excess]:
             record = records.pop(work_id)

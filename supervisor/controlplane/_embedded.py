@@ -269,6 +269,54 @@ class EmbeddedControlPlane:
             with trio.move_on_after(min(self._poll_interval, remaining)):
                 await wake.wait()
 
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> list[WorkItem]:
+        """Poll and acknowledge up to ``limit`` items at once (see `SQLiteStore.claim`).
+
+        Waits like `poll` (up to ``block_ms``) while nothing is claimable; the
+        list is empty only when the wait ran out. The items come back
+        ``starting`` and bound to ``worker_id``, each with its session secret.
+
+        Only an in-process plane offers this: the claim commits or fails in
+        this process, so no answer can be lost between a commit and its caller
+        (over HTTP a lost answer would strand a whole batch until its ack lease
+        ran out, so the HTTP client keeps to ``poll`` and ``ack``).
+
+        Raises:
+            BadRequest: ``block_ms`` outside 0-60000, ``limit`` outside 1-100.
+        """
+        if isinstance(block_ms, bool) or not isinstance(block_ms, int):
+            raise BadRequest(f"block_ms must be an integer, got {block_ms!r}")
+        if not 0 <= block_ms <= MAX_BLOCK_MS:
+            raise BadRequest(f"block_ms must be between 0 and {MAX_BLOCK_MS}, got {block_ms}")
+        wanted = check_labels(labels)
+        deadline = trio.current_time() + block_ms / 1000.0
+        while True:
+            wake = self._submitted  # taken before looking, as in `poll`
+            items = await self._run(
+                self._store.claim,
+                self._environment_id,
+                worker_id=worker_id,
+                limit=limit,
+                now=self._clock(),
+                reclaim_older_than_ms=reclaim_older_than_ms,
+                labels=wanted,
+            )
+            if items:
+                return items
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                return []
+            with trio.move_on_after(min(self._poll_interval, remaining)):
+                await wake.wait()
+
     async def ack(self, work_id: str, *, worker_id: str | None = None) -> WorkItem:
         return await self._run(
             self._store.ack, self._environment_id, work_id, worker_id=worker_id, now=self._clock()

@@ -29,7 +29,7 @@ from ._models import (
     WorkStats,
 )
 
-__all__ = ["ControlPlane"]
+__all__ = ["ClaimsBatches", "ControlPlane"]
 
 
 @runtime_checkable
@@ -211,4 +211,29 @@ class ControlPlane(Protocol):
 
     async def aclose(self) -> None:
         """Release connections or threads; idempotent."""
+        ...
+
+
+@runtime_checkable
+class ClaimsBatches(Protocol):
+    """A control plane that can poll and acknowledge several items in one call.
+
+    Optional: the worker's poller uses `claim` when its control plane has it
+    (the embedded SQLite and direct PostgreSQL planes) and holds more than one
+    free session slot, and ``poll`` + ``ack`` otherwise.
+    """
+
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> list[WorkItem]:
+        """Up to ``limit`` items, acknowledged for ``worker_id``; empty after ``block_ms``.
+
+        ``labels`` are the claimer's routing labels, as for ``poll``.
+        """
         ...

@@ -62,30 +62,30 @@ def check_text(value: object, what: str = "value") -> None:
 
 
 def _find(value: object, where: str, depth: int) -> str | None:
+    # Runs on every argument of every store call: the path to a value is built
+    # only once a bad string is found, and ASCII strings (nearly all) cost one check.
     if isinstance(value, str):
-        return where if has_lone_surrogate(value) else None
+        return where if not value.isascii() and has_lone_surrogate(value) else None
     if depth > _MAX_DEPTH or value is None or isinstance(value, (bool, int, float, bytes)):
         return None
     if isinstance(value, Mapping):
         for key, item in value.items():
-            if isinstance(key, str) and has_lone_surrogate(key):
+            if isinstance(key, str) and not key.isascii() and has_lone_surrogate(key):
                 return f"a key of {where}"
-            found = _find(item, f"{where}[{key!r}]" if _printable(key) else where, depth + 1)
-            if found is not None:
-                return found
+            if _find(item, "", depth + 1) is not None:
+                return _find(item, f"{where}[{key!r}]" if _printable(key) else where, depth + 1)
         return None
     if isinstance(value, (list, tuple, set, frozenset)):
         for index, item in enumerate(value):
-            found = _find(item, f"{where}[{index}]", depth + 1)
-            if found is not None:
-                return found
+            if _find(item, "", depth + 1) is not None:
+                return _find(item, f"{where}[{index}]", depth + 1)
         return None
     kind: Any = type(value)
     if attrs.has(kind):
         for field in attrs.fields(kind):
-            found = _find(getattr(value, field.name), f"{where}.{field.name}", depth + 1)
-            if found is not None:
-                return found
+            item = getattr(value, field.name)
+            if _find(item, "", depth + 1) is not None:
+                return _find(item, f"{where}.{field.name}", depth + 1)
     return None
 
 

@@ -105,6 +105,25 @@ class RecordingPlane(EmbeddedControlPlane):
             self.secrets.append(item.secret)
         return item
 
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> list[WorkItem]:
+        items = await super().claim(
+            worker_id=worker_id,
+            limit=limit,
+            block_ms=block_ms,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=labels,
+        )
+        self.secrets += [item.secret for item in items if item.secret]
+        return items
+
 
 async def test_a_session_credential_is_redacted_while_its_session_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -232,3 +232,18 @@ def test_check_and_scrub_are_one_rule() -> None:
     assert codec.dumps({"k": "\udfff"}) == '{"k":"\ufffd"}'.encode()
     with pytest.raises(BadRequest, match="lone surrogate"):
         codec.loads(b'{"k": "\\ud800"}')
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ("\ud800", "value"),
+        (["ok", "\udfff"], r"value\[1\]"),
+        ({"a": [{"deep": "\ud83d"}]}, r"value\['a'\]\[0\]\['deep'\]"),
+        ({"k": {"\udc80": 1}}, r"a key of value\['k'\]"),
+        (Outcome(OutcomeStatus.FAILED, reason="x\ud83d"), r"value\.reason"),
+    ],
+)
+def test_check_text_names_where_the_lone_surrogate_is(value: object, where: str) -> None:
+    with pytest.raises(BadRequest, match=f"^{where} is not valid Unicode"):
+        check_text(value)

@@ -172,6 +172,25 @@ class RecordingPlane(EmbeddedControlPlane):
             self.secrets.append(item.secret)
         return item
 
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> list[WorkItem]:
+        items = await super().claim(
+            worker_id=worker_id,
+            limit=limit,
+            block_ms=block_ms,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=labels,
+        )
+        self.secrets += [item.secret for item in items if item.secret]
+        return items
+
 
 async def test_status_shows_the_tree_sessions_and_leases_without_secrets(
     config: Callable[..., WorkerConfig], tmp_path: Path

@@ -162,3 +162,34 @@ def test_a_closed_journal_refuses_writes(tmp_path: Path) -> None:
     journal.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
         journal.record_results([result(1)], at=1.0)
+
+
+def test_session_lines_share_one_fsync_and_results_are_synced_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions starting together never wait for the disk; one sync covers them all."""
+    import os
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    path = tmp_path / "j.jsonl"
+    journal = DelegationJournal.open(path, lru_size=10)
+    journal.sync()  # whatever an earlier run left unsynced
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    for n in range(5):
+        journal.record_session(f"sess-{n}", f"work-{n}", at=float(n))
+    assert synced == []
+    assert [line["session_id"] for line in lines(path)] == [f"sess-{n}" for n in range(5)]
+    journal.sync()
+    journal.sync()
+    assert len(synced) == 1
+    journal.record_results([result(1)], at=9.0)
+    assert len(synced) == 2  # a result is durable before it is acted on
+    journal.record_session("sess-late", "work-late", at=10.0)
+    journal.close()
+    assert len(synced) == 3  # closing syncs what is owed

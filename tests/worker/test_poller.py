@@ -6,6 +6,8 @@ import itertools
 import logging
 import random
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import trio
@@ -16,6 +18,8 @@ from supervisor._worker._poller import OpenGate, PollerState, poll_backoff
 from supervisor.controlplane import (
     BadRequest,
     Conflict,
+    ControlPlane,
+    EmbeddedControlPlane,
     NotFound,
     Unauthorized,
     WorkItem,
@@ -581,6 +585,153 @@ async def test_poller_validates_options() -> None:
             slots=slots,
             on_claim=Sessions(cp).on_claim,
             reclaim_older_than_ms=-5,
+        )
+
+
+class CountingClaims:
+    """The real embedded plane (SQLite file, inline calls), counting its claim calls."""
+
+    def __init__(self, inner: EmbeddedControlPlane) -> None:
+        self.inner = inner
+        self.claims: list[int] = []  # items each claim call returned
+        self.limits: list[int] = []  # slots each claim call was made for
+        self.polls = 0
+
+    @property
+    def environment_id(self) -> str:
+        return self.inner.environment_id
+
+    async def claim(self, **kwargs: Any) -> list[WorkItem]:
+        self.limits.append(kwargs["limit"])
+        items: list[WorkItem] = await self.inner.claim(**kwargs)
+        self.claims.append(len(items))
+        return items
+
+    async def poll(self, **kwargs: Any) -> WorkItem | None:
+        self.polls += 1
+        return await self.inner.poll(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_batch_claim_fills_every_free_slot_in_one_call(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Slots first, then one claim for all of them; unused slots go back at once."""
+    async with EmbeddedControlPlane(tmp_path / "cp.sqlite3", threaded=False) as inner:
+        cp = CountingClaims(inner)
+        for n in range(7):
+            await inner.submit(f"task {n}")
+        slots = trio.CapacityLimiter(3)
+        held: list[Slot] = []
+        seen: list[int] = []
+
+        async def on_claim(item: WorkItem, slot: Slot) -> None:
+            assert item.state is WorkState.STARTING and item.secret is not None
+            held.append(slot)
+            seen.append(slots.borrowed_tokens)
+            await trio.lowlevel.checkpoint()
+
+        poller = Poller(
+            cast(ControlPlane, cp),
+            worker_id="w",
+            slots=slots,
+            on_claim=on_claim,
+            block_ms=500,
+            max_batch=3,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            await trio.sleep(1)
+            assert cp.claims[0] == 3 and len(held) == 3  # one call, every slot
+            assert slots.borrowed_tokens == 3
+            for slot in held[:2]:
+                slot.release()
+            await trio.sleep(1)
+            assert len(held) == 5  # the two freed slots, refilled together
+            for slot in held[2:]:
+                slot.release()
+            await trio.sleep(1)
+            assert len(held) == 7
+            # two sessions hold theirs; the poller holds the third for its next claim
+            assert slots.borrowed_tokens == 3
+            nursery.cancel_scope.cancel()
+        assert cp.polls == 0
+        assert cp.claims[:3] == [3, 2, 2]
+        # The third claim was made for three slots and got two items: the unused
+        # slot went back, so the next claim could only be made for one.
+        assert cp.limits[:4] == [3, 2, 3, 1]
+        assert poller.statistics().claims == 7
+        assert max(seen) <= 3
+
+
+async def test_a_gate_that_grants_single_claims_gets_one_item_per_permission(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A circuit breaker's probe (any gate without ``permitted_claims``) claims one item."""
+    async with EmbeddedControlPlane(tmp_path / "cp.sqlite3", threaded=False) as inner:
+        cp = CountingClaims(inner)
+        for n in range(3):
+            await inner.submit(f"task {n}")
+        slots = trio.CapacityLimiter(3)
+        gate = ManualGate()
+        got: list[WorkItem] = []
+
+        async def on_claim(item: WorkItem, slot: Slot) -> None:
+            got.append(item)
+            await trio.lowlevel.checkpoint()
+
+        poller = Poller(
+            cast(ControlPlane, cp),
+            worker_id="w",
+            slots=slots,
+            on_claim=on_claim,
+            block_ms=500,
+            gate=gate,
+            max_batch=3,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        assert len(got) == 3
+        assert cp.claims[:3] == [1, 1, 1]
+        assert gate.results[:3] == [item.id for item in got]
+
+
+async def test_max_batch_1_keeps_to_poll_and_ack(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with EmbeddedControlPlane(tmp_path / "cp.sqlite3", threaded=False) as inner:
+        cp = CountingClaims(inner)
+        await inner.submit("task")
+        got: list[WorkItem] = []
+
+        async def on_claim(item: WorkItem, slot: Slot) -> None:
+            got.append(item)
+            await trio.lowlevel.checkpoint()
+
+        poller = Poller(
+            cast(ControlPlane, cp),
+            worker_id="w",
+            slots=trio.CapacityLimiter(3),
+            on_claim=on_claim,
+            block_ms=500,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        assert len(got) == 1 and got[0].state is WorkState.STARTING
+        assert cp.claims == [] and cp.polls >= 1
+    with pytest.raises(ValueError, match="max_batch"):
+        Poller(
+            cast(ControlPlane, cp),
+            worker_id="w",
+            slots=trio.CapacityLimiter(1),
+            on_claim=on_claim,
+            max_batch=0,
         )
 
 

@@ -80,6 +80,16 @@ class Recorder:
             self.claims.append((trio.current_time(), item.id))
         return item
 
+    async def claim(self, **kwargs: Any) -> list[WorkItem]:
+        self.polls.append(trio.current_time())
+        if self.fail_polls:
+            self.fail_polls -= 1
+            await trio.lowlevel.checkpoint()
+            raise TransientError("control plane unavailable", status_code=503)
+        items: list[WorkItem] = await self.inner.claim(**kwargs)
+        self.claims += [(trio.current_time(), item.id) for item in items]
+        return items
+
     async def worker_heartbeat(self, report: PresenceReport) -> WorkerRecord:
         if self.fail_reports:
             self.reports.append(Report(trio.current_time(), report, None))

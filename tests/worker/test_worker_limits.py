@@ -36,8 +36,9 @@ async def test_worker_remembers_only_the_last_finished_sessions(
     autojump_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Records beyond the cap are forgotten oldest first; wait() still answers for them."""
+    """Records beyond the cap are forgotten oldest first, in batches; wait() still answers."""
     monkeypatch.setattr(worker_module, "_FINISHED_KEPT", 3)
+    monkeypatch.setattr(worker_module, "_FORGET_BATCH", 2)
 
     async def agent(ctx: AgentContext) -> str:
         await trio.sleep(1.0)

@@ -50,6 +50,8 @@ _ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
 MAX_LIMIT: Final = 1000
 MAX_PAGE: Final = 1_000_000
 MAX_BLOCK_OR_RECLAIM_MS: Final = 24 * 3600 * 1000
+#: The most items one `claim` hands out.
+MAX_CLAIM_BATCH: Final = 100
 
 EXPIRED_OUTCOME: Final = json.dumps(
     {"status": OutcomeStatus.FAILED.value, "reason": "lease expired"}, sort_keys=True

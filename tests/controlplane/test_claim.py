@@ -1,0 +1,153 @@
+"""Batch claims (``claim``): a poll and an ack of several items in one transaction.
+
+Run on every plane that offers it: the embedded SQLite store (threaded and
+inline) and PostgreSQL called directly. The HTTP client keeps to ``poll`` and
+``ack`` (a lost answer must not strand a batch), which the last test pins down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+import trio
+from controlplane.conformance import IMPLEMENTATIONS, LEASE_POLICY, STATUS_POLICY
+
+from supervisor.controlplane import (
+    NO_HEARTBEAT,
+    BadRequest,
+    Conflict,
+    EmbeddedControlPlane,
+    WorkState,
+)
+from supervisor.controlplane._protocol import ClaimsBatches
+from supervisor.testing import ManualClock
+
+W1, W2 = "worker-1", "worker-2"
+BATCH_PLANES = ("embedded", "embedded-inline", "postgres")
+
+
+@pytest.fixture(params=BATCH_PLANES)
+async def target(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[EmbeddedControlPlane, ManualClock]]:
+    clock = ManualClock()
+    async with IMPLEMENTATIONS[request.param](tmp_path, clock, LEASE_POLICY, STATUS_POLICY) as cp:
+        assert isinstance(cp, ClaimsBatches)
+        yield cast(EmbeddedControlPlane, cp), clock
+
+
+async def test_a_claim_hands_out_up_to_limit_items_in_claim_order_acknowledged(
+    target: tuple[EmbeddedControlPlane, ManualClock],
+) -> None:
+    cp, clock = target
+    low = [await cp.submit(f"low {n}") for n in range(3)]
+    clock.advance(1.0)
+    high = await cp.submit("urgent", priority=5)
+    items = await cp.claim(worker_id=W1, limit=3)
+    assert [i.id for i in items] == [high.id, low[0].id, low[1].id]
+    assert {i.state for i in items} == {WorkState.STARTING}
+    assert {i.worker_id for i in items} == {W1}
+    assert all(i.acknowledged_at == pytest.approx(clock.now) for i in items)
+    secrets = [i.secret for i in items]
+    assert None not in secrets and len(set(secrets)) == 3
+    # Each is a real claim: the first beat grants its lease; a second ack is refused.
+    beat = await cp.heartbeat(items[0].id, expected_last_heartbeat=NO_HEARTBEAT)
+    assert beat.state is WorkState.ACTIVE
+    with pytest.raises(Conflict):
+        await cp.ack(items[1].id, worker_id=W1)
+    rest = await cp.claim(worker_id=W2, limit=5)
+    assert [i.id for i in rest] == [low[2].id]
+    assert await cp.claim(worker_id=W2, limit=5) == []
+
+
+async def test_a_claim_skips_delayed_items_and_never_hands_one_item_twice(
+    target: tuple[EmbeddedControlPlane, ManualClock],
+) -> None:
+    cp, clock = target
+    later = await cp.submit("later", delay=30.0)
+    now = [await cp.submit(f"now {n}") for n in range(20)]
+    got: list[str] = []
+
+    async def claimer(worker_id: str) -> None:
+        while batch := await cp.claim(worker_id=worker_id, limit=3):
+            got.extend(i.id for i in batch)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(claimer, f"w{n}")
+    assert sorted(got) == sorted(i.id for i in now)
+    assert len(got) == len(set(got))
+    clock.advance(30.0)
+    assert [i.id for i in await cp.claim(worker_id=W1, limit=3)] == [later.id]
+
+
+async def test_a_claimed_item_never_beaten_comes_back_after_its_ack_lease(
+    target: tuple[EmbeddedControlPlane, ManualClock],
+) -> None:
+    cp, clock = target
+    item = await cp.submit("stranded")
+    (claimed,) = await cp.claim(worker_id=W1, limit=4)
+    clock.advance(LEASE_POLICY.default_ttl + 1)
+    (again,) = await cp.claim(worker_id=W2, limit=4)
+    assert again.id == item.id == claimed.id
+    assert (again.worker_id, again.attempts) == (W2, 1)
+    assert again.secret != claimed.secret
+
+
+@pytest.mark.parametrize("limit", [0, -1, 101, True])
+async def test_a_claim_refuses_a_limit_outside_1_to_100(
+    target: tuple[EmbeddedControlPlane, ManualClock], limit: int
+) -> None:
+    cp, _ = target
+    await cp.submit("kept")
+    with pytest.raises(BadRequest, match="limit"):
+        await cp.claim(worker_id=W1, limit=limit)
+    assert (await cp.stats()).depth == 1  # nothing was claimed
+
+
+async def test_an_empty_claim_waits_for_block_ms_and_wakes_on_a_submit(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with EmbeddedControlPlane(tmp_path / "cp.sqlite3", threaded=False) as cp:
+        started = trio.current_time()
+        assert await cp.claim(worker_id=W1, limit=2, block_ms=500) == []
+        assert trio.current_time() - started == pytest.approx(0.5, abs=0.01)
+
+        async def submit_soon() -> None:
+            await trio.sleep(0.1)
+            await cp.submit("arrives")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(submit_soon)
+            started = trio.current_time()
+            items = await cp.claim(worker_id=W1, limit=2, block_ms=5_000)
+        assert [i.data.prompt for i in items] == ["arrives"]
+        assert trio.current_time() - started < 0.5
+
+
+def test_the_http_client_does_not_claim_in_batches() -> None:
+    from supervisor.controlplane import HttpControlPlane
+
+    assert not hasattr(HttpControlPlane, "claim")
+
+
+async def test_a_claim_routes_by_the_claimers_labels_like_a_poll(
+    target: tuple[EmbeddedControlPlane, ManualClock],
+) -> None:
+    cp, _clock = target
+    gpu = await cp.submit("gpu", labels=["gpu"])
+    both = await cp.submit("gpu and repo", labels=["gpu", "repo:foo"], priority=3)
+    cpu = await cp.submit("cpu", labels=["cpu"])
+    plain = await cp.submit("plain")
+    unlabelled = await cp.claim(worker_id=W1, limit=5)
+    assert [i.id for i in unlabelled] == [plain.id]
+    routed = await cp.claim(worker_id=W2, limit=5, labels=["repo:foo", "gpu"])
+    assert [i.id for i in routed] == [both.id, gpu.id]
+    assert await cp.claim(worker_id=W2, limit=5, labels=["gpu"]) == []
+    with pytest.raises(BadRequest, match="bad label"):
+        await cp.claim(worker_id=W2, limit=5, labels=["a b"])
+    last = await cp.claim(worker_id=W2, limit=5, labels=["cpu"])
+    assert [i.id for i in last] == [cpu.id]
