@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import logging
 import queue
 import sys
 import threading
@@ -44,6 +45,8 @@ import trio
 __all__ = ["Offload", "ThreadLane"]
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger("supervisor")
 
 #: Runs ``fn(*args)`` away from the event loop and returns its result:
 #: ``trio.to_thread.run_sync``, a `ThreadLane`'s ``run``, or an inline call in
@@ -64,8 +67,8 @@ class _Job(Generic[_T]):
         self,
         fn: Callable[..., _T],
         args: tuple[Any, ...],
-        task: trio.lowlevel.Task,
-        token: trio.lowlevel.TrioToken,
+        task: trio.lowlevel.Task | None,
+        token: trio.lowlevel.TrioToken | None,
     ) -> None:
         self.fn = fn
         self.args = args
@@ -115,6 +118,33 @@ class ThreadLane:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         job = _Job(fn, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
+        self._enqueue(job)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            with self._lock:
+                if job.state is _State.QUEUED:
+                    job.state = _State.ABANDONED
+                    return trio.lowlevel.Abort.SUCCEEDED
+            return trio.lowlevel.Abort.FAILED  # running: its result arrives, then Cancelled
+
+        result: _T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    def submit(self, fn: Callable[[], object]) -> None:
+        """Queue ``fn()`` to run in the lane's thread, in order, without waiting for it.
+
+        For writes nobody waits on (a session's log): the caller goes on at once,
+        and a later `run` on the same lane returns only after ``fn`` ran, so it
+        serves as a barrier. ``fn`` must handle its own errors; anything it
+        raises is logged and dropped.
+
+        Raises:
+            RuntimeError: the lane is closed.
+        """
+        job: _Job[Any] = _Job(_logged(fn), (), None, None)
+        self._enqueue(job)
+
+    def _enqueue(self, job: _Job[Any]) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"thread lane {self.name!r} is closed")
@@ -127,16 +157,6 @@ class ThreadLane:
                     job.state = _State.ABANDONED  # nobody would ever run it
                     raise
                 self._thread = thread
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            with self._lock:
-                if job.state is _State.QUEUED:
-                    job.state = _State.ABANDONED
-                    return trio.lowlevel.Abort.SUCCEEDED
-            return trio.lowlevel.Abort.FAILED  # running: its result arrives, then Cancelled
-
-        result: _T = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
 
     def close(self) -> None:
         """Take no more calls; the thread finishes the queued ones, then exits."""
@@ -213,7 +233,8 @@ class ThreadLane:
     def _deliver_all(done: list[_Job[Any]]) -> None:
         by_token: dict[trio.lowlevel.TrioToken, list[_Job[Any]]] = {}
         for job in done:
-            by_token.setdefault(job.token, []).append(job)
+            if job.token is not None:  # a `submit`: nobody waits for it
+                by_token.setdefault(job.token, []).append(job)
         for token, jobs in by_token.items():
             try:
                 token.run_sync_soon(_reschedule, jobs)
@@ -237,5 +258,17 @@ _PR_SET_NAME = 15
 
 def _reschedule(jobs: list[_Job[Any]]) -> None:
     for job in jobs:
-        assert job.result is not None
+        assert job.result is not None and job.task is not None
         trio.lowlevel.reschedule(job.task, job.result)
+
+
+def _logged(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` for `ThreadLane.submit`: whatever it raises is logged, never lost silently."""
+
+    def call() -> None:
+        try:
+            fn()
+        except Exception:
+            logger.exception("a queued call in a thread lane failed: %r", fn)
+
+    return call

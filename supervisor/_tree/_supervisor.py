@@ -241,6 +241,7 @@ class Supervisor:
         self._subscribers: list[trio.MemorySendChannel[SupervisorEvent]] = []
         self._running = False
         self._children: list[_Child] = []
+        self._ran = False
         self._reset()
 
     def _reset(self) -> None:
@@ -280,7 +281,9 @@ class Supervisor:
         """
         if self._running:
             raise RuntimeError(f"supervisor {self.name!r} is already running")
-        self._reset()
+        if self._ran:
+            self._reset()  # a fresh run of a supervisor that ran before (a restart)
+        self._ran = True
         self.exit_reason = None
         self._running = True
         parent = _current_child.get()

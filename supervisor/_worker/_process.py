@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import json
 import logging
 import math
@@ -97,6 +98,10 @@ class SessionOutput:
         tail_chars: how many characters the tail keeps in total.
         max_line_chars: longest line delivered to ``on_line`` and searched for
             a result. The rest of a longer line only goes to the log file.
+        writer: runs a log write later, in order, away from the event loop
+            (`ThreadLane.submit`); ``None`` writes at once, on the caller's
+            thread. With a writer, `close` is queued behind the writes: a later
+            call on the same lane returns once the file is complete.
         log_max_bytes: the most the log may take on disk (``None``: no cap).
             Once the file holds half of it, it is renamed to ``<log>.1``
             (replacing an older one) and a fresh file is started: the two
@@ -113,6 +118,7 @@ class SessionOutput:
     log_max_bytes: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(2))
     )
+    writer: Callable[[Callable[[], object]], None] | None = attrs.field(default=None, repr=False)
 
     #: Lines delivered so far (both streams and ``emit``).
     lines: int = attrs.field(default=0, init=False)
@@ -129,6 +135,8 @@ class SessionOutput:
     _log: BinaryIO | None = attrs.field(default=None, init=False, repr=False)
     _log_failed: bool = attrs.field(default=False, init=False, repr=False)
     _log_size: int = attrs.field(default=0, init=False, repr=False)
+    #: Writes (or a close) were handed to ``writer`` and may not have run yet.
+    _queued: bool = attrs.field(default=False, init=False, repr=False)
     #: Times the log was rotated to ``<log>.1`` because of ``log_max_bytes``.
     rotations: int = attrs.field(default=0, init=False)
 
@@ -189,8 +197,21 @@ class SessionOutput:
         except OSError as exc:
             self._log_error(exc)
 
+    @property
+    def queued(self) -> bool:
+        """Whether log writes went to the ``writer`` (so the file may still be catching up)."""
+        return self._queued
+
     def close(self) -> None:
-        """Flush and close the log file; a later write opens it again for appending."""
+        """Flush and close the log file; a later write opens it again for appending.
+
+        With a ``writer`` that got writes, the close is queued behind them.
+        """
+        if self._queued and self.writer is not None and self._hand_over(self._close_now):
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
         log, self._log = self._log, None
         if log is not None:
             try:
@@ -202,6 +223,23 @@ class SessionOutput:
 
     def _write_log(self, data: bytes) -> None:
         if self.log_path is None or self._log_failed:
+            return
+        if self.writer is not None and self._hand_over(functools.partial(self._write_now, data)):
+            return
+        self._write_now(data)
+
+    def _hand_over(self, call: Callable[[], object]) -> bool:
+        """Queue ``call`` on the writer; ``False`` when it takes no more (it was closed)."""
+        assert self.writer is not None
+        try:
+            self.writer(call)
+        except RuntimeError:
+            return False
+        self._queued = True
+        return True
+
+    def _write_now(self, data: bytes) -> None:
+        if self._log_failed:
             return
         if self._log is None:
             self.open_log()
@@ -232,7 +270,7 @@ class SessionOutput:
             whether a log is open to write to afterwards.
         """
         assert self.log_path is not None
-        self.close()
+        self._close_now()
         try:
             os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
         except OSError as exc:

@@ -46,6 +46,13 @@ __all__ = ["SessionRecord", "SessionRunner", "Workspaces"]
 
 logger = logging.getLogger("supervisor.session")
 
+#: The longest a session's end waits for its log writes to reach the file.
+_LOG_FLUSH_LIMIT = 10.0
+
+
+def _nothing() -> None:
+    """A barrier: run on the writer's lane, it returns once the writes before it ran."""
+
 
 class Workspaces(Protocol):
     """What the runner needs of a workspace maker (`WorkspaceManager` is the real one).
@@ -115,6 +122,9 @@ class SessionRunner:
             (the worker journals the session there, off the event loop).
         offload: runs blocking file work (opening the session's log) away from
             the event loop; ``trio.to_thread.run_sync`` by default.
+        log_writer: queues the session log's writes away from the event loop
+            (`ThreadLane.submit` of the lane ``offload`` runs on); ``None``
+            writes them on the event loop.
         keeper_options: extra keyword arguments for each ``LeaseKeeper`` (tests and
             the simulator use this to inject timing and randomness).
     """
@@ -130,6 +140,9 @@ class SessionRunner:
     on_end: Callable[[SessionRecord], None] | None = None
     on_start: Callable[[WorkItem], Awaitable[None]] | None = None
     offload: Offload = attrs.field(default=trio.to_thread.run_sync, repr=False)
+    log_writer: Callable[[Callable[[], object]], None] | None = attrs.field(
+        default=None, repr=False
+    )
     records: dict[str, SessionRecord] = attrs.field(factory=dict)
     #: Per-session variables for the agent (its session credential), built per item.
     session_env: Callable[[WorkItem], Mapping[str, str]] | None = None
@@ -257,6 +270,7 @@ class SessionRunner:
             log_path=self.logs_dir / f"{safe_name(item.id)}.log",
             on_line=(lambda line: hook(record, line)) if hook is not None else None,
             log_max_bytes=self.log_max_bytes,
+            writer=self.log_writer,
         )
         started = trio.current_time()
         try:
@@ -304,6 +318,11 @@ class SessionRunner:
             lease.outcome = record.outcome = Outcome(OutcomeStatus.FAILED, reason=detail)
         finally:
             output.close()
+            if output.queued:
+                # The log's writes went to the writer: the session ends with its
+                # log complete (``offload`` runs on the writer's lane, after them).
+                with trio.CancelScope(shield=True), trio.move_on_after(_LOG_FLUSH_LIMIT):
+                    await self.offload(_nothing)
             if record.outcome is None:
                 # Interrupted from above (the lease was lost, or the worker is stopping).
                 # Checked in ``finally`` rather than ``except trio.Cancelled``: through a

@@ -140,6 +140,8 @@ class Worker:
         self._reaper: Reaper | None = None
         self._given_offload = offload
         self._offload: Offload = offload if offload is not None else trio.to_thread.run_sync
+        #: Session log writes go here (the worker's own lane, when it made one).
+        self._log_writer: Callable[[Callable[[], object]], None] | None = None
         self._running = False
         self._draining = False
         self._tree: Supervisor | None = None
@@ -220,6 +222,7 @@ class Worker:
                     lane = ThreadLane("supervisor-io")
                     stack.push_async_callback(_close_lane, lane)
                     self._offload = lane.run
+                    self._log_writer = lane.submit
                 self._prepare_state_dir()
                 if self._wants_reaper():
                     reaper = self._reaper = Reaper(grace=self.config.agent_grace)
@@ -330,6 +333,7 @@ class Worker:
             on_end=self._on_session_end,
             on_start=self._journal_session,
             offload=self._offload,
+            log_writer=self._log_writer,
             on_line=self.wedge_detector.on_line,
             # no silence watchdog task per session unless a wedge_timeout is set
             watchdog=self.wedge_detector.watch if config.wedge_timeout is not None else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
@@ -171,3 +172,34 @@ async def test_a_thread_that_cannot_start_raises_and_the_next_call_tries_again(
     await lane.run(ran.append, "second")
     assert ran == ["second"]  # the refused call was dropped, not run later
     await lane.aclose()
+
+
+async def test_submitted_calls_run_in_order_and_a_later_run_waits_for_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lane = ThreadLane("test-lane-submit")
+    seen: list[tuple[int, str]] = []
+    gate = threading.Event()
+
+    def first() -> None:
+        gate.wait(5)  # holds the lane: the submits below queue behind it
+        seen.append((0, threading.current_thread().name))
+
+    def failing() -> None:
+        raise ValueError("a write failed")
+
+    def note(n: int) -> None:
+        seen.append((n, threading.current_thread().name))
+
+    lane.submit(first)
+    for n in range(1, 4):
+        lane.submit(functools.partial(note, n))
+    lane.submit(failing)
+    assert seen == []  # submit returned at once
+    gate.set()
+    assert await lane.run(len, seen) == 4  # the barrier: everything queued before ran
+    assert seen == [(n, "test-lane-submit") for n in range(4)]
+    assert "a queued call in a thread lane failed" in caplog.text
+    await lane.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        lane.submit(first)

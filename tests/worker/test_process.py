@@ -482,3 +482,42 @@ async def test_an_uncapped_log_is_never_rotated(tmp_path: Path) -> None:
     assert output.rotations == 0
     assert not (tmp_path / "ok.log.1").exists()
     assert (tmp_path / "ok.log").stat().st_size > 2 * 1024 * 1024
+
+
+def test_with_a_writer_log_writes_and_the_close_leave_the_caller_in_order(
+    tmp_path: Path,
+) -> None:
+    """Nothing touches the file until the writer runs the queued calls, in order."""
+    queued: list[object] = []
+
+    def writer(call: object) -> None:
+        queued.append(call)
+
+    log = tmp_path / "logs" / "s.log"
+    output = SessionOutput(log_path=log, writer=writer, log_max_bytes=200)
+    output.note("starting")
+    output.emit("line one\nline two")
+    output.emit("x" * 70)  # past half the cap: the writer's thread rotates the file
+    output.close()
+    assert output.queued and not log.exists()
+    assert output.tail() == ("line one", "line two", "x" * 70)  # the tail is kept at once
+    for call in queued:
+        assert callable(call)
+        call()
+    assert log.exists() and (tmp_path / "logs" / "s.log.1").exists()
+    rotated = (tmp_path / "logs" / "s.log.1").read_text()
+    assert rotated == "[supervisor] starting\nline one\nline two\n"
+    assert log.read_text().endswith("x" * 70 + "\n")
+    assert output.rotations == 1
+
+
+def test_a_writer_that_takes_no_more_leaves_the_write_to_the_caller(tmp_path: Path) -> None:
+    def closed(call: object) -> None:
+        raise RuntimeError("thread lane 'io' is closed")
+
+    log = tmp_path / "s.log"
+    output = SessionOutput(log_path=log, writer=closed)
+    output.emit("still written")
+    output.close()
+    assert not output.queued
+    assert log.read_text() == "still written\n"
