@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/controlplane.py [--ops 500] [--rounds 5] [--database URL]
+    python benchmarks/controlplane.py [--ops 500] [--rounds 5] [--routing 1000] [--database URL]
 
 Prints the cost of a bare SQLite round trip (``SELECT 1``, and the
 ``BEGIN IMMEDIATE`` / one-row ``UPDATE`` / ``COMMIT`` every store call pays),
@@ -17,6 +17,10 @@ token. Figures are printed, never asserted: they depend on the machine.
 Adding a layer (the HTTP column): write ``async def bench_<name>(directory,
 ops) -> LayerFigures`` (most of it is `bench_control_plane` over your
 `ControlPlane`), and append ``("<label>", bench_<name>)`` to `LAYERS`.
+
+Routing labels (``--routing N``): claims with N items queued, on both engines:
+no labels at all, a queue mixing label sets, and a worker without labels
+claiming from behind N/2 older labelled items it must pass over.
 
 PostgreSQL (``--database``, default ``SUPERVISOR_TEST_DATABASE_URL`` or
 ``postgresql://postgres@127.0.0.1:5432/test``; each round in a fresh schema,
@@ -128,6 +132,90 @@ def bench_store_calls(store: Store, ops: int) -> LayerFigures:
         token = beat.last_heartbeat
     heartbeat = (time.perf_counter() - start) / ops
     return LayerFigures(claim=claim, heartbeat=heartbeat)
+
+
+# --- routing labels: claims over a queue that mixes them ---------------------------------
+
+#: The label sets the routing rows cycle through when queueing (``()`` is unlabelled).
+MIXED_LABELS: tuple[tuple[str, ...], ...] = ((), ("gpu",), ("gpu", "repo:foo"), ("cpu",))
+
+
+def routing_scenarios(store: Store, queued: int) -> dict[str, float]:
+    """Seconds per claim (poll + ack) with ``queued`` items waiting, per routing case.
+
+    * ``unlabelled``: no labels anywhere (the baseline);
+    * ``mixed``: items cycle through `MIXED_LABELS`; a worker with ``gpu`` and
+      ``repo:foo`` claims every item it may (three in four);
+    * ``skip``: half the queue, the older half, requires ``gpu``; a worker
+      without labels claims the other half, passing over the labelled rows
+      each time.
+    """
+    figures: dict[str, float] = {}
+    cases: dict[str, tuple[list[tuple[str, ...]], tuple[str, ...]]] = {
+        "unlabelled": ([()] * queued, ()),
+        "mixed": (
+            [MIXED_LABELS[n % len(MIXED_LABELS)] for n in range(queued)],
+            ("gpu", "repo:foo"),
+        ),
+        "skip": ([("gpu",)] * (queued // 2) + [()] * (queued - queued // 2), ()),
+    }
+    for case, (labels, worker) in cases.items():
+        environment = f"routing-{case}"
+        now = time.time()
+        for n, required in enumerate(labels):
+            store.submit(environment, f"item {n}", now=now, labels=required)
+        eligible = sum(1 for required in labels if set(required) <= set(worker))
+        start = time.perf_counter()
+        for _ in range(eligible):
+            item = store.poll(environment, worker_id="bench", now=time.time(), labels=worker)
+            assert item is not None and set(item.labels) <= set(worker)
+            store.ack(environment, item.id, worker_id="bench", now=time.time())
+        assert store.poll(environment, worker_id="bench", now=time.time(), labels=worker) is None
+        figures[case] = (time.perf_counter() - start) / eligible
+    return figures
+
+
+def routing_section(queued: int, rounds: int, database: str) -> None:
+    print(f"\nrouting labels: claims (poll+ack) with {queued} items queued, median of {rounds}")
+    header = f"{'store':<16}" + "".join(f"{case:>26}" for case in ("unlabelled", "mixed", "skip"))
+    print(header)
+    print("-" * len(header))
+    engines: list[tuple[str, Callable[[], contextlib.AbstractContextManager[Store]]]] = []
+
+    @contextlib.contextmanager
+    def sqlite_store() -> Iterator[Store]:
+        with tempfile.TemporaryDirectory(prefix="cp-bench-") as tmp:
+            store = SQLiteStore(Path(tmp) / "routing.sqlite3")
+            try:
+                yield store
+            finally:
+                store.close()
+
+    @contextlib.contextmanager
+    def postgres_store() -> Iterator[Store]:
+        with fresh_schema(database) as (url, _schema):
+            store = _postgres_store(url)
+            try:
+                yield store
+            finally:
+                store.close()
+
+    engines.append(("sqlite", sqlite_store))
+    if database != "none":
+        try:
+            import psycopg
+
+            psycopg.connect(database, connect_timeout=3).close()
+            engines.append(("postgresql", postgres_store))
+        except Exception as exc:
+            print(f"(postgresql skipped: {exc})")
+    for name, opened in engines:
+        runs: list[dict[str, float]] = []
+        for _ in range(rounds):
+            with opened() as store:
+                runs.append(routing_scenarios(store, queued))
+        row = "".join(f"{_rate(statistics.median(r[case] for r in runs)):>26}" for case in runs[0])
+        print(f"{name:<16}{row}")
 
 
 # --- any ControlPlane ----------------------------------------------------------------------
@@ -428,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", type=int, default=500, help="operations per round (500)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; the median is shown (5)")
     parser.add_argument(
+        "--routing",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="items queued for the routing-label rows (1000; 0 skips them)",
+    )
+    parser.add_argument(
         "--database",
         default=DEFAULT_DATABASE,
         help="PostgreSQL for the pg rows (default: %(default)s); 'none' skips them",
@@ -463,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\none claim is two store calls (poll, ack); each store call is one write "
         f"transaction (~{update * 1e6:.0f} µs bare)."
     )
+    if args.routing > 0:
+        routing_section(args.routing, rounds, args.database)
     if args.database != "none":
         postgres_section(args.database, ops, rounds)
     print(f"\nTook {time.perf_counter() - started:.1f} s.")

@@ -62,6 +62,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -214,11 +215,19 @@ class CountingPlane(EmbeddedControlPlane):
         self.calls: list[tuple[str, str | None, float, float]] = []
 
     async def poll(
-        self, *, worker_id: str, block_ms: int = 0, reclaim_older_than_ms: int | None = None
+        self,
+        *,
+        worker_id: str,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
         start = trio.current_time()
         item = await super().poll(
-            worker_id=worker_id, block_ms=block_ms, reclaim_older_than_ms=reclaim_older_than_ms
+            worker_id=worker_id,
+            block_ms=block_ms,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=labels,
         )
         if self.timed:
             self.calls.append(("poll", item.id if item else None, start, trio.current_time()))

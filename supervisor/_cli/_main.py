@@ -40,6 +40,7 @@ from .._base._logging import configure_logging
 from .._tree._exceptions import ChildStartError, RestartIntensityExceeded
 from .._worker._config import DEFAULT_AGENT, WorkerConfig, agent_text
 from ..controlplane._codec import decode_time
+from ..controlplane._dashboard_html import worker_labels
 from ..controlplane._exceptions import (
     BadRequest,
     Conflict,
@@ -49,7 +50,13 @@ from ..controlplane._exceptions import (
 )
 from ..controlplane._models import RetryPolicy, WorkItem, WorkState
 from ..controlplane._protocol import ControlPlane
-from ..controlplane._store._common import check_key, check_retry, check_schedule
+from ..controlplane._store._common import (
+    check_key,
+    check_labels,
+    check_retry,
+    check_schedule,
+    check_timeout,
+)
 from ._common import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE, PROG
 from ._policies import add_environment_arguments
 from ._settings import (
@@ -159,6 +166,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-id",
         metavar="ID",
         help="this worker's id on the control plane (default: HOST-PID-RANDOM)",
+    )
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        metavar="LABEL",
+        help="a routing label this worker has (repeatable, e.g. --label gpu --label repo:foo): "
+        "it claims only items whose labels (submit --label) it all has, and without any only "
+        "unlabelled items; shown in status (default: none)",
     )
     parser.add_argument(
         "--max-concurrency",
@@ -328,6 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="higher is claimed first, first in first out within one priority (-1000 to 1000; "
         "default: %(default)s)",
+    )
+    submit.add_argument(
+        "--label",
+        dest="item_labels",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="a routing label the item requires (repeatable): only a worker run with every "
+        "one of them (run --label) claims it; letters, digits and :._/- (e.g. gpu, repo:foo)",
+    )
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="seconds of execution its session may take (not counting the wait for a slot), "
+        "in place of the worker's --session-timeout; then it ends with outcome timeout",
     )
     submit.add_argument(
         "--key",
@@ -507,6 +539,8 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     layer = {name: value for name, value in vars(args).items() if name in names}
     if layer.get("agent_env") is not None:
         layer["agent_env"] = tuple(layer["agent_env"])
+    if layer.get("labels") is not None:
+        layer["labels"] = tuple(layer["labels"])
     if isinstance(layer.get("control_plane"), list):  # --control-plane repeated
         layer["control_plane"] = ",".join(layer["control_plane"])
     return layer
@@ -808,6 +842,8 @@ def cli_submit(args: argparse.Namespace) -> int:
     try:
         check_schedule(args.priority, args.delay, not_before)
         check_key(args.key)
+        labels = check_labels(args.item_labels, "--label")
+        timeout = check_timeout(args.timeout, "--timeout")
     except BadRequest as exc:
         return _error(str(exc))
     config = _target_config(args)
@@ -822,6 +858,8 @@ def cli_submit(args: argparse.Namespace) -> int:
                 delay=args.delay,
                 not_before=not_before,
                 key=args.key,
+                labels=labels,
+                timeout=timeout,
             )
         print(item.id, flush=True)
         if item.duplicate:
@@ -926,6 +964,8 @@ def _item_entry(item: WorkItem) -> dict[str, Any]:
         "dead": item.dead,
         "priority": item.priority,
         "key": item.key,
+        "labels": list(item.labels),
+        "timeout": item.timeout,
         "not_before": item.not_before,
         "history": [
             {
@@ -1031,6 +1071,7 @@ async def _status_document(config: WorkerConfig, limit: int) -> dict[str, Any]:
             "worker_id": w.worker_id,
             "status": w.status.value,
             "active_tasks": w.active_tasks,
+            "labels": worker_labels(w),
             "runtime_state": w.runtime_state,
             "sample_error": w.sample_error,
             "error_rate": w.error_rate,

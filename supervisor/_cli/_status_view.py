@@ -152,6 +152,7 @@ def _workers_table(workers: list[dict[str, Any]], now: float) -> Table:
     table.add_column("worker")
     table.add_column("status")
     table.add_column("active", justify="right")
+    table.add_column("labels")
     table.add_column("last heartbeat")
     table.add_column("note")
     for w in workers:
@@ -163,6 +164,7 @@ def _workers_table(workers: list[dict[str, Any]], now: float) -> Table:
             w["worker_id"],
             _state(w["status"], _WORKER_STYLES),
             str(w.get("active_tasks", 0)),
+            " ".join(w.get("labels") or ()) or "-",
             f"{duration_text(now - seen)} ago" if seen else "never",
             note,
         )

@@ -475,6 +475,7 @@ class AgentRunner:
         session_env: Mapping[str, str] | None = None,
         inbox: Inbox | None = None,
         on_spawn: Callable[[int], object] | None = None,
+        session_timeout: float | None = None,
     ) -> AgentResult:
         """Run the agent to its end.
 
@@ -489,6 +490,8 @@ class AgentRunner:
             inbox: the session's inbox, handed to an in-process agent as
                 ``ctx.inbox`` (a subprocess agent reads its file in the workspace).
             on_spawn: called with a subprocess agent's pid once it exists.
+            session_timeout: this session's own execution limit (the work item's
+                ``timeout``), in place of the runner's; ``None`` keeps the runner's.
 
         Returns:
             the result; ``result.to_outcome()`` is what ``stop`` reports. A
@@ -501,6 +504,9 @@ class AgentRunner:
         """
         if output is None:
             output = SessionOutput()
+        if session_timeout is not None and not session_timeout > 0:
+            raise ValueError(f"session_timeout must be positive, not {session_timeout!r}")
+        limit = self.session_timeout if session_timeout is None else session_timeout
         env = self.env_policy.build(
             os.environ if self.base_env is None else self.base_env,
             work_id=work_id,
@@ -515,7 +521,7 @@ class AgentRunner:
                 cwd=workspace,
                 env=env,
                 output=output,
-                session_timeout=self.session_timeout,
+                session_timeout=limit,
                 grace=self.grace,
                 kill_timeout=self.kill_timeout,
                 reap_orphans=self.reap_orphans,
@@ -538,7 +544,7 @@ class AgentRunner:
             ctx,
             output,
             name=self.spec.name,
-            session_timeout=self.session_timeout,
+            session_timeout=limit,
         )
 
 

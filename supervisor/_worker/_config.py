@@ -22,12 +22,14 @@ import attrs
 
 from .._base._exceptions import ConfigError
 from ..controlplane._connect import open_control_plane
+from ..controlplane._exceptions import BadRequest
 from ..controlplane._protocol import ControlPlane
 from ..controlplane._store._common import (
     MAX_ATTEMPTS,
     MAX_BACKOFF,
     MAX_QUEUE_DEPTH,
     MAX_RETENTION,
+    check_labels,
     parse_duration,
 )
 from ..controlplane._store._dburl import is_postgres_url
@@ -201,6 +203,16 @@ def agent_text(value: AgentSetting) -> str:
     return qualified_name(value)
 
 
+def _labels(value: Any) -> tuple[str, ...]:
+    """Routing labels, sorted and folded; a lone string is one label."""
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        return check_labels(tuple(value) if isinstance(value, list) else value)
+    except BadRequest as exc:
+        raise ConfigError(str(exc), key="labels") from None
+
+
 def _valid_patterns(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, tuple):
         raise ConfigError(f"expected a list of patterns, got {value!r}", key=attribute.name)
@@ -281,7 +293,11 @@ class WorkerConfig:
         api_host, api_port: the local HTTP API (port 0 picks a free one and writes the URL
             to ``state_dir/api.json``); ``api_enabled=False`` turns it off.
         lease_ttl: the lease ttl to ask the control plane for, in seconds.
-        session_timeout: seconds of execution a session may take (never the wait for a slot).
+        labels: routing labels this worker has (``gpu``, ``repo:foo``): it claims only
+            items whose required labels are all among them, and none claims only
+            unlabelled items. Reported in presence. In the environment: comma-separated.
+        session_timeout: seconds of execution a session may take (never the wait for a
+            slot); an item's own ``timeout`` replaces it for that item.
         poll_block_ms: how long one poll may wait on the server for work.
         delegation_poll_interval: seconds between the delegation watcher's polls for
             results of this worker's delegations.
@@ -341,6 +357,7 @@ class WorkerConfig:
             "expected a non-empty id without '/'",
         ),
     )
+    labels: tuple[str, ...] = attrs.field(default=(), converter=_labels)
     max_concurrency: int = attrs.field(
         default=4,
         validator=_check(

@@ -218,6 +218,8 @@ class Poller:
             was requeued and acked by another worker meanwhile, and the first
             heartbeat cannot tell the two claims apart. The worker sets it well
             inside the ack lease.
+        labels: the worker's routing labels, carried by every poll: the control
+            plane hands out only items whose required labels are among them.
 
     Raises:
         ValueError: on a negative ``block_ms`` or ``reclaim_older_than_ms``.
@@ -236,6 +238,7 @@ class Poller:
         reclaim_older_than_ms: int | None = None,
         ack_timeout: float | None = None,
         max_batch: int = 1,
+        labels: tuple[str, ...] = (),
     ) -> None:
         if block_ms < 0:
             raise ValueError(f"block_ms must be >= 0, got {block_ms!r}")
@@ -257,6 +260,7 @@ class Poller:
         self._batches: ClaimsBatches | None = (
             control_plane if max_batch > 1 and isinstance(control_plane, ClaimsBatches) else None
         )
+        self.labels = tuple(labels)
         self._rng = rng if rng is not None else random.Random()
         self._state = PollerState.IDLE
         self._polls = 0
@@ -398,6 +402,7 @@ class Poller:
                         limit=wanted,
                         block_ms=self.block_ms,
                         reclaim_older_than_ms=self.reclaim_older_than_ms,
+                        labels=self.labels,
                     )
             except trio.TooSlowError:
                 self.gate.claim_result(None)
@@ -442,6 +447,7 @@ class Poller:
                         worker_id=self.worker_id,
                         block_ms=self.block_ms,
                         reclaim_older_than_ms=self.reclaim_older_than_ms,
+                        labels=self.labels,
                     )
             except TransientError as exc:
                 self.gate.claim_result(None)

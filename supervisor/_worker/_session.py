@@ -305,6 +305,7 @@ class SessionRunner:
                                 session_env=env,
                                 inbox=inbox,
                                 on_spawn=ticket.spawned if ticket is not None else None,
+                                session_timeout=item.timeout,
                             )
                         nursery.cancel_scope.cancel()
                     lease.outcome = record.outcome = _outcome_of(result, lease)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -30,6 +30,7 @@ from .._base._groups import collapse_group
 from .._base._lane import Offload
 from ..controlplane._models import Outcome, OutcomeStatus, RetryPolicy
 from ..controlplane._protocol import ControlPlane
+from ..controlplane._store._common import check_labels, check_timeout
 from ._agent import AgentFunction, AgentSpec
 from ._config import WorkerConfig
 from ._lease import KeeperOptions
@@ -68,6 +69,7 @@ class WorkHandle:
         retry: RetryPolicy | None = None,
         schedule: tuple[int, float | None, float | None] = (0, None, None),
         key: str | None = None,
+        routing: tuple[tuple[str, ...], float | None] = ((), None),
     ) -> None:
         self._owner = owner
         self.prompt = prompt
@@ -75,6 +77,7 @@ class WorkHandle:
         self.retry = retry
         self.priority, self.delay, self.not_before = schedule
         self.key = key
+        self.labels, self.timeout = routing
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._item_id: str | None = None
@@ -293,16 +296,26 @@ class ThreadedWorker:
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,
         **metadata: str,
     ) -> WorkHandle:
         """Queue a session; returns its handle at once (never blocks).
 
         ``retry`` retries failed sessions with backoff (see `RetryPolicy`); the
         handle resolves with the item's final outcome, not an attempt's.
-        ``priority``, ``delay``, ``not_before`` and ``key`` as for `Worker.submit`
-        (a handle of a key already used follows the first item).
+        ``priority``, ``delay``, ``not_before``, ``key``, ``labels`` and
+        ``timeout`` as for `Worker.submit` (a handle of a key already used
+        follows the first item).
+
+        Raises:
+            BadRequest: bad ``labels`` or ``timeout``, here in the calling
+                thread; nothing is queued.
         """
-        handle = WorkHandle(self, prompt, dict(metadata), retry, (priority, delay, not_before), key)
+        routing = (check_labels(labels), check_timeout(timeout))
+        handle = WorkHandle(
+            self, prompt, dict(metadata), retry, (priority, delay, not_before), key, routing
+        )
         if not self.running:
             handle._fail(WorkCancelled("the worker is not running"))
             return handle
@@ -363,6 +376,8 @@ class ThreadedWorker:
                     delay=handle.delay,
                     not_before=handle.not_before,
                     key=handle.key,
+                    labels=handle.labels,
+                    timeout=handle.timeout,
                     **handle.metadata,
                 )
                 handle._item_id = item_id

@@ -26,7 +26,7 @@ import os
 import random
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -386,6 +386,7 @@ class Worker:
             ack_timeout=self._claim_limits()[0],
             rng=self._rng,
             max_batch=config.max_concurrency,
+            labels=config.labels,
         )
         self.wedge_detector.on_wedge = poller.interrupt_poll
         work = self._work = Supervisor(
@@ -591,7 +592,7 @@ class Worker:
     def runtime_metadata(self) -> dict[str, Any]:
         """The default ``runtime_metadata`` of presence reports.
 
-        Capabilities, capacity and version, plus the live supervision tree
+        Capabilities, capacity, routing labels and version, plus the live supervision tree
         (``tree``), so the control plane's dashboard can draw it without
         reaching the worker's local API.
         """
@@ -610,6 +611,7 @@ class Worker:
                 },
             },
             "capacity": config.max_concurrency,
+            "labels": list(config.labels),
             "version": default_version(),
             "tree": tree,
         }
@@ -656,6 +658,8 @@ class Worker:
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the item's, not this call's)
         **metadata: str,
     ) -> str:
         """Queue a session on this worker's control plane; returns the new item's id.
@@ -665,6 +669,13 @@ class Worker:
         higher is claimed first (FIFO within one); ``delay`` (seconds) or
         ``not_before`` (POSIX time): not claimed before then. ``key``: a key
         already used in the environment returns that item's id, queueing nothing.
+        ``labels``: only a worker with all of them claims it (routing).
+        ``timeout``: seconds of execution its session may take, in place of
+        the claiming worker's ``session_timeout``.
+
+        Raises:
+            BadRequest: a bad value (a label outside letters, digits and
+                ``:._/-``, a timeout outside (0, 7 days], ...); nothing is queued.
         """
         item = await self.control_plane.submit(
             prompt,
@@ -674,6 +685,8 @@ class Worker:
             delay=delay,
             not_before=not_before,
             key=key,
+            labels=labels,
+            timeout=timeout,
         )
         return item.id
 

@@ -355,6 +355,17 @@ class _Fields:
                 raise BadRequest(f"{self.path(name)}.{key} must be a string, got {_kind(item)}")
         return dict(value)
 
+    def str_list(self, name: str) -> list[str] | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise self._wrong(name, "an array of strings", value)
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise BadRequest(f"{self.path(name)}[{index}] must be a string, got {_kind(item)}")
+        return list(value)
+
     def json_map(self, name: str) -> dict[str, Any]:
         value = self.raw(name)
         if value is None:
@@ -511,6 +522,8 @@ def encode_work_item(item: WorkItem) -> dict[str, JSON]:
         "dead": item.dead,
         "priority": item.priority,
         "key": item.key,
+        "labels": list(item.labels),
+        "timeout_seconds": item.timeout,
     }
     if item.secret is not None:
         body["secret"] = item.secret
@@ -551,6 +564,8 @@ def decode_work_item(value: object, where: str = "") -> WorkItem:
         dead=fields.flag("dead", default=False),
         priority=fields.req_int("priority", default=0),
         key=fields.opt_str("key"),
+        labels=tuple(fields.str_list("labels") or []),
+        timeout=fields.opt_float("timeout_seconds"),
     )
 
 
@@ -750,6 +765,8 @@ class SubmitRequest:
     delay: float | None = None
     not_before: float | None = None
     key: str | None = None
+    labels: tuple[str, ...] = ()
+    timeout: float | None = None
 
 
 def encode_submit_request(request: SubmitRequest) -> dict[str, JSON]:
@@ -767,6 +784,10 @@ def encode_submit_request(request: SubmitRequest) -> dict[str, JSON]:
         body["not_before"] = encode_time(request.not_before)
     if request.key is not None:
         body["key"] = request.key
+    if request.labels:
+        body["labels"] = list(request.labels)
+    if request.timeout is not None:
+        body["timeout_seconds"] = request.timeout
     return body
 
 
@@ -786,6 +807,8 @@ def decode_submit_request(value: object) -> SubmitRequest:
         delay=fields.opt_float("delay_seconds", minimum=0.0),
         not_before=fields.opt_time("not_before"),
         key=fields.opt_str("key", non_empty=True),
+        labels=tuple(fields.str_list("labels") or []),
+        timeout=fields.opt_float("timeout_seconds"),
     )
     retry = fields.obj("retry")
     if retry is not None:

@@ -59,6 +59,7 @@ from ._models import (
 )
 from ._status import StatusPolicy
 from ._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore, Store
+from ._store._common import check_labels
 from ._text import check_text
 
 if TYPE_CHECKING:
@@ -207,6 +208,8 @@ class EmbeddedControlPlane:
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the item's, not this call's)
     ) -> WorkItem:
         return await self._run(
             self._store.submit,
@@ -220,6 +223,8 @@ class EmbeddedControlPlane:
             delay=delay,
             not_before=not_before,
             key=key,
+            labels=labels,
+            timeout=timeout,
         )
 
     async def poll(
@@ -228,6 +233,7 @@ class EmbeddedControlPlane:
         worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
         """Claim the oldest claimable item, waiting up to ``block_ms`` for one.
 
@@ -242,6 +248,7 @@ class EmbeddedControlPlane:
             raise BadRequest(f"block_ms must be an integer, got {block_ms!r}")
         if not 0 <= block_ms <= MAX_BLOCK_MS:
             raise BadRequest(f"block_ms must be between 0 and {MAX_BLOCK_MS}, got {block_ms}")
+        wanted = check_labels(labels)
         deadline = trio.current_time() + block_ms / 1000.0
         while True:
             # Take the wake-up event *before* looking, so a submit that lands
@@ -253,6 +260,7 @@ class EmbeddedControlPlane:
                 worker_id=worker_id,
                 now=self._clock(),
                 reclaim_older_than_ms=reclaim_older_than_ms,
+                labels=wanted,
             )
             if item is not None:
                 return item
@@ -269,6 +277,7 @@ class EmbeddedControlPlane:
         limit: int,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> list[WorkItem]:
         """Poll and acknowledge up to ``limit`` items at once (see `SQLiteStore.claim`).
 
@@ -288,6 +297,7 @@ class EmbeddedControlPlane:
             raise BadRequest(f"block_ms must be an integer, got {block_ms!r}")
         if not 0 <= block_ms <= MAX_BLOCK_MS:
             raise BadRequest(f"block_ms must be between 0 and {MAX_BLOCK_MS}, got {block_ms}")
+        wanted = check_labels(labels)
         deadline = trio.current_time() + block_ms / 1000.0
         while True:
             wake = self._submitted  # taken before looking, as in `poll`
@@ -298,6 +308,7 @@ class EmbeddedControlPlane:
                 limit=limit,
                 now=self._clock(),
                 reclaim_older_than_ms=reclaim_older_than_ms,
+                labels=wanted,
             )
             if items:
                 return items

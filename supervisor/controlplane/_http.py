@@ -62,7 +62,14 @@ from ._models import (
     WorkState,
     WorkStats,
 )
-from ._store._common import QUEUE_FULL_RETRY_AFTER, check_key, check_retry, check_schedule
+from ._store._common import (
+    QUEUE_FULL_RETRY_AFTER,
+    check_key,
+    check_labels,
+    check_retry,
+    check_schedule,
+    check_timeout,
+)
 from ._text import check_text
 
 __all__ = ["HttpControlPlane", "open_http_control_plane"]
@@ -355,7 +362,7 @@ class HttpControlPlane:
         what: str,
         path: str,
         key: str,
-        params: Mapping[str, str] | None,
+        params: Mapping[str, str | list[str]] | None,
         content: bytes | None,
         seconds: float,
     ) -> httpx.Response:
@@ -412,7 +419,7 @@ class HttpControlPlane:
         method: str,
         path: str,
         *,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, str | list[str]] | None = None,
         body: codec.JSON | None = None,
         seconds: float | None = None,
         statuses: list[int] | None = None,
@@ -491,10 +498,14 @@ class HttpControlPlane:
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the item's, not this call's)
     ) -> WorkItem:
         # Refused here as the server would refuse it (a NaN could not even be sent).
         check_schedule(priority, delay, not_before)
         check_key(key)
+        required = check_labels(labels)
+        limit = check_timeout(timeout)
         request = codec.SubmitRequest(
             prompt,
             session_id,
@@ -504,6 +515,8 @@ class HttpControlPlane:
             delay,
             not_before,
             key,
+            required,
+            limit,
         )
         statuses: list[int] = []
         answer = await self._call(
@@ -519,12 +532,16 @@ class HttpControlPlane:
         worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
-        params = {"block_ms": str(block_ms)}
+        params: dict[str, str | list[str]] = {"block_ms": str(block_ms)}
         if worker_id is not None:
             params["worker_id"] = worker_id
         if reclaim_older_than_ms is not None:
             params["reclaim_older_than_ms"] = str(reclaim_older_than_ms)
+        wanted = check_labels(labels)
+        if wanted:
+            params["labels"] = list(wanted)  # labels=gpu&labels=repo:foo
         answer = await self._call(
             "GET",
             "/work/poll",

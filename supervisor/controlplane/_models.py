@@ -152,6 +152,10 @@ class Attempt:
     retry_at: float | None = None
 
 
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class EnvironmentSettings:
     """The policies of one environment (DESIGN §4.2), kept with the environment itself.
@@ -233,6 +237,10 @@ class WorkItem:
     dead: bool = False
     priority: int = 0
     key: str | None = None
+    #: Routing labels a worker must have to claim it (sorted, no duplicates).
+    labels: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    #: Seconds of execution its session may take (``None``: the worker's ``session_timeout``).
+    timeout: float | None = None
     #: Set on the answer to a submit whose ``key`` was already used: this is that item.
     duplicate: bool = attrs.field(default=False, eq=False)
 

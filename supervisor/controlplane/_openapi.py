@@ -36,6 +36,15 @@ def _list_of(name: str) -> dict[str, Any]:
     }
 
 
+#: One routing label (as `check_labels` accepts it).
+_LABEL: Final[dict[str, Any]] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 100,
+    "pattern": "^[A-Za-z0-9:._/-]{1,100}$",
+}
+
+
 _SCHEMAS: Final[dict[str, Any]] = {
     "Error": {
         "type": "object",
@@ -173,6 +182,16 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "not_before": {**_TIME, "description": "Not claimed before this time (a backoff)."},
             "priority": {"type": "integer", "description": "Higher is claimed first."},
             "key": {**_OPT_STR, "description": "The idempotency key it was submitted with."},
+            "labels": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Routing labels a worker must all have to claim it (sorted).",
+            },
+            "timeout_seconds": {
+                "type": ["number", "null"],
+                "description": "Seconds of execution its session may take; null: the "
+                "worker's session_timeout.",
+            },
             "dead": {
                 "type": "boolean",
                 "description": "Stopped out of attempts (the dead letter); see POST retry.",
@@ -324,6 +343,21 @@ _SCHEMAS: Final[dict[str, Any]] = {
                 "maxLength": 200,
                 "description": "Idempotency key: when an item of the environment already has "
                 "it, that item is answered with 200 and nothing is queued.",
+            },
+            "labels": {
+                "type": "array",
+                "maxItems": 32,
+                "items": _LABEL,
+                "description": "Routing labels: only a worker polling with every one of them "
+                "claims the item. Duplicates are folded; stored sorted.",
+            },
+            "timeout_seconds": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": 604800,
+                "description": "Seconds of execution its session may take (not the wait for "
+                "a slot), in place of the worker's session_timeout; the session then ends "
+                "with outcome timeout.",
             },
         },
     },
@@ -569,6 +603,17 @@ _PATHS: Final[dict[str, Any]] = {
                         {"type": "integer", "minimum": 0},
                         "Hand out again an item delivered but not acked this long ago.",
                     ),
+                    {
+                        **_query(
+                            "labels",
+                            {"type": "array", "maxItems": 32, "items": _LABEL},
+                            "The polling worker's routing labels, one parameter each "
+                            "(labels=gpu&labels=repo:foo): only items whose labels are all "
+                            "among them are handed out; without any, only unlabelled items.",
+                        ),
+                        "style": "form",
+                        "explode": True,
+                    },
                 ),
             ),
             "204",

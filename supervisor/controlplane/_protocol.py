@@ -52,6 +52,8 @@ class ControlPlane(Protocol):
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the item's, not this call's)
     ) -> WorkItem:
         """Queue a new session work item (``session_id`` defaults to a fresh id).
 
@@ -60,6 +62,9 @@ class ControlPlane(Protocol):
         ``delay`` in seconds or ``not_before`` (POSIX time): not claimed before.
         ``key``: idempotency; a key already used in the environment returns
         that item (``duplicate=True``, HTTP 200) instead of queueing another.
+        ``labels``: routing; only a worker polling with all of them claims it.
+        ``timeout``: seconds of execution its session may take (in place of
+        the worker's ``session_timeout``).
         """
         ...
 
@@ -69,10 +74,13 @@ class ControlPlane(Protocol):
         worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
         """Claim the oldest claimable item, waiting up to ``block_ms``; ``None`` if none.
 
         ``worker_id`` names the poller; an anonymous poll (``None``) is bound at ack.
+        ``labels`` are the poller's: it gets only items whose required labels it
+        all has (none: only unlabelled items).
         """
         ...
 
@@ -222,6 +230,10 @@ class ClaimsBatches(Protocol):
         limit: int,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> list[WorkItem]:
-        """Up to ``limit`` items, acknowledged for ``worker_id``; empty after ``block_ms``."""
+        """Up to ``limit`` items, acknowledged for ``worker_id``; empty after ``block_ms``.
+
+        ``labels`` are the claimer's routing labels, as for ``poll``.
+        """
         ...

@@ -67,6 +67,7 @@ from ._openapi import API_PREFIX, openapi_document
 from ._protocol import ControlPlane
 from ._retention import SWEEP_INTERVAL, run_retention_sweep
 from ._store import SQLiteStore, Store
+from ._store._common import check_labels
 
 __all__ = [
     "DEFAULT_PORT",
@@ -248,24 +249,40 @@ class _Environments:
 
 
 class _Query:
-    """Strict access to query parameters: unknown or repeated ones are errors."""
+    """Strict access to query parameters: unknown or repeated ones are errors.
 
-    def __init__(self, request: Request, allowed: tuple[str, ...]) -> None:
+    Only the names in ``repeatable`` may be given more than once (read them with
+    `all_of`).
+    """
+
+    def __init__(
+        self, request: Request, allowed: tuple[str, ...], repeatable: tuple[str, ...] = ()
+    ) -> None:
         items = request.query_params.multi_items()
         names = [name for name, _ in items]
+        self._lists: dict[str, list[str]] = {name: [] for name in repeatable}
+        for name, value in items:
+            if name in self._lists:
+                self._lists[name].append(value)
         unknown = sorted(set(names) - set(allowed))
         if unknown:
             expected = ", ".join(allowed) if allowed else "none"
             raise BadRequest(
                 f"unknown query parameter(s): {', '.join(unknown)} (allowed: {expected})"
             )
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        repeated = sorted(
+            {name for name in names if names.count(name) > 1 and name not in self._lists}
+        )
         if repeated:
             raise BadRequest(f"query parameter(s) given more than once: {', '.join(repeated)}")
         self._values = dict(items)
 
     def opt_str(self, name: str) -> str | None:
         return self._values.get(name)
+
+    def all_of(self, name: str) -> list[str]:
+        """Every value of a repeatable parameter, in order (none: empty)."""
+        return list(self._lists.get(name, ()))
 
     def required_str(self, name: str) -> str:
         value = self._values.get(name)
@@ -485,16 +502,25 @@ class _App:
             delay=body.delay,
             not_before=body.not_before,
             key=body.key,
+            labels=body.labels,
+            timeout=body.timeout,
         )
         return _json(codec.encode_work_item(item), 200 if item.duplicate else 201)
 
     async def poll(self, request: Request, plane: ControlPlane) -> Response:
-        query = _Query(request, ("worker_id", "block_ms", "reclaim_older_than_ms"))
+        query = _Query(
+            request, ("worker_id", "block_ms", "reclaim_older_than_ms", "labels"), ("labels",)
+        )
         worker_id = _poller_id(request, query)
         block_ms = query.opt_int("block_ms", default=0, minimum=0, maximum=MAX_BLOCK_MS)
         reclaim = query.opt_int("reclaim_older_than_ms", default=None, minimum=0)
+        # Checked before the poll can wait: a bad label is a 400 at once, not after block_ms.
+        labels = check_labels(query.all_of("labels"))
         item = await plane.poll(
-            worker_id=worker_id, block_ms=block_ms or 0, reclaim_older_than_ms=reclaim
+            worker_id=worker_id,
+            block_ms=block_ms or 0,
+            reclaim_older_than_ms=reclaim,
+            labels=labels,
         )
         if item is None:
             return Response(status_code=204)

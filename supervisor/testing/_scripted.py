@@ -51,7 +51,7 @@ from ..controlplane._models import (
     WorkStats,
 )
 from ..controlplane._status import StatusPolicy, evaluate, new_worker
-from ..controlplane._store._common import QUEUE_FULL_RETRY_AFTER
+from ..controlplane._store._common import QUEUE_FULL_RETRY_AFTER, check_labels, check_timeout
 from ..controlplane._store._items import backoff_delay, stop_decision
 
 __all__ = [
@@ -368,6 +368,8 @@ class ScriptedControlPlane:
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the item's, not this call's)
     ) -> WorkItem:
         async with self._recording("submit", prompt=prompt, session_id=session_id) as call:
             for known in self._records.values():
@@ -394,6 +396,8 @@ class ScriptedControlPlane:
                 priority=priority,
                 not_before=not_before if delay is None else trio.current_time() + delay,
                 key=key,
+                labels=check_labels(labels),
+                timeout=check_timeout(timeout),
             )
             self._records[item.id] = _Record(item)
             self._processed(call)
@@ -406,13 +410,16 @@ class ScriptedControlPlane:
         worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
         async with self._recording(
             "poll",
             worker_id=worker_id,
             block_ms=block_ms,
             reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=tuple(labels or ()),
         ) as call:
+            wanted = frozenset(check_labels(labels))
             give_up_at = trio.current_time() + max(0, block_ms) / 1000
             item: WorkItem | None = None
             reclaim = (
@@ -423,7 +430,7 @@ class ScriptedControlPlane:
                 self._expire(now)
                 if worker_id is not None:
                     self._polled_by[worker_id] = now
-                record = self._claimable(now, reclaim)
+                record = self._claimable(now, reclaim, wanted)
                 if record is not None:
                     record.delivered_at = now
                     record.delivered_to = worker_id
@@ -998,13 +1005,16 @@ class ScriptedControlPlane:
         """Attempts an item may lose: its retry policy's, else the plane's default."""
         return item.retry.max_attempts if item.retry is not None else self.max_attempts
 
-    def _claimable(self, now: float, reclaim: float) -> _Record | None:
-        """The highest priority first, the oldest within one; never before ``not_before``."""
+    def _claimable(self, now: float, reclaim: float, labels: frozenset[str]) -> _Record | None:
+        """The highest priority first, the oldest within one; never before ``not_before``;
+        only items whose required labels the poller has."""
         best: _Record | None = None
         for record in self._records.values():  # insertion order is submit order
             item = record.item
             if item.state is not WorkState.QUEUED:
                 continue
+            if not labels.issuperset(item.labels):
+                continue  # routing: the poller lacks a label the item requires
             if record.delivered_at is not None and now - record.delivered_at < reclaim:
                 continue
             if item.not_before is not None and now < item.not_before:

@@ -637,3 +637,58 @@ async def test_a_duplicate_key_returns_the_same_id_from_the_cli(tmp_path: Path) 
     assert len((await status_json(tmp_path))["items"]) == 2
     bad = await cli("submit", "x", "--key", "", cwd=tmp_path)
     assert bad.returncode == 2 and "key" in bad.stderr
+
+
+# --- routing labels and timeouts ------------------------------------------------------------
+
+
+async def test_submit_takes_labels_and_a_timeout_and_refuses_bad_ones_with_exit_2(
+    tmp_path: Path,
+) -> None:
+    routed = await submit(
+        tmp_path, "train", "--label", "repo:foo", "--label", "gpu", "--label", "gpu"
+    )
+    bounded = await submit(tmp_path, "quick", "--timeout", "30")
+    items = items_by_id(await status_json(tmp_path))
+    assert (items[routed]["labels"], items[routed]["timeout"]) == (["gpu", "repo:foo"], None)
+    assert (items[bounded]["labels"], items[bounded]["timeout"]) == ([], 30.0)
+    for flags, word in (
+        (("--label", "has space"), "bad label 'has space' in --label"),
+        (("--label", ""), "bad label '' in --label"),
+        (tuple(f for n in range(33) for f in ("--label", f"l{n}")), "at most 32 labels"),
+        (("--timeout", "0"), "--timeout must be"),
+        (("--timeout", "nan"), "--timeout must be"),
+        (("--timeout", "604801"), "--timeout must be"),
+        (("--timeout", "soon"), "invalid float value"),
+    ):
+        done = await cli("submit", "x", *flags, cwd=tmp_path)
+        assert done.returncode == 2, flags
+        assert word in done.stderr, (flags, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert len((await status_json(tmp_path))["items"]) == 2
+
+
+async def test_a_labelled_worker_claims_only_what_its_labels_cover_and_status_shows_them(
+    tmp_path: Path,
+) -> None:
+    plain = await submit(tmp_path, "plain")
+    routed = await submit(tmp_path, "on the gpu", "--label", "gpu")
+    elsewhere = await submit(tmp_path, "on the cpu", "--label", "cpu")
+    ok = agent("ok", "{prompt}")
+    async with running_worker(
+        tmp_path, "run", "--agent", ok, "--label", "gpu", "--label", "repo:foo"
+    ):
+        document = await wait_status(
+            tmp_path,
+            lambda d: outcome_of(d, plain) == "completed" and outcome_of(d, routed) == "completed",
+        )
+        items = items_by_id(document)
+        assert items[elsewhere]["state"] == "queued"
+        (worker,) = document["workers"]
+        assert worker["labels"] == ["gpu", "repo:foo"]
+        drawn = await cli("status", cwd=tmp_path, env=cli_env(COLUMNS="200"))
+        assert drawn.returncode == 0
+        assert "labels" in drawn.stdout and "gpu repo:foo" in drawn.stdout
+    bad = await cli("run", "--label", "no spaces", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "labels" in bad.stderr and "bad label 'no spaces'" in bad.stderr

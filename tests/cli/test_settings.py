@@ -90,6 +90,34 @@ def test_repeatable_agent_env_flag_and_comma_separated_variable(tmp_path: Path) 
     assert load_config(run_args("--config", str(path)), {}).agent_env == ("ONLY",)
 
 
+def test_routing_labels_from_flags_environment_and_file_sorted_and_folded(
+    tmp_path: Path,
+) -> None:
+    flags = run_args("--label", "repo:foo", "--label", "gpu", "--label", "gpu")
+    assert load_config(flags, {}).labels == ("gpu", "repo:foo")
+    assert load_config(run_args(), {"SUPERVISOR_LABELS": "gpu, big-disk"}).labels == (
+        "big-disk",
+        "gpu",
+    )
+    path = toml(tmp_path, 'labels = ["repo:foo", "gpu"]\n')
+    assert load_config(run_args("--config", str(path)), {}).labels == ("gpu", "repo:foo")
+    assert load_config(run_args(), {}).labels == ()
+    # The flag replaces the lower layers' labels; it does not add to them.
+    both = run_args("--config", str(path), "--label", "cpu")
+    assert load_config(both, {"SUPERVISOR_LABELS": "gpu"}).labels == ("cpu",)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--label", "has space"), ("--label", ""), ("--label", "x" * 101)],
+    ids=["space", "empty", "too-long"],
+)
+def test_a_bad_worker_label_names_the_labels_setting(flags: tuple[str, ...]) -> None:
+    error = config_error(run_args(*flags))
+    assert error.key == "labels"
+    assert "label" in str(error)
+
+
 def test_file_variants_read_the_value_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "agent.txt").write_text("my-agent {prompt}\n")
     config = load_config(run_args(), {"SUPERVISOR_AGENT_FILE": str(tmp_path / "agent.txt")})

@@ -133,3 +133,22 @@ def test_the_http_client_does_not_claim_in_batches() -> None:
     from supervisor.controlplane import HttpControlPlane
 
     assert not hasattr(HttpControlPlane, "claim")
+
+
+async def test_a_claim_routes_by_the_claimers_labels_like_a_poll(
+    target: tuple[EmbeddedControlPlane, ManualClock],
+) -> None:
+    cp, _clock = target
+    gpu = await cp.submit("gpu", labels=["gpu"])
+    both = await cp.submit("gpu and repo", labels=["gpu", "repo:foo"], priority=3)
+    cpu = await cp.submit("cpu", labels=["cpu"])
+    plain = await cp.submit("plain")
+    unlabelled = await cp.claim(worker_id=W1, limit=5)
+    assert [i.id for i in unlabelled] == [plain.id]
+    routed = await cp.claim(worker_id=W2, limit=5, labels=["repo:foo", "gpu"])
+    assert [i.id for i in routed] == [both.id, gpu.id]
+    assert await cp.claim(worker_id=W2, limit=5, labels=["gpu"]) == []
+    with pytest.raises(BadRequest, match="bad label"):
+        await cp.claim(worker_id=W2, limit=5, labels=["a b"])
+    last = await cp.claim(worker_id=W2, limit=5, labels=["cpu"])
+    assert [i.id for i in last] == [cpu.id]

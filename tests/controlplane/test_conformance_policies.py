@@ -579,3 +579,143 @@ async def test_retention_purges_what_ended_long_ago_and_never_a_live_item(
         lambda: t.store.purge(env, older_than=t.clock.now, limit=100, now=t.clock.now)
     )
     assert {i.id for i in await t.cp.list_work()} == {queued.id, fresh.id}
+
+
+# --- routing labels -----------------------------------------------------------------------
+
+
+async def test_a_labelled_item_waits_for_a_poller_with_every_label_it_requires(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    routed = await t.cp.submit("train", labels=["repo:foo", "gpu"])
+    plain = await t.cp.submit("lint")
+    assert (routed.labels, plain.labels) == (("gpu", "repo:foo"), ())
+    # A poller without labels passes over it to the unlabelled item behind it ...
+    polled = await t.cp.poll(worker_id="plain")
+    assert polled is not None and polled.id == plain.id
+    assert await t.cp.poll(worker_id="plain") is None
+    # ... and so does one that has only some of its labels.
+    assert await t.cp.poll(worker_id="gpu-only", labels=["gpu"]) is None
+    assert await t.cp.poll(worker_id="other", labels=["repo:foo", "cpu"]) is None
+    # A superset of its labels claims it.
+    polled = await t.cp.poll(worker_id="big", labels=["cpu", "gpu", "repo:foo", "repo:bar"])
+    assert polled is not None and polled.id == routed.id
+    assert polled.labels == ("gpu", "repo:foo")
+    acked = await t.cp.ack(routed.id, worker_id="big")
+    assert acked.worker_id == "big"
+
+
+async def test_a_poller_with_labels_still_takes_unlabelled_work_in_priority_order(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    old_gpu = await t.cp.submit("old gpu", labels=["gpu"])
+    await t.cp.submit("urgent cpu", labels=["cpu"], priority=5)  # never eligible below
+    urgent_gpu = await t.cp.submit("urgent gpu", labels=["gpu"], priority=5)
+    urgent_plain = await t.cp.submit("urgent plain", priority=5)
+    plain = await t.cp.submit("plain")
+    delayed_gpu = await t.cp.submit("later gpu", labels=["gpu"], priority=9, delay=30.0)
+    order = []
+    while (polled := await t.cp.poll(worker_id=W1, labels=["gpu"])) is not None:
+        order.append(polled.id)
+        await t.cp.ack(polled.id, worker_id=W1)
+    assert order == [urgent_gpu.id, urgent_plain.id, old_gpu.id, plain.id]
+    t.clock.advance(30.0)
+    polled = await t.cp.poll(worker_id=W1, labels=["gpu"])
+    assert polled is not None and polled.id == delayed_gpu.id
+    assert await t.cp.poll(worker_id=W1, labels=["gpu"]) is None
+
+
+async def test_an_unacknowledged_labelled_item_comes_back_only_to_a_poller_that_may_take_it(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("train", labels=["gpu"])
+    polled = await t.cp.poll(worker_id="first", labels=["gpu"])
+    assert polled is not None and polled.id == item.id
+    t.clock.advance(t.lease.reclaim_older_than_ms / 1000.0 + 1.0)
+    assert await t.cp.poll(worker_id="plain") is None
+    polled = await t.cp.poll(worker_id="second", labels=["gpu", "big-disk"])
+    assert polled is not None and polled.id == item.id
+
+
+async def test_labels_are_stored_sorted_with_duplicates_folded_and_read_back(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("x", labels=["b", "a:1", "b", "A.x/y-z_0"])
+    assert item.labels == ("A.x/y-z_0", "a:1", "b")
+    assert (await t.cp.get(item.id)).labels == item.labels
+    (listed,) = await t.cp.list_work()
+    assert listed.labels == item.labels
+    assert (await t.cp.submit("none", labels=[])).labels == ()
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [""],
+        ["has space"],
+        ["semi;colon"],
+        ["é"],
+        ["x" * 101],
+        [f"l{n}" for n in range(33)],
+        "gpu",
+        [7],
+    ],
+    ids=["empty", "space", "semicolon", "non-ascii", "too-long", "too-many", "a-string", "number"],
+)
+async def test_bad_labels_are_refused_and_queue_nothing(
+    control_plane: ConformanceTarget, labels: object
+) -> None:
+    t = control_plane
+    with pytest.raises(BadRequest, match="label"):
+        await t.cp.submit("never", labels=labels)  # type: ignore[arg-type]
+    assert await t.cp.list_work() == []
+    await t.cp.submit("queued")
+    with pytest.raises(BadRequest, match="label"):
+        await t.cp.poll(worker_id=W1, labels=labels)  # type: ignore[arg-type]
+    (still,) = await t.cp.list_work()
+    assert still.state is WorkState.QUEUED
+
+
+async def test_thirty_two_labels_of_a_hundred_characters_are_accepted(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    labels = [f"{n:02d}" + "x" * 98 for n in range(32)]
+    item = await t.cp.submit("wide", labels=labels)
+    assert item.labels == tuple(labels)
+    polled = await t.cp.poll(worker_id=W1, labels=labels)
+    assert polled is not None and polled.id == item.id
+
+
+# --- per-item timeout -------------------------------------------------------------------
+
+
+async def test_an_items_timeout_is_kept_and_handed_to_the_claiming_worker(
+    control_plane: ConformanceTarget,
+) -> None:
+    t = control_plane
+    item = await t.cp.submit("bounded", timeout=90.5)
+    plain = await t.cp.submit("unbounded")
+    assert (item.timeout, plain.timeout) == (90.5, None)
+    assert (await t.cp.get(item.id)).timeout == 90.5
+    polled = await t.cp.poll(worker_id=W1)
+    assert polled is not None and (polled.id, polled.timeout) == (item.id, 90.5)
+    assert (await t.cp.submit("a week", timeout=7 * 86_400)).timeout == 7 * 86_400.0
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [0, -1.0, math.nan, math.inf, 7 * 86_400 + 1, True],
+    ids=["zero", "negative", "nan", "inf", "over-a-week", "bool"],
+)
+async def test_a_bad_timeout_is_refused_and_queues_nothing(
+    control_plane: ConformanceTarget, timeout: float
+) -> None:
+    t = control_plane
+    with pytest.raises(BadRequest, match="timeout"):
+        await t.cp.submit("never", timeout=timeout)
+    assert await t.cp.list_work() == []

@@ -70,7 +70,7 @@ def test_a_version_one_file_is_migrated_and_keeps_its_delegations(tmp_path: Path
         store.close()
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         indexes = {row[1] for row in raw.execute("PRAGMA index_list(delegations)")}
         assert {"delegations_pending", "delegations_uncollected"} <= indexes
     finally:

@@ -20,24 +20,24 @@ from supervisor.controlplane._store._dburl import resolve_database_url
 NOW = 1_000_000.0
 
 
-def test_a_version_three_file_is_migrated_and_keeps_its_items(tmp_path: Path) -> None:
-    path = tmp_path / "v3.sqlite3"
+def test_a_version_four_file_is_migrated_and_keeps_its_items(tmp_path: Path) -> None:
+    path = tmp_path / "v4.sqlite3"
     raw = sqlite3.connect(path)
-    raw.executescript(_SCHEMA)  # the schema as version 3 wrote it
+    raw.executescript(_SCHEMA)  # the schema as version 4 wrote it
     raw.execute("INSERT INTO environments (id, created_at) VALUES ('default', 1.0)")
     raw.execute(
         "INSERT INTO work_items (id, environment_id, state, session_id, prompt, metadata, "
         "created_at, stopped_at, idem_key, history) VALUES ('work_old', 'default', 'stopped', "
-        "'sess_old', 'from version 3', '{}', 1.0, 2.0, 'k-old', '[]')"
+        "'sess_old', 'from version 4', '{}', 1.0, 2.0, 'k-old', '[]')"
     )
-    raw.execute("PRAGMA user_version = 3")
+    raw.execute("PRAGMA user_version = 4")
     raw.commit()
     raw.close()
     store = SQLiteStore(path)
     try:
         assert store.environment_settings("default", now=NOW) == EnvironmentSettings()
         (item,) = store.list_work("default", now=NOW)
-        assert (item.id, item.key, item.data.prompt) == ("work_old", "k-old", "from version 3")
+        assert (item.id, item.key, item.data.prompt) == ("work_old", "k-old", "from version 4")
         store.configure_environment("default", {"max_queue_depth": 1, "retention": 10.0}, now=NOW)
         store.submit("default", "new", now=NOW)
         with pytest.raises(QueueFull):
@@ -47,7 +47,7 @@ def test_a_version_three_file_is_migrated_and_keeps_its_items(tmp_path: Path) ->
         store.close()
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         indexes = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"work_items_stopped", "delegations_completed", "messages_by_time"} <= indexes
     finally:
@@ -68,7 +68,7 @@ def test_a_new_file_has_the_same_tables_as_a_migrated_one(tmp_path: Path) -> Non
     old = tmp_path / "old.sqlite3"
     raw = sqlite3.connect(old)
     raw.executescript(_SCHEMA)
-    raw.execute("PRAGMA user_version = 3")
+    raw.execute("PRAGMA user_version = 4")
     raw.close()
     SQLiteStore(old).close()
     SQLiteStore(tmp_path / "new.sqlite3").close()
@@ -112,4 +112,4 @@ def test_a_postgres_schema_at_version_two_is_migrated() -> None:
             store.close()
         with psycopg.connect(resolved.conninfo) as conn:
             versions = conn.execute(f"SELECT version FROM {schema}.supervisor_schema").fetchall()
-        assert [v[0] for v in versions] == [1, 2, 3]
+        assert [v[0] for v in versions] == [1, 2, 3, 4]

@@ -299,6 +299,96 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         "delay_seconds",
     ),
     (
+        "labels-not-a-list",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "labels": "gpu"}},
+        400,
+        "invalid_request",
+        "labels must be an array of strings",
+    ),
+    (
+        "labels-not-strings",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "labels": ["gpu", 3]}},
+        400,
+        "invalid_request",
+        "labels[1]",
+    ),
+    (
+        "label-bad-characters",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "labels": ["gpu", "a b"]}},
+        400,
+        "invalid_request",
+        "bad label 'a b'",
+    ),
+    (
+        "label-empty",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "labels": [""]}},
+        400,
+        "invalid_request",
+        "bad label ''",
+    ),
+    (
+        "labels-too-many",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "labels": [f"l{n}" for n in range(33)]}},
+        400,
+        "invalid_request",
+        "at most 32 labels",
+    ),
+    (
+        "timeout-zero",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "timeout_seconds": 0}},
+        400,
+        "invalid_request",
+        "timeout",
+    ),
+    (
+        "timeout-over-a-week",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "timeout_seconds": 604801}},
+        400,
+        "invalid_request",
+        "timeout",
+    ),
+    (
+        "timeout-not-a-number",
+        "POST",
+        "/work",
+        {"json": {"data": {"prompt": "p"}, "timeout_seconds": "60"}},
+        400,
+        "invalid_request",
+        "timeout_seconds",
+    ),
+    (
+        "poll-label-bad-characters",
+        "GET",
+        "/work/poll?worker_id=w9&labels=gpu&labels=a%20b",
+        {},
+        400,
+        "invalid_request",
+        "bad label 'a b'",
+    ),
+    (
+        "poll-label-empty",
+        "GET",
+        "/work/poll?worker_id=w9&labels=",
+        {},
+        400,
+        "invalid_request",
+        "bad label ''",
+    ),
+    (
         "not-before-not-a-time",
         "POST",
         "/work",
@@ -947,3 +1037,43 @@ async def test_openapi_describes_the_queue_full_answer_of_submit(
     error = document["components"]["schemas"]["Error"]["properties"]["error"]
     assert {"environment_id", "depth", "max_queue_depth", "retry_after"} <= set(error["properties"])
     assert "queue_full" in error["properties"]["type"]["description"]
+
+
+async def test_labels_and_timeout_on_the_wire_and_a_repeated_labels_query_parameter(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"data": {"prompt": "p"}, "labels": ["repo:foo", "gpu", "gpu"], "timeout_seconds": 45}
+    created = await client.post(ENV + "/work", json=body)
+    assert created.status_code == 201
+    assert (created.json()["labels"], created.json()["timeout_seconds"]) == (
+        ["gpu", "repo:foo"],
+        45.0,
+    )
+    plain = await client.get(ENV + "/work/poll", params={"worker_id": "plain"})
+    assert plain.status_code == 204
+    partial = await client.get(ENV + "/work/poll?worker_id=half&labels=gpu")
+    assert partial.status_code == 204
+    claimed = await client.get(ENV + "/work/poll?worker_id=both&labels=gpu&labels=repo:foo")
+    assert claimed.status_code == 200
+    assert claimed.json()["id"] == created.json()["id"]
+    assert claimed.json()["timeout_seconds"] == 45.0
+    # Other parameters stay single: a repeated worker_id is still refused.
+    twice = await client.get(ENV + "/work/poll?worker_id=a&worker_id=b")
+    assert_error(twice, 400, "invalid_request", "worker_id")
+
+
+async def test_the_openapi_document_describes_labels_and_timeout(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    submit = schemas["SubmitRequest"]["properties"]
+    assert submit["labels"]["type"] == "array"
+    assert submit["labels"]["maxItems"] == 32
+    assert submit["labels"]["items"]["pattern"] == "^[A-Za-z0-9:._/-]{1,100}$"
+    assert submit["timeout_seconds"]["maximum"] == 604800
+    item = schemas["WorkItem"]["properties"]
+    assert {"labels", "timeout_seconds"} <= set(item)
+    poll = document["paths"][API_PREFIX + "/work/poll"]["get"]
+    (labels,) = [p for p in poll["parameters"] if p["name"] == "labels"]
+    assert (labels["in"], labels["explode"], labels["schema"]["type"]) == ("query", True, "array")

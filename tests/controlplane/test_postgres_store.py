@@ -166,6 +166,57 @@ def test_replicas_starting_together_migrate_once(url: str) -> None:
             store.close()  # type: ignore[attr-defined]
 
 
+def test_a_schema_at_migration_two_gains_routing_labels_and_timeouts(url: str) -> None:
+    """Migration 3 on a database that migrations 1 and 2 made: its items stay claimable."""
+    import psycopg
+
+    from supervisor.controlplane._store._postgres import _MIGRATIONS
+
+    schema = resolve_database_url(url).schema
+    with psycopg.connect(require_postgres(), autocommit=True) as conn:
+        conn.execute(f"SET search_path TO {schema}")
+        conn.execute(
+            "CREATE TABLE supervisor_schema (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for version in (1, 2):
+            for statement in _MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement.encode())
+            conn.execute("INSERT INTO supervisor_schema (version) VALUES (%s)", (version,))
+        columns = {
+            row[0]
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = 'work_items'",
+                (schema,),
+            )
+        }
+        assert "idem_key" in columns and "labels" not in columns
+        conn.execute("INSERT INTO environments (id, created_at) VALUES ('default', 1.0)")
+        conn.execute(
+            "INSERT INTO work_items (id, environment_id, state, session_id, prompt, metadata, "
+            "created_at, priority) VALUES ('work-old', 'default', 'queued', 'sess-old', 'old', "
+            "'{}', 1.0, 3)"
+        )
+    store = _store(url, time_source="caller")
+    try:
+        old = store.get(ENV, "work-old", now=10.0)
+        assert (old.labels, old.timeout, old.priority) == ((), None, 3)
+        new = store.submit(ENV, "new", now=10.0, labels=["gpu", "repo:foo"], timeout=9)
+        first = store.poll(ENV, worker_id="plain", now=11.0)
+        assert first is not None and first.id == "work-old"
+        assert store.poll(ENV, worker_id="plain", now=11.0) is None
+        assert store.poll(ENV, worker_id="gpu", now=11.0, labels=["gpu"]) is None
+        claimed = store.poll(ENV, worker_id="both", now=11.0, labels=["repo:foo", "gpu", "x"])
+        assert claimed is not None and claimed.id == new.id and claimed.timeout == 9.0
+    finally:
+        store.close()
+    with psycopg.connect(require_postgres()) as conn:
+        rows = conn.execute(f"SELECT version FROM {schema}.supervisor_schema ORDER BY 1").fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3, 4]
+
+
 def test_the_migrate_command_is_idempotent_and_never_prints_the_password(
     url: str, tmp_path: Path
 ) -> None:
@@ -182,8 +233,8 @@ def test_the_migrate_command_is_idempotent_and_never_prints_the_password(
             capture_output=True, text=True, env=env, check=True,
         )  # fmt: skip
         outputs.append(done.stdout + done.stderr)
-    assert "migrated from version 0 to 3" in outputs[0]
-    assert "already at version 3" in outputs[1]
+    assert "migrated from version 0 to 4" in outputs[0]
+    assert "already at version 4" in outputs[1]
     assert all("hunter2" not in out and "***" in out for out in outputs)
 
 

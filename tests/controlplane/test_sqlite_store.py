@@ -25,7 +25,7 @@ from supervisor.controlplane import (
     StatusPolicy,
     WorkState,
 )
-from supervisor.controlplane._store import SCHEMA_VERSION
+from supervisor.controlplane._store import SCHEMA_V3, SCHEMA_VERSION
 
 ENV = "default"
 T0 = 1_700_000_000.0
@@ -77,6 +77,46 @@ def test_a_new_file_gets_wal_and_the_current_schema_version(store_path: Path) ->
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         raw.close()
+
+
+def test_a_version_three_file_gains_routing_labels_and_timeouts_keeping_its_items(
+    store_path: Path,
+) -> None:
+    raw = sqlite3.connect(store_path)
+    try:
+        raw.executescript(SCHEMA_V3)
+        raw.execute("PRAGMA user_version = 3")
+        columns = [row[1] for row in raw.execute("PRAGMA table_info(work_items)")]
+        assert "labels" not in columns and "timeout_seconds" not in columns
+        assert "idem_key" in columns  # a real version 3 file, not an older one
+        raw.execute("INSERT INTO environments (id, created_at) VALUES (?, ?)", (ENV, T0))
+        raw.execute(
+            "INSERT INTO work_items (id, environment_id, state, session_id, prompt, metadata, "
+            "created_at, priority, idem_key) "
+            "VALUES ('work-old', ?, 'queued', 'sess-old', 'old', '{}', ?, 5, 'k1')",
+            (ENV, T0),
+        )
+        raw.commit()
+    finally:
+        raw.close()
+    store = SQLiteStore(store_path)
+    try:
+        old = store.get(ENV, "work-old", now=T0 + 1)
+        assert (old.labels, old.timeout, old.priority, old.key) == ((), None, 5, "k1")
+        new = store.submit(ENV, "new", now=T0 + 1, labels=["gpu"], timeout=30)
+        assert store.poll(ENV, worker_id="plain", now=T0 + 2) is not None  # the old one
+        assert store.poll(ENV, worker_id="plain", now=T0 + 2) is None
+        claimed = store.poll(ENV, worker_id="gpu", now=T0 + 2, labels=["gpu"])
+        assert claimed is not None and claimed.id == new.id
+        assert (claimed.labels, claimed.timeout) == (("gpu",), 30.0)
+    finally:
+        store.close()
+    raw = sqlite3.connect(store_path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    finally:
+        raw.close()
+    SQLiteStore(store_path).close()  # reopening a migrated file changes nothing
 
 
 def test_a_file_with_a_newer_schema_is_refused_with_a_clear_error(store_path: Path) -> None:

@@ -66,6 +66,13 @@ WORKERS = ("w1", "w2", "w3")
 TTL = 30.0
 POLICY = LeasePolicy(default_ttl=60.0, max_attempts=3, reclaim_older_than_ms=20_000)
 LIVE = ("starting", "active", "stopping")
+#: Each worker's routing labels when it claims (``claim_and_lease``); ``poll`` draws any set.
+WORKER_LABELS: Mapping[str, frozenset[str]] = {
+    "w1": frozenset(),
+    "w2": frozenset({"gpu"}),
+    "w3": frozenset({"gpu", "repo:foo"}),
+}
+LABEL_SETS = [frozenset(s) for s in ((), ("gpu",), ("repo:foo",), ("gpu", "repo:foo"), ("cpu",))]
 #: The retry policies items may be submitted with (step 10 s, doubling, capped at 25 s).
 BACKOFF, BACKOFF_MAX, NON_RETRYABLE = 10.0, 25.0, 2
 # max_examples comes from the loaded profile (tests/conftest.py), so HYPOTHESIS_PROFILE=thorough
@@ -237,6 +244,7 @@ class ModelItem:
     history: int = 0
     priority: int = 0
     stopped_at: float | None = None
+    labels: frozenset[str] = frozenset()
 
     @property
     def limit(self) -> int:
@@ -388,8 +396,30 @@ class WorkStoreMachine(RuleBasedStateMachine):
         self.keys[key] = stored.id
         self.items.append(ModelItem(id=stored.id, created=self.next_serial()))
 
-    @rule(worker=st.sampled_from(WORKERS))
-    def poll(self, worker: str) -> None:
+    @rule(
+        labels=st.sampled_from(LABEL_SETS[1:]),
+        priority=st.integers(-1, 1),
+        timeout=st.sampled_from([None, 1.5, 600.0]),
+    )
+    def submit_with_labels(
+        self, labels: frozenset[str], priority: int, timeout: float | None
+    ) -> None:
+        """An item only a worker with every one of ``labels`` may claim."""
+        stored = self.store.submit(
+            ENV,
+            f"prompt {len(self.items)}",
+            now=self.now,
+            labels=sorted(labels, reverse=True),
+            priority=priority,
+            timeout=timeout,
+        )
+        assert (stored.labels, stored.timeout) == (tuple(sorted(labels)), timeout)
+        self.items.append(
+            ModelItem(id=stored.id, created=len(self.items), priority=priority, labels=labels)
+        )
+
+    @rule(worker=st.sampled_from(WORKERS), labels=st.sampled_from(LABEL_SETS))
+    def poll(self, worker: str, labels: frozenset[str]) -> None:
         self.expire()
         cutoff = self.now - POLICY.reclaim_older_than_ms / 1000
         claimable = [
@@ -398,16 +428,18 @@ class WorkStoreMachine(RuleBasedStateMachine):
             if i.state == "queued"
             and (i.delivered_at is None or i.delivered_at <= cutoff)
             and (i.not_before is None or i.not_before <= self.now)
+            and i.labels <= labels  # routing: the poller has every label the item requires
         ]
         # The highest priority first, then the oldest.
         expected = min(claimable, key=lambda i: (-i.priority, i.created)) if claimable else None
-        got = self.store.poll(ENV, worker_id=worker, now=self.now)
+        got = self.store.poll(ENV, worker_id=worker, now=self.now, labels=sorted(labels))
         if expected is None:
             assert got is None
             return
         assert got is not None
         assert got.id == expected.id
         assert got.secret
+        assert frozenset(got.labels) == expected.labels
         expected.delivered_at = self.now
         expected.delivered_to = worker
 
@@ -442,7 +474,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
     def claim_and_lease(self, worker: str) -> None:
         """What a worker does: poll, ack, first heartbeat, in one step."""
         before = {i.id for i in self.items if i.delivered_to == worker and i.state == "queued"}
-        self.poll(worker)
+        self.poll(worker, WORKER_LABELS[worker])
         mine = [i for i in self.items if i.delivered_to == worker and i.state == "queued"]
         fresh = [i for i in mine if i.id not in before] or mine
         if not fresh:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -160,9 +160,13 @@ class RecordingPlane(EmbeddedControlPlane):
         worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
         item = await super().poll(
-            worker_id=worker_id, block_ms=block_ms, reclaim_older_than_ms=reclaim_older_than_ms
+            worker_id=worker_id,
+            block_ms=block_ms,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=labels,
         )
         if item is not None and item.secret:
             self.secrets.append(item.secret)
@@ -175,12 +179,14 @@ class RecordingPlane(EmbeddedControlPlane):
         limit: int,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> list[WorkItem]:
         items = await super().claim(
             worker_id=worker_id,
             limit=limit,
             block_ms=block_ms,
             reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=labels,
         )
         self.secrets += [item.secret for item in items if item.secret]
         return items

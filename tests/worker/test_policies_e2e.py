@@ -1,4 +1,5 @@
-"""Work policies end to end: retry, dead letter, priority, delay.
+"""Work policies end to end: retry, dead letter, priority, delay, keys, routing labels,
+per-item timeouts.
 
 A real worker, real agent processes, a real SQLite file (the delay under MockClock).
 
@@ -21,7 +22,13 @@ import trio
 import trio.testing
 
 from supervisor import AgentContext, ThreadedWorker, Worker, WorkerConfig, open_worker
-from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, RetryPolicy, WorkState
+from supervisor.controlplane import (
+    BadRequest,
+    EmbeddedControlPlane,
+    OutcomeStatus,
+    RetryPolicy,
+    WorkState,
+)
 from supervisor.testing import MemoryWorkspaces
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
@@ -151,7 +158,7 @@ async def test_a_delayed_item_waits_for_its_time_while_others_run(
         assert (await worker.wait(later)).status is OutcomeStatus.COMPLETED
         nursery.cancel_scope.cancel()
     assert claimed_at["now"] - start < 5.0
-    # The store reads the same clock with another offset: allow float rounding only.
+    # Within float rounding: the store compares times around 1.7e9 (an ulp is ~2e-7 s).
     assert claimed_at["later"] - start >= 120.0 - 1e-6
 
 
@@ -180,3 +187,137 @@ async def test_a_duplicate_key_returns_the_same_id_from_python(
         assert await worker.submit("deploy 43", key="deploy-43") != first
         assert (await worker.wait(first)).result == "done: deploy 42"
     assert len(await plane.list_work()) == 2
+
+
+# --- routing labels -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_labelled_item_waits_for_a_worker_with_its_labels_while_others_are_served(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane, tmp_path: Path
+) -> None:
+    ok = " ".join([sys.executable, str(AGENTS / "ok.py"), "{prompt}"])
+    routed = await plane.submit("train the model", labels=["gpu", "repo:foo"])
+    plain = [await plane.submit(f"lint {n}") for n in range(3)]
+    unlabelled = config(agent=ok, worker_id="plain", state_dir=tmp_path / "plain")
+    async with open_worker(unlabelled, control_plane=plane) as first:
+        for item in plain:
+            assert (await first.wait(item.id)).status is OutcomeStatus.COMPLETED
+        # The labelled item is older than all of them and still nobody's.
+        waiting = await plane.get(routed.id)
+        assert (waiting.state, waiting.acknowledged_at, waiting.worker_id) == (
+            WorkState.QUEUED,
+            None,
+            None,
+        )
+        # A worker with only one of its labels does not take it either.
+        half = config(
+            agent=ok, worker_id="gpu-only", labels=["gpu"], state_dir=tmp_path / "gpu-only"
+        )
+        async with open_worker(half, control_plane=plane) as second:
+            late = await second.submit("lint late")
+            assert (await second.wait(late)).status is OutcomeStatus.COMPLETED
+            assert (await plane.get(routed.id)).state is WorkState.QUEUED
+        labelled = config(
+            agent=ok,
+            worker_id="gpu-foo",
+            labels=["repo:foo", "gpu", "cpu"],
+            state_dir=tmp_path / "gpu-foo",
+        )
+        async with open_worker(labelled, control_plane=plane) as third:
+            outcome = await third.wait(routed.id)
+            assert (outcome.status, outcome.result) == (
+                OutcomeStatus.COMPLETED,
+                "done: train the model",
+            )
+            # Presence reports the labels from the worker's settings (sorted).
+            record = await plane.get_worker("gpu-foo")
+            assert record.runtime_metadata["labels"] == ["cpu", "gpu", "repo:foo"]
+        assert (await plane.get_worker("plain")).runtime_metadata["labels"] == []
+    by_id = {item.id: item for item in await plane.list_work()}
+    assert by_id[routed.id].worker_id == "gpu-foo"
+    assert {by_id[item.id].worker_id for item in plain} == {"plain"}
+
+
+def test_threaded_worker_submit_routes_by_labels_and_refuses_bad_ones_at_once(
+    tmp_path: Path, config: Callable[..., WorkerConfig]
+) -> None:
+    ok = " ".join([sys.executable, str(AGENTS / "ok.py"), "{prompt}"])
+    with ThreadedWorker(config(agent=ok, labels=["gpu"])) as worker:
+        handle = worker.submit("render", labels=["gpu"])
+        outcome = handle.result(timeout=60)
+        assert outcome.status is OutcomeStatus.COMPLETED
+        with pytest.raises(BadRequest, match="bad label"):
+            worker.submit("never", labels=["no spaces allowed"])
+        with pytest.raises(BadRequest, match="timeout"):
+            worker.submit("never", timeout=-1)
+
+
+# --- per-item timeout ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_an_items_timeout_replaces_the_workers_session_timeout(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
+) -> None:
+    """A real agent sleeping ``{prompt}`` seconds: timeout=1 stops a 30 s sleeper in about a
+    second with outcome timeout; timeout=5 lets a 1 s sleeper finish although the worker's
+    own session_timeout (0.5 s) would have stopped it; without one, 0.5 s holds."""
+    sleeper = " ".join([sys.executable, str(AGENTS / "slow_ok.py"), "{prompt}"])
+    settings = config(agent=sleeper, session_timeout=0.5, max_concurrency=3, agent_grace=1.0)
+    async with open_worker(settings, control_plane=plane) as worker:
+        started = trio.current_time()
+        bounded = await worker.submit("30", timeout=1)
+        longer = await worker.submit("1.0", timeout=5)
+        default = await worker.submit("1.0")
+        outcomes = {
+            "bounded": await worker.wait(bounded),
+            "longer": await worker.wait(longer),
+            "default": await worker.wait(default),
+        }
+        took = trio.current_time() - started
+    assert outcomes["bounded"].status is OutcomeStatus.TIMEOUT
+    assert outcomes["bounded"].duration is not None and 0.9 <= outcomes["bounded"].duration < 3
+    assert (outcomes["longer"].status, outcomes["longer"].result) == (
+        OutcomeStatus.COMPLETED,
+        "slept 1.0",
+    )
+    assert outcomes["default"].status is OutcomeStatus.TIMEOUT
+    assert took < 3.0
+    stored = await plane.get(bounded)
+    assert stored.timeout == 1.0
+    assert stored.outcome is not None and stored.outcome.status is OutcomeStatus.TIMEOUT
+
+
+async def test_an_items_timeout_bounds_an_in_process_agent_under_mock_clock(
+    config: Callable[..., WorkerConfig],
+    plane: EmbeddedControlPlane,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    began: dict[str, float] = {}
+    ended: dict[str, float] = {}
+
+    async def agent(ctx: AgentContext) -> str:
+        began[ctx.work_id] = trio.current_time()
+        try:
+            await trio.sleep(float(ctx.prompt))
+        finally:
+            ended[ctx.work_id] = trio.current_time()
+        return "slept"
+
+    worker = Worker(
+        config(session_timeout=3600.0),
+        control_plane=plane,
+        agent=agent,
+        workspaces=MemoryWorkspaces(),
+        rng=random.Random(0),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        bounded = await worker.submit("600", timeout=5)
+        free = await worker.submit("60")
+        assert (await worker.wait(bounded)).status is OutcomeStatus.TIMEOUT
+        assert (await worker.wait(free)).status is OutcomeStatus.COMPLETED
+        nursery.cancel_scope.cancel()
+    assert ended[bounded] - began[bounded] == pytest.approx(5.0, abs=0.01)
+    assert ended[free] - began[free] == pytest.approx(60.0, abs=0.01)

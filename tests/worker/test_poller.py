@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -242,8 +243,11 @@ class ImpatientPlane(ScriptedControlPlane):
         worker_id: str | None = None,
         block_ms: int = 0,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
-        return await super().poll(worker_id=worker_id, reclaim_older_than_ms=reclaim_older_than_ms)
+        return await super().poll(
+            worker_id=worker_id, reclaim_older_than_ms=reclaim_older_than_ms, labels=labels
+        )
 
 
 async def test_empty_poll_that_did_not_wait_still_pauses(
@@ -729,3 +733,35 @@ async def test_max_batch_1_keeps_to_poll_and_ack(
             on_claim=on_claim,
             max_batch=0,
         )
+
+
+async def test_every_poll_carries_the_workers_labels_and_the_fake_routes_by_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The scripted fake hands a labelled item only to a poller with all its labels."""
+    cp = ScriptedControlPlane()
+    routed = await cp.submit("on the gpu", labels=["repo:foo", "gpu"])
+    plain = await cp.submit("anywhere")
+    assert routed.labels == ("gpu", "repo:foo")
+    taken = await cp.poll(worker_id="half", labels=["gpu"])
+    assert taken is not None and taken.id == plain.id
+    await cp.ack(plain.id, worker_id="half")
+    assert await cp.poll(worker_id="half", labels=["gpu"]) is None
+    with pytest.raises(BadRequest, match="bad label"):
+        await cp.poll(worker_id="bad", labels=["a b"])
+    sessions = Sessions(cp)
+    poller = Poller(
+        cp,
+        worker_id="w",
+        slots=trio.CapacityLimiter(2),
+        on_claim=sessions.on_claim,
+        block_ms=500,
+        labels=("gpu", "repo:foo"),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(poller.run)
+        await trio.sleep(100)
+        nursery.cancel_scope.cancel()
+    assert [item.id for _, item, _ in sessions.claimed] == [routed.id]
+    mine = [c for c in cp.calls_to("poll") if c.args["worker_id"] == "w"]
+    assert mine and all(c.args["labels"] == ("gpu", "repo:foo") for c in mine)

@@ -20,9 +20,10 @@ from ._common import (
     LeasePolicy,
     SubmitListener,
 )
-from ._sqlite import (  # _SCHEMA, SCHEMA_BEFORE_POLICIES: for migration tests
+from ._sqlite import (  # _SCHEMA, SCHEMA_BEFORE_POLICIES, SCHEMA_V3: for migration tests
     _SCHEMA as _SCHEMA,
     SCHEMA_BEFORE_POLICIES as SCHEMA_BEFORE_POLICIES,
+    SCHEMA_V3 as SCHEMA_V3,
     SCHEMA_VERSION,
     SQLiteStore,
 )

@@ -209,7 +209,7 @@ def new_id(prefix: str) -> str:
 ITEM_COLUMNS: Final = (
     "id, environment_id, state, session_id, prompt, metadata, attempts, worker_id, created_at, "
     "acknowledged_at, started_at, latest_heartbeat_at, stop_requested_at, stopped_at, outcome, "
-    "retry_policy, history, not_before, dead, priority, idem_key"
+    "retry_policy, history, not_before, dead, priority, idem_key, labels, timeout_seconds"
 )
 
 #: Priorities an item may have (higher first), and the longest delay at submit (30 days).
@@ -230,6 +230,67 @@ def check_key(key: str | None) -> str | None:
         raise BadRequest(f"key must be a string of 1 to {MAX_KEY} characters")
     check_text("key", key)
     return key
+
+
+#: Routing labels: how many an item or a worker may have, how long one may be, and
+#: the characters one is made of (letters, digits and ``:._/-``, e.g. ``repo:foo``).
+MAX_LABELS: Final = 32
+MAX_LABEL: Final = 100
+_LABEL_RE: Final = re.compile(r"[A-Za-z0-9:._/-]{1,100}", re.ASCII)
+
+
+def check_labels(labels: object, name: str = "labels") -> tuple[str, ...]:
+    """Routing labels, sorted with duplicates folded (`BadRequest` names the bad one).
+
+    Each label is 1 to 100 characters of letters, digits and ``:._/-``; at
+    most 32 distinct labels. ``None`` is no labels. A lone string is refused
+    (it is not a list of one label by accident of iteration).
+    """
+    if labels is None:
+        return ()
+    if isinstance(labels, str | bytes) or not isinstance(labels, list | tuple | set | frozenset):
+        raise BadRequest(f"{name} must be a list of strings, got {type(labels).__name__}")
+    folded: set[str] = set()
+    for label in labels:
+        if not isinstance(label, str):
+            raise BadRequest(f"{name} must be a list of strings, got a {type(label).__name__}")
+        if _LABEL_RE.fullmatch(label) is None:
+            shown = label if len(label) <= 40 else label[:40] + "..."
+            raise BadRequest(
+                f"bad label {shown!r} in {name}: 1 to {MAX_LABEL} characters of letters, "
+                "digits and :._/-"
+            )
+        folded.add(label)
+    if len(folded) > MAX_LABELS:
+        raise BadRequest(f"{name} takes at most {MAX_LABELS} labels, got {len(folded)}")
+    return tuple(sorted(folded))
+
+
+def labels_to_json(labels: tuple[str, ...]) -> str:
+    """The stored form: a compact JSON array, sorted (``[]`` for none)."""
+    return json.dumps(list(labels), separators=(",", ":"))
+
+
+def labels_from_json(text: str | None) -> tuple[str, ...]:
+    return tuple(json.loads(text)) if text else ()
+
+
+#: The longest per-item timeout at submit (7 days of execution).
+MAX_TIMEOUT: Final = 7 * 86_400.0
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """A per-item execution timeout: seconds in (0, 7 days], or ``None``."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        raise BadRequest(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT:g}]")
+    return float(timeout)
 
 
 def check_schedule(priority: int, delay: float | None, not_before: float | None) -> None:
@@ -351,6 +412,8 @@ def item_from_row(row: Row, *, secret: str | None = None) -> WorkItem:
         dead=bool(row["dead"]),
         priority=row["priority"],
         key=row["idem_key"],
+        labels=labels_from_json(row["labels"]),
+        timeout=row["timeout_seconds"],
     )
 
 

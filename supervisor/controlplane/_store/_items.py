@@ -35,7 +35,7 @@ import hmac
 import json
 import random
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import attrs
 
@@ -66,14 +66,17 @@ from ._common import (
     check_id,
     check_int,
     check_key,
+    check_labels,
     check_metadata,
     check_retry,
     check_schedule,
     check_settings,
     check_text,
+    check_timeout,
     check_ttl,
     hash_secret,
     item_from_row,
+    labels_to_json,
     new_id,
     outcome_to_json,
     retry_from_json,
@@ -165,6 +168,21 @@ def _attempt(
     )
 
 
+def label_filter(labels: tuple[str, ...]) -> tuple[str, tuple[object, ...]]:
+    """The routing test of a claim, as a condition on a ``work_items`` row and its parameters.
+
+    An item is eligible for a poller when the labels it requires are a subset
+    of the poller's ``labels`` (already checked and sorted): an item without
+    labels is eligible for everyone, a poller without labels gets only those.
+    The unlabelled case is a plain comparison with the stored ``[]``; the
+    subset test itself is the dialect's ``labels_within`` (``json_each`` on
+    SQLite, ``jsonb`` containment on PostgreSQL). AND it into any claim query.
+    """
+    if not labels:
+        return "work_items.labels = '[]'", ()
+    return "(work_items.labels = '[]' OR {labels_within})", (labels_to_json(labels),)
+
+
 def _check_outcome(outcome: Outcome | None) -> None:
     if outcome is not None and not isinstance(outcome, Outcome):
         raise BadRequest(f"outcome must be an Outcome, got {type(outcome).__name__}")
@@ -186,8 +204,14 @@ class ItemRecords(StoreCore):
         delay: float | None = None,
         not_before: float | None = None,
         key: str | None = None,
+        labels: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> WorkItem:
         """Queue a new session work item; the environment is created on first use.
+
+        ``labels``: only a worker that has all of them claims the item (routing).
+        ``timeout``: seconds of execution its session may take, in place of the
+        worker's ``session_timeout``.
 
         ``key`` makes the submit idempotent: when an item of this environment
         already has it, that item is returned (``duplicate=True``) and nothing
@@ -222,6 +246,8 @@ class ItemRecords(StoreCore):
         policy = check_retry(retry)
         check_schedule(priority, delay, not_before)
         check_key(key)
+        required = check_labels(labels)
+        limit = check_timeout(timeout)
         work_id = new_id("work")
         session = session_id or new_id("sess")
         with self._committing("submitting work", now) as tx:
@@ -245,7 +271,8 @@ class ItemRecords(StoreCore):
             inserted = tx.execute(
                 "INSERT INTO work_items (id, environment_id, state, session_id, prompt, "
                 "metadata, created_at, retry_policy, max_attempts, priority, not_before, "
-                "idem_key) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "idem_key, labels, timeout_seconds) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (environment_id, idem_key) WHERE idem_key IS NOT NULL DO NOTHING",
                 (
                     work_id,
@@ -259,6 +286,8 @@ class ItemRecords(StoreCore):
                     priority,
                     tx.now + delay if delay is not None else not_before,
                     key,
+                    labels_to_json(required),
+                    limit,
                 ),
             ).rowcount
             if inserted == 0 and key is not None:
@@ -432,12 +461,14 @@ class ItemRecords(StoreCore):
         worker_id: str | None = None,
         now: float,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> WorkItem | None:
         """Claim the oldest claimable queued item for ``worker_id``, or ``None``.
 
         The highest priority first, the oldest first within one priority.
         Claimable: ``queued``, past its ``not_before`` (a delay or a retry's
-        backoff), and
+        backoff), requiring no label the poller lacks (``labels``; see
+        `label_filter`), and
         not handed out within the last ``reclaim_older_than_ms`` (default from
         the lease policy). The claim
         records the hand-out and mints a fresh session secret, returned here
@@ -455,6 +486,7 @@ class ItemRecords(StoreCore):
                 "reclaim_older_than_ms", reclaim_older_than_ms, 0, MAX_BLOCK_OR_RECLAIM_MS
             )
         )
+        wanted = check_labels(labels)
         secret = secrets.token_urlsafe(32)
         with self._transaction("polling for work", now) as tx:
             self._ensure_environment(tx, environment_id)
@@ -466,7 +498,7 @@ class ItemRecords(StoreCore):
                     "last_poll_at = excluded.last_poll_at",
                     (environment_id, worker_id, tx.now),
                 )
-            claimable = self._claimable(tx, environment_id, window_ms, limit=1)
+            claimable = self._claimable(tx, environment_id, window_ms, limit=1, labels=wanted)
             if not claimable:
                 return None
             row = claimable[0]
@@ -479,21 +511,29 @@ class ItemRecords(StoreCore):
 
     @staticmethod
     def _claimable(
-        tx: Transaction, environment_id: str, window_ms: float, *, limit: int
+        tx: Transaction,
+        environment_id: str,
+        window_ms: float,
+        *,
+        limit: int,
+        labels: tuple[str, ...] = (),
     ) -> list[Row]:
         """The ids of the next ``limit`` items a poll or a claim may hand out, in order.
 
         The one definition of "claimable" and of the claim order, shared by
         `poll` and `claim`: highest priority first, oldest first within one;
-        ``queued``, past ``not_before``, not handed out within ``window_ms``.
+        ``queued``, past ``not_before``, not handed out within ``window_ms``,
+        requiring no label the claimer's checked ``labels`` lack (`label_filter`).
         Rows other claims hold are skipped, never waited for.
         """
+        routing, routing_params = label_filter(labels)
         rows: list[Row] = tx.execute(
             "SELECT id FROM work_items WHERE environment_id = ? AND state = 'queued' "
             "AND (delivered_at IS NULL OR delivered_at <= ?) "
             "AND (not_before IS NULL OR not_before <= ?) "
+            f"AND {routing} "
             "ORDER BY priority DESC, created_at, seq LIMIT ?{skip_locked}",
-            (environment_id, tx.now - window_ms / 1000.0, tx.now, limit),
+            (environment_id, tx.now - window_ms / 1000.0, tx.now, *routing_params, limit),
         ).fetchall()
         return rows
 
@@ -505,6 +545,7 @@ class ItemRecords(StoreCore):
         limit: int,
         now: float,
         reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> list[WorkItem]:
         """`poll` and `ack` of up to ``limit`` items for ``worker_id``, in one transaction.
 
@@ -515,12 +556,15 @@ class ItemRecords(StoreCore):
         slots (DESIGN §3.3: a slot is held before its item is claimed, so
         ``limit`` is the number of slots the caller holds).
 
+        ``labels`` are the claimer's routing labels, as for `poll`.
+
         Raises:
-            BadRequest: ``limit`` outside 1-100, or a bad id.
+            BadRequest: ``limit`` outside 1-100, a bad id or label.
         """
         check_id("environment_id", environment_id)
         check_id("worker_id", worker_id)
         limit = check_int("limit", limit, 1, MAX_CLAIM_BATCH)
+        wanted = check_labels(labels)
         window_ms = (
             self.lease_policy.reclaim_older_than_ms
             if reclaim_older_than_ms is None
@@ -538,7 +582,7 @@ class ItemRecords(StoreCore):
                 "last_poll_at = excluded.last_poll_at",
                 (environment_id, worker_id, tx.now),
             )
-            rows = self._claimable(tx, environment_id, window_ms, limit=limit)
+            rows = self._claimable(tx, environment_id, window_ms, limit=limit, labels=wanted)
             lease_until = tx.now + self.lease_policy.default_ttl
             for row in rows:
                 secret = secrets_by_id[row["id"]] = secrets.token_urlsafe(32)

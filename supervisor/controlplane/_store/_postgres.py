@@ -55,6 +55,7 @@ from ._sql import NO_TIME, POSTGRES, Transaction
 from ._sqlite import (
     ENVIRONMENT_SETTINGS_MIGRATION,
     POLICY_COLUMNS_MIGRATION,
+    ROUTING_MIGRATION,
     SCHEMA_BEFORE_POLICIES,
 )
 
@@ -95,7 +96,8 @@ def _postgres_ddl(sqlite_ddl: str) -> str:
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: _postgres_ddl(SCHEMA_BEFORE_POLICIES),
     2: _postgres_ddl(POLICY_COLUMNS_MIGRATION),
-    3: _postgres_ddl(ENVIRONMENT_SETTINGS_MIGRATION),
+    3: _postgres_ddl(ROUTING_MIGRATION),
+    4: _postgres_ddl(ENVIRONMENT_SETTINGS_MIGRATION),
 }
 
 #: The newest schema version this code writes and understands.

@@ -51,6 +51,9 @@ class Dialect:
         skip_locked: appended to the claim query, so a claim never waits on another claim.
         same: a NULL-safe equality operator (the fencing check compares a token that may be
             NULL).
+        labels_within: a condition on a ``work_items`` row, true when every label its
+            ``labels`` column (a JSON array as text) names is in the JSON array bound to
+            its one ``?`` (the routing test of a claim; see ``_items.label_filter``).
     """
 
     name: str
@@ -58,6 +61,7 @@ class Dialect:
     for_update: str
     skip_locked: str
     same: str
+    labels_within: str
     _cache: dict[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 
     def render(self, sql: str) -> str:
@@ -65,7 +69,10 @@ class Dialect:
         text = self._cache.get(sql)
         if text is None:
             text = sql.format(
-                for_update=self.for_update, skip_locked=self.skip_locked, same=self.same
+                for_update=self.for_update,
+                skip_locked=self.skip_locked,
+                same=self.same,
+                labels_within=self.labels_within,
             )
             if self.placeholder != "?":
                 text = text.replace("?", self.placeholder)
@@ -73,13 +80,25 @@ class Dialect:
         return text
 
 
-SQLITE = Dialect(name="sqlite", placeholder="?", for_update="", skip_locked="", same="IS")
+SQLITE = Dialect(
+    name="sqlite",
+    placeholder="?",
+    for_update="",
+    skip_locked="",
+    same="IS",
+    labels_within=(
+        "NOT EXISTS (SELECT 1 FROM json_each(work_items.labels) AS need "
+        "WHERE need.value NOT IN (SELECT value FROM json_each(?)))"
+    ),
+)
 POSTGRES = Dialect(
     name="postgresql",
     placeholder="%s",
     for_update=" FOR UPDATE",
     skip_locked=" FOR UPDATE SKIP LOCKED",
     same="IS NOT DISTINCT FROM",
+    # jsonb containment of arrays: every element on the left is on the right.
+    labels_within="work_items.labels::jsonb <@ ?::jsonb",
 )
 
 

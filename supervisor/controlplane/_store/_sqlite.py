@@ -56,12 +56,12 @@ log = logging.getLogger("supervisor.controlplane")
 #: The schema this code writes and understands (kept in ``PRAGMA user_version``).
 #: Version 2 added delegation results collected by their worker (``collected_at``);
 #: version 3 the retry policy, attempt history, priority, ``not_before`` and dead letter;
-#: version 4 the environment settings (queue cap, retention, default retry policy) and
-#: the indexes of the retention sweep.
-SCHEMA_VERSION: Final = 4
+#: version 4 routing labels and a per-item timeout; version 5 the environment settings
+#: (queue cap, retention, default retry policy) and the indexes of the retention sweep.
+SCHEMA_VERSION: Final = 5
 
 #: The version `_SCHEMA` describes; a new file gets it, then every later migration.
-_SCHEMA_BASE_VERSION: Final = 3
+_SCHEMA_BASE_VERSION: Final = 4
 
 _SQLITE_BUSY: Final = 5
 _SQLITE_LOCKED: Final = 6
@@ -101,6 +101,8 @@ CREATE TABLE work_items (
     dead                INTEGER NOT NULL DEFAULT 0,
     priority            INTEGER NOT NULL DEFAULT 0,
     idem_key            TEXT,
+    labels              TEXT NOT NULL DEFAULT '[]',
+    timeout_seconds     REAL,
     UNIQUE (environment_id, session_id)
 );
 CREATE INDEX work_items_claim ON work_items (environment_id, state, created_at, seq);
@@ -108,6 +110,8 @@ CREATE INDEX work_items_claim_by_priority
     ON work_items (environment_id, state, priority DESC, created_at, seq);
 CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
     WHERE idem_key IS NOT NULL;
+CREATE INDEX work_items_claim_unlabelled
+    ON work_items (environment_id, state, priority DESC, created_at, seq) WHERE labels = '[]';
 CREATE INDEX work_items_lease ON work_items (lease_expires_at)
     WHERE lease_expires_at IS NOT NULL;
 CREATE TABLE pollers (
@@ -161,6 +165,35 @@ CREATE TABLE messages (
 CREATE INDEX messages_by_session ON messages (environment_id, session_id, seq);
 """
 
+
+def _without(schema: str, index: str, columns: tuple[str, ...]) -> str:
+    """``schema`` less one version's index statements and ``work_items`` columns."""
+    return "\n".join(
+        line
+        for line in schema.replace(index, "").splitlines()
+        if line.split()[:1] not in ([c] for c in columns)
+    )
+
+
+#: The columns version 4 added to ``work_items``, and its statements on a version 3 file.
+_ROUTING_COLUMNS: Final = ("labels", "timeout_seconds")
+_ROUTING_INDEX: Final = """CREATE INDEX work_items_claim_unlabelled
+    ON work_items (environment_id, state, priority DESC, created_at, seq) WHERE labels = '[]';
+"""
+
+#: Version 3 to 4 (both dialects): routing labels (a sorted JSON array, ``[]`` for
+#: none; see ``_items.label_filter``) and the per-item execution timeout.
+ROUTING_MIGRATION: Final = (
+    """
+ALTER TABLE work_items ADD COLUMN labels TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE work_items ADD COLUMN timeout_seconds REAL;
+"""
+    + _ROUTING_INDEX
+)
+
+#: The schema as version 3 created it.
+SCHEMA_V3: Final = _without(_SCHEMA, _ROUTING_INDEX, _ROUTING_COLUMNS)
+
 #: The columns version 3 added to ``work_items``.
 _POLICY_COLUMNS: Final = (
     "retry_policy",
@@ -179,11 +212,7 @@ CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
 """
 
 #: The schema as version 2 (and, but for its delegations, version 1) created it.
-SCHEMA_BEFORE_POLICIES: Final = "\n".join(
-    line
-    for line in _SCHEMA.replace(_PRIORITY_INDEX, "").splitlines()
-    if line.split()[:1] not in ([c] for c in _POLICY_COLUMNS)
-)
+SCHEMA_BEFORE_POLICIES: Final = _without(SCHEMA_V3, _PRIORITY_INDEX, _POLICY_COLUMNS)
 
 #: Version 2 to 3 (both dialects): the work policies of DESIGN §4.2.
 POLICY_COLUMNS_MIGRATION: Final = """
@@ -200,7 +229,7 @@ CREATE UNIQUE INDEX work_items_key ON work_items (environment_id, idem_key)
     WHERE idem_key IS NOT NULL;
 """
 
-#: Version 3 to 4 (both dialects): the environment settings of DESIGN §4.2 (one row per
+#: Version 4 to 5 (both dialects): the environment settings of DESIGN §4.2 (one row per
 #: environment, so every replica and worker sharing the database applies the same ones),
 #: and what the retention sweep looks its rows up by.
 ENVIRONMENT_SETTINGS_MIGRATION: Final = """
@@ -225,7 +254,8 @@ CREATE INDEX delegations_uncollected ON delegations (environment_id, worker_id, 
     WHERE collected_at IS NULL;
 """,
     2: POLICY_COLUMNS_MIGRATION,
-    3: ENVIRONMENT_SETTINGS_MIGRATION,
+    3: ROUTING_MIGRATION,
+    4: ENVIRONMENT_SETTINGS_MIGRATION,
 }
 
 
