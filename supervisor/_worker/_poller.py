@@ -26,7 +26,7 @@ import logging
 import math
 import random
 from collections.abc import Awaitable, Callable
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Protocol, TypeVar, runtime_checkable
 
 import attrs
 import trio
@@ -191,6 +191,9 @@ class PollerStatistics:
 
 
 OnClaim = Callable[[WorkItem, Slot], Awaitable[None]]
+
+#: What a poll or a claim hands out: an item, or a batch of items.
+_Found = TypeVar("_Found", WorkItem, list[WorkItem])
 
 
 class Poller:
@@ -378,84 +381,76 @@ class Poller:
 
     async def _claim_until_some(self, plane: ClaimsBatches, slots: list[Slot]) -> list[WorkItem]:
         """Claim (holding ``slots``) until at least one item came."""
-        while True:
-            self._state = PollerState.PAUSED
-            await self.gate.wait_for_permission()
+
+        async def claim() -> list[WorkItem]:
             wanted = len(slots)
-            if wanted > 1:
-                permitted = self.gate.permitted_claims if isinstance(self.gate, BatchGate) else None
-                wanted = max(1, min(wanted, permitted(wanted))) if permitted else 1
-            self._state = PollerState.POLLING
-            self._polls += 1
-            started = trio.current_time()
-            items: list[WorkItem] = []
-            scope = self._poll_scope = trio.CancelScope()
-            # As for an ack (see ``ack_timeout``): a claim answered too late is not
-            # trusted; its items come back when their ack leases run out.
-            limit = (
-                math.inf if self.ack_timeout is None else self.block_ms / 1000 + self.ack_timeout
-            )
-            try:
-                with scope, trio.fail_after(limit):
-                    items = await plane.claim(
-                        worker_id=self.worker_id,
-                        limit=wanted,
-                        block_ms=self.block_ms,
-                        reclaim_older_than_ms=self.reclaim_older_than_ms,
-                        labels=self.labels,
-                    )
-            except trio.TooSlowError:
-                self.gate.claim_result(None)
-                await self._back_off(
-                    "claim", TransientError(f"no answer within {limit:g}s; claim abandoned")
+            if wanted > 1:  # asked after the gate's permission: a probe claims one item
+                gate = self.gate
+                wanted = (
+                    max(1, min(wanted, gate.permitted_claims(wanted)))
+                    if isinstance(gate, BatchGate)
+                    else 1
                 )
-                continue
-            except TransientError as exc:
-                self.gate.claim_result(None)
-                await self._back_off("claim", exc)
-                continue
-            except FatalError as exc:
-                self.gate.claim_result(None)
-                self._report_fatal("claim", exc)
-                raise
-            finally:
-                self._poll_scope = None
-            if scope.cancelled_caught:
-                self.gate.claim_result(None)  # interrupted: ask the gate again
-                continue
-            self._succeeded()
-            if not items:
-                self._empty += 1
-                self.gate.claim_result(None)
-                await self._after_empty_poll(trio.current_time() - started)
-                continue
-            return items
+            return await plane.claim(
+                worker_id=self.worker_id,
+                limit=wanted,
+                block_ms=self.block_ms,
+                reclaim_older_than_ms=self.reclaim_older_than_ms,
+                labels=self.labels,
+            )
+
+        # As for an ack (see ``ack_timeout``): a claim answered too late is not
+        # trusted; its items come back when their ack leases run out.
+        limit = math.inf if self.ack_timeout is None else self.block_ms / 1000 + self.ack_timeout
+        return await self._ask_until_found("claim", claim, limit=limit)
 
     async def _poll_until_claimed(self) -> WorkItem | None:
         """Poll (holding a slot) until an item is acknowledged; ``None`` if its ack was refused."""
+
+        async def poll() -> WorkItem | None:
+            return await self.control_plane.poll(
+                worker_id=self.worker_id,
+                block_ms=self.block_ms,
+                reclaim_older_than_ms=self.reclaim_older_than_ms,
+                labels=self.labels,
+            )
+
+        item = await self._ask_until_found("poll", poll)
+        return await self._ack(item)
+
+    async def _ask_until_found(
+        self, call: str, request: Callable[[], Awaitable[_Found | None]], *, limit: float = math.inf
+    ) -> _Found:
+        """Ask the control plane (``request``, a poll or a claim) until it hands out work.
+
+        Each try waits for the gate's permission first and reports back to it;
+        failures back off, an empty answer pauses (see `_after_empty_poll`), an
+        interruption (`interrupt_poll`) asks the gate again, and an answer later
+        than ``limit`` seconds is not trusted.
+        """
         while True:
             self._state = PollerState.PAUSED
             await self.gate.wait_for_permission()
             self._state = PollerState.POLLING
             self._polls += 1
             started = trio.current_time()
-            item: WorkItem | None = None
+            found: _Found | None = None
             scope = self._poll_scope = trio.CancelScope()
             try:
-                with scope:
-                    item = await self.control_plane.poll(
-                        worker_id=self.worker_id,
-                        block_ms=self.block_ms,
-                        reclaim_older_than_ms=self.reclaim_older_than_ms,
-                        labels=self.labels,
-                    )
+                with scope, trio.fail_after(limit):
+                    found = await request()
+            except trio.TooSlowError:
+                self.gate.claim_result(None)
+                late = TransientError(f"no answer within {limit:g}s; {call} abandoned")
+                await self._back_off(call, late)
+                continue
             except TransientError as exc:
                 self.gate.claim_result(None)
-                await self._back_off("poll", exc)
+                await self._back_off(call, exc)
                 continue
             except FatalError as exc:
                 self.gate.claim_result(None)
-                self._report_fatal("poll", exc)
+                self._report_fatal(call, exc)
                 raise
             finally:
                 self._poll_scope = None
@@ -463,12 +458,12 @@ class Poller:
                 self.gate.claim_result(None)  # interrupted: ask the gate again
                 continue
             self._succeeded()
-            if item is None:
+            if not found:
                 self._empty += 1
                 self.gate.claim_result(None)
                 await self._after_empty_poll(trio.current_time() - started)
                 continue
-            return await self._ack(item)
+            return found
 
     async def _ack(self, item: WorkItem) -> WorkItem | None:
         self._state = PollerState.ACKING

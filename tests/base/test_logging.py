@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from recording_plane import RecordingPlane
 
 from supervisor import AgentContext, WorkerConfig, open_worker
 from supervisor._base._logging import RedactSecrets, configure_logging, redact_secret
-from supervisor.controlplane import EmbeddedControlPlane, WorkItem
 
 KEY = "environment-key-0123456789"
 
@@ -80,49 +80,6 @@ def test_redact_secret_without_configured_logging_does_nothing() -> None:
 
     module._installed = None
     redact_secret("whatever-secret")()  # no error, no filter touched
-
-
-class RecordingPlane(EmbeddedControlPlane):
-    """The embedded control plane, remembering the session credentials it hands out."""
-
-    secrets: list[str]
-
-    async def poll(
-        self,
-        *,
-        worker_id: str | None = None,
-        block_ms: int = 0,
-        reclaim_older_than_ms: int | None = None,
-        labels: Sequence[str] | None = None,
-    ) -> WorkItem | None:
-        item = await super().poll(
-            worker_id=worker_id,
-            block_ms=block_ms,
-            reclaim_older_than_ms=reclaim_older_than_ms,
-            labels=labels,
-        )
-        if item is not None and item.secret:
-            self.secrets.append(item.secret)
-        return item
-
-    async def claim(
-        self,
-        *,
-        worker_id: str,
-        limit: int,
-        block_ms: int = 0,
-        reclaim_older_than_ms: int | None = None,
-        labels: Sequence[str] | None = None,
-    ) -> list[WorkItem]:
-        items = await super().claim(
-            worker_id=worker_id,
-            limit=limit,
-            block_ms=block_ms,
-            reclaim_older_than_ms=reclaim_older_than_ms,
-            labels=labels,
-        )
-        self.secrets += [item.secret for item in items if item.secret]
-        return items
 
 
 async def test_a_session_credential_is_redacted_while_its_session_runs(

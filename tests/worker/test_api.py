@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,11 @@ import httpx
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from recording_plane import RecordingPlane
 
 from supervisor import AgentContext, ChildStartError, ConfigError, Worker, WorkerConfig, open_worker
 from supervisor._worker._api import API_FILENAME, ApiFile, check_api_address, read_api_file
-from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, WorkItem
+from supervisor.controlplane import OutcomeStatus
 
 pytestmark = pytest.mark.slow
 
@@ -147,49 +148,6 @@ async def test_metrics_parse_and_count_sessions_by_outcome(
     count = next(s.value for s in latency.samples if s.name.endswith("_count"))
     assert count >= 3  # at least the first beat of each session
     assert families["supervisor_queue_depth"].samples[0].value == 0
-
-
-class RecordingPlane(EmbeddedControlPlane):
-    """The embedded control plane, remembering the session credentials it hands out."""
-
-    secrets: list[str]
-
-    async def poll(
-        self,
-        *,
-        worker_id: str | None = None,
-        block_ms: int = 0,
-        reclaim_older_than_ms: int | None = None,
-        labels: Sequence[str] | None = None,
-    ) -> WorkItem | None:
-        item = await super().poll(
-            worker_id=worker_id,
-            block_ms=block_ms,
-            reclaim_older_than_ms=reclaim_older_than_ms,
-            labels=labels,
-        )
-        if item is not None and item.secret:
-            self.secrets.append(item.secret)
-        return item
-
-    async def claim(
-        self,
-        *,
-        worker_id: str,
-        limit: int,
-        block_ms: int = 0,
-        reclaim_older_than_ms: int | None = None,
-        labels: Sequence[str] | None = None,
-    ) -> list[WorkItem]:
-        items = await super().claim(
-            worker_id=worker_id,
-            limit=limit,
-            block_ms=block_ms,
-            reclaim_older_than_ms=reclaim_older_than_ms,
-            labels=labels,
-        )
-        self.secrets += [item.secret for item in items if item.secret]
-        return items
 
 
 async def test_status_shows_the_tree_sessions_and_leases_without_secrets(
