@@ -405,6 +405,10 @@ class WorkStoreMachine(RuleBasedStateMachine):
         self, labels: frozenset[str], priority: int, timeout: float | None
     ) -> None:
         """An item only a worker with every one of ``labels`` may claim."""
+        if self.queue_full():
+            with pytest.raises(QueueFull):
+                self.store.submit(ENV, "one too many", now=self.now, labels=sorted(labels))
+            return
         stored = self.store.submit(
             ENV,
             f"prompt {len(self.items)}",
@@ -415,7 +419,7 @@ class WorkStoreMachine(RuleBasedStateMachine):
         )
         assert (stored.labels, stored.timeout) == (tuple(sorted(labels)), timeout)
         self.items.append(
-            ModelItem(id=stored.id, created=len(self.items), priority=priority, labels=labels)
+            ModelItem(id=stored.id, created=self.next_serial(), priority=priority, labels=labels)
         )
 
     @rule(worker=st.sampled_from(WORKERS), labels=st.sampled_from(LABEL_SETS))
