@@ -68,7 +68,12 @@ def test_threaded_worker_fails_the_handle_of_a_refused_submit(
     config: Callable[..., WorkerConfig],
 ) -> None:
     with ThreadedWorker(config(max_queue_depth=1), agent=never_runs) as worker:
-        worker.submit("fills the queue", delay=3600.0)
+        filled = worker.submit("fills the queue", delay=3600.0)
+        # Submits run as concurrent tasks of the worker's loop: in order only if awaited.
+        deadline = time.monotonic() + 30
+        while filled.item_id is None:
+            assert time.monotonic() < deadline, "the first submit never landed"
+            time.sleep(0.01)
         refused = worker.submit("one too many", delay=3600.0)
         with pytest.raises(QueueFull, match=r"^queue full: environment default holds 1 queued"):
             refused.result(timeout=30)
@@ -98,9 +103,17 @@ async def test_the_worker_sweeps_retention_on_its_own_store(
         kept = await worker.submit("still queued", delay=3600.0)
         await trio.sleep(590.0)
         await plane.get(cancelled)  # younger than the retention: kept
-        await trio.sleep(40.0)  # past it, and a sweep interval later
-        with pytest.raises(NotFound):
-            await plane.get(cancelled)
+        # Past it, gone by the next sweep (the sweeps' phase depends on when the
+        # worker's start let the clock jump: allow a second interval).
+        gone_by = trio.current_time() + 10.0 + 2 * 30.0
+        while True:
+            try:
+                await plane.get(cancelled)
+            except NotFound:
+                break
+            assert trio.current_time() < gone_by, "not purged a sweep interval past its retention"
+            await trio.sleep(1.0)
+        assert trio.current_time() >= 600.0
         assert (await plane.get(kept)).data.prompt == "still queued"
         nursery.cancel_scope.cancel()
 

