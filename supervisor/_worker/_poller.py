@@ -383,14 +383,13 @@ class Poller:
         """Claim (holding ``slots``) until at least one item came."""
 
         async def claim() -> list[WorkItem]:
-            wanted = len(slots)
-            if wanted > 1:  # asked after the gate's permission: a probe claims one item
-                gate = self.gate
-                wanted = (
-                    max(1, min(wanted, gate.permitted_claims(wanted)))
-                    if isinstance(gate, BatchGate)
-                    else 1
-                )
+            # Asked after the gate's permission: a probe claims one item, and a gate
+            # that knows nothing of batches grants one item per permission.
+            gate, wanted = self.gate, len(slots)
+            if isinstance(gate, BatchGate):
+                wanted = max(1, min(wanted, gate.permitted_claims(wanted)))
+            else:
+                wanted = 1
             return await plane.claim(
                 worker_id=self.worker_id,
                 limit=wanted,

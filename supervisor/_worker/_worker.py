@@ -548,8 +548,9 @@ class Worker:
 
     async def _journal_session(self, item: WorkItem) -> None:
         """Once a session's lease is confirmed, before its agent starts: its delegation
-        results are then recognised as this worker's even after a restart. The journal
-        is fsynced, so this runs through ``offload``."""
+        results are then recognised as this worker's even after a restart. A file
+        write (its fsync is grouped, see `DelegationJournal.record_session`), so this
+        runs through ``offload``."""
         watcher = self.delegations
         if watcher is None:
             return

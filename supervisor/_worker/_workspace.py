@@ -718,8 +718,9 @@ class WorkspaceManager:
             )  # fmt: skip
             await trio.to_thread.run_sync(os.rename, partial, base)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(shutil.rmtree, partial, True)
+            # Shielded but bounded: a removal still running then finishes in the background.
+            with trio.CancelScope(shield=True), trio.move_on_after(self.cleanup_timeout):
+                await trio.to_thread.run_sync(shutil.rmtree, partial, True, abandon_on_cancel=True)
             raise
         self._base_clones += 1
         self._last_fetch = trio.current_time()

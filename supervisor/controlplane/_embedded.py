@@ -244,31 +244,19 @@ class EmbeddedControlPlane:
         Raises:
             BadRequest: ``block_ms`` outside 0-60000.
         """
-        if isinstance(block_ms, bool) or not isinstance(block_ms, int):
-            raise BadRequest(f"block_ms must be an integer, got {block_ms!r}")
-        if not 0 <= block_ms <= MAX_BLOCK_MS:
-            raise BadRequest(f"block_ms must be between 0 and {MAX_BLOCK_MS}, got {block_ms}")
+        _check_block_ms(block_ms)
         wanted = check_labels(labels)
-        deadline = trio.current_time() + block_ms / 1000.0
-        while True:
-            # Take the wake-up event *before* looking, so a submit that lands
-            # between the look and the wait is not missed.
-            wake = self._submitted
-            item = await self._run(
+        return await self._long_poll(
+            block_ms,
+            functools.partial(
                 self._store.poll,
                 self._environment_id,
                 worker_id=worker_id,
-                now=self._clock(),
                 reclaim_older_than_ms=reclaim_older_than_ms,
                 labels=wanted,
-            )
-            if item is not None:
-                return item
-            remaining = deadline - trio.current_time()
-            if remaining <= 0:
-                return None
-            with trio.move_on_after(min(self._poll_interval, remaining)):
-                await wake.wait()
+            ),
+            empty=None,
+        )
 
     async def claim(
         self,
@@ -293,28 +281,41 @@ class EmbeddedControlPlane:
         Raises:
             BadRequest: ``block_ms`` outside 0-60000, ``limit`` outside 1-100.
         """
-        if isinstance(block_ms, bool) or not isinstance(block_ms, int):
-            raise BadRequest(f"block_ms must be an integer, got {block_ms!r}")
-        if not 0 <= block_ms <= MAX_BLOCK_MS:
-            raise BadRequest(f"block_ms must be between 0 and {MAX_BLOCK_MS}, got {block_ms}")
+        _check_block_ms(block_ms)
         wanted = check_labels(labels)
-        deadline = trio.current_time() + block_ms / 1000.0
-        while True:
-            wake = self._submitted  # taken before looking, as in `poll`
-            items = await self._run(
+        return await self._long_poll(
+            block_ms,
+            functools.partial(
                 self._store.claim,
                 self._environment_id,
                 worker_id=worker_id,
                 limit=limit,
-                now=self._clock(),
                 reclaim_older_than_ms=reclaim_older_than_ms,
                 labels=wanted,
-            )
-            if items:
-                return items
+            ),
+            empty=[],
+        )
+
+    async def _long_poll(self, block_ms: int, look: Callable[..., _T], *, empty: _T) -> _T:
+        """``look(now=...)`` in the store until it finds work, for up to ``block_ms``.
+
+        Found means anything but ``None`` or an empty list; when the wait runs out
+        the answer is ``empty``. The store is looked at again every
+        ``poll_interval``, and at once after a submit through the same store
+        object; the wait never exceeds ``block_ms`` (on Trio's clock).
+
+        """
+        deadline = trio.current_time() + block_ms / 1000.0
+        while True:
+            # Take the wake-up event *before* looking, so a submit that lands
+            # between the look and the wait is not missed.
+            wake = self._submitted
+            found = await self._run(look, now=self._clock())
+            if found:
+                return found
             remaining = deadline - trio.current_time()
             if remaining <= 0:
-                return []
+                return empty
             with trio.move_on_after(min(self._poll_interval, remaining)):
                 await wake.wait()
 
@@ -599,3 +600,10 @@ if TYPE_CHECKING:
     def _implements_the_protocol(control_plane: EmbeddedControlPlane) -> ControlPlane:
         # mypy proves here that EmbeddedControlPlane satisfies ControlPlane.
         return control_plane
+
+
+def _check_block_ms(block_ms: object) -> None:
+    if isinstance(block_ms, bool) or not isinstance(block_ms, int):
+        raise BadRequest(f"block_ms must be an integer, got {block_ms!r}")
+    if not 0 <= block_ms <= MAX_BLOCK_MS:
+        raise BadRequest(f"block_ms must be between 0 and {MAX_BLOCK_MS}, got {block_ms}")

@@ -479,25 +479,11 @@ class ItemRecords(StoreCore):
         check_id("environment_id", environment_id)
         if worker_id is not None:
             check_id("worker_id", worker_id)
-        window_ms = (
-            self.lease_policy.reclaim_older_than_ms
-            if reclaim_older_than_ms is None
-            else check_int(
-                "reclaim_older_than_ms", reclaim_older_than_ms, 0, MAX_BLOCK_OR_RECLAIM_MS
-            )
-        )
+        window_ms = self._reclaim_window(reclaim_older_than_ms)
         wanted = check_labels(labels)
         secret = secrets.token_urlsafe(32)
         with self._transaction("polling for work", now) as tx:
-            self._ensure_environment(tx, environment_id)
-            self._expire_leases(tx)
-            if worker_id is not None:
-                tx.execute(
-                    "INSERT INTO pollers (environment_id, worker_id, last_poll_at) "
-                    "VALUES (?, ?, ?) ON CONFLICT (environment_id, worker_id) DO UPDATE SET "
-                    "last_poll_at = excluded.last_poll_at",
-                    (environment_id, worker_id, tx.now),
-                )
+            self._open_claim(tx, environment_id, worker_id)
             claimable = self._claimable(tx, environment_id, window_ms, limit=1, labels=wanted)
             if not claimable:
                 return None
@@ -508,6 +494,25 @@ class ItemRecords(StoreCore):
                 (tx.now, worker_id, hash_secret(secret), row["id"]),
             )
             return self._read_item(tx, row["id"], secret=secret)
+
+    def _reclaim_window(self, reclaim_older_than_ms: int | None) -> float:
+        """How long (ms) a handed-out, unacknowledged item stays out of reach."""
+        if reclaim_older_than_ms is None:
+            return self.lease_policy.reclaim_older_than_ms
+        return check_int("reclaim_older_than_ms", reclaim_older_than_ms, 0, MAX_BLOCK_OR_RECLAIM_MS)
+
+    def _open_claim(self, tx: Transaction, environment_id: str, worker_id: str | None) -> None:
+        """What every poll and claim does first: the environment exists, due lease
+        expiries are applied, and a named poller is recorded as polling now."""
+        self._ensure_environment(tx, environment_id)
+        self._expire_leases(tx)
+        if worker_id is not None:
+            tx.execute(
+                "INSERT INTO pollers (environment_id, worker_id, last_poll_at) "
+                "VALUES (?, ?, ?) ON CONFLICT (environment_id, worker_id) DO UPDATE SET "
+                "last_poll_at = excluded.last_poll_at",
+                (environment_id, worker_id, tx.now),
+            )
 
     @staticmethod
     def _claimable(
@@ -565,23 +570,10 @@ class ItemRecords(StoreCore):
         check_id("worker_id", worker_id)
         limit = check_int("limit", limit, 1, MAX_CLAIM_BATCH)
         wanted = check_labels(labels)
-        window_ms = (
-            self.lease_policy.reclaim_older_than_ms
-            if reclaim_older_than_ms is None
-            else check_int(
-                "reclaim_older_than_ms", reclaim_older_than_ms, 0, MAX_BLOCK_OR_RECLAIM_MS
-            )
-        )
+        window_ms = self._reclaim_window(reclaim_older_than_ms)
         secrets_by_id: dict[str, str] = {}
         with self._transaction("claiming work", now) as tx:
-            self._ensure_environment(tx, environment_id)
-            self._expire_leases(tx)
-            tx.execute(
-                "INSERT INTO pollers (environment_id, worker_id, last_poll_at) "
-                "VALUES (?, ?, ?) ON CONFLICT (environment_id, worker_id) DO UPDATE SET "
-                "last_poll_at = excluded.last_poll_at",
-                (environment_id, worker_id, tx.now),
-            )
+            self._open_claim(tx, environment_id, worker_id)
             rows = self._claimable(tx, environment_id, window_ms, limit=limit, labels=wanted)
             lease_until = tx.now + self.lease_policy.default_ttl
             for row in rows:
