@@ -248,14 +248,11 @@ class EmbeddedControlPlane:
         wanted = check_labels(labels)
         return await self._long_poll(
             block_ms,
-            functools.partial(
-                self._store.poll,
-                self._environment_id,
-                worker_id=worker_id,
-                reclaim_older_than_ms=reclaim_older_than_ms,
-                labels=wanted,
-            ),
-            empty=None,
+            self._store.poll,
+            None,
+            worker_id=worker_id,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=wanted,
         )
 
     async def claim(
@@ -285,32 +282,33 @@ class EmbeddedControlPlane:
         wanted = check_labels(labels)
         return await self._long_poll(
             block_ms,
-            functools.partial(
-                self._store.claim,
-                self._environment_id,
-                worker_id=worker_id,
-                limit=limit,
-                reclaim_older_than_ms=reclaim_older_than_ms,
-                labels=wanted,
-            ),
-            empty=[],
+            self._store.claim,
+            [],
+            worker_id=worker_id,
+            limit=limit,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=wanted,
         )
 
-    async def _long_poll(self, block_ms: int, look: Callable[..., _T], *, empty: _T) -> _T:
-        """``look(now=...)`` in the store until it finds work, for up to ``block_ms``.
+    async def _long_poll(
+        self, block_ms: int, look: Callable[..., _T], empty: _T, **kwargs: object
+    ) -> _T:
+        """``look(environment, now=..., **kwargs)`` until it finds work, for up to ``block_ms``.
+
+        Each look goes through `_run`, so its arguments get the same checks as
+        every other store call.
 
         Found means anything but ``None`` or an empty list; when the wait runs out
         the answer is ``empty``. The store is looked at again every
         ``poll_interval``, and at once after a submit through the same store
         object; the wait never exceeds ``block_ms`` (on Trio's clock).
-
         """
         deadline = trio.current_time() + block_ms / 1000.0
         while True:
             # Take the wake-up event *before* looking, so a submit that lands
             # between the look and the wait is not missed.
             wake = self._submitted
-            found = await self._run(look, now=self._clock())
+            found = await self._run(look, self._environment_id, now=self._clock(), **kwargs)
             if found:
                 return found
             remaining = deadline - trio.current_time()
