@@ -52,7 +52,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 import attrs
 import trio
@@ -591,7 +591,7 @@ async def _wait_group_gone(
 
 
 async def _stop_group(
-    proc: trio.Process,
+    proc: _AgentProcess,
     output: SessionOutput,
     *,
     grace: float,
@@ -634,6 +634,131 @@ async def _stop_group(
     left = await _wait_group_gone(pgid, kill_deadline, reap=reap, resend=signal.SIGKILL)
     if left:
         logger.error("processes of agent group %d still alive after SIGKILL: %s", pgid, left)
+
+
+class _AgentProcess:
+    """A started agent: its pid, its two output pipes and its exit, for one caller.
+
+    The part of ``trio.Process`` the runner needs, started by `_spawn`. On
+    Linux the exit is awaited on a pidfd, as Trio does; without one a thread
+    waits with ``waitid(WNOWAIT)``, leaving the reaping to ``Popen``.
+
+    Not for concurrent use: one task waits at a time (the runner waits in turn).
+    """
+
+    __slots__ = ("_pidfd", "_popen", "pid", "stderr", "stdout")
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        stdout: trio.lowlevel.FdStream,
+        stderr: trio.lowlevel.FdStream,
+    ) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdout = stdout
+        self.stderr = stderr
+        self._pidfd: int | None = None
+        if _HAS_PIDFD:
+            try:
+                self._pidfd = os.pidfd_open(self.pid)
+            except OSError:  # a kernel before 5.3: the thread fallback below
+                pass
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has exited (and is reaped), else ``None``."""
+        code = self._popen.poll()
+        if code is not None:
+            self._close_pidfd()
+        return code
+
+    async def wait(self) -> int:
+        """Wait until the process exits, reap it and return its status."""
+        if self.returncode is None:
+            if self._pidfd is not None:
+                try:
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                except trio.ClosedResourceError:
+                    pass  # reaped meanwhile (``returncode`` closes the pidfd)
+            else:
+                await trio.to_thread.run_sync(_wait_exiting, self.pid, abandon_on_cancel=True)
+            self._popen.wait()
+            self._close_pidfd()
+        else:
+            await trio.lowlevel.checkpoint()
+        code = self._popen.returncode
+        assert code is not None
+        return code
+
+    def close(self) -> None:
+        """Give up the pidfd (the pipes belong to their readers)."""
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+
+_HAS_PIDFD = hasattr(os, "pidfd_open")
+
+
+def _wait_exiting(pid: int) -> None:
+    """Block until ``pid`` has exited, without reaping it."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        pass  # already reaped
+
+
+async def _spawn(argv: list[str], **options: Any) -> _AgentProcess:
+    """Start ``argv`` with stdin on ``/dev/null`` and stdout/stderr on fresh pipes.
+
+    `trio.lowlevel.open_process` starts every process through
+    ``trio.to_thread.run_sync``. At hundreds of sessions a second that
+    hand-over (a thread woken, a context copied, a limiter taken, a wake-up of
+    the event loop, and the thread's wait for the GIL while the loop is busy)
+    cost a worker more than anything else a session does: about 200 µs of the
+    event loop's CPU per session, and a fifth of its throughput
+    (``benchmarks/peers.py``). Where ``Popen`` can use ``vfork`` (no user or
+    group to switch to), it is called here on the event loop instead: the
+    loop is held only until the child has called ``exec`` (a ``/bin/true``
+    start costs about 0.3 ms of CPU in all, the same work the thread did).
+    Switching users needs a real ``fork`` of the whole worker, which is left
+    to a worker thread as before.
+
+    Raises what ``Popen`` raises, with no descriptor left open.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    start = cast(
+        "Callable[[], subprocess.Popen[bytes]]",
+        functools.partial(
+            subprocess.Popen,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            **options,
+        ),
+    )
+    try:
+        if options.get("user") is None and options.get("group") is None:
+            popen: subprocess.Popen[bytes] = start()
+        else:
+            popen = await trio.to_thread.run_sync(start)
+    except BaseException:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        # The child has its own copies: EOF on our ends once it and its group are gone.
+        os.close(out_w)
+        os.close(err_w)
+    return _AgentProcess(popen, trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r))
 
 
 def _primary_group(user: str | int) -> int | None:
@@ -703,13 +828,10 @@ async def run_agent_process(
     if user is not None and group is None:
         group = _primary_group(user)
     try:
-        proc = await trio.lowlevel.open_process(
+        proc = await _spawn(
             argv,
             cwd=os.fspath(cwd),
             env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
             start_new_session=True,
             user=user,
             group=group,
@@ -738,8 +860,6 @@ async def run_agent_process(
     started = trio.current_time()
     ended = math.nan
     timed_out = False
-    assert proc.stdout is not None
-    assert proc.stderr is not None
     splitters = [_LineSplitter(output, "stdout"), _LineSplitter(output, "stderr")]
     streams = [proc.stdout, proc.stderr]
     # The readers are shielded so that output written while the agent handles
@@ -803,6 +923,7 @@ async def run_agent_process(
             except Exception:
                 pass  # kept in output.callback_error and raised below
         code = proc.returncode
+        proc.close()
         status = "could not be reaped" if code is None else f"exited with code {code}"
         output.note(f"agent {status} after {ended - started:.3f}s")
         output.close()

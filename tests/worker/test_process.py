@@ -521,3 +521,69 @@ def test_a_writer_that_takes_no_more_leaves_the_write_to_the_caller(tmp_path: Pa
     output.close()
     assert not output.queued
     assert log.read_text() == "still written\n"
+
+
+# ---------------------------------------------------------------- starting the process
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+async def test_no_descriptor_outlives_a_run_whatever_its_end(tmp_path: Path) -> None:
+    before = open_fds()
+    assert (await run(agent("ok"), tmp_path)).status is OutcomeStatus.COMPLETED
+    assert (await run([str(tmp_path / "no-such-agent")], tmp_path)).exit_code is None
+    await cancel_when_ready(agent("hang"), tmp_path)
+    with trio.CancelScope() as scope:
+        scope.cancel()  # cancelled before it starts: nothing is started
+        await run(agent("ok"), tmp_path)
+    assert open_fds() == before
+
+
+async def test_a_plain_start_needs_no_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn: object, *args: object, **kwargs: object) -> object:
+        calls.append(fn)
+        return await real(fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    result = await run(agent("ok"), tmp_path)
+    assert result.status is OutcomeStatus.COMPLETED
+    assert calls == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+async def test_a_start_as_another_user_forks_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn: object, *args: object, **kwargs: object) -> object:
+        calls.append(fn)
+        return await real(fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    code = "import os; print(os.getuid(), os.getgid(), os.getgroups())"
+    result = await run([sys.executable, "-c", code], tmp_path, user=0)
+    assert result.tail == ("0 0 []",)
+    assert len(calls) == 1
+
+
+async def test_without_a_pidfd_the_exit_is_still_awaited_and_cancel_still_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor._worker import _process
+
+    monkeypatch.setattr(_process, "_HAS_PIDFD", False)
+    result = await run(agent("crash"), tmp_path)
+    assert result.exit_code == 3
+    ready, scope, _ = await cancel_when_ready(agent("hang"), tmp_path)
+    assert scope.cancelled_caught
+    assert proc_group(ready.fields["pgid"]) == []
