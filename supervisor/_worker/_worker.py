@@ -717,11 +717,14 @@ class Worker:
         """
         while True:
             ended = self._session_ended
-            if self._runner is not None:
-                record = self._runner.records.get(item_id)
-                if record is not None and record.done.is_set() and _final(record):
-                    assert record.outcome is not None
-                    return record.outcome
+            record = self._runner.records.get(item_id) if self._runner is not None else None
+            if record is not None and not record.done.is_set():
+                # Running here: its end is heard here, with no question to the control plane.
+                await record.done.wait()
+                continue
+            if record is not None and _final(record):
+                assert record.outcome is not None
+                return record.outcome
             item = await self.control_plane.get(item_id)
             if item.state is WorkState.STOPPED:
                 return item.outcome or Outcome(

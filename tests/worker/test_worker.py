@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import trio.testing
 
 from supervisor import AgentContext, ChildState, TransientError, Worker, WorkerConfig, open_worker
 from supervisor._worker._process import process_group_members
-from supervisor.controlplane import EmbeddedControlPlane, OutcomeStatus, WorkState
+from supervisor.controlplane import EmbeddedControlPlane, Outcome, OutcomeStatus, WorkState
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 
@@ -254,6 +255,56 @@ async def test_bad_state_dir_is_a_clear_config_error(
     worker = Worker(config(state_dir=blocker / "sub"))
     with pytest.raises(Exception, match="state_dir: cannot use"):
         await worker.run()
+
+
+class CountingGets:
+    """The embedded plane, counting ``get`` calls per item."""
+
+    def __init__(self, inner: EmbeddedControlPlane) -> None:
+        self._inner = inner
+        self.gets: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def get(self, work_id: str) -> object:
+        self.gets[work_id] += 1
+        return await self._inner.get(work_id)
+
+
+async def test_waiting_on_a_session_running_here_asks_the_control_plane_nothing(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
+) -> None:
+    """While the session runs here its end is heard here: other sessions ending on the
+    way do not send the waiter to the control plane."""
+    release = trio.Event()
+
+    async def agent(ctx: AgentContext) -> str:
+        if ctx.prompt == "held":
+            await release.wait()
+        return ctx.prompt
+
+    counting = CountingGets(plane)
+    async with open_worker(
+        config(max_concurrency=4),
+        control_plane=counting,  # type: ignore[arg-type]
+        agent=agent,
+    ) as worker:
+        held = await worker.submit("held")
+        await wait_for(lambda: worker.stats().active == 1)
+        async with trio.open_nursery() as nursery:
+            outcomes: list[Outcome] = []
+
+            async def waiter() -> None:
+                outcomes.append(await worker.wait(held, poll_interval=0.01))
+
+            nursery.start_soon(waiter)
+            for n in range(5):  # each end wakes every waiter
+                await worker.wait(await worker.submit(f"quick {n}"))
+            gets_while_running = counting.gets[held]
+            release.set()
+    assert gets_while_running == 0
+    assert [o.result for o in outcomes] == ["held"]
 
 
 class StopLostOnFirstAttempt:
