@@ -289,25 +289,13 @@ class SessionRunner:
                     _open_inbox(record, path) as inbox,
                 ):
                     await self.offload(output.open_log)
-                    async with trio.open_nursery() as nursery:
-                        if self.watchdog is not None:
+                    if self.watchdog is None:
+                        result = await self._run_agent(item, record, path, output, inbox)
+                    else:
+                        async with trio.open_nursery() as nursery:
                             nursery.start_soon(self.watchdog, record, output)
-                        with self._guard(lease) as ticket:
-                            env = dict(self.session_env(item)) if self.session_env else {}
-                            if ticket is not None:
-                                env.update(ticket.env)
-                            result = await self.agent.run(
-                                prompt=item.data.prompt,
-                                work_id=item.id,
-                                session_id=item.data.id,
-                                workspace=path,
-                                output=output,
-                                session_env=env,
-                                inbox=inbox,
-                                on_spawn=ticket.spawned if ticket is not None else None,
-                                session_timeout=item.timeout,
-                            )
-                        nursery.cancel_scope.cancel()
+                            result = await self._run_agent(item, record, path, output, inbox)
+                            nursery.cancel_scope.cancel()
                     lease.outcome = record.outcome = _outcome_of(result, lease)
             if scope.cancelled_caught:
                 status = record.cancel_reason or OutcomeStatus.CANCELLED
@@ -330,6 +318,32 @@ class SessionRunner:
                 status = OutcomeStatus.LEASE_LOST if lease.lost else OutcomeStatus.CANCELLED
                 detail = lease.lost or "worker stopping"
                 lease.outcome = record.outcome = _interrupted(status, detail, output, started)
+
+    async def _run_agent(
+        self,
+        item: WorkItem,
+        record: SessionRecord,
+        path: Path,
+        output: SessionOutput,
+        inbox: Inbox,
+    ) -> AgentResult:
+        lease = record.lease
+        assert lease is not None
+        with self._guard(lease) as ticket:
+            env = dict(self.session_env(item)) if self.session_env else {}
+            if ticket is not None:
+                env.update(ticket.env)
+            return await self.agent.run(
+                prompt=item.data.prompt,
+                work_id=item.id,
+                session_id=item.data.id,
+                workspace=path,
+                output=output,
+                session_env=env,
+                inbox=inbox,
+                on_spawn=ticket.spawned if ticket is not None else None,
+                session_timeout=item.timeout,
+            )
 
     @contextmanager
     def _guard(self, lease: Lease) -> Iterator[ReaperTicket | None]:
