@@ -69,6 +69,12 @@ UNTRACK_WATCH = 1.0
 #: snapshot serves every run untracked meanwhile (a snapshot costs about 1 ms of
 #: CPU per hundred processes, so the delay caps the reaper's CPU).
 UNTRACK_DELAY = 0.1
+#: After a batch of commands, how long the reaper lets the next ones gather in the
+#: pipe before it reads again: at hundreds of sessions a second (three or four
+#: commands each) one wake-up then serves a dozen commands, not one. Commands
+#: wait in the pipe in order, so none is lost, and a deadline or the lifeline's
+#: end is acted on at most this much later.
+READ_BATCH = 0.005
 
 
 class Run:
@@ -145,6 +151,9 @@ class Reaper:
     def __init__(self, worker_pid: int) -> None:
         self.worker_pid = worker_pid
         self.runs: dict[str, Run] = {}
+        #: The runs not yet dead: the only ones `enforce` and `next_wakeup` look at
+        #: (dead runs stay in ``runs`` while their leftovers are watched for).
+        self.pending: dict[str, Run] = {}
         #: (pid, start time) -> tag, for every member a walk has seen.
         self.known: dict[tuple[int, int], str] = {}
         self.protected = {os.getpid(), worker_pid, 1}
@@ -249,7 +258,8 @@ class Reaper:
         op, tag = message.get("op"), str(message.get("tag"))
         run = self.runs.get(tag)
         if op == "track":
-            self.runs[tag] = Run(tag, float(message["deadline"]), float(message["grace"]))  # type: ignore[arg-type]
+            run = Run(tag, float(message["deadline"]), float(message["grace"]))  # type: ignore[arg-type]
+            self.runs[tag] = self.pending[tag] = run
         elif run is None:
             return
         elif op == "pid":
@@ -264,11 +274,12 @@ class Reaper:
             # (one snapshot for every run untracked meanwhile), then the run is forgotten.
             run.state = "dead"
             run.forget_at = time.monotonic() + UNTRACK_WATCH
+            self.pending.pop(tag, None)
             self.untracked = True
 
     def enforce(self, now: float) -> None:
         """SIGTERM the runs whose deadline passed, SIGKILL those whose grace ran out."""
-        for run in self.runs.values():
+        for run in list(self.pending.values()):
             if run.state == "live" and now >= run.deadline:
                 run.state = "terminating"
                 run.kill_at = run.deadline + run.grace
@@ -285,6 +296,7 @@ class Reaper:
                 # Gone. A frozen worker may untrack it much later: meanwhile each
                 # sweep kills whatever of it shows up again.
                 run.state = "dead"
+                del self.pending[run.tag]
                 say(f"run {run.tag} (pid {run.pid}) is dead")
 
     def sweep(self, procs: dict[int, Proc], now: float) -> None:
@@ -305,7 +317,7 @@ class Reaper:
 
     def next_wakeup(self, now: float, next_sweep: float) -> float:
         wake = next_sweep if self.runs else now + 3600.0
-        for run in self.runs.values():
+        for run in self.pending.values():
             if run.state == "live":
                 wake = min(wake, run.deadline)
             elif run.state == "terminating":
@@ -370,6 +382,7 @@ def serve(fd: int, worker_pid: int) -> None:
                 reaper.apply(message)
             except (ValueError, KeyError, TypeError) as exc:
                 say(f"ignored a bad command: {exc}")
+        time.sleep(READ_BATCH)
     live = {tag for tag, run in reaper.runs.items() if run.state != "dead"}
     if live:
         say(f"the worker is gone: killing {len(live)} agent run(s)")

@@ -232,3 +232,22 @@ async def test_an_agent_killed_after_its_lease_deadline_ended_with_the_lease_not
     lease.deadline = trio.current_time() - 0.01
     done = AgentResult(exit_code=0, result="ok", tail=(), duration=1.0)
     assert _outcome_of(done, lease).status is OutcomeStatus.COMPLETED  # it finished first
+
+
+def test_the_reaper_state_looks_only_at_runs_not_yet_ended() -> None:
+    """Untracked runs stay watched for leftovers, but set no wake-up and get no
+    deadline signal: at hundreds of sessions a second the reaper's work per
+    command does not grow with the runs it still remembers."""
+    from supervisor._worker import _reaper_main as main
+
+    state = main.Reaper(worker_pid=os.getpid())
+    now = time.monotonic()
+    state.apply({"op": "track", "tag": "ended", "deadline": now - 1.0, "grace": 1.0})
+    state.apply({"op": "untrack", "tag": "ended"})
+    state.apply({"op": "track", "tag": "live", "deadline": now + 30.0, "grace": 1.0})
+    assert set(state.runs) == {"ended", "live"}
+    assert set(state.pending) == {"live"}
+    assert state.next_wakeup(now, next_sweep=now + 60.0) == now + 30.0
+    state.enforce(now)  # the ended run's deadline has passed: no signal for it
+    assert state.runs["ended"].state == "dead"
+    assert state.runs["live"].state == "live"
