@@ -57,6 +57,7 @@ import attrs
 import trio
 
 from .._base._exceptions import ConfigError
+from .._base._lane import Offload
 from ._inbox import Inbox
 from ._process import AgentResult, SessionOutput, run_agent_process
 
@@ -452,6 +453,8 @@ class AgentRunner:
             cannot read the worker's memory, environment or key file; the
             worker needs the privilege to switch users (it runs as root).
         group: their group (default: the user's primary group).
+        spawner: starts agent processes away from the event loop (the worker's
+            spawn lane); ``trio.to_thread.run_sync`` when ``None``.
     """
 
     spec: AgentSpec
@@ -463,6 +466,7 @@ class AgentRunner:
     base_env: Mapping[str, str] | None = attrs.field(default=None, repr=False)
     user: str | int | None = None
     group: str | int | None = None
+    spawner: Offload | None = attrs.field(default=None, repr=False)
 
     async def run(
         self,
@@ -528,6 +532,7 @@ class AgentRunner:
                 on_spawn=on_spawn,
                 user=self.user,
                 group=self.group,
+                spawner=self.spawner,
             )
         assert self.spec.function is not None
         ctx = AgentContext(

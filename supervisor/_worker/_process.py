@@ -58,6 +58,7 @@ import attrs
 import trio
 
 from .._base._groups import collapse_group
+from .._base._lane import Offload
 from ..controlplane._models import Outcome, OutcomeStatus
 from ..controlplane._text import scrub_text
 
@@ -713,21 +714,19 @@ def _wait_exiting(pid: int) -> None:
         pass  # already reaped
 
 
-async def _spawn(argv: list[str], **options: Any) -> _AgentProcess:
+async def _spawn(argv: list[str], spawner: Offload | None, **options: Any) -> _AgentProcess:
     """Start ``argv`` with stdin on ``/dev/null`` and stdout/stderr on fresh pipes.
 
-    `trio.lowlevel.open_process` starts every process through
-    ``trio.to_thread.run_sync``. At hundreds of sessions a second that
-    hand-over (a thread woken, a context copied, a limiter taken, a wake-up of
-    the event loop, and the thread's wait for the GIL while the loop is busy)
-    cost a worker more than anything else a session does: about 200 µs of the
-    event loop's CPU per session, and a fifth of its throughput
-    (``benchmarks/peers.py``). Where ``Popen`` can use ``vfork`` (no user or
-    group to switch to), it is called here on the event loop instead: the
-    loop is held only until the child has called ``exec`` (a ``/bin/true``
-    start costs about 0.3 ms of CPU in all, the same work the thread did).
-    Switching users needs a real ``fork`` of the whole worker, which is left
-    to a worker thread as before.
+    ``spawner`` runs the blocking ``Popen`` away from the event loop
+    (``trio.to_thread.run_sync`` when ``None``). `trio.lowlevel.open_process`
+    always takes ``to_thread``; at hundreds of sessions a second that hand-over
+    (a thread woken, a context copied, a limiter taken, a wake-up of the event
+    loop per start) cost a worker more of its event loop than anything else a
+    session did, so the worker passes its own spawn lane (`ThreadLane`). Not
+    the event loop itself: ``Popen`` returns only once the child has called
+    ``exec``, and on a busy machine the child waits for a CPU first (a median
+    of 0.3 ms, 1 ms at the 90th percentile, measured at 400 sessions/s), time
+    in which the loop would serve nobody.
 
     Raises what ``Popen`` raises, with no descriptor left open.
     """
@@ -746,10 +745,7 @@ async def _spawn(argv: list[str], **options: Any) -> _AgentProcess:
         ),
     )
     try:
-        if options.get("user") is None and options.get("group") is None:
-            popen: subprocess.Popen[bytes] = start()
-        else:
-            popen = await trio.to_thread.run_sync(start)
+        popen = await (spawner or trio.to_thread.run_sync)(start)
     except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)
@@ -786,6 +782,7 @@ async def run_agent_process(
     on_spawn: Callable[[int], object] | None = None,
     user: str | int | None = None,
     group: str | int | None = None,
+    spawner: Offload | None = None,
 ) -> AgentResult:
     """Run one agent process to its end and return what it produced.
 
@@ -810,6 +807,8 @@ async def run_agent_process(
             to switch users, as ``subprocess``'s ``user=``).
         group: run the agent with this group (name or gid); with ``user``
             only, the user's primary group and no supplementary groups.
+        spawner: runs the blocking start of the process away from the event
+            loop (a `ThreadLane`'s ``run``); ``trio.to_thread.run_sync`` when ``None``.
 
     Returns:
         the result; a process that could not be started at all yields a result
@@ -830,6 +829,7 @@ async def run_agent_process(
     try:
         proc = await _spawn(
             argv,
+            spawner,
             cwd=os.fspath(cwd),
             env=dict(env),
             start_new_session=True,

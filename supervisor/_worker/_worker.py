@@ -145,6 +145,8 @@ class Worker:
         self._offload: Offload = offload if offload is not None else trio.to_thread.run_sync
         #: Session log writes go here (the worker's own lane, when it made one).
         self._log_writer: Callable[[Callable[[], object]], None] | None = None
+        #: Starts agent processes (the worker's spawn lane, when it made one).
+        self._spawner: Offload | None = None
         self._running = False
         self._draining = False
         self._tree: Supervisor | None = None
@@ -226,6 +228,12 @@ class Worker:
                     stack.push_async_callback(_close_lane, lane)
                     self._offload = lane.run
                     self._log_writer = lane.submit
+                    if self.agent_spec.is_process:
+                        # Agents start on a lane of their own: a start waits for the
+                        # child's exec, which must hold up neither logs nor journal.
+                        spawn_lane = ThreadLane("supervisor-spawn")
+                        stack.push_async_callback(_close_lane, spawn_lane)
+                        self._spawner = spawn_lane.run
                 self._prepare_state_dir()
                 if self._wants_reaper():
                     reaper = self._reaper = Reaper(grace=self.config.agent_grace)
@@ -346,6 +354,7 @@ class Worker:
             reap_orphans=True,
             user=config.agent_user,
             group=config.agent_group,
+            spawner=self._spawner,
         )
         self._runner = SessionRunner(
             control_plane=timed_control_plane(counted, self.heartbeat_meter),
@@ -875,6 +884,6 @@ async def open_worker(
 
 
 async def _close_lane(lane: ThreadLane) -> None:
-    """Close the worker's I/O lane once the tree is down (every session's cleanup is done)."""
+    """Close one of the worker's lanes once the tree is down (every session's cleanup is done)."""
     with trio.CancelScope(shield=True):
         await lane.aclose()

@@ -12,12 +12,14 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
+from supervisor._base._lane import ThreadLane
 from supervisor._worker._process import _LineSplitter, run_agent_process
 from supervisor.controlplane import OutcomeStatus
 from supervisor.lowlevel import AgentResult, SessionOutput
@@ -542,38 +544,45 @@ async def test_no_descriptor_outlives_a_run_whatever_its_end(tmp_path: Path) -> 
     assert open_fds() == before
 
 
-async def test_a_plain_start_needs_no_worker_thread(
+async def test_a_spawner_runs_the_start_instead_of_a_trio_worker_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[object] = []
+    threads: list[object] = []
     real = trio.to_thread.run_sync
 
     async def counting(fn: object, *args: object, **kwargs: object) -> object:
-        calls.append(fn)
+        threads.append(fn)
         return await real(fn, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counting)
-    result = await run(agent("ok"), tmp_path)
-    assert result.status is OutcomeStatus.COMPLETED
-    assert calls == []
+    lane = ThreadLane("test-spawn")
+    started: list[object] = []
+
+    async def spawner(fn: Callable[[], object]) -> object:
+        started.append(fn)
+        return await lane.run(fn)
+
+    try:
+        result = await run(agent("ok"), tmp_path, spawner=spawner)
+        assert result.status is OutcomeStatus.COMPLETED
+        assert len(started) == 1
+        assert threads == []
+        # without one, the start takes a Trio worker thread, as trio.lowlevel.open_process does
+        assert (await run(agent("ok"), tmp_path)).status is OutcomeStatus.COMPLETED
+        assert len(threads) == 1
+    finally:
+        await lane.aclose()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-async def test_a_start_as_another_user_forks_in_a_worker_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[object] = []
-    real = trio.to_thread.run_sync
-
-    async def counting(fn: object, *args: object, **kwargs: object) -> object:
-        calls.append(fn)
-        return await real(fn, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
-    code = "import os; print(os.getuid(), os.getgid(), os.getgroups())"
-    result = await run([sys.executable, "-c", code], tmp_path, user=0)
+async def test_a_start_as_another_user_through_a_spawner(tmp_path: Path) -> None:
+    lane = ThreadLane("test-spawn")
+    try:
+        code = "import os; print(os.getuid(), os.getgid(), os.getgroups())"
+        result = await run([sys.executable, "-c", code], tmp_path, user=0, spawner=lane.run)
+    finally:
+        await lane.aclose()
     assert result.tail == ("0 0 []",)
-    assert len(calls) == 1
 
 
 async def test_without_a_pidfd_the_exit_is_still_awaited_and_cancel_still_stops(
