@@ -102,7 +102,10 @@ class SessionOutput:
         writer: runs a log write later, in order, away from the event loop
             (`ThreadLane.submit`); ``None`` writes at once, on the caller's
             thread. With a writer, `close` is queued behind the writes: a later
-            call on the same lane returns once the file is complete.
+            call on the same lane returns once the file is complete. Writes
+            (and the open and the close) made while one handed-over call has
+            not started yet go with that call: a session that prints little
+            costs the writer's thread one or two wake-ups, not one per line.
         log_max_bytes: the most the log may take on disk (``None``: no cap).
             Once the file holds half of it, it is renamed to ``<log>.1``
             (replacing an older one) and a fresh file is started: the two
@@ -138,6 +141,18 @@ class SessionOutput:
     _log_size: int = attrs.field(default=0, init=False, repr=False)
     #: Writes (or a close) were handed to ``writer`` and may not have run yet.
     _queued: bool = attrs.field(default=False, init=False, repr=False)
+    # With a writer: what the next handed-over flush does, and whether one is
+    # queued and not started yet. Shared with the writer's thread; each is one
+    # attribute read or swap, atomic under the GIL, and ordered as described
+    # in `_flush`.
+    _pending: list[bytes] = attrs.field(factory=list, init=False, repr=False)
+    _open_pending: bool = attrs.field(default=False, init=False, repr=False)
+    _close_pending: bool = attrs.field(default=False, init=False, repr=False)
+    _flush_queued: bool = attrs.field(default=False, init=False, repr=False)
+    #: A close was asked for and nothing was written since: another close is a no-op.
+    _close_asked: bool = attrs.field(default=False, init=False, repr=False)
+    _handed: int = attrs.field(default=0, init=False, repr=False)
+    _flushed: int = attrs.field(default=0, init=False, repr=False)
     #: Times the log was rotated to ``<log>.1`` because of ``log_max_bytes``.
     rotations: int = attrs.field(default=0, init=False)
 
@@ -197,19 +212,49 @@ class SessionOutput:
             self._log_size = self._log.tell()
         except OSError as exc:
             self._log_error(exc)
+        else:
+            self._close_asked = False  # open again: the next close has work to do
+
+    def start_log(self) -> None:
+        """`open_log` through the ``writer``, queued ahead of every write; at once without one.
+
+        The file then exists before the agent's first output is written, without
+        the caller waiting for it.
+        """
+        if self.log_path is None or self._log_failed:
+            return
+        self._close_asked = False
+        if self.writer is not None:
+            self._open_pending = True
+            if self._schedule_flush():
+                return
+            self._open_pending = False
+        self.open_log()
 
     @property
     def queued(self) -> bool:
         """Whether log writes went to the ``writer`` (so the file may still be catching up)."""
         return self._queued
 
+    @property
+    def caught_up(self) -> bool:
+        """Whether everything handed to the ``writer`` has run (read on the caller's thread
+        after a later call on the same lane returned, it is ``True``)."""
+        return self._flushed == self._handed
+
     def close(self) -> None:
         """Flush and close the log file; a later write opens it again for appending.
 
         With a ``writer`` that got writes, the close is queued behind them.
         """
-        if self._queued and self.writer is not None and self._hand_over(self._close_now):
+        if self._close_asked:
             return
+        self._close_asked = True
+        if self._queued and self.writer is not None:
+            self._close_pending = True
+            if self._schedule_flush():
+                return
+            self._close_pending = False
         self._close_now()
 
     def _close_now(self) -> None:
@@ -225,19 +270,54 @@ class SessionOutput:
     def _write_log(self, data: bytes) -> None:
         if self.log_path is None or self._log_failed:
             return
-        if self.writer is not None and self._hand_over(functools.partial(self._write_now, data)):
+        self._close_asked = False
+        if self.writer is not None:
+            self._pending.append(data)
+            if self._schedule_flush():
+                return
+            # The writer takes no more: what it has not taken is written here.
+            data_left, self._pending = self._pending, []
+            for chunk in data_left:
+                self._write_now(chunk)
             return
         self._write_now(data)
 
-    def _hand_over(self, call: Callable[[], object]) -> bool:
-        """Queue ``call`` on the writer; ``False`` when it takes no more (it was closed)."""
+    def _schedule_flush(self) -> bool:
+        """Make sure a flush is queued on the writer; ``False`` when it takes no more."""
+        if self._flush_queued:
+            return True  # the queued flush has not started: it takes this along
         assert self.writer is not None
+        # Marked before the hand-over: the writer's thread may run the flush at once.
+        self._flush_queued = True
+        self._handed += 1
         try:
-            self.writer(call)
+            self.writer(functools.partial(self._flush, self._handed))
         except RuntimeError:
+            self._flush_queued = False
+            self._handed -= 1
             return False
         self._queued = True
         return True
+
+    def _flush(self, number: int) -> None:
+        """On the writer's thread: the open, the writes and the close asked for so far.
+
+        The queued mark is cleared before anything is taken, so that whatever
+        the caller adds from now on gets a flush of its own (or is taken here).
+        """
+        self._flush_queued = False
+        try:
+            if self._open_pending:
+                self._open_pending = False
+                self.open_log()
+            data, self._pending = self._pending, []
+            for chunk in data:
+                self._write_now(chunk)
+            if self._close_pending:
+                self._close_pending = False
+                self._close_now()
+        finally:
+            self._flushed = number
 
     def _write_now(self, data: bytes) -> None:
         if self._log_failed:

@@ -288,7 +288,10 @@ class SessionRunner:
                     self.workspaces.open(item.data.id) as path,
                     _open_inbox(record, path) as inbox,
                 ):
-                    await self.offload(output.open_log)
+                    if self.log_writer is not None:
+                        output.start_log()  # queued on the writer, ahead of any output
+                    else:
+                        await self.offload(output.open_log)
                     if self.watchdog is None:
                         result = await self._run_agent(item, record, path, output, inbox)
                     else:
@@ -306,7 +309,7 @@ class SessionRunner:
             lease.outcome = record.outcome = Outcome(OutcomeStatus.FAILED, reason=detail)
         finally:
             output.close()
-            if output.queued:
+            if output.queued and not output.caught_up:
                 # The log's writes went to the writer: the session ends with its
                 # log complete (``offload`` runs on the writer's lane, after them).
                 with trio.CancelScope(shield=True), trio.move_on_after(_LOG_FLUSH_LIMIT):

@@ -513,6 +513,56 @@ def test_with_a_writer_log_writes_and_the_close_leave_the_caller_in_order(
     assert output.rotations == 1
 
 
+def test_with_a_writer_what_is_asked_before_a_flush_starts_goes_with_it(tmp_path: Path) -> None:
+    """The open, the lines and the close of a short session cost one hand-over."""
+    queued: list[Callable[[], object]] = []
+    log = tmp_path / "s.log"
+    output = SessionOutput(log_path=log, writer=queued.append)
+    output.start_log()
+    output.note("agent started")
+    output.emit("one\ntwo")
+    output.close()
+    output.close()  # nothing written since: nothing more to hand over
+    assert len(queued) == 1
+    behind = not output.caught_up
+    assert behind and not log.exists()
+    queued.pop()()
+    assert output.caught_up
+    assert log.read_text() == "[supervisor] agent started\none\ntwo\n"
+    output.emit("three")  # after the flush started: a flush of its own, reopening the log
+    behind = not output.caught_up
+    assert len(queued) == 1 and behind
+    queued.pop()()
+    output.close()
+    queued.pop()()
+    assert output.caught_up and not queued
+    assert log.read_text().endswith("two\nthree\n")
+
+
+def test_a_flush_started_meanwhile_leaves_later_writes_to_the_next(tmp_path: Path) -> None:
+    """A write made while the writer's thread runs a flush is never lost: the flush
+    took what was there when it started, and the write gets a flush of its own."""
+
+    class RacingOutput(SessionOutput):
+        def open_log(self) -> None:  # the caller writes while the flush opens the file
+            if not self.lines:
+                self.emit("second")
+            super().open_log()
+
+    queued: list[Callable[[], object]] = []
+    log = tmp_path / "s.log"
+    output = RacingOutput(log_path=log, writer=queued.append)
+    output.start_log()
+    output.note("first")
+    queued.pop()()
+    assert len(queued) == 1  # "second" came after the flush had started
+    queued.pop()()
+    output.close()
+    queued.pop()()
+    assert log.read_text() == "[supervisor] first\nsecond\n"
+    assert output.caught_up
+
+
 def test_a_writer_that_takes_no_more_leaves_the_write_to_the_caller(tmp_path: Path) -> None:
     def closed(call: object) -> None:
         raise RuntimeError("thread lane 'io' is closed")
