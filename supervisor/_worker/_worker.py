@@ -21,6 +21,7 @@ Only the tree's public API is used here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -563,12 +564,13 @@ class Worker:
         watcher = self.delegations
         if watcher is None:
             return
-        try:
-            await self._offload(watcher.note_session, item.data.id, item.id)
-        except OSError as exc:
-            logger.warning(
-                "could not journal session %s for its delegation results: %s", item.data.id, exc
-            )
+        note = functools.partial(_journal_quietly, watcher, item.data.id, item.id)
+        if self._log_writer is not None and self._workspace_manager is not None:
+            # Queued on the I/O lane without waiting: the session's workspace is made
+            # on the same lane after it, so the line is written before the agent starts.
+            self._log_writer(note)
+            return
+        await self._offload(note)
 
     def _presence_spec(self, plane: ControlPlane) -> ChildSpec:
         presence = self.presence = Presence(
@@ -881,6 +883,16 @@ async def open_worker(
         raise_saving_context(collapse_group(group))
     if body_error is not None:
         raise_saving_context(body_error)
+
+
+def _journal_quietly(watcher: DelegationWatcher, session_id: str, work_id: str) -> None:
+    """Journal a session; a journal that cannot be written is logged, not raised."""
+    try:
+        watcher.note_session(session_id, work_id)
+    except OSError as exc:
+        logger.warning(
+            "could not journal session %s for its delegation results: %s", session_id, exc
+        )
 
 
 async def _close_lane(lane: ThreadLane) -> None:

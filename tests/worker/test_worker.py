@@ -307,6 +307,27 @@ async def test_waiting_on_a_session_running_here_asks_the_control_plane_nothing(
     assert [o.result for o in outcomes] == ["held"]
 
 
+async def test_a_session_is_journalled_before_its_agent_starts(
+    config: Callable[..., WorkerConfig], plane: EmbeddedControlPlane
+) -> None:
+    """The journal line is queued without waiting, but ahead of the workspace on the
+    same lane: the agent never runs before its session is in the journal."""
+    seen: list[bool] = []
+
+    async def agent(ctx: AgentContext) -> str:
+        watcher = worker.delegations
+        assert watcher is not None
+        journal = watcher.journal_path.read_text() if watcher.journal_path.exists() else ""
+        seen.append(ctx.session_id in journal)
+        return "ok"
+
+    async with open_worker(config(max_concurrency=4), control_plane=plane, agent=agent) as worker:
+        ids = [await worker.submit(f"item {n}") for n in range(8)]
+        for item_id in ids:
+            assert (await worker.wait(item_id)).status is OutcomeStatus.COMPLETED
+    assert seen == [True] * 8
+
+
 class StopLostOnFirstAttempt:
     """The embedded plane, except that no stop of an item's first attempt gets an answer."""
 
