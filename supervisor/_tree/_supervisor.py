@@ -6,15 +6,21 @@ application can put its own services under a :class:`Supervisor`.
 How a supervisor is laid out in Trio terms::
 
     run()
-    └─ top nursery
-       ├─ body: the decision loop (start children, react to exits, restart, escalate)
-       ├─ host task ── shielded ── children nursery ── one wrapper task per child
-       └─ restart timers, the parent-stop watcher
+    └─ one nursery
+       ├─ body (run() itself): the decision loop (start children, react to exits,
+       │  restart, escalate)
+       ├─ one wrapper task per child, each in its own *shielded* cancel scope
+       └─ restart timers
 
-The children live under a *shielded* nursery so that when the host application
-cancels ``run()`` the supervisor can still stop them the orderly way (reverse
-start order, cooperative stop request first) before the cancellation goes on.
-That cleanup is bounded by the children's own ``shutdown`` settings.
+Each child runs under a shield (from the moment it is in the nursery: a child
+started with ``task_status`` is still under its starter's cancellation until it
+calls ``started()``), so that when the host application cancels ``run()`` the
+supervisor can still stop them the orderly way (reverse start order,
+cooperative stop request first) before the cancellation goes on. That cleanup
+is bounded by the children's own ``shutdown`` settings. When a child lets a
+``BaseException`` that is not an ``Exception`` escape (``KeyboardInterrupt``),
+its siblings are cancelled at once, as a nursery cancels its tasks, and the
+supervisor stops.
 
 Exceptions that cross ``run()``: ``RestartIntensityExceeded`` and
 ``ChildStartError`` are raised after every child has stopped. A
@@ -28,7 +34,6 @@ lone exception bare (ignoring the ``Cancelled`` that came with it), a lone
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +42,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import attrs
+import outcome
 import trio
 
 from .._base._describe import describe_exception
@@ -78,7 +84,9 @@ class ChildContext:
     _stop_event: trio.Event | None = attrs.field(default=None, init=False, repr=False)
     _stop_set: bool = attrs.field(default=False, init=False, repr=False)
     _observed: bool = attrs.field(default=False, init=False, repr=False)
-    _stop_callbacks: list[Callable[[], None]] = attrs.field(factory=list, init=False, repr=False)
+    _stop_callbacks: list[Callable[[], None]] | None = attrs.field(
+        default=None, init=False, repr=False
+    )
 
     @property
     def stop_requested(self) -> trio.Event:
@@ -99,9 +107,10 @@ class ChildContext:
         self._stop_set = True
         if self._stop_event is not None:
             self._stop_event.set()
-        callbacks, self._stop_callbacks = self._stop_callbacks, []
-        for callback in callbacks:
-            callback()
+        callbacks, self._stop_callbacks = self._stop_callbacks, None
+        if callbacks:
+            for callback in callbacks:
+                callback()
 
     def _call_on_stop(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` on a stop request (now, if one came); returns a canceller.
@@ -113,11 +122,15 @@ class ChildContext:
         if self._stop_set:
             callback()
             return _nothing
-        self._stop_callbacks.append(callback)
+        if self._stop_callbacks is None:
+            self._stop_callbacks = [callback]
+        else:
+            self._stop_callbacks.append(callback)
 
         def cancel() -> None:
-            if callback in self._stop_callbacks:
-                self._stop_callbacks.remove(callback)
+            callbacks = self._stop_callbacks
+            if callbacks and callback in callbacks:
+                callbacks.remove(callback)
 
         return cancel
 
@@ -146,12 +159,27 @@ def current_child() -> ChildContext:
 
 
 class _Ready:
-    """Wraps a child's ``task_status`` to remember whether it has started."""
+    """Wraps a child's ``task_status`` to remember whether it has started.
 
-    __slots__ = ("_inner", "done", "value")
+    Once ``started()`` has moved the child into the supervisor's nursery, its
+    cancel scope is shielded (see the module docstring). If the start was
+    cancelled meanwhile, Trio leaves the child where it was, under the
+    starter's cancellation, and so does this.
+    """
 
-    def __init__(self, inner: trio.TaskStatus[Any]) -> None:
+    __slots__ = ("_inner", "_nursery", "_scope", "_task", "done", "value")
+
+    def __init__(
+        self,
+        inner: trio.TaskStatus[Any],
+        nursery: trio.Nursery,
+        scope: trio.CancelScope,
+        task: trio.lowlevel.Task,
+    ) -> None:
         self._inner = inner
+        self._nursery = nursery
+        self._scope = scope
+        self._task = task
         self.done = False
         self.value: Any = None
 
@@ -161,41 +189,109 @@ class _Ready:
         self.done = True
         self.value = value
         self._inner.started(value)
+        if self._task.parent_nursery is self._nursery:
+            self._scope.shield = True
 
 
-@attrs.define(eq=False)
+class _Mutex:
+    """A fair lock that costs no trip through the scheduler when it is free.
+
+    The decision loop takes it for every message and the public calls for
+    their whole work; the parking lot is only made when someone has to wait.
+    """
+
+    __slots__ = ("_lot", "held")
+
+    def __init__(self) -> None:
+        self.held = False
+        self._lot: trio.lowlevel.ParkingLot | None = None
+
+    async def acquire(self, *, checkpoint: bool) -> None:
+        """Take the lock, waiting in line if it is held.
+
+        With ``checkpoint``, a full checkpoint as ``trio.Lock.acquire`` is; without,
+        the caller has checked for cancellation already, and taking a free lock
+        does not yield.
+        """
+        if checkpoint:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        if not self.held:
+            self.held = True
+            if checkpoint:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
+        await self._lot.park()  # woken by release(), which hands the lock over
+
+    def release(self) -> None:
+        if self._lot is not None and self._lot:
+            self._lot.unpark(count=1)  # still held: now by the task just woken
+        else:
+            self.held = False
+
+
 class _Child:
-    spec: ChildSpec
-    state: ChildState = ChildState.STOPPED
-    generation: int = 0
-    scope: trio.CancelScope | None = None
-    done: trio.Event = attrs.field(factory=trio.Event)
-    ctx: ChildContext | None = None
-    value: Any = None
-    terminating: bool = False
-    restart_count: int = 0
-    consecutive: int = 0
-    started_at: float | None = None  # trio clock
-    started_wall: float | None = None
-    last_exit: ChildExit | None = None
-    pending: object | None = None  # token of a scheduled restart
+    __slots__ = (
+        "consecutive",
+        "ctx",
+        "done",
+        "generation",
+        "last_exit",
+        "pending",
+        "restart_count",
+        "scope",
+        "spec",
+        "started_at",
+        "started_wall",
+        "state",
+        "terminating",
+        "value",
+    )
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.state = ChildState.STOPPED
+        self.generation = 0
+        self.scope: trio.CancelScope | None = None
+        self.done = _NOT_RUNNING  # set when the task of its current run has ended
+        self.ctx: ChildContext | None = None
+        self.value: Any = None
+        self.terminating = False
+        self.restart_count = 0
+        self.consecutive = 0
+        self.started_at: float | None = None  # trio clock
+        self.started_wall: float | None = None
+        self.last_exit: ChildExit | None = None
+        self.pending: object | None = None  # token of a scheduled restart
 
 
-@attrs.frozen
 class _Exited:
-    child: _Child
-    generation: int
-    exit: ChildExit
+    __slots__ = ("child", "exit", "generation")
+
+    def __init__(self, child: _Child, generation: int, exit: ChildExit) -> None:
+        self.child = child
+        self.generation = generation
+        self.exit = exit
 
 
-@attrs.frozen
 class _RestartDue:
-    children: tuple[_Child, ...]
-    token: object
+    __slots__ = ("children", "token")
+
+    def __init__(self, children: tuple[_Child, ...], token: object) -> None:
+        self.children = children
+        self.token = token
 
 
 class _ShutdownRequest:
     pass
+
+
+_SHUTDOWN = _ShutdownRequest()
+
+# The `done` of a child that never ran: already set (an Event binds to no run).
+_NOT_RUNNING = trio.Event()
+_NOT_RUNNING.set()
 
 
 class _StartFailedError(Exception):
@@ -247,13 +343,14 @@ class Supervisor:
     def _reset(self) -> None:
         # (time, exit) of each restart decision still inside the intensity window
         self._restarts: deque[tuple[float, ChildExit]] = deque()
-        self._lock = trio.Lock()
-        self._inbox_send, self._inbox = trio.open_memory_channel[object](math.inf)
-        self._finished = trio.Event()
-        self._closing = trio.Event()
+        self._lock = _Mutex()
+        self._inbox: deque[object] = deque()
+        self._waiter: trio.lowlevel.Task | None = None  # the decision loop, parked on the inbox
+        self._finished: trio.Event | None = None  # made by the first shutdown() that waits
         self._error: BaseException | None = None
         self._tearing_down = False
-        self._top: trio.Nursery | None = None
+        self._aborted = False  # a child let a BaseException escape: siblings were cancelled
+        self._timers = 0
         self._nursery: trio.Nursery | None = None
         self._children = []
 
@@ -290,37 +387,55 @@ class Supervisor:
         forget_parent = _nothing
         try:
             try:
-                async with trio.open_nursery() as top:
-                    self._top = top
-                    self._nursery = await top.start(self._host_children)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     if parent is not None:
                         forget_parent = parent._call_on_stop(self._parent_stops)
                     try:
                         await self._main(task_status)
                     finally:
-                        with trio.CancelScope(shield=True):
-                            await self._terminate_all()
-                        self._closing.set()
-                        top.cancel_scope.cancel()
+                        if self._children:
+                            with trio.CancelScope(shield=True):
+                                await self._terminate_all()
+                        else:
+                            self._tearing_down = True
+                        if self._timers:
+                            nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 raise_saving_context(collapse_group(group))
         finally:
             forget_parent()
             self._running = False
-            self._finished.set()
+            if self._finished is not None:
+                self._finished.set()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
-    async def _host_children(self, *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
-        with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                task_status.started(nursery)
-                await self._closing.wait()
-                nursery.cancel_scope.cancel()
+    def _post(self, message: object) -> None:
+        """Hand ``message`` to the decision loop (never blocks)."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter, outcome.Value(message))
+        else:
+            self._inbox.append(message)
+
+    def _abort_receive(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _receive(self) -> object:
+        """The next message; a checkpoint, as a memory channel's ``receive()`` is."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._inbox:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self._inbox.popleft()
+        self._waiter = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(self._abort_receive)
 
     def _parent_stops(self) -> None:
-        self._inbox_send.send_nowait(_ShutdownRequest())
+        self._post(_SHUTDOWN)
 
     async def _main(self, task_status: trio.TaskStatus[Supervisor]) -> None:
         self._children = [_Child(spec) for spec in self.spec.children]
@@ -334,38 +449,36 @@ class Supervisor:
                 self._error = error
                 return
         task_status.started(self)
-        async for message in self._inbox:
-            # Take the lock without a second trip through the scheduler when it is free
-            # (the common case: trio.Lock.acquire always yields once more).
-            try:
-                self._lock.acquire_nowait()
-            except trio.WouldBlock:
-                await self._lock.acquire()
+        lock = self._lock
+        while True:
+            message = await self._receive()
+            await lock.acquire(checkpoint=False)
             try:
                 if await self._handle(message):
                     return
             finally:
-                self._lock.release()
+                lock.release()
 
     # ------------------------------------------------------------ children
 
     async def _start(self, child: _Child) -> None:
         """Start ``child`` and wait for it to be ready; ``_StartFailedError`` if it fails."""
-        assert self._nursery is not None
+        nursery = self._nursery
+        assert nursery is not None
         child.generation += 1
         child.state = ChildState.STARTING
         child.done = trio.Event()
         child.terminating = False
         child.pending = None
         child.value = None
-        scope = child.scope = trio.CancelScope()
         try:
             if child.spec.accepts_task_status:
-                child.value = await self._nursery.start(
-                    self._child_main, child, child.generation, scope
-                )
+                # shielded by _Ready.started() once in the nursery
+                scope = child.scope = trio.CancelScope()
+                child.value = await nursery.start(self._child_main, child, child.generation, scope)
             else:
-                self._nursery.start_soon(self._child_main, child, child.generation, scope)
+                scope = child.scope = trio.CancelScope(shield=True)
+                nursery.start_soon(self._child_main, child, child.generation, scope)
         except Exception as exc:
             child.state = ChildState.STOPPED
             child.scope = None
@@ -385,47 +498,67 @@ class Supervisor:
         *,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        ready = _Ready(task_status)
         done = child.done
+        spec = child.spec
         ctx = child.ctx = ChildContext(
-            id=child.spec.id,
+            id=spec.id,
             supervisor=self.name,
             restart_count=child.restart_count,
         )
         _current_child.set(ctx)
         kind = ExitKind.NORMAL
         error: BaseException | None = None
+        ready: _Ready | None = None
+        escaped = False
         try:
             with scope:
                 try:
-                    if child.spec.accepts_task_status:
-                        await child.spec.target(*child.spec.args, task_status=ready)
+                    if spec.accepts_task_status:
+                        assert self._nursery is not None
+                        ready = _Ready(
+                            task_status, self._nursery, scope, trio.lowlevel.current_task()
+                        )
+                        await spec.target(*spec.args, task_status=ready)
                     else:
-                        ready.done = True
-                        await child.spec.target(*child.spec.args)
+                        await spec.target(*spec.args)
                 except Shutdown as exc:
-                    if not ready.done:
+                    if ready is not None and not ready.done:
                         raise
                     kind, error = ExitKind.SHUTDOWN, exc
                 except Exception as exc:
-                    if not ready.done:
+                    if ready is not None and not ready.done:
                         raise
                     kind, error = ExitKind.ABNORMAL, exc
             if scope.cancelled_caught:
+                if self._aborted and scope.shield:
+                    return  # cancelled with its siblings, as a nursery would: no exit to report
                 kind = ExitKind.SHUTDOWN
+        except BaseException:
+            # Out of a child in the nursery (only a BaseException that is not an Exception
+            # can get here): cancel the siblings at once, as the nursery does.
+            escaped = scope.shield
+            raise
         finally:
             done.set()
-        if not ready.done:
+            if escaped:
+                self._abort(child)
+        if ready is not None and not ready.done:
             return  # trio's start() reports "exited without calling started()"
-        exit_ = ChildExit(
-            child.spec.id, kind, trio.current_time(), error, requested=child.terminating
-        )
+        exit_ = ChildExit(spec.id, kind, trio.current_time(), error, requested=child.terminating)
         if generation == child.generation:
             child.last_exit = exit_
             child.state = ChildState.STOPPED
             child.scope = None
-        self._emit(EventKind.CHILD_EXITED, child.spec.id, exit=exit_)
-        self._inbox_send.send_nowait(_Exited(child, generation, exit_))
+        self._emit(EventKind.CHILD_EXITED, spec.id, exit=exit_)
+        self._post(_Exited(child, generation, exit_))
+
+    def _abort(self, culprit: _Child) -> None:
+        """Cancel every other child in the nursery; their exits go unreported."""
+        self._aborted = True
+        for child in self._children:
+            scope = child.scope
+            if child is not culprit and scope is not None and scope.shield:
+                scope.cancel()
 
     async def _terminate(self, child: _Child) -> None:
         """Stop one child: stop request, grace, cancel, and say so if it will not end."""
@@ -571,12 +704,16 @@ class Supervisor:
         for c in group:
             c.pending = token
             c.state = ChildState.BACKOFF
-        assert self._top is not None
-        self._top.start_soon(self._restart_timer, _RestartDue(tuple(group), token), delay)
+        assert self._nursery is not None
+        self._timers += 1
+        self._nursery.start_soon(self._restart_timer, _RestartDue(tuple(group), token), delay)
 
     async def _restart_timer(self, due: _RestartDue, delay: float) -> None:
-        await trio.sleep(delay)
-        self._inbox_send.send_nowait(due)
+        try:
+            await trio.sleep(delay)
+        finally:
+            self._timers -= 1
+        self._post(due)
 
     async def _restart_group(self, group: list[_Child]) -> None:
         for position, child in enumerate(group):
@@ -591,7 +728,7 @@ class Supervisor:
                 exit_ = child.last_exit or ChildExit(
                     child.spec.id, ExitKind.ABNORMAL, trio.current_time(), failure.exc
                 )
-                self._inbox_send.send_nowait(_Exited(child, child.generation, exit_))
+                self._post(_Exited(child, child.generation, exit_))
                 return
 
     # ------------------------------------------------------------- events
@@ -722,7 +859,12 @@ class Supervisor:
         """
         self._require_running()
         self.spec.check_child(spec)
-        async with self._lock:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        # A child started with nursery.start() makes this call a schedule point
+        # anyway; only a child started at once needs the lock's own.
+        lock = self._lock
+        await lock.acquire(checkpoint=not spec.accepts_task_status)
+        try:
             self._require_running()
             if any(c.spec.id == spec.id for c in self._children):
                 raise ValueError(f"supervisor {self.name!r} already has a child {spec.id!r}")
@@ -737,17 +879,23 @@ class Supervisor:
                     self.name, spec.id, describe_exception(failure.exc)
                 ) from failure.exc
             return child.value
+        finally:
+            lock.release()
 
     async def terminate_child(self, child_id: str) -> None:
         """Stop a child on purpose (no restart). A ``TEMPORARY`` child is then removed."""
         self._require_running()
-        async with self._lock:
+        await self._lock.acquire(checkpoint=True)
+        try:
             await self._terminate(self._find(child_id))
+        finally:
+            self._lock.release()
 
     async def restart_child(self, child_id: str) -> Any:
         """Stop the child if it runs, then start it again (not counted against intensity)."""
         self._require_running()
-        async with self._lock:
+        await self._lock.acquire(checkpoint=True)
+        try:
             child = self._find(child_id)
             if child.state is not ChildState.STOPPED:
                 index = self._children.index(child)
@@ -764,6 +912,8 @@ class Supervisor:
                     self.name, child_id, describe_exception(failure.exc)
                 ) from failure.exc
             return child.value
+        finally:
+            self._lock.release()
 
     async def delete_child(self, child_id: str) -> None:
         """Forget a stopped child's spec.
@@ -772,7 +922,8 @@ class Supervisor:
             RuntimeError: the child is still running (terminate it first).
         """
         self._require_running()
-        async with self._lock:
+        await self._lock.acquire(checkpoint=True)
+        try:
             child = self._find(child_id)
             if child.state in (*_LIVE, ChildState.STOPPING):
                 raise RuntimeError(
@@ -780,6 +931,8 @@ class Supervisor:
                 )
             child.pending = None
             self._children.remove(child)
+        finally:
+            self._lock.release()
 
     def which_children(self) -> list[ChildInfo]:
         """The children in start order."""
@@ -846,7 +999,7 @@ class Supervisor:
         """
         if not self._running:
             return
-        self._inbox_send.send_nowait(_ShutdownRequest())
+        self._post(_SHUTDOWN)
         ctx = _current_child.get()
         if (
             ctx is not None
@@ -854,6 +1007,8 @@ class Supervisor:
             and any(c.ctx is ctx for c in self._children)
         ):
             return
+        if self._finished is None:
+            self._finished = trio.Event()
         await self._finished.wait()
 
 
