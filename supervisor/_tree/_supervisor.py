@@ -336,7 +336,8 @@ class Supervisor:
         self._crash_log: dict[str, tuple[float | None, int]] = {}
         self._subscribers: list[trio.MemorySendChannel[SupervisorEvent]] = []
         self._running = False
-        self._children: list[_Child] = []
+        self._children: list[_Child] = []  # in start order
+        self._ids: dict[str, _Child] = {}  # the same children by id
         self._ran = False
         self._reset()
 
@@ -353,6 +354,7 @@ class Supervisor:
         self._timers = 0
         self._nursery: trio.Nursery | None = None
         self._children = []
+        self._ids = {}
 
     @property
     def name(self) -> str:
@@ -439,6 +441,7 @@ class Supervisor:
 
     async def _main(self, task_status: trio.TaskStatus[Supervisor]) -> None:
         self._children = [_Child(spec) for spec in self.spec.children]
+        self._ids = {child.spec.id: child for child in self._children}
         for child in list(self._children):
             try:
                 await self._start(child)
@@ -590,7 +593,16 @@ class Supervisor:
                 self._emit(EventKind.CHILD_UNRESPONSIVE, child.spec.id)
                 await done.wait()
             child.state = ChildState.STOPPED
-        if child.spec.restart is Restart.TEMPORARY and child in self._children:
+        if child.spec.restart is Restart.TEMPORARY:
+            self._drop(child)
+
+    def _has(self, child: _Child) -> bool:
+        return self._ids.get(child.spec.id) is child
+
+    def _drop(self, child: _Child) -> None:
+        """Forget ``child`` if it is one of the children."""
+        if self._ids.get(child.spec.id) is child:
+            del self._ids[child.spec.id]
             self._children.remove(child)
 
     async def _terminate_all(self) -> None:
@@ -610,20 +622,18 @@ class Supervisor:
         if isinstance(message, _ShutdownRequest):
             return True
         if isinstance(message, _RestartDue):
-            due = [
-                c for c in message.children if c.pending is message.token and c in self._children
-            ]
+            due = [c for c in message.children if c.pending is message.token and self._has(c)]
             await self._restart_group(due)
             return False
         assert isinstance(message, _Exited)
         child, exit_ = message.child, message.exit
         if message.generation != child.generation or child.terminating:
             return False  # stopped on purpose, or already replaced
-        if child not in self._children:
+        if not self._has(child):
             return False
         ran_for = exit_.time - (child.started_at if child.started_at is not None else exit_.time)
         if child.spec.restart is Restart.TEMPORARY:
-            self._children.remove(child)
+            self._drop(child)
         if not _restarts(child.spec.restart, exit_.kind):
             if child.spec.significant and self._auto_shutdown_due():
                 self.exit_reason = exit_
@@ -637,7 +647,7 @@ class Supervisor:
         for other in reversed(group):
             if other is not child:
                 await self._terminate(other)
-        group = [c for c in group if c in self._children]
+        group = [c for c in group if self._has(c)]
         backoff = child.spec.backoff or self.spec.backoff
         delay = 0.0
         if backoff is not None:
@@ -845,10 +855,10 @@ class Supervisor:
             raise RuntimeError(f"supervisor {self.name!r} is not running")
 
     def _find(self, child_id: str) -> _Child:
-        for child in self._children:
-            if child.spec.id == child_id:
-                return child
-        raise LookupError(f"supervisor {self.name!r} has no child {child_id!r}")
+        try:
+            return self._ids[child_id]
+        except KeyError:
+            raise LookupError(f"supervisor {self.name!r} has no child {child_id!r}") from None
 
     async def start_child(self, spec: ChildSpec) -> Any:
         """Add a child and start it; returns what it passed to ``task_status.started``.
@@ -866,15 +876,15 @@ class Supervisor:
         await lock.acquire(checkpoint=not spec.accepts_task_status)
         try:
             self._require_running()
-            if any(c.spec.id == spec.id for c in self._children):
+            if spec.id in self._ids:
                 raise ValueError(f"supervisor {self.name!r} already has a child {spec.id!r}")
             child = _Child(spec)
             self._children.append(child)
+            self._ids[spec.id] = child
             try:
                 await self._start(child)
             except _StartFailedError as failure:
-                if child in self._children:
-                    self._children.remove(child)
+                self._drop(child)
                 raise ChildStartError(
                     self.name, spec.id, describe_exception(failure.exc)
                 ) from failure.exc
@@ -900,14 +910,15 @@ class Supervisor:
             if child.state is not ChildState.STOPPED:
                 index = self._children.index(child)
                 await self._terminate(child)
-                if child not in self._children:  # a TEMPORARY child keeps its place here
+                if not self._has(child):  # a TEMPORARY child keeps its place here
                     self._children.insert(index, child)
+                    self._ids[child_id] = child
             child.restart_count += 1
             try:
                 await self._start(child)
             except _StartFailedError as failure:
-                if child.spec.restart is Restart.TEMPORARY and child in self._children:
-                    self._children.remove(child)  # it has ended: a temporary child is not kept
+                if child.spec.restart is Restart.TEMPORARY:
+                    self._drop(child)  # it has ended: a temporary child is not kept
                 raise ChildStartError(
                     self.name, child_id, describe_exception(failure.exc)
                 ) from failure.exc
@@ -930,7 +941,7 @@ class Supervisor:
                     f"child {child_id!r} of {self.name!r} is running; terminate it first"
                 )
             child.pending = None
-            self._children.remove(child)
+            self._drop(child)
         finally:
             self._lock.release()
 
