@@ -188,9 +188,15 @@ class _Ready:
             raise RuntimeError("task_status.started() called twice")
         self.done = True
         self.value = value
-        self._inner.started(value)
-        if self._task.parent_nursery is self._nursery:
-            self._scope.shield = True
+        # Shielded before the move: were the supervisor's nursery cancelled already (the
+        # host cancels run()), the move must not hand that on to the child or its tasks.
+        scope = self._scope
+        scope.shield = True
+        try:
+            self._inner.started(value)
+        finally:
+            if self._task.parent_nursery is not self._nursery:
+                scope.shield = False  # not moved: it stays under its starter's cancellation
 
 
 class _Mutex:

@@ -1166,3 +1166,49 @@ async def test_an_exit_waits_for_a_call_in_progress_and_is_handled_alike(
         (EventKind.CHILD_STARTED, "k"),
     ]
     assert busy == [(EventKind.CHILD_EXITED, "k"), (EventKind.CHILD_STARTED, "slow"), *quiet[1:]]
+
+
+async def test_child_started_while_the_host_cancels_is_stopped_the_orderly_way(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A start_child whose child calls started() just as the host cancels run().
+
+    The child lands among the others, so the host's cancellation must not reach
+    it (nor the tasks it runs): it gets its stop request and its grace like them.
+    """
+    log = Log()
+    go = trio.Event()
+
+    async def helper() -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            log.add(f"helper cancelled at {trio.current_time():g}")
+            raise
+
+    async def child(*, task_status: trio.TaskStatus[None]) -> None:
+        stop = current_child().stop_requested
+        async with trio.open_nursery() as inner:
+            inner.start_soon(helper)
+            await go.wait()
+            task_status.started()
+            await stop.wait()
+            await trio.sleep(1)
+            log.add(f"child stopping at {trio.current_time():g}")
+            inner.cancel_scope.cancel()
+
+    sup = Supervisor(SupervisorSpec([], name="dyn"))
+    async with trio.open_nursery() as outer:
+        host = trio.CancelScope()
+
+        async def hosted(*, task_status: trio.TaskStatus[Supervisor]) -> None:
+            with host:
+                await sup.run(task_status=task_status)
+
+        await outer.start(hosted)
+        outer.start_soon(sup.start_child, ChildSpec("c", child, restart=Restart.TEMPORARY))
+        await settle()
+        host.cancel()
+        go.set()
+    assert log.lines == ["child stopping at 1", "helper cancelled at 1"]
+    assert not sup.running
