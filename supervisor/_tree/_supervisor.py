@@ -204,12 +204,13 @@ class _Mutex:
 
     The decision loop takes it for every message and the public calls for
     their whole work; the parking lot is only made when someone has to wait.
+    As with ``trio.Lock``, the task holding it cannot take it again.
     """
 
-    __slots__ = ("_lot", "held")
+    __slots__ = ("_lot", "owner")
 
     def __init__(self) -> None:
-        self.held = False
+        self.owner: trio.lowlevel.Task | None = None
         self._lot: trio.lowlevel.ParkingLot | None = None
 
     async def acquire(self, *, checkpoint: bool) -> None:
@@ -221,20 +222,23 @@ class _Mutex:
         """
         if checkpoint:
             await trio.lowlevel.checkpoint_if_cancelled()
-        if not self.held:
-            self.held = True
+        task = trio.lowlevel.current_task()
+        if self.owner is None:
+            self.owner = task
             if checkpoint:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return
+        if self.owner is task:
+            raise RuntimeError("attempt to re-acquire an already held Lock")
         if self._lot is None:
             self._lot = trio.lowlevel.ParkingLot()
         await self._lot.park()  # woken by release(), which hands the lock over
 
     def release(self) -> None:
-        if self._lot is not None and self._lot:
-            self._lot.unpark(count=1)  # still held: now by the task just woken
+        if self._lot:
+            (self.owner,) = self._lot.unpark(count=1)
         else:
-            self.held = False
+            self.owner = None
 
 
 class _Child:
