@@ -162,22 +162,23 @@ class _Ready:
     """Wraps a child's ``task_status`` to remember whether it has started.
 
     Once ``started()`` has moved the child into the supervisor's nursery, its
-    cancel scope is shielded (see the module docstring). If the start was
-    cancelled meanwhile, Trio leaves the child where it was, under the
-    starter's cancellation, and so does this.
+    cancel scope is shielded (see the module docstring), unless the supervisor
+    has finished stopping its children. If the start was cancelled meanwhile,
+    Trio leaves the child where it was, under the starter's cancellation, and
+    so does this.
     """
 
-    __slots__ = ("_inner", "_nursery", "_scope", "_task", "done", "value")
+    __slots__ = ("_inner", "_scope", "_supervisor", "_task", "done", "value")
 
     def __init__(
         self,
         inner: trio.TaskStatus[Any],
-        nursery: trio.Nursery,
+        supervisor: Supervisor,
         scope: trio.CancelScope,
         task: trio.lowlevel.Task,
     ) -> None:
         self._inner = inner
-        self._nursery = nursery
+        self._supervisor = supervisor
         self._scope = scope
         self._task = task
         self.done = False
@@ -190,12 +191,16 @@ class _Ready:
         self.value = value
         # Shielded before the move: were the supervisor's nursery cancelled already (the
         # host cancels run()), the move must not hand that on to the child or its tasks.
+        supervisor = self._supervisor
+        if supervisor._closed:
+            self._inner.started(value)  # too late: under the nursery's cancellation
+            return
         scope = self._scope
         scope.shield = True
         try:
             self._inner.started(value)
         finally:
-            if self._task.parent_nursery is not self._nursery:
+            if self._task.parent_nursery is not supervisor._nursery:
                 scope.shield = False  # not moved: it stays under its starter's cancellation
 
 
@@ -360,8 +365,10 @@ class Supervisor:
         self._finished: trio.Event | None = None  # made by the first shutdown() that waits
         self._error: BaseException | None = None
         self._tearing_down = False
-        self._aborted = False  # a child let a BaseException escape: siblings were cancelled
-        self._timers = 0
+        # Children cancelled as by their nursery (a sibling let a BaseException escape,
+        # or they started while the supervisor was closing): their exits go unreported.
+        self._unreported = False
+        self._closed = False  # every child stopped: one starting now is not shielded
         self._nursery: trio.Nursery | None = None
         self._children = []
         self._ids = {}
@@ -411,8 +418,11 @@ class Supervisor:
                                 await self._terminate_all()
                         else:
                             self._tearing_down = True
-                        if self._timers:
-                            nursery.cancel_scope.cancel()
+                        self._close(nursery)
+                        if self._lock.owner is not None:
+                            # A call in progress may still start a child: the nursery
+                            # takes it for one more pass, as the host task's did.
+                            await trio.lowlevel.cancel_shielded_checkpoint()
             except BaseExceptionGroup as group:
                 raise_saving_context(collapse_group(group))
         finally:
@@ -490,7 +500,7 @@ class Supervisor:
                 scope = child.scope = trio.CancelScope()
                 child.value = await nursery.start(self._child_main, child, child.generation, scope)
             else:
-                scope = child.scope = trio.CancelScope(shield=True)
+                scope = child.scope = trio.CancelScope(shield=not self._closed)
                 nursery.start_soon(self._child_main, child, child.generation, scope)
         except Exception as exc:
             child.state = ChildState.STOPPED
@@ -528,9 +538,7 @@ class Supervisor:
                 try:
                     if spec.accepts_task_status:
                         assert self._nursery is not None
-                        ready = _Ready(
-                            task_status, self._nursery, scope, trio.lowlevel.current_task()
-                        )
+                        ready = _Ready(task_status, self, scope, trio.lowlevel.current_task())
                         await spec.target(*spec.args, task_status=ready)
                     else:
                         await spec.target(*spec.args)
@@ -543,7 +551,7 @@ class Supervisor:
                         raise
                     kind, error = ExitKind.ABNORMAL, exc
             if scope.cancelled_caught:
-                if self._aborted and scope.shield:
+                if self._unreported and scope.shield:
                     return  # cancelled with its siblings, as a nursery would: no exit to report
                 kind = ExitKind.SHUTDOWN
         except BaseException:
@@ -567,11 +575,26 @@ class Supervisor:
 
     def _abort(self, culprit: _Child) -> None:
         """Cancel every other child in the nursery; their exits go unreported."""
-        self._aborted = True
+        self._unreported = True
         for child in self._children:
             scope = child.scope
             if child is not culprit and scope is not None and scope.shield:
                 scope.cancel()
+
+    def _close(self, nursery: trio.Nursery) -> None:
+        """Cancel what is left in the nursery once every child was stopped.
+
+        Restart timers, and a child that ``restart_child`` started while the host's
+        cancellation stopped the others: cancelled at once and unreported, as
+        everything left in a cancelled nursery.
+        """
+        self._closed = True
+        self._unreported = True
+        for child in self._children:
+            scope = child.scope
+            if scope is not None and scope.shield and not child.done.is_set():
+                scope.cancel()
+        nursery.cancel_scope.cancel()
 
     async def _terminate(self, child: _Child) -> None:
         """Stop one child: stop request, grace, cancel, and say so if it will not end."""
@@ -725,14 +748,10 @@ class Supervisor:
             c.pending = token
             c.state = ChildState.BACKOFF
         assert self._nursery is not None
-        self._timers += 1
         self._nursery.start_soon(self._restart_timer, _RestartDue(tuple(group), token), delay)
 
     async def _restart_timer(self, due: _RestartDue, delay: float) -> None:
-        try:
-            await trio.sleep(delay)
-        finally:
-            self._timers -= 1
+        await trio.sleep(delay)
         self._post(due)
 
     async def _restart_group(self, group: list[_Child]) -> None:
@@ -865,10 +884,10 @@ class Supervisor:
             raise RuntimeError(f"supervisor {self.name!r} is not running")
 
     def _find(self, child_id: str) -> _Child:
-        try:
-            return self._ids[child_id]
-        except KeyError:
-            raise LookupError(f"supervisor {self.name!r} has no child {child_id!r}") from None
+        child = self._ids.get(child_id)
+        if child is None:
+            raise LookupError(f"supervisor {self.name!r} has no child {child_id!r}")
+        return child
 
     async def start_child(self, spec: ChildSpec) -> Any:
         """Add a child and start it; returns what it passed to ``task_status.started``.

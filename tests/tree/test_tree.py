@@ -1212,3 +1212,52 @@ async def test_child_started_while_the_host_cancels_is_stopped_the_orderly_way(
         go.set()
     assert log.lines == ["child stopping at 1", "helper cancelled at 1"]
     assert not sup.running
+
+
+@pytest.mark.parametrize("restart", [Restart.PERMANENT, Restart.TEMPORARY])
+async def test_a_child_restarted_while_the_host_cancels_does_not_outlive_run(
+    autojump_clock: trio.testing.MockClock, restart: Restart
+) -> None:
+    """restart_child started it again behind the teardown's back: it is cancelled at the end."""
+    log = Log()
+    live = 0
+
+    async def polite(*, task_status: trio.TaskStatus[None]) -> None:
+        nonlocal live
+        stop = current_child().stop_requested
+        log.started("p")
+        live += 1
+        try:
+            task_status.started()
+            await stop.wait()
+            await trio.sleep(1)
+        finally:
+            live -= 1
+
+    sup = Supervisor(SupervisorSpec([ChildSpec("p", polite, restart=restart)]))
+    outcomes: list[str] = []
+
+    async def restart_it() -> None:
+        try:
+            await sup.restart_child("p")
+        except (ChildStartError, RuntimeError) as exc:
+            outcomes.append(type(exc).__name__)
+        else:
+            outcomes.append("restarted")
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            host = trio.CancelScope()
+
+            async def hosted(*, task_status: trio.TaskStatus[Supervisor]) -> None:
+                with host:
+                    await sup.run(task_status=task_status)
+
+            await outer.start(hosted)
+            outer.start_soon(restart_it)
+            await trio.sleep(0.5)  # restart_child waits for p's grace to end
+            host.cancel()
+    assert not sup.running
+    assert outcomes == ["restarted"]
+    assert log.starts == {"p": 2}
+    assert live == 0
