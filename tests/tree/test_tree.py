@@ -1261,3 +1261,16 @@ async def test_a_child_restarted_while_the_host_cancels_does_not_outlive_run(
     assert outcomes == ["restarted"]
     assert log.starts == {"p": 2}
     assert live == 0
+
+
+async def test_run_under_a_cancelled_scope_stops_its_children_and_returns() -> None:
+    """Cancelled before it began: the children that started are stopped, Cancelled goes on."""
+    log = Log()
+    sup = Supervisor(SupervisorSpec([ChildSpec("a", forever(log, "a"))]))
+    with trio.fail_after(10):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sup.run()
+    assert scope.cancelled_caught
+    assert not sup.running
+    assert log.lines in ([], ["start a", "stop a"])
