@@ -34,6 +34,7 @@ lone exception bare (ignoring the ``Cancelled`` that came with it), a lone
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -316,6 +317,16 @@ class _StartFailedError(Exception):
         self.exc = exc
 
 
+async def _wait(done: trio.Event, seconds: float | None, shielded: bool) -> None:
+    """Wait for ``done``, at most ``seconds`` (``None``: no limit)."""
+    if seconds is None and not shielded:
+        await done.wait()
+        return
+    deadline = math.inf if seconds is None else trio.current_time() + seconds
+    with trio.CancelScope(deadline=deadline, shield=shielded):
+        await done.wait()
+
+
 def _restarts(restart: Restart, kind: ExitKind) -> bool:
     if restart is Restart.PERMANENT:
         return True
@@ -414,8 +425,7 @@ class Supervisor:
                         await self._main(task_status)
                     finally:
                         if self._children:
-                            with trio.CancelScope(shield=True):
-                                await self._terminate_all()
+                            await self._terminate_all(shielded=True)
                         else:
                             self._tearing_down = True
                         self._close(nursery)
@@ -596,8 +606,12 @@ class Supervisor:
                 scope.cancel()
         nursery.cancel_scope.cancel()
 
-    async def _terminate(self, child: _Child) -> None:
-        """Stop one child: stop request, grace, cancel, and say so if it will not end."""
+    async def _terminate(self, child: _Child, *, shielded: bool = False) -> None:
+        """Stop one child: stop request, grace, cancel, and say so if it will not end.
+
+        ``shielded``: no cancellation from outside cuts the waits short (the
+        teardown's stop of every child).
+        """
         if child.state is ChildState.BACKOFF:
             child.pending = None
             child.state = ChildState.STOPPED
@@ -612,19 +626,14 @@ class Supervisor:
                 ctx._request_stop()
             grace = child.spec.shutdown
             if ctx is not None and ctx.observes_stop and grace != 0:
-                if grace is None:
-                    await done.wait()
-                else:
-                    with trio.move_on_after(grace):
-                        await done.wait()
+                await _wait(done, grace, shielded)
             if not done.is_set() and child.scope is not None:
                 child.scope.cancel()
             if not done.is_set():
-                with trio.move_on_after(self.spec.unresponsive_after):
-                    await done.wait()
+                await _wait(done, self.spec.unresponsive_after, shielded)
             if not done.is_set():
                 self._emit(EventKind.CHILD_UNRESPONSIVE, child.spec.id)
-                await done.wait()
+                await _wait(done, None, shielded)
             child.state = ChildState.STOPPED
         if child.spec.restart is Restart.TEMPORARY:
             self._drop(child)
@@ -638,15 +647,16 @@ class Supervisor:
             del self._ids[child.spec.id]
             self._children.remove(child)
 
-    async def _terminate_all(self) -> None:
+    async def _terminate_all(self, *, shielded: bool = False) -> None:
         self._tearing_down = True
         if self.spec.parallel_stop:
-            async with trio.open_nursery() as nursery:
-                for child in list(self._children):
-                    nursery.start_soon(self._terminate, child)
+            with trio.CancelScope(shield=shielded):
+                async with trio.open_nursery() as nursery:
+                    for child in list(self._children):
+                        nursery.start_soon(self._terminate, child)
             return
         for child in reversed(list(self._children)):
-            await self._terminate(child)
+            await self._terminate(child, shielded=shielded)
 
     # ------------------------------------------------------------- decisions
 
