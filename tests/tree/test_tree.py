@@ -1274,3 +1274,51 @@ async def test_run_under_a_cancelled_scope_stops_its_children_and_returns() -> N
     assert scope.cancelled_caught
     assert not sup.running
     assert log.lines in ([], ["start a", "stop a"])
+
+
+@pytest.mark.parametrize(
+    ("shutdown", "looks", "stopped_after"),
+    [(None, True, 4.0), (2.0, True, 2.0), (0, True, 0.0), (30.0, False, 0.0)],
+)
+async def test_host_cancellation_keeps_each_childs_shutdown_setting(
+    autojump_clock: trio.testing.MockClock,
+    shutdown: float | None,
+    looks: bool,
+    stopped_after: float,
+) -> None:
+    """The teardown under a host cancellation: grace, cancel, unresponsive, as for a terminate."""
+    ended: list[float] = []
+
+    async def child() -> None:
+        stop = current_child().stop_requested if looks else None
+        try:
+            if stop is not None:
+                await stop.wait()
+                await trio.sleep(4)
+            else:
+                await trio.sleep_forever()
+        finally:
+            ended.append(trio.current_time())
+
+    async def stubborn() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(3)
+
+    sup = Supervisor(
+        SupervisorSpec(
+            [ChildSpec("c", child, shutdown=shutdown), ChildSpec("s", stubborn, shutdown=0)],
+            unresponsive_after=1.0,
+        )
+    )
+    events = sup.subscribe()
+    with trio.move_on_after(10) as scope:
+        await sup.run()
+    assert scope.cancelled_caught
+    # "s" stops first (3 s, reported unresponsive after 1 s), then "c" by its setting
+    assert ended == [pytest.approx(13.0 + stopped_after)]
+    assert trio.current_time() == pytest.approx(13.0 + stopped_after)
+    seen = [(e.kind, e.child_id, round(e.time, 6)) for e in _drain(events)]
+    assert (EventKind.CHILD_UNRESPONSIVE, "s", 11.0) in seen
