@@ -317,6 +317,11 @@ class _StartFailedError(Exception):
         self.exc = exc
 
 
+def _refuse_new_arrivals() -> None:
+    """What starting a task in a nursery that is shutting down raises."""
+    raise RuntimeError("Nursery is closed to new arrivals")
+
+
 async def _wait(done: trio.Event, seconds: float | None, shielded: bool) -> None:
     """Wait for ``done``, at most ``seconds`` (``None``: no limit)."""
     if seconds is None and not shielded:
@@ -379,6 +384,7 @@ class Supervisor:
         # Children cancelled as by their nursery (a sibling let a BaseException escape,
         # or they started while the supervisor was closing): their exits go unreported.
         self._unreported = False
+        self._aborted = False  # as a nursery a task raised out of: closed to new children
         self._closed = False  # every child stopped: one starting now is not shielded
         self._nursery: trio.Nursery | None = None
         self._children = []
@@ -505,6 +511,8 @@ class Supervisor:
         child.pending = None
         child.value = None
         try:
+            if self._aborted:
+                _refuse_new_arrivals()
             if child.spec.accepts_task_status:
                 # shielded by _Ready.started() once in the nursery
                 scope = child.scope = trio.CancelScope()
@@ -586,6 +594,7 @@ class Supervisor:
     def _abort(self, culprit: _Child) -> None:
         """Cancel every other child in the nursery; their exits go unreported."""
         self._unreported = True
+        self._aborted = True
         for child in self._children:
             scope = child.scope
             if child is not culprit and scope is not None and scope.shield:

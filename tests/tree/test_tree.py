@@ -1322,3 +1322,42 @@ async def test_host_cancellation_keeps_each_childs_shutdown_setting(
     assert trio.current_time() == pytest.approx(13.0 + stopped_after)
     seen = [(e.kind, e.child_id, round(e.time, 6)) for e in _drain(events)]
     assert (EventKind.CHILD_UNRESPONSIVE, "s", 11.0) in seen
+
+
+async def test_restart_child_after_a_keyboard_interrupt_fails_to_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Once a child's KeyboardInterrupt is tearing the supervisor down, nothing starts."""
+    log = Log()
+
+    async def polite(*, task_status: trio.TaskStatus[None]) -> None:
+        stop = current_child().stop_requested
+        log.started("p")
+        task_status.started()
+        await stop.wait()
+        await trio.sleep(1)
+
+    async def interrupted() -> None:
+        await trio.sleep(0.5)
+        raise KeyboardInterrupt
+
+    sup = Supervisor(SupervisorSpec([ChildSpec("p", polite), ChildSpec("k", interrupted)]))
+    failures: list[BaseException] = []
+
+    async def restart() -> None:
+        try:
+            await sup.restart_child("p")
+        except ChildStartError as exc:
+            failures.append(exc)
+
+    interrupted_run = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            nursery.start_soon(restart)
+    except* KeyboardInterrupt:
+        interrupted_run = True
+    assert interrupted_run
+    assert len(failures) == 1
+    assert log.starts == {"p": 1}
+    assert not sup.running
