@@ -436,8 +436,9 @@ class Supervisor:
                             self._tearing_down = True
                         self._close(nursery)
                         if self._lock.owner is not None:
-                            # A call in progress may still start a child: the nursery
-                            # takes it for one more pass, as the host task's did.
+                            # A call in progress may be about to start a child: one
+                            # more pass lets it in before the nursery closes (it is
+                            # cancelled there at once) rather than refused.
                             await trio.lowlevel.cancel_shielded_checkpoint()
             except BaseExceptionGroup as group:
                 raise_saving_context(collapse_group(group))
@@ -555,7 +556,6 @@ class Supervisor:
             with scope:
                 try:
                     if spec.accepts_task_status:
-                        assert self._nursery is not None
                         ready = _Ready(task_status, self, scope, trio.lowlevel.current_task())
                         await spec.target(*spec.args, task_status=ready)
                     else:
@@ -573,8 +573,8 @@ class Supervisor:
                     return  # cancelled with its siblings, as a nursery would: no exit to report
                 kind = ExitKind.SHUTDOWN
         except BaseException:
-            # Out of a child in the nursery (only a BaseException that is not an Exception
-            # can get here): cancel the siblings at once, as the nursery does.
+            # A child in the nursery (shielded) lets only a BaseException that is not an
+            # Exception out: its siblings are cancelled at once, as by a nursery.
             escaped = scope.shield
             raise
         finally:
