@@ -140,9 +140,12 @@ def _to_children(value: Iterable[ChildSpec]) -> tuple[ChildSpec, ...]:
     return tuple(value)
 
 
+_check_shutdown_seconds = _non_negative("ChildSpec.shutdown")
+
+
 def _check_shutdown(_inst: Any, _attr: attrs.Attribute[Any], value: float | None) -> None:
     if value is not None:
-        _non_negative("ChildSpec.shutdown")(_inst, _attr, value)
+        _check_shutdown_seconds(_inst, _attr, value)
 
 
 def _check_id(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
@@ -238,7 +241,14 @@ class SupervisorSpec:
             raise TypeError(f"{self.name}: intensity must be an int, got {self.intensity!r}")
         if self.intensity < 0:
             raise ValueError(f"{self.name}: intensity must be >= 0, got {self.intensity!r}")
-        _non_negative(f"{self.name}: period")(self, None, self.period)  # type: ignore[arg-type]
+        period = self.period
+        if (
+            not isinstance(period, int | float)
+            or isinstance(period, bool)
+            or math.isnan(period)
+            or period < 0
+        ):  # the usual message, naming this supervisor
+            _non_negative(f"{self.name}: period")(self, None, period)  # type: ignore[arg-type]
         if self.period <= 0:
             raise ValueError(f"{self.name}: period must be > 0, got {self.period!r}")
         seen: set[str] = set()

@@ -6,15 +6,21 @@ application can put its own services under a :class:`Supervisor`.
 How a supervisor is laid out in Trio terms::
 
     run()
-    └─ top nursery
-       ├─ body: the decision loop (start children, react to exits, restart, escalate)
-       ├─ host task ── shielded ── children nursery ── one wrapper task per child
-       └─ restart timers, the parent-stop watcher
+    └─ one nursery
+       ├─ body (run() itself): the decision loop (start children, react to exits,
+       │  restart, escalate)
+       ├─ one wrapper task per child, each in its own *shielded* cancel scope
+       └─ restart timers
 
-The children live under a *shielded* nursery so that when the host application
-cancels ``run()`` the supervisor can still stop them the orderly way (reverse
-start order, cooperative stop request first) before the cancellation goes on.
-That cleanup is bounded by the children's own ``shutdown`` settings.
+Each child runs under a shield (from the moment it is in the nursery: a child
+started with ``task_status`` is still under its starter's cancellation until it
+calls ``started()``), so that when the host application cancels ``run()`` the
+supervisor can still stop them the orderly way (reverse start order,
+cooperative stop request first) before the cancellation goes on. That cleanup
+is bounded by the children's own ``shutdown`` settings. When a child lets a
+``BaseException`` that is not an ``Exception`` escape (``KeyboardInterrupt``),
+its siblings are cancelled at once, as a nursery cancels its tasks, and the
+supervisor stops.
 
 Exceptions that cross ``run()``: ``RestartIntensityExceeded`` and
 ``ChildStartError`` are raised after every child has stopped. A
@@ -37,6 +43,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import attrs
+import outcome
 import trio
 
 from .._base._describe import describe_exception
@@ -78,7 +85,9 @@ class ChildContext:
     _stop_event: trio.Event | None = attrs.field(default=None, init=False, repr=False)
     _stop_set: bool = attrs.field(default=False, init=False, repr=False)
     _observed: bool = attrs.field(default=False, init=False, repr=False)
-    _stop_callbacks: list[Callable[[], None]] = attrs.field(factory=list, init=False, repr=False)
+    _stop_callbacks: list[Callable[[], None]] | None = attrs.field(
+        default=None, init=False, repr=False
+    )
 
     @property
     def stop_requested(self) -> trio.Event:
@@ -99,9 +108,10 @@ class ChildContext:
         self._stop_set = True
         if self._stop_event is not None:
             self._stop_event.set()
-        callbacks, self._stop_callbacks = self._stop_callbacks, []
-        for callback in callbacks:
-            callback()
+        callbacks, self._stop_callbacks = self._stop_callbacks, None
+        if callbacks:
+            for callback in callbacks:
+                callback()
 
     def _call_on_stop(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` on a stop request (now, if one came); returns a canceller.
@@ -113,11 +123,15 @@ class ChildContext:
         if self._stop_set:
             callback()
             return _nothing
-        self._stop_callbacks.append(callback)
+        if self._stop_callbacks is None:
+            self._stop_callbacks = [callback]
+        else:
+            self._stop_callbacks.append(callback)
 
         def cancel() -> None:
-            if callback in self._stop_callbacks:
-                self._stop_callbacks.remove(callback)
+            callbacks = self._stop_callbacks
+            if callbacks and callback in callbacks:
+                callbacks.remove(callback)
 
         return cancel
 
@@ -146,12 +160,28 @@ def current_child() -> ChildContext:
 
 
 class _Ready:
-    """Wraps a child's ``task_status`` to remember whether it has started."""
+    """Wraps a child's ``task_status`` to remember whether it has started.
 
-    __slots__ = ("_inner", "done", "value")
+    Once ``started()`` has moved the child into the supervisor's nursery, its
+    cancel scope is shielded (see the module docstring), unless the supervisor
+    has finished stopping its children. If the start was cancelled meanwhile,
+    Trio leaves the child where it was, under the starter's cancellation, and
+    so does this.
+    """
 
-    def __init__(self, inner: trio.TaskStatus[Any]) -> None:
+    __slots__ = ("_inner", "_scope", "_supervisor", "_task", "done", "value")
+
+    def __init__(
+        self,
+        inner: trio.TaskStatus[Any],
+        supervisor: Supervisor,
+        scope: trio.CancelScope,
+        task: trio.lowlevel.Task,
+    ) -> None:
         self._inner = inner
+        self._supervisor = supervisor
+        self._scope = scope
+        self._task = task
         self.done = False
         self.value: Any = None
 
@@ -160,42 +190,124 @@ class _Ready:
             raise RuntimeError("task_status.started() called twice")
         self.done = True
         self.value = value
-        self._inner.started(value)
+        # Shielded before the move: were the supervisor's nursery cancelled already (the
+        # host cancels run()), the move must not hand that on to the child or its tasks.
+        supervisor = self._supervisor
+        if supervisor._closed:
+            self._inner.started(value)  # too late: under the nursery's cancellation
+            return
+        scope = self._scope
+        scope.shield = True
+        try:
+            self._inner.started(value)
+        finally:
+            if self._task.parent_nursery is not supervisor._nursery:
+                scope.shield = False  # not moved: it stays under its starter's cancellation
 
 
-@attrs.define(eq=False)
+class _Mutex:
+    """A fair lock that costs no trip through the scheduler when it is free.
+
+    The decision loop takes it for every message and the public calls for
+    their whole work; the parking lot is only made when someone has to wait.
+    As with ``trio.Lock``, the task holding it cannot take it again.
+    """
+
+    __slots__ = ("_lot", "owner")
+
+    def __init__(self) -> None:
+        self.owner: trio.lowlevel.Task | None = None
+        self._lot: trio.lowlevel.ParkingLot | None = None
+
+    async def acquire(self, *, checkpoint: bool) -> None:
+        """Take the lock, waiting in line if it is held.
+
+        With ``checkpoint``, a full checkpoint as ``trio.Lock.acquire`` is; without,
+        the caller has checked for cancellation already, and taking a free lock
+        does not yield.
+        """
+        if checkpoint:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        task = trio.lowlevel.current_task()
+        if self.owner is None:
+            self.owner = task
+            if checkpoint:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        if self.owner is task:
+            raise RuntimeError("attempt to re-acquire an already held Lock")
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
+        await self._lot.park()  # woken by release(), which hands the lock over
+
+    def release(self) -> None:
+        if self._lot:
+            (self.owner,) = self._lot.unpark(count=1)
+        else:
+            self.owner = None
+
+
 class _Child:
-    spec: ChildSpec
-    state: ChildState = ChildState.STOPPED
-    generation: int = 0
-    scope: trio.CancelScope | None = None
-    done: trio.Event = attrs.field(factory=trio.Event)
-    ctx: ChildContext | None = None
-    value: Any = None
-    terminating: bool = False
-    restart_count: int = 0
-    consecutive: int = 0
-    started_at: float | None = None  # trio clock
-    started_wall: float | None = None
-    last_exit: ChildExit | None = None
-    pending: object | None = None  # token of a scheduled restart
+    __slots__ = (
+        "consecutive",
+        "ctx",
+        "done",
+        "generation",
+        "last_exit",
+        "pending",
+        "restart_count",
+        "scope",
+        "spec",
+        "started_at",
+        "started_wall",
+        "state",
+        "terminating",
+        "value",
+    )
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.state = ChildState.STOPPED
+        self.generation = 0
+        self.scope: trio.CancelScope | None = None
+        self.done = _NOT_RUNNING  # set when the task of its current run has ended
+        self.ctx: ChildContext | None = None
+        self.value: Any = None
+        self.terminating = False
+        self.restart_count = 0
+        self.consecutive = 0
+        self.started_at: float | None = None  # trio clock
+        self.started_wall: float | None = None
+        self.last_exit: ChildExit | None = None
+        self.pending: object | None = None  # token of a scheduled restart
 
 
-@attrs.frozen
 class _Exited:
-    child: _Child
-    generation: int
-    exit: ChildExit
+    __slots__ = ("child", "exit", "generation")
+
+    def __init__(self, child: _Child, generation: int, exit: ChildExit) -> None:
+        self.child = child
+        self.generation = generation
+        self.exit = exit
 
 
-@attrs.frozen
 class _RestartDue:
-    children: tuple[_Child, ...]
-    token: object
+    __slots__ = ("children", "token")
+
+    def __init__(self, children: tuple[_Child, ...], token: object) -> None:
+        self.children = children
+        self.token = token
 
 
 class _ShutdownRequest:
     pass
+
+
+_SHUTDOWN = _ShutdownRequest()
+
+# The `done` of a child that never ran: already set (an Event binds to no run).
+_NOT_RUNNING = trio.Event()
+_NOT_RUNNING.set()
 
 
 class _StartFailedError(Exception):
@@ -203,6 +315,21 @@ class _StartFailedError(Exception):
         super().__init__(str(exc))
         self.child = child
         self.exc = exc
+
+
+def _refuse_new_arrivals() -> None:
+    """What starting a task in a nursery that is shutting down raises."""
+    raise RuntimeError("Nursery is closed to new arrivals")
+
+
+async def _wait(done: trio.Event, seconds: float | None, shielded: bool) -> None:
+    """Wait for ``done``, at most ``seconds`` (``None``: no limit)."""
+    if seconds is None and not shielded:
+        await done.wait()
+        return
+    deadline = math.inf if seconds is None else trio.current_time() + seconds
+    with trio.CancelScope(deadline=deadline, shield=shielded):
+        await done.wait()
 
 
 def _restarts(restart: Restart, kind: ExitKind) -> bool:
@@ -240,22 +367,28 @@ class Supervisor:
         self._crash_log: dict[str, tuple[float | None, int]] = {}
         self._subscribers: list[trio.MemorySendChannel[SupervisorEvent]] = []
         self._running = False
-        self._children: list[_Child] = []
+        self._children: list[_Child] = []  # in start order
+        self._ids: dict[str, _Child] = {}  # the same children by id
         self._ran = False
         self._reset()
 
     def _reset(self) -> None:
         # (time, exit) of each restart decision still inside the intensity window
         self._restarts: deque[tuple[float, ChildExit]] = deque()
-        self._lock = trio.Lock()
-        self._inbox_send, self._inbox = trio.open_memory_channel[object](math.inf)
-        self._finished = trio.Event()
-        self._closing = trio.Event()
+        self._lock = _Mutex()
+        self._inbox: deque[object] = deque()
+        self._waiter: trio.lowlevel.Task | None = None  # the decision loop, parked on the inbox
+        self._finished: trio.Event | None = None  # made by the first shutdown() that waits
         self._error: BaseException | None = None
         self._tearing_down = False
-        self._top: trio.Nursery | None = None
+        # Children cancelled as by their nursery (a sibling let a BaseException escape,
+        # or they started while the supervisor was closing): their exits go unreported.
+        self._unreported = False
+        self._aborted = False  # as a nursery a task raised out of: closed to new children
+        self._closed = False  # every child stopped: one starting now is not shielded
         self._nursery: trio.Nursery | None = None
         self._children = []
+        self._ids = {}
 
     @property
     def name(self) -> str:
@@ -290,40 +423,62 @@ class Supervisor:
         forget_parent = _nothing
         try:
             try:
-                async with trio.open_nursery() as top:
-                    self._top = top
-                    self._nursery = await top.start(self._host_children)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     if parent is not None:
                         forget_parent = parent._call_on_stop(self._parent_stops)
                     try:
                         await self._main(task_status)
                     finally:
-                        with trio.CancelScope(shield=True):
-                            await self._terminate_all()
-                        self._closing.set()
-                        top.cancel_scope.cancel()
+                        if self._children:
+                            await self._terminate_all(shielded=True)
+                        else:
+                            self._tearing_down = True
+                        self._close(nursery)
+                        if self._lock.owner is not None:
+                            # A call in progress may be about to start a child: one
+                            # more pass lets it in before the nursery closes (it is
+                            # cancelled there at once) rather than refused.
+                            await trio.lowlevel.cancel_shielded_checkpoint()
             except BaseExceptionGroup as group:
                 raise_saving_context(collapse_group(group))
         finally:
             forget_parent()
             self._running = False
-            self._finished.set()
+            if self._finished is not None:
+                self._finished.set()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
-    async def _host_children(self, *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
-        with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                task_status.started(nursery)
-                await self._closing.wait()
-                nursery.cancel_scope.cancel()
+    def _post(self, message: object) -> None:
+        """Hand ``message`` to the decision loop (never blocks)."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter, outcome.Value(message))
+        else:
+            self._inbox.append(message)
+
+    def _abort_receive(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _receive(self) -> object:
+        """The next message; a checkpoint, as a memory channel's ``receive()`` is."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._inbox:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self._inbox.popleft()
+        self._waiter = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(self._abort_receive)
 
     def _parent_stops(self) -> None:
-        self._inbox_send.send_nowait(_ShutdownRequest())
+        self._post(_SHUTDOWN)
 
     async def _main(self, task_status: trio.TaskStatus[Supervisor]) -> None:
         self._children = [_Child(spec) for spec in self.spec.children]
+        self._ids = {child.spec.id: child for child in self._children}
         for child in list(self._children):
             try:
                 await self._start(child)
@@ -334,38 +489,38 @@ class Supervisor:
                 self._error = error
                 return
         task_status.started(self)
-        async for message in self._inbox:
-            # Take the lock without a second trip through the scheduler when it is free
-            # (the common case: trio.Lock.acquire always yields once more).
-            try:
-                self._lock.acquire_nowait()
-            except trio.WouldBlock:
-                await self._lock.acquire()
+        lock = self._lock
+        while True:
+            message = await self._receive()
+            await lock.acquire(checkpoint=False)
             try:
                 if await self._handle(message):
                     return
             finally:
-                self._lock.release()
+                lock.release()
 
     # ------------------------------------------------------------ children
 
     async def _start(self, child: _Child) -> None:
         """Start ``child`` and wait for it to be ready; ``_StartFailedError`` if it fails."""
-        assert self._nursery is not None
+        nursery = self._nursery
+        assert nursery is not None
         child.generation += 1
         child.state = ChildState.STARTING
         child.done = trio.Event()
         child.terminating = False
         child.pending = None
         child.value = None
-        scope = child.scope = trio.CancelScope()
         try:
+            if self._aborted:
+                _refuse_new_arrivals()
             if child.spec.accepts_task_status:
-                child.value = await self._nursery.start(
-                    self._child_main, child, child.generation, scope
-                )
+                # shielded by _Ready.started() once in the nursery
+                scope = child.scope = trio.CancelScope()
+                child.value = await nursery.start(self._child_main, child, child.generation, scope)
             else:
-                self._nursery.start_soon(self._child_main, child, child.generation, scope)
+                scope = child.scope = trio.CancelScope(shield=not self._closed)
+                nursery.start_soon(self._child_main, child, child.generation, scope)
         except Exception as exc:
             child.state = ChildState.STOPPED
             child.scope = None
@@ -385,50 +540,87 @@ class Supervisor:
         *,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        ready = _Ready(task_status)
         done = child.done
+        spec = child.spec
         ctx = child.ctx = ChildContext(
-            id=child.spec.id,
+            id=spec.id,
             supervisor=self.name,
             restart_count=child.restart_count,
         )
         _current_child.set(ctx)
         kind = ExitKind.NORMAL
         error: BaseException | None = None
+        ready: _Ready | None = None
+        escaped = False
         try:
             with scope:
                 try:
-                    if child.spec.accepts_task_status:
-                        await child.spec.target(*child.spec.args, task_status=ready)
+                    if spec.accepts_task_status:
+                        ready = _Ready(task_status, self, scope, trio.lowlevel.current_task())
+                        await spec.target(*spec.args, task_status=ready)
                     else:
-                        ready.done = True
-                        await child.spec.target(*child.spec.args)
+                        await spec.target(*spec.args)
                 except Shutdown as exc:
-                    if not ready.done:
+                    if ready is not None and not ready.done:
                         raise
                     kind, error = ExitKind.SHUTDOWN, exc
                 except Exception as exc:
-                    if not ready.done:
+                    if ready is not None and not ready.done:
                         raise
                     kind, error = ExitKind.ABNORMAL, exc
             if scope.cancelled_caught:
+                if self._unreported and scope.shield:
+                    return  # cancelled with its siblings, as a nursery would: no exit to report
                 kind = ExitKind.SHUTDOWN
+        except BaseException:
+            # A child in the nursery (shielded) lets only a BaseException that is not an
+            # Exception out: its siblings are cancelled at once, as by a nursery.
+            escaped = scope.shield
+            raise
         finally:
             done.set()
-        if not ready.done:
+            if escaped:
+                self._abort(child)
+        if ready is not None and not ready.done:
             return  # trio's start() reports "exited without calling started()"
-        exit_ = ChildExit(
-            child.spec.id, kind, trio.current_time(), error, requested=child.terminating
-        )
+        exit_ = ChildExit(spec.id, kind, trio.current_time(), error, requested=child.terminating)
         if generation == child.generation:
             child.last_exit = exit_
             child.state = ChildState.STOPPED
             child.scope = None
-        self._emit(EventKind.CHILD_EXITED, child.spec.id, exit=exit_)
-        self._inbox_send.send_nowait(_Exited(child, generation, exit_))
+        self._emit(EventKind.CHILD_EXITED, spec.id, exit=exit_)
+        self._post(_Exited(child, generation, exit_))
 
-    async def _terminate(self, child: _Child) -> None:
-        """Stop one child: stop request, grace, cancel, and say so if it will not end."""
+    def _abort(self, culprit: _Child) -> None:
+        """Cancel every other child in the nursery; their exits go unreported."""
+        self._unreported = True
+        self._aborted = True
+        for child in self._children:
+            scope = child.scope
+            if child is not culprit and scope is not None and scope.shield:
+                scope.cancel()
+
+    def _close(self, nursery: trio.Nursery) -> None:
+        """Cancel what is left in the nursery once every child was stopped.
+
+        Restart timers, and a child that ``restart_child`` started while the host's
+        cancellation stopped the others: cancelled at once and unreported, as
+        everything left in a cancelled nursery.
+        """
+        self._closed = True
+        self._unreported = True
+        for child in self._children:
+            scope = child.scope
+            if scope is not None and scope.shield and not child.done.is_set():
+                scope.cancel()
+        nursery.cancel_scope.cancel()
+
+    async def _terminate(self, child: _Child, *, shielded: bool = False) -> None:
+        """Stop one child: stop request, grace, cancel, and say so if it will not end.
+
+        ``shielded``: no cancellation from outside cuts the waits short (the
+        teardown's stop of every child).
+        """
         if child.state is ChildState.BACKOFF:
             child.pending = None
             child.state = ChildState.STOPPED
@@ -443,32 +635,37 @@ class Supervisor:
                 ctx._request_stop()
             grace = child.spec.shutdown
             if ctx is not None and ctx.observes_stop and grace != 0:
-                if grace is None:
-                    await done.wait()
-                else:
-                    with trio.move_on_after(grace):
-                        await done.wait()
+                await _wait(done, grace, shielded)
             if not done.is_set() and child.scope is not None:
                 child.scope.cancel()
             if not done.is_set():
-                with trio.move_on_after(self.spec.unresponsive_after):
-                    await done.wait()
+                await _wait(done, self.spec.unresponsive_after, shielded)
             if not done.is_set():
                 self._emit(EventKind.CHILD_UNRESPONSIVE, child.spec.id)
-                await done.wait()
+                await _wait(done, None, shielded)
             child.state = ChildState.STOPPED
-        if child.spec.restart is Restart.TEMPORARY and child in self._children:
+        if child.spec.restart is Restart.TEMPORARY:
+            self._drop(child)
+
+    def _has(self, child: _Child) -> bool:
+        return self._ids.get(child.spec.id) is child
+
+    def _drop(self, child: _Child) -> None:
+        """Forget ``child`` if it is one of the children."""
+        if self._ids.get(child.spec.id) is child:
+            del self._ids[child.spec.id]
             self._children.remove(child)
 
-    async def _terminate_all(self) -> None:
+    async def _terminate_all(self, *, shielded: bool = False) -> None:
         self._tearing_down = True
         if self.spec.parallel_stop:
-            async with trio.open_nursery() as nursery:
-                for child in list(self._children):
-                    nursery.start_soon(self._terminate, child)
+            with trio.CancelScope(shield=shielded):
+                async with trio.open_nursery() as nursery:
+                    for child in list(self._children):
+                        nursery.start_soon(self._terminate, child)
             return
         for child in reversed(list(self._children)):
-            await self._terminate(child)
+            await self._terminate(child, shielded=shielded)
 
     # ------------------------------------------------------------- decisions
 
@@ -477,20 +674,18 @@ class Supervisor:
         if isinstance(message, _ShutdownRequest):
             return True
         if isinstance(message, _RestartDue):
-            due = [
-                c for c in message.children if c.pending is message.token and c in self._children
-            ]
+            due = [c for c in message.children if c.pending is message.token and self._has(c)]
             await self._restart_group(due)
             return False
         assert isinstance(message, _Exited)
         child, exit_ = message.child, message.exit
         if message.generation != child.generation or child.terminating:
             return False  # stopped on purpose, or already replaced
-        if child not in self._children:
+        if not self._has(child):
             return False
         ran_for = exit_.time - (child.started_at if child.started_at is not None else exit_.time)
         if child.spec.restart is Restart.TEMPORARY:
-            self._children.remove(child)
+            self._drop(child)
         if not _restarts(child.spec.restart, exit_.kind):
             if child.spec.significant and self._auto_shutdown_due():
                 self.exit_reason = exit_
@@ -504,7 +699,7 @@ class Supervisor:
         for other in reversed(group):
             if other is not child:
                 await self._terminate(other)
-        group = [c for c in group if c in self._children]
+        group = [c for c in group if self._has(c)]
         backoff = child.spec.backoff or self.spec.backoff
         delay = 0.0
         if backoff is not None:
@@ -571,12 +766,12 @@ class Supervisor:
         for c in group:
             c.pending = token
             c.state = ChildState.BACKOFF
-        assert self._top is not None
-        self._top.start_soon(self._restart_timer, _RestartDue(tuple(group), token), delay)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._restart_timer, _RestartDue(tuple(group), token), delay)
 
     async def _restart_timer(self, due: _RestartDue, delay: float) -> None:
         await trio.sleep(delay)
-        self._inbox_send.send_nowait(due)
+        self._post(due)
 
     async def _restart_group(self, group: list[_Child]) -> None:
         for position, child in enumerate(group):
@@ -591,7 +786,7 @@ class Supervisor:
                 exit_ = child.last_exit or ChildExit(
                     child.spec.id, ExitKind.ABNORMAL, trio.current_time(), failure.exc
                 )
-                self._inbox_send.send_nowait(_Exited(child, child.generation, exit_))
+                self._post(_Exited(child, child.generation, exit_))
                 return
 
     # ------------------------------------------------------------- events
@@ -708,10 +903,10 @@ class Supervisor:
             raise RuntimeError(f"supervisor {self.name!r} is not running")
 
     def _find(self, child_id: str) -> _Child:
-        for child in self._children:
-            if child.spec.id == child_id:
-                return child
-        raise LookupError(f"supervisor {self.name!r} has no child {child_id!r}")
+        child = self._ids.get(child_id)
+        if child is None:
+            raise LookupError(f"supervisor {self.name!r} has no child {child_id!r}")
+        return child
 
     async def start_child(self, spec: ChildSpec) -> Any:
         """Add a child and start it; returns what it passed to ``task_status.started``.
@@ -722,48 +917,62 @@ class Supervisor:
         """
         self._require_running()
         self.spec.check_child(spec)
-        async with self._lock:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        # A child started with nursery.start() makes this call a schedule point
+        # anyway; only a child started at once needs the lock's own.
+        lock = self._lock
+        await lock.acquire(checkpoint=not spec.accepts_task_status)
+        try:
             self._require_running()
-            if any(c.spec.id == spec.id for c in self._children):
+            if spec.id in self._ids:
                 raise ValueError(f"supervisor {self.name!r} already has a child {spec.id!r}")
             child = _Child(spec)
             self._children.append(child)
+            self._ids[spec.id] = child
             try:
                 await self._start(child)
             except _StartFailedError as failure:
-                if child in self._children:
-                    self._children.remove(child)
+                self._drop(child)
                 raise ChildStartError(
                     self.name, spec.id, describe_exception(failure.exc)
                 ) from failure.exc
             return child.value
+        finally:
+            lock.release()
 
     async def terminate_child(self, child_id: str) -> None:
         """Stop a child on purpose (no restart). A ``TEMPORARY`` child is then removed."""
         self._require_running()
-        async with self._lock:
+        await self._lock.acquire(checkpoint=True)
+        try:
             await self._terminate(self._find(child_id))
+        finally:
+            self._lock.release()
 
     async def restart_child(self, child_id: str) -> Any:
         """Stop the child if it runs, then start it again (not counted against intensity)."""
         self._require_running()
-        async with self._lock:
+        await self._lock.acquire(checkpoint=True)
+        try:
             child = self._find(child_id)
             if child.state is not ChildState.STOPPED:
                 index = self._children.index(child)
                 await self._terminate(child)
-                if child not in self._children:  # a TEMPORARY child keeps its place here
+                if not self._has(child):  # a TEMPORARY child keeps its place here
                     self._children.insert(index, child)
+                    self._ids[child_id] = child
             child.restart_count += 1
             try:
                 await self._start(child)
             except _StartFailedError as failure:
-                if child.spec.restart is Restart.TEMPORARY and child in self._children:
-                    self._children.remove(child)  # it has ended: a temporary child is not kept
+                if child.spec.restart is Restart.TEMPORARY:
+                    self._drop(child)  # it has ended: a temporary child is not kept
                 raise ChildStartError(
                     self.name, child_id, describe_exception(failure.exc)
                 ) from failure.exc
             return child.value
+        finally:
+            self._lock.release()
 
     async def delete_child(self, child_id: str) -> None:
         """Forget a stopped child's spec.
@@ -772,14 +981,17 @@ class Supervisor:
             RuntimeError: the child is still running (terminate it first).
         """
         self._require_running()
-        async with self._lock:
+        await self._lock.acquire(checkpoint=True)
+        try:
             child = self._find(child_id)
             if child.state in (*_LIVE, ChildState.STOPPING):
                 raise RuntimeError(
                     f"child {child_id!r} of {self.name!r} is running; terminate it first"
                 )
             child.pending = None
-            self._children.remove(child)
+            self._drop(child)
+        finally:
+            self._lock.release()
 
     def which_children(self) -> list[ChildInfo]:
         """The children in start order."""
@@ -846,7 +1058,7 @@ class Supervisor:
         """
         if not self._running:
             return
-        self._inbox_send.send_nowait(_ShutdownRequest())
+        self._post(_SHUTDOWN)
         ctx = _current_child.get()
         if (
             ctx is not None
@@ -854,6 +1066,8 @@ class Supervisor:
             and any(c.ctx is ctx for c in self._children)
         ):
             return
+        if self._finished is None:
+            self._finished = trio.Event()
         await self._finished.wait()
 
 

@@ -872,3 +872,492 @@ async def test_parallel_stop_stops_all_children_at_once(
         start = trio.current_time()
     assert len(stopped_at) == 5
     assert max(stopped_at) - start == pytest.approx(1.0)
+
+
+# ------------------------------------------------ shielding and cancellation
+
+
+def _drain(channel: trio.MemoryReceiveChannel[SupervisorEvent]) -> list[SupervisorEvent]:
+    events = []
+    while True:
+        try:
+            events.append(channel.receive_nowait())
+        except trio.WouldBlock:
+            return events
+
+
+async def test_keyboard_interrupt_cancels_the_siblings_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As in a nursery: no stop request, no grace, no exit event for the siblings."""
+    log = Log()
+
+    async def polite(*, task_status: trio.TaskStatus[None]) -> None:
+        stop = current_child().stop_requested
+        task_status.started()
+        try:
+            await stop.wait()
+            log.add("asked to stop")
+        except trio.Cancelled:
+            log.add("cancelled")
+            raise
+
+    async def interrupted() -> None:
+        await trio.sleep(1)
+        raise KeyboardInterrupt
+
+    sup = Supervisor(
+        SupervisorSpec(
+            [ChildSpec("p", polite, shutdown=30.0), ChildSpec("k", interrupted)], name="ki"
+        )
+    )
+    events = sup.subscribe()
+    with pytest.raises(KeyboardInterrupt):
+        await sup.run()
+    assert trio.current_time() == pytest.approx(1.0)
+    assert log.lines == ["cancelled"]
+    assert [(e.kind, e.child_id) for e in _drain(events)] == [
+        (EventKind.CHILD_STARTED, "p"),
+        (EventKind.CHILD_STARTED, "k"),
+    ]
+    assert not sup.running
+    assert [(c.id, c.state) for c in sup.which_children()] == [
+        ("p", ChildState.STOPPED),
+        ("k", ChildState.STOPPED),
+    ]
+
+
+async def test_keyboard_interrupt_of_a_dynamic_child_cancels_the_initial_ones() -> None:
+    log = Log()
+
+    async def interrupted(*, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        await trio.lowlevel.checkpoint()
+        raise KeyboardInterrupt
+
+    sup = Supervisor(SupervisorSpec([ChildSpec("a", forever(log, "a"), shutdown=30.0)]))
+    interrupted_run = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.start_child(ChildSpec("k", interrupted, restart=Restart.TEMPORARY))
+    except* KeyboardInterrupt:
+        interrupted_run = True
+    assert interrupted_run
+    assert log.lines == ["start a", "stop a"]
+    assert not sup.running
+
+
+async def test_host_cancellation_reaches_a_child_still_starting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Until it calls started() a child is under its starter's cancellation, not shielded."""
+    log = Log()
+
+    async def slow(*, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            log.add("cancelled while starting")
+            raise
+        task_status.started()
+
+    sup = Supervisor(SupervisorSpec([ChildSpec("a", forever(log, "a")), ChildSpec("s", slow)]))
+    with trio.move_on_after(1) as scope:
+        await sup.run()
+    assert scope.cancelled_caught
+    assert trio.current_time() == pytest.approx(1.0)
+    assert log.lines == ["start a", "cancelled while starting", "stop a"]
+    assert not sup.running
+
+
+async def test_child_started_after_its_starter_was_cancelled_is_not_shielded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Trio leaves such a child under the cancelled start: it must see the cancellation."""
+    log = Log()
+
+    async def stubborn(*, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(2)
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            log.add("cancelled")
+            raise
+
+    async with open_supervisor(SupervisorSpec([], name="dyn")) as sup:
+        with trio.fail_after(60):
+            with trio.move_on_after(1):
+                await sup.start_child(ChildSpec("s", stubborn, restart=Restart.TEMPORARY))
+        assert trio.current_time() == pytest.approx(2.0)
+        assert log.lines == ["cancelled"]
+        assert sup.running
+
+
+async def test_a_started_child_is_shielded_from_the_host_until_its_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Host cancellation: children stop last-first, each asked first, then cancelled."""
+    log = Log()
+
+    async def ready(name: str, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            log.add(f"{name} cancelled at {trio.current_time():g}")
+            raise
+
+    async def polite(name: str) -> None:
+        await current_child().stop_requested.wait()
+        await trio.sleep(1)
+        log.add(f"{name} stopped at {trio.current_time():g}")
+
+    spec = SupervisorSpec(
+        [
+            ChildSpec("a", ready, args=("a",)),
+            ChildSpec("b", polite, args=("b",)),
+            ChildSpec("c", ready, args=("c",)),
+        ]
+    )
+    with trio.move_on_after(5):
+        await Supervisor(spec).run()
+    assert log.lines == ["c cancelled at 5", "b stopped at 6", "a cancelled at 6"]
+
+
+async def test_restart_timers_are_cancelled_with_the_supervisor(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+    kid = Controlled(log, "k")
+    spec = SupervisorSpec(
+        [ChildSpec("k", kid)], backoff=Backoff(initial=100.0, maximum=100.0, jitter=0.0)
+    )
+    async with open_supervisor(spec) as sup:
+        await kid.do("crash")
+        assert sup.which_children()[0].state is ChildState.BACKOFF
+    assert trio.current_time() < 100.0
+    assert log.starts["k"] == 1
+
+
+async def test_session_shape_exits_through_the_runner(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The worker's session tree: the runner's return shuts it down, the lease stopped."""
+    log = Log()
+
+    async def runner() -> None:
+        await trio.sleep(1)
+        log.add("runner done")
+
+    spec = SupervisorSpec(
+        [
+            ChildSpec(
+                "lease",
+                forever(log, "lease"),
+                restart=Restart.TEMPORARY,
+                significant=True,
+                shutdown=0,
+            ),
+            ChildSpec("runner", runner, restart=Restart.TEMPORARY, significant=True, shutdown=0),
+        ],
+        strategy=Strategy.ONE_FOR_ALL,
+        auto_shutdown=AutoShutdown.ANY_SIGNIFICANT,
+        intensity=0,
+        name="session:1",
+    )
+    sup = Supervisor(spec)
+    events = sup.subscribe()
+    await sup.run()
+    assert log.lines == ["start lease", "runner done", "stop lease"]
+    assert sup.exit_reason is not None
+    assert (sup.exit_reason.child_id, sup.exit_reason.kind) == ("runner", ExitKind.NORMAL)
+    seen = _drain(events)
+    assert [(e.kind, e.child_id) for e in seen] == [
+        (EventKind.CHILD_STARTED, "lease"),
+        (EventKind.CHILD_STARTED, "runner"),
+        (EventKind.CHILD_EXITED, "runner"),
+        (EventKind.SUPERVISOR_AUTO_SHUTDOWN, "runner"),
+        (EventKind.CHILD_EXITED, "lease"),
+    ]
+    lease_exit = seen[-1].exit
+    assert lease_exit is not None
+    assert (lease_exit.kind, lease_exit.requested) == (ExitKind.SHUTDOWN, True)
+    assert sup.which_children() == []
+
+
+async def test_dynamic_temporary_children_come_and_go(nursery: trio.Nursery) -> None:
+    """Many TEMPORARY children started, ended and removed; ids can be used again."""
+
+    async def brief(*, task_status: trio.TaskStatus[int]) -> None:
+        task_status.started(7)
+        await trio.lowlevel.checkpoint()
+
+    sup = Supervisor(SupervisorSpec([], name="sessions", parallel_stop=True))
+    await nursery.start(sup.run)
+    for round_ in range(3):
+        for n in range(50):
+            assert await sup.start_child(ChildSpec(f"s{n}", brief, restart=Restart.TEMPORARY)) == 7
+        await settle()
+        assert sup.which_children() == [], round_
+    await sup.shutdown()
+
+
+async def test_concurrent_calls_take_turns(autojump_clock: trio.testing.MockClock) -> None:
+    """start_child calls that overlap run one after the other, never two starts at once."""
+    starting: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+
+    def slow(name: str) -> Callable[..., Awaitable[None]]:
+        async def child(*, task_status: trio.TaskStatus[None]) -> None:
+            starting.append(name)
+            if len(starting) > 1:
+                overlaps.append(tuple(starting))
+            await trio.sleep(1)
+            starting.remove(name)
+            task_status.started()
+            await trio.sleep_forever()
+
+        return child
+
+    async with open_supervisor(SupervisorSpec([], name="dyn")) as sup:
+        begin = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for name in "abcd":
+                nursery.start_soon(sup.start_child, ChildSpec(name, slow(name)))
+        assert trio.current_time() - begin == pytest.approx(4.0)
+        assert overlaps == []
+        assert sorted(c.id for c in sup.which_children()) == list("abcd")
+
+
+async def test_an_exit_waits_for_a_call_in_progress_and_is_handled_alike(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A crash while start_child holds the lock: the same events, once the start is done."""
+
+    async def slow(*, task_status: trio.TaskStatus[None]) -> None:
+        await trio.sleep(5)
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def crash_and_watch(contended: bool) -> list[tuple[EventKind, str | None]]:
+        log = Log()
+        kid = Controlled(log, "k")
+        async with open_supervisor(SupervisorSpec([ChildSpec("k", kid)], name="s")) as sup:
+            events = sup.subscribe()
+            async with trio.open_nursery() as nursery:
+                if contended:
+                    nursery.start_soon(sup.start_child, ChildSpec("slow", slow))
+                    await trio.sleep(1)  # the start holds the lock now
+                await kid.do("crash")
+                if contended:
+                    assert log.starts["k"] == 1  # not handled yet
+            await settle()
+            assert log.starts["k"] == 2
+            return [(e.kind, e.child_id) for e in _drain(events)]
+
+    quiet = await crash_and_watch(contended=False)
+    busy = await crash_and_watch(contended=True)
+    assert quiet == [
+        (EventKind.CHILD_EXITED, "k"),
+        (EventKind.CHILD_RESTARTING, "k"),
+        (EventKind.CHILD_STARTED, "k"),
+    ]
+    assert busy == [(EventKind.CHILD_EXITED, "k"), (EventKind.CHILD_STARTED, "slow"), *quiet[1:]]
+
+
+async def test_child_started_while_the_host_cancels_is_stopped_the_orderly_way(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A start_child whose child calls started() just as the host cancels run().
+
+    The child lands among the others, so the host's cancellation must not reach
+    it (nor the tasks it runs): it gets its stop request and its grace like them.
+    """
+    log = Log()
+    go = trio.Event()
+
+    async def helper() -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            log.add(f"helper cancelled at {trio.current_time():g}")
+            raise
+
+    async def child(*, task_status: trio.TaskStatus[None]) -> None:
+        stop = current_child().stop_requested
+        async with trio.open_nursery() as inner:
+            inner.start_soon(helper)
+            await go.wait()
+            task_status.started()
+            await stop.wait()
+            await trio.sleep(1)
+            log.add(f"child stopping at {trio.current_time():g}")
+            inner.cancel_scope.cancel()
+
+    sup = Supervisor(SupervisorSpec([], name="dyn"))
+    async with trio.open_nursery() as outer:
+        host = trio.CancelScope()
+
+        async def hosted(*, task_status: trio.TaskStatus[Supervisor]) -> None:
+            with host:
+                await sup.run(task_status=task_status)
+
+        await outer.start(hosted)
+        outer.start_soon(sup.start_child, ChildSpec("c", child, restart=Restart.TEMPORARY))
+        await settle()
+        host.cancel()
+        go.set()
+    assert log.lines == ["child stopping at 1", "helper cancelled at 1"]
+    assert not sup.running
+
+
+@pytest.mark.parametrize("restart", [Restart.PERMANENT, Restart.TEMPORARY])
+async def test_a_child_restarted_while_the_host_cancels_does_not_outlive_run(
+    autojump_clock: trio.testing.MockClock, restart: Restart
+) -> None:
+    """restart_child started it again behind the teardown's back: it is cancelled at the end."""
+    log = Log()
+    live = 0
+
+    async def polite(*, task_status: trio.TaskStatus[None]) -> None:
+        nonlocal live
+        stop = current_child().stop_requested
+        log.started("p")
+        live += 1
+        try:
+            task_status.started()
+            await stop.wait()
+            await trio.sleep(1)
+        finally:
+            live -= 1
+
+    sup = Supervisor(SupervisorSpec([ChildSpec("p", polite, restart=restart)]))
+    outcomes: list[str] = []
+
+    async def restart_it() -> None:
+        try:
+            await sup.restart_child("p")
+        except (ChildStartError, RuntimeError) as exc:
+            outcomes.append(type(exc).__name__)
+        else:
+            outcomes.append("restarted")
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            host = trio.CancelScope()
+
+            async def hosted(*, task_status: trio.TaskStatus[Supervisor]) -> None:
+                with host:
+                    await sup.run(task_status=task_status)
+
+            await outer.start(hosted)
+            outer.start_soon(restart_it)
+            await trio.sleep(0.5)  # restart_child waits for p's grace to end
+            host.cancel()
+    assert not sup.running
+    assert outcomes == ["restarted"]
+    assert log.starts == {"p": 2}
+    assert live == 0
+
+
+async def test_run_under_a_cancelled_scope_stops_its_children_and_returns() -> None:
+    """Cancelled before it began: the children that started are stopped, Cancelled goes on."""
+    log = Log()
+    sup = Supervisor(SupervisorSpec([ChildSpec("a", forever(log, "a"))]))
+    with trio.fail_after(10):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sup.run()
+    assert scope.cancelled_caught
+    assert not sup.running
+    assert log.lines in ([], ["start a", "stop a"])
+
+
+@pytest.mark.parametrize(
+    ("shutdown", "looks", "stopped_after"),
+    [(None, True, 4.0), (2.0, True, 2.0), (0, True, 0.0), (30.0, False, 0.0)],
+)
+async def test_host_cancellation_keeps_each_childs_shutdown_setting(
+    autojump_clock: trio.testing.MockClock,
+    shutdown: float | None,
+    looks: bool,
+    stopped_after: float,
+) -> None:
+    """The teardown under a host cancellation: grace, cancel, unresponsive, as for a terminate."""
+    ended: list[float] = []
+
+    async def child() -> None:
+        stop = current_child().stop_requested if looks else None
+        try:
+            if stop is not None:
+                await stop.wait()
+                await trio.sleep(4)
+            else:
+                await trio.sleep_forever()
+        finally:
+            ended.append(trio.current_time())
+
+    async def stubborn() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(3)
+
+    sup = Supervisor(
+        SupervisorSpec(
+            [ChildSpec("c", child, shutdown=shutdown), ChildSpec("s", stubborn, shutdown=0)],
+            unresponsive_after=1.0,
+        )
+    )
+    events = sup.subscribe()
+    with trio.move_on_after(10) as scope:
+        await sup.run()
+    assert scope.cancelled_caught
+    # "s" stops first (3 s, reported unresponsive after 1 s), then "c" by its setting
+    assert ended == [pytest.approx(13.0 + stopped_after)]
+    assert trio.current_time() == pytest.approx(13.0 + stopped_after)
+    seen = [(e.kind, e.child_id, round(e.time, 6)) for e in _drain(events)]
+    assert (EventKind.CHILD_UNRESPONSIVE, "s", 11.0) in seen
+
+
+async def test_restart_child_after_a_keyboard_interrupt_fails_to_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Once a child's KeyboardInterrupt is tearing the supervisor down, nothing starts."""
+    log = Log()
+
+    async def polite(*, task_status: trio.TaskStatus[None]) -> None:
+        stop = current_child().stop_requested
+        log.started("p")
+        task_status.started()
+        await stop.wait()
+        await trio.sleep(1)
+
+    async def interrupted() -> None:
+        await trio.sleep(0.5)
+        raise KeyboardInterrupt
+
+    sup = Supervisor(SupervisorSpec([ChildSpec("p", polite), ChildSpec("k", interrupted)]))
+    failures: list[BaseException] = []
+
+    async def restart() -> None:
+        try:
+            await sup.restart_child("p")
+        except ChildStartError as exc:
+            failures.append(exc)
+
+    interrupted_run = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            nursery.start_soon(restart)
+    except* KeyboardInterrupt:
+        interrupted_run = True
+    assert interrupted_run
+    assert len(failures) == 1
+    assert log.starts == {"p": 1}
+    assert not sup.running
