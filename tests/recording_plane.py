@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from supervisor.controlplane import EmbeddedControlPlane, WorkItem
+from supervisor.controlplane._protocol import LeasedClaim
 
 
 class RecordingPlane(EmbeddedControlPlane):
@@ -51,3 +52,24 @@ class RecordingPlane(EmbeddedControlPlane):
         )
         self.secrets += [item.secret for item in items if item.secret]
         return items
+
+    async def claim_leased(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
+        desired_ttl_seconds: float | None = None,
+    ) -> list[LeasedClaim]:
+        claims = await super().claim_leased(
+            worker_id=worker_id,
+            limit=limit,
+            block_ms=block_ms,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=labels,
+            desired_ttl_seconds=desired_ttl_seconds,
+        )
+        self.secrets += [claim.item.secret for claim in claims if claim.item.secret]
+        return claims

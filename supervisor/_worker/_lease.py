@@ -64,7 +64,7 @@ from ..controlplane._exceptions import (
     TransientError,
 )
 from ..controlplane._models import NO_HEARTBEAT, HeartbeatResult, Outcome, OutcomeStatus, WorkState
-from ..controlplane._protocol import ControlPlane
+from ..controlplane._protocol import ControlPlane, LeasedClaim
 
 __all__ = [
     "LeaseLost",
@@ -276,6 +276,10 @@ class LeaseKeeper:
         desired_ttl: the ``desired_ttl_seconds`` to ask for (the server clamps it).
         lease: a :class:`Lease` to fill in, when the runner needs it before the
             keeper is ready; a fresh one otherwise.
+        grant: the claim that already granted the lease (`LeasedClaim`): the
+            keeper starts from it instead of sending the first heartbeat, its
+            deadline counted from when that claim was asked for (and a grant
+            whose deadline has passed is refused, as a late first answer is).
         retry_initial: first pause after a transient heartbeat failure; it
             doubles on each further failure, bounded by ``retry_max``, the
             interval and always by the deadline.
@@ -315,6 +319,7 @@ class LeaseKeeper:
         rng: random.Random | None = None,
         measure_from: MeasureFrom | str = MeasureFrom.SEND,
         account_for_beats: bool = True,
+        grant: LeasedClaim | None = None,
     ) -> None:
         if desired_ttl is not None and not desired_ttl > 0:
             raise ValueError(f"desired_ttl must be > 0, got {desired_ttl!r}")
@@ -331,6 +336,8 @@ class LeaseKeeper:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         if lease is not None and lease.work_id != work_id:
             raise ValueError(f"lease is for {lease.work_id!r}, not {work_id!r}")
+        if grant is not None and grant.item.id != work_id:
+            raise ValueError(f"grant is for {grant.item.id!r}, not {work_id!r}")
         self.control_plane = control_plane
         self.work_id = work_id
         self.desired_ttl = desired_ttl
@@ -341,6 +348,7 @@ class LeaseKeeper:
         self.stop_timeout = stop_timeout
         self.measure_from = MeasureFrom(measure_from)
         self.account_for_beats = account_for_beats
+        self.grant = grant
         self._rng = rng if rng is not None else _SHARED_RNG
         # The last tokens this keeper held, so that none leaks into a log line
         # through a control-plane error message (older ones are worthless).
@@ -381,8 +389,18 @@ class LeaseKeeper:
     # --- heartbeats ----------------------------------------------------------
 
     async def _confirm(self) -> None:
-        """Send the first heartbeat, retrying transient failures within ``start_timeout``."""
+        """Send the first heartbeat, retrying transient failures within ``start_timeout``
+        (or take the lease the claim granted)."""
         lease = self.lease
+        if self.grant is not None:
+            # Taken before any checkpoint: a keeper cancelled right away still holds
+            # the granted token, so its final stop (or requeue) is accepted.
+            self._give_up_at = self.grant.asked_at + self.start_timeout
+            self._accept(self.grant.heartbeat, self.grant.asked_at, first=True)
+            if trio.current_time() >= lease.deadline:
+                self._lose("the claim that granted the lease was answered after its deadline")
+            await trio.lowlevel.checkpoint()
+            return
         give_up_at = self._give_up_at = trio.current_time() + self.start_timeout
         bound = heartbeat_interval(
             self.desired_ttl if self.desired_ttl is not None else ASSUMED_TTL

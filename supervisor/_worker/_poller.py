@@ -40,7 +40,7 @@ from ..controlplane._exceptions import (
     TransientError,
 )
 from ..controlplane._models import WorkItem, WorkState
-from ..controlplane._protocol import ClaimsBatches, ControlPlane
+from ..controlplane._protocol import ClaimsBatches, ClaimsLeases, ControlPlane, LeasedClaim
 
 __all__ = [
     "MAX_BACKOFF",
@@ -133,6 +133,10 @@ class Slot:
 
     _limiter: trio.CapacityLimiter = attrs.field(alias="limiter", repr=False)
     released: bool = attrs.field(default=False, init=False)
+    #: The lease granted with the claim of the slot's item, when the control
+    #: plane grants leases in the claim (`ClaimsLeases`); the session's lease
+    #: keeper starts from it.
+    grant: LeasedClaim | None = attrs.field(default=None, init=False, repr=False)
 
     async def acquire(self) -> None:
         """Wait for a free slot (done by the poller)."""
@@ -223,6 +227,12 @@ class Poller:
             inside the ack lease.
         labels: the worker's routing labels, carried by every poll: the control
             plane hands out only items whose required labels are among them.
+        claim_leases: with a control plane that grants the first lease in the
+            claim (`ClaimsLeases`), claim that way, asking for ``lease_ttl``:
+            each slot handed over carries its item's grant (``slot.grant``),
+            and the session's lease keeper starts from it.
+        lease_ttl: the ttl asked for with ``claim_leases`` (``None``: the
+            control plane's default).
 
     Raises:
         ValueError: on a negative ``block_ms`` or ``reclaim_older_than_ms``.
@@ -242,6 +252,8 @@ class Poller:
         ack_timeout: float | None = None,
         max_batch: int = 1,
         labels: tuple[str, ...] = (),
+        claim_leases: bool = False,
+        lease_ttl: float | None = None,
     ) -> None:
         if block_ms < 0:
             raise ValueError(f"block_ms must be >= 0, got {block_ms!r}")
@@ -260,9 +272,24 @@ class Poller:
         self.reclaim_older_than_ms = reclaim_older_than_ms
         self.ack_timeout = ack_timeout
         self.max_batch = max_batch
-        self._batches: ClaimsBatches | None = (
-            control_plane if max_batch > 1 and isinstance(control_plane, ClaimsBatches) else None
+        self._leases: ClaimsLeases | None = (
+            control_plane
+            if claim_leases
+            and isinstance(control_plane, ClaimsLeases)
+            and isinstance(control_plane, ClaimsBatches)
+            else None
         )
+        self.lease_ttl = lease_ttl
+        # Claims go through the batch path when several slots may be filled at once,
+        # and whenever the claim grants leases (a batch of one, then).
+        self._batches: ClaimsBatches | None = (
+            control_plane
+            if (max_batch > 1 or self._leases is not None)
+            and isinstance(control_plane, ClaimsBatches)
+            else None
+        )
+        #: The grants of the last leased claim, by item id, until handed over.
+        self._grants: dict[str, LeasedClaim] = {}
         self.labels = tuple(labels)
         self._rng = rng if rng is not None else random.Random()
         self._state = PollerState.IDLE
@@ -365,8 +392,10 @@ class Poller:
                 slots.append(extra)
             items = await self._claim_until_some(plane, slots)
             self._state = PollerState.HANDING_OVER
+            grants, self._grants = self._grants, {}
             for item in items:
                 slot = slots.pop(0)
+                slot.grant = grants.get(item.id)
                 try:
                     await self.on_claim(item, slot)
                 except BaseException:
@@ -390,13 +419,24 @@ class Poller:
                 wanted = max(1, min(wanted, gate.permitted_claims(wanted)))
             else:
                 wanted = 1
-            return await plane.claim(
+            if self._leases is None:
+                return await plane.claim(
+                    worker_id=self.worker_id,
+                    limit=wanted,
+                    block_ms=self.block_ms,
+                    reclaim_older_than_ms=self.reclaim_older_than_ms,
+                    labels=self.labels,
+                )
+            claimed = await self._leases.claim_leased(
                 worker_id=self.worker_id,
                 limit=wanted,
                 block_ms=self.block_ms,
                 reclaim_older_than_ms=self.reclaim_older_than_ms,
                 labels=self.labels,
+                desired_ttl_seconds=self.lease_ttl,
             )
+            self._grants = {claim.item.id: claim for claim in claimed}
+            return [claim.item for claim in claimed]
 
         # As for an ack (see ``ack_timeout``): a claim answered too late is not
         # trusted; its items come back when their ack leases run out.

@@ -189,6 +189,7 @@ class SessionRunner:
             item.id,
             desired_ttl=self.lease_ttl,
             lease=lease,
+            grant=slot.grant,
             **self.keeper_options,
         )
         session = Supervisor(

@@ -397,6 +397,9 @@ class Worker:
             rng=self._rng,
             max_batch=config.max_concurrency,
             labels=config.labels,
+            # A store in this process grants each first lease in the claim itself.
+            claim_leases=True,
+            lease_ttl=config.lease_ttl,
         )
         self.wedge_detector.on_wedge = poller.interrupt_poll
         work = self._work = Supervisor(

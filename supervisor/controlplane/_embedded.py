@@ -57,6 +57,7 @@ from ._models import (
     WorkState,
     WorkStats,
 )
+from ._protocol import LeasedClaim
 from ._status import StatusPolicy
 from ._store import DEFAULT_ENVIRONMENT_ID, LeasePolicy, SQLiteStore, Store
 from ._store._common import check_labels
@@ -290,8 +291,50 @@ class EmbeddedControlPlane:
             labels=wanted,
         )
 
+    async def claim_leased(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
+        desired_ttl_seconds: float | None = None,
+    ) -> list[LeasedClaim]:
+        """`claim`, each item's first heartbeat included (see `SQLiteStore.claim_leased`).
+
+        Each item comes back ``active``, with the answer its first heartbeat
+        would have had (its fencing token and ttl) and the Trio time at which
+        the look that granted it was asked for. Waits like `claim`.
+
+        Raises:
+            BadRequest: as for `claim`, or a non-positive or non-finite TTL.
+        """
+        _check_block_ms(block_ms)
+        wanted = check_labels(labels)
+        asked_at: list[float] = []
+        nothing: list[tuple[WorkItem, HeartbeatResult]] = []
+        found = await self._long_poll(
+            block_ms,
+            self._store.claim_leased,
+            nothing,
+            asked_at=asked_at,
+            worker_id=worker_id,
+            limit=limit,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            labels=wanted,
+            desired_ttl_seconds=desired_ttl_seconds,
+        )
+        return [LeasedClaim(item, heartbeat, asked_at[-1]) for item, heartbeat in found]
+
     async def _long_poll(
-        self, block_ms: int, look: Callable[..., _T], empty: _T, **kwargs: object
+        self,
+        block_ms: int,
+        look: Callable[..., _T],
+        empty: _T,
+        *,
+        asked_at: list[float] | None = None,
+        **kwargs: object,
     ) -> _T:
         """``look(environment, now=..., **kwargs)`` until it finds work, for up to ``block_ms``.
 
@@ -301,13 +344,16 @@ class EmbeddedControlPlane:
         Found means anything but ``None`` or an empty list; when the wait runs out
         the answer is ``empty``. The store is looked at again every
         ``poll_interval``, and at once after a submit through the same store
-        object; the wait never exceeds ``block_ms`` (on Trio's clock).
+        object; the wait never exceeds ``block_ms`` (on Trio's clock). The Trio
+        time each look is asked for is appended to ``asked_at``.
         """
         deadline = trio.current_time() + block_ms / 1000.0
         while True:
             # Take the wake-up event *before* looking, so a submit that lands
             # between the look and the wait is not missed.
             wake = self._submitted
+            if asked_at is not None:
+                asked_at.append(trio.current_time())
             found = await self._run(look, self._environment_id, now=self._clock(), **kwargs)
             if found:
                 return found

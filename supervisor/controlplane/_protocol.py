@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
+import attrs
+
 from ._models import (
     Delegation,
     DelegationStatus,
@@ -29,7 +31,7 @@ from ._models import (
     WorkStats,
 )
 
-__all__ = ["ClaimsBatches", "ControlPlane"]
+__all__ = ["ClaimsBatches", "ClaimsLeases", "ControlPlane", "LeasedClaim"]
 
 
 @runtime_checkable
@@ -236,4 +238,48 @@ class ClaimsBatches(Protocol):
 
         ``labels`` are the claimer's routing labels, as for ``poll``.
         """
+        ...
+
+
+@attrs.frozen
+class LeasedClaim:
+    """An item claimed with its first lease granted in the same transaction (`ClaimsLeases`).
+
+    Attributes:
+        item: the item, ``active`` and bound to the claiming worker.
+        heartbeat: the answer its first heartbeat would have had: the fencing
+            token to renew with, and the ttl.
+        asked_at: when the transaction that granted the lease was asked for, on
+            the caller's Trio clock: the lease's deadline counts from here, as
+            a heartbeat's counts from its send. (Only an in-process control
+            plane can say this, which is why only one offers the protocol.)
+    """
+
+    item: WorkItem
+    heartbeat: HeartbeatResult
+    asked_at: float
+
+
+@runtime_checkable
+class ClaimsLeases(Protocol):
+    """A control plane that can claim items and grant their first leases in one call.
+
+    Optional, like `ClaimsBatches`: the worker's poller uses `claim_leased`
+    when its control plane has it (the embedded SQLite and direct PostgreSQL
+    planes), and each session's lease keeper starts from the grant instead of
+    sending the first heartbeat itself.
+    """
+
+    async def claim_leased(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        block_ms: int = 0,
+        reclaim_older_than_ms: int | None = None,
+        labels: Sequence[str] | None = None,
+        desired_ttl_seconds: float | None = None,
+    ) -> list[LeasedClaim]:
+        """Up to ``limit`` items, ``active`` for ``worker_id``, each with its first
+        heartbeat's answer; empty after ``block_ms``."""
         ...

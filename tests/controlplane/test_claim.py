@@ -20,9 +20,12 @@ from supervisor.controlplane import (
     BadRequest,
     Conflict,
     EmbeddedControlPlane,
+    FencingConflict,
+    Outcome,
+    OutcomeStatus,
     WorkState,
 )
-from supervisor.controlplane._protocol import ClaimsBatches
+from supervisor.controlplane._protocol import ClaimsBatches, ClaimsLeases
 from supervisor.testing import ManualClock
 
 W1, W2 = "worker-1", "worker-2"
@@ -152,3 +155,76 @@ async def test_a_claim_routes_by_the_claimers_labels_like_a_poll(
         await cp.claim(worker_id=W2, limit=5, labels=["a b"])
     last = await cp.claim(worker_id=W2, limit=5, labels=["cpu"])
     assert [i.id for i in last] == [cpu.id]
+
+
+# ---------------------------------------------------------------- leased claims
+
+
+async def test_a_leased_claim_grants_each_first_lease_in_the_claim(
+    target: tuple[EmbeddedControlPlane, ManualClock],
+) -> None:
+    """What a claim and then a first heartbeat of each item would have done, in one call."""
+    cp, clock = target
+    assert isinstance(cp, ClaimsLeases)
+    items = [await cp.submit(f"job {n}") for n in range(3)]
+    asked = trio.current_time()
+    claims = await cp.claim_leased(worker_id=W1, limit=2, desired_ttl_seconds=30.0)
+    assert [c.item.id for c in claims] == [items[0].id, items[1].id]
+    for claim in claims:
+        assert claim.asked_at >= asked
+        assert claim.item.state is WorkState.ACTIVE
+        assert claim.item.worker_id == W1
+        assert claim.item.secret
+        assert claim.item.started_at == pytest.approx(clock.now)
+        assert claim.heartbeat.state is WorkState.ACTIVE and claim.heartbeat.lease_extended
+        assert claim.heartbeat.ttl_seconds == 30.0
+    assert claims[0].heartbeat.last_heartbeat != claims[1].heartbeat.last_heartbeat
+    first = claims[0]
+    # The lease is fenced by the granted token: a first beat is stale, the token renews.
+    with pytest.raises(FencingConflict):
+        await cp.heartbeat(first.item.id, expected_last_heartbeat=NO_HEARTBEAT)
+    beat = await cp.heartbeat(first.item.id, expected_last_heartbeat=first.heartbeat.last_heartbeat)
+    assert beat.lease_extended and beat.last_heartbeat != first.heartbeat.last_heartbeat
+    # ...and the stop with the token of the second records its outcome.
+    second = claims[1]
+    stopped = await cp.stop(
+        second.item.id,
+        expected_last_heartbeat=second.heartbeat.last_heartbeat,
+        outcome=Outcome(OutcomeStatus.COMPLETED, result="done"),
+    )
+    assert stopped.state is WorkState.STOPPED
+    assert (await cp.stats()).depth == 1  # the third is still queued
+
+
+async def test_a_leased_claim_clamps_the_ttl_and_lets_an_unrenewed_lease_expire(
+    target: tuple[EmbeddedControlPlane, ManualClock],
+) -> None:
+    cp, clock = target
+    item = await cp.submit("job")
+    (claim,) = await cp.claim_leased(worker_id=W1, limit=1, desired_ttl_seconds=10_000.0)
+    assert claim.heartbeat.ttl_seconds == LEASE_POLICY.max_ttl
+    clock.advance(LEASE_POLICY.max_ttl + 1)
+    again = await cp.get(item.id)
+    assert (again.state, again.attempts) == (WorkState.QUEUED, 1)  # an expiry, as any lease's
+    with pytest.raises(BadRequest, match="ttl"):
+        await cp.claim_leased(worker_id=W1, limit=1, desired_ttl_seconds=-1.0)
+    assert (await cp.get(item.id)).state is WorkState.QUEUED  # the refused claim took nothing
+
+
+async def test_an_empty_leased_claim_waits_for_block_ms(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with EmbeddedControlPlane(tmp_path / "cp.sqlite3", threaded=False) as cp:
+        started = trio.current_time()
+        assert await cp.claim_leased(worker_id=W1, limit=2, block_ms=500) == []
+        assert trio.current_time() - started == pytest.approx(0.5, abs=0.01)
+
+        async def submit_soon() -> None:
+            await trio.sleep(0.1)
+            await cp.submit("arrives")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(submit_soon)
+            (claim,) = await cp.claim_leased(worker_id=W1, limit=2, block_ms=5_000)
+        # The grant is dated from the look that found the item, not from the first look.
+        assert claim.asked_at >= started + 0.1

@@ -488,6 +488,50 @@ class WorkStoreMachine(RuleBasedStateMachine):
         if item.state == "starting":
             self.heartbeat_with_current_token(self.items.index(item))
 
+    @precondition(lambda self: hasattr(self.store, "claim_leased"))  # in-process stores only
+    @rule(worker=st.sampled_from(WORKERS), limit=st.integers(1, 3))
+    def claim_leased(self, worker: str, limit: int) -> None:
+        """What a worker on an in-process store does: claim a batch with each first lease."""
+        self.expire()
+        labels = WORKER_LABELS[worker]
+        cutoff = self.now - POLICY.reclaim_older_than_ms / 1000
+        claimable = sorted(
+            (
+                i
+                for i in self.items
+                if i.state == "queued"
+                and (i.delivered_at is None or i.delivered_at <= cutoff)
+                and (i.not_before is None or i.not_before <= self.now)
+                and i.labels <= labels
+            ),
+            key=lambda i: (-i.priority, i.created),
+        )[:limit]
+        got = self.store.claim_leased(
+            ENV,
+            worker_id=worker,
+            limit=limit,
+            now=self.now,
+            labels=sorted(labels),
+            desired_ttl_seconds=TTL,
+        )
+        assert [item.id for item, _ in got] == [i.id for i in claimable]
+        for (stored, beat), item in zip(got, claimable, strict=True):
+            assert (stored.state, stored.worker_id) == (WorkState.ACTIVE, worker)
+            assert stored.secret
+            assert (beat.state, beat.lease_extended, beat.ttl_seconds) == (
+                WorkState.ACTIVE,
+                True,
+                TTL,
+            )
+            assert beat.last_heartbeat not in item.stale
+            item.delivered_at = self.now
+            item.delivered_to = worker
+            item.worker = worker
+            item.state = "active"
+            item.token = beat.last_heartbeat
+            item.lease_until = self.now + TTL
+            self.granted(item, worker, item.lease_until)
+
     @precondition(lambda self: self.items)
     @rule(index=st.integers(0, 100))
     def heartbeat_with_current_token(self, index: int) -> None:

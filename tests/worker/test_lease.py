@@ -32,6 +32,7 @@ from supervisor.controlplane import (
     OutcomeStatus,
     WorkState,
 )
+from supervisor.controlplane._protocol import LeasedClaim
 from supervisor.lowlevel import KeeperOptions, Lease, LeaseKeeper
 from supervisor.testing import HANG, Call, Regrant, Reply, ScriptedControlPlane, ScriptEntry
 
@@ -918,3 +919,72 @@ async def test_a_named_token_of_a_stale_lease_is_never_taken_after_the_deadline(
         assert keeper._adopt_named_token(named, "heartbeat")
         assert lease.token == "hb-somebody"
         nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- leases granted with the claim
+
+
+async def granted(cp: ScriptedControlPlane, asked_at: float) -> LeasedClaim:
+    """A claim whose first lease came with it (the first beat made here, as a store would)."""
+    work_id = await claim(cp)
+    beat = await cp.heartbeat(work_id, expected_last_heartbeat=NO_HEARTBEAT)
+    return LeasedClaim(await cp.get(work_id), beat, asked_at)
+
+
+async def test_a_granted_lease_is_ready_at_once_and_renewed_with_its_token(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    grant = await granted(cp, asked_at=0.0)
+    work_id = grant.item.id
+    beats_before = len(cp.calls_to("heartbeat"))
+    keeper = LeaseKeeper(cp, work_id, desired_ttl=TTL, grant=grant)
+    async with trio.open_nursery() as nursery:
+        lease = await nursery.start(keeper.run)
+        assert trio.current_time() == 0.0  # no heartbeat of its own
+        assert lease.confirmed and lease.alive
+        assert lease.token == grant.heartbeat.last_heartbeat
+        assert lease.deadline == pytest.approx(0.8 * TTL)  # from when the claim was asked for
+        await trio.sleep(heartbeat_interval(TTL) + 0.1)
+        renewals = cp.calls_to("heartbeat")[beats_before:]
+        assert [c.args["expected_last_heartbeat"] for c in renewals] == [
+            grant.heartbeat.last_heartbeat
+        ]
+        nursery.cancel_scope.cancel()
+    (stop,) = cp.calls_to("stop")
+    assert stop.args["expected_last_heartbeat"] == cp.token_of(work_id)
+    assert stop.error is None
+
+
+async def test_a_keeper_cancelled_at_once_still_stops_with_the_granted_token(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    grant = await granted(cp, asked_at=0.0)
+    keeper = LeaseKeeper(cp, grant.item.id, desired_ttl=TTL, grant=grant)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await keeper.run()
+    (stop,) = cp.calls_to("stop")
+    assert stop.args["expected_last_heartbeat"] == grant.heartbeat.last_heartbeat
+    assert stop.error is None
+    assert (await cp.get(grant.item.id)).state is WorkState.STOPPED
+
+
+async def test_a_grant_past_its_deadline_is_refused_and_nothing_is_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    grant = await granted(cp, asked_at=0.0)
+    await trio.sleep(0.8 * TTL)  # the hand-over took as long as the lease may be trusted
+    keeper = LeaseKeeper(cp, grant.item.id, desired_ttl=TTL, grant=grant)
+    with pytest.raises(LeaseLost, match="after its deadline"):
+        await keeper.run()
+    assert cp.calls_to("stop") == []
+
+
+async def test_a_grant_for_another_item_is_refused() -> None:
+    cp = ScriptedControlPlane(default_ttl=TTL)
+    grant = await granted(cp, asked_at=0.0)
+    with pytest.raises(ValueError, match="grant is for"):
+        LeaseKeeper(cp, "another-item", grant=grant)

@@ -735,6 +735,44 @@ async def test_max_batch_1_keeps_to_poll_and_ack(
         )
 
 
+@pytest.mark.parametrize("max_batch", [1, 3])
+async def test_with_claim_leases_each_slot_carries_its_items_grant(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, max_batch: int
+) -> None:
+    """A store in this process grants each first lease in the claim: the items come
+    ``active``, and the slot of each carries the grant its lease keeper starts from."""
+    async with EmbeddedControlPlane(tmp_path / "cp.sqlite3", threaded=False) as inner:
+        cp = CountingClaims(inner)
+        for n in range(4):
+            await inner.submit(f"task {n}")
+        got: list[tuple[WorkItem, Slot]] = []
+
+        async def on_claim(item: WorkItem, slot: Slot) -> None:
+            got.append((item, slot))
+            await trio.lowlevel.checkpoint()
+
+        poller = Poller(
+            cast(ControlPlane, cp),
+            worker_id="w",
+            slots=trio.CapacityLimiter(4),
+            on_claim=on_claim,
+            block_ms=500,
+            max_batch=max_batch,
+            claim_leases=True,
+            lease_ttl=20.0,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        assert len(got) == 4
+        for item, slot in got:
+            assert item.state is WorkState.ACTIVE
+            assert slot.grant is not None and slot.grant.item.id == item.id
+            assert slot.grant.heartbeat.ttl_seconds == 20.0
+        assert cp.polls == 0 and cp.limits == []  # leased claims only
+
+
 async def test_every_poll_carries_the_workers_labels_and_the_fake_routes_by_them(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

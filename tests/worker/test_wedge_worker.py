@@ -38,6 +38,7 @@ from supervisor.controlplane import (
     WorkState,
 )
 from supervisor.controlplane._embedded import STORE_FILENAME
+from supervisor.controlplane._protocol import LeasedClaim
 from supervisor.testing import run_inline
 
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
@@ -89,6 +90,16 @@ class Recorder:
         items: list[WorkItem] = await self.inner.claim(**kwargs)
         self.claims += [(trio.current_time(), item.id) for item in items]
         return items
+
+    async def claim_leased(self, **kwargs: Any) -> list[LeasedClaim]:
+        self.polls.append(trio.current_time())
+        if self.fail_polls:
+            self.fail_polls -= 1
+            await trio.lowlevel.checkpoint()
+            raise TransientError("control plane unavailable", status_code=503)
+        claims: list[LeasedClaim] = await self.inner.claim_leased(**kwargs)
+        self.claims += [(trio.current_time(), claim.item.id) for claim in claims]
+        return claims
 
     async def worker_heartbeat(self, report: PresenceReport) -> WorkerRecord:
         if self.fail_reports:
