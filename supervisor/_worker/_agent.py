@@ -177,16 +177,17 @@ class EnvPolicy:
 
         Filtering the worker's whole environment for every session costs more
         than the rest of building it; the environment rarely changes. The cache
-        key is a snapshot of ``source`` taken in C: for ``os.environ`` its raw
-        ``bytes`` mapping, which skips decoding every variable on each session.
+        key is a copy of ``source`` compared in C: for ``os.environ`` its raw
+        ``bytes`` mapping, which skips decoding every variable on each session
+        (a dict compared with a dict: no snapshot is built per session).
         """
         raw = getattr(source, "_data", None) if source is os.environ else None
-        snapshot = tuple((raw if isinstance(raw, dict) else source).items())
+        current = raw if isinstance(raw, dict) else source
         last = self._last
-        if last is not None and last[0] == snapshot:
+        if last is not None and last[0] == current:
             return last[1]
         admitted = {name: value for name, value in source.items() if self.admits(name)}
-        object.__setattr__(self, "_last", (snapshot, admitted))
+        object.__setattr__(self, "_last", (dict(current), admitted))
         return admitted
 
     def build(

@@ -431,3 +431,22 @@ async def test_exit_codes_map_to_outcomes(
     result = await runner.run(prompt="p", work_id="w", session_id="s", workspace=tmp_path)
     outcome = result.to_outcome()
     assert (outcome.status, outcome.exit_code, outcome.reason) == (status, exit_code, reason)
+
+
+def test_the_admitted_environment_follows_changes_to_os_environ(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The filtered environment is cached between sessions, never past a change."""
+    policy = EnvPolicy(extra=frozenset({"SUPERVISOR_TEST_EXTRA"}))
+
+    def build() -> dict[str, str]:
+        return policy.build(os.environ, work_id="w", session_id="s", workspace=tmp_path)
+
+    monkeypatch.delenv("SUPERVISOR_TEST_EXTRA", raising=False)
+    assert "SUPERVISOR_TEST_EXTRA" not in build()
+    monkeypatch.setenv("SUPERVISOR_TEST_EXTRA", "one")
+    assert build()["SUPERVISOR_TEST_EXTRA"] == "one"
+    monkeypatch.setenv("SUPERVISOR_TEST_EXTRA", "two")  # same names, another value
+    assert build()["SUPERVISOR_TEST_EXTRA"] == "two"
+    monkeypatch.delenv("SUPERVISOR_TEST_EXTRA")
+    assert "SUPERVISOR_TEST_EXTRA" not in build()
