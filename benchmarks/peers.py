@@ -28,8 +28,10 @@ over ``--rounds``:
   counts too: run on a quiet machine.
 * **enqueue→start p50/p99**: a second, paced phase queues ``items`` jobs at a fixed rate
   well under every system's capacity while the consumer runs; each job's start time (the
-  handler's first line; for this worker, the item's first heartbeat, which grants its lease)
-  less its enqueue time.
+  handler's first line; for this worker, the grant of the item's lease, which an in-process
+  store makes in the claim's transaction) less its enqueue time. Like a handler's first
+  line, it comes before the job's own process starts: here, before the session's
+  workspace, log and agent process are made.
 
 The peers are benchmark-only dependencies: ``pip install -e '.[bench]'``. A peer that is not
 installed, or whose server does not answer, is reported as skipped, never faked.
