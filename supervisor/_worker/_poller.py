@@ -288,8 +288,6 @@ class Poller:
             and isinstance(control_plane, ClaimsBatches)
             else None
         )
-        #: The grants of the last leased claim, by item id, until handed over.
-        self._grants: dict[str, LeasedClaim] = {}
         self.labels = tuple(labels)
         self._rng = rng if rng is not None else random.Random()
         self._state = PollerState.IDLE
@@ -390,9 +388,9 @@ class Poller:
                 if not extra.acquire_nowait():
                     break
                 slots.append(extra)
-            items = await self._claim_until_some(plane, slots)
+            grants: dict[str, LeasedClaim] = {}
+            items = await self._claim_until_some(plane, slots, grants)
             self._state = PollerState.HANDING_OVER
-            grants, self._grants = self._grants, {}
             for item in items:
                 slot = slots.pop(0)
                 slot.grant = grants.get(item.id)
@@ -408,8 +406,11 @@ class Poller:
             for slot in slots:
                 slot.release()
 
-    async def _claim_until_some(self, plane: ClaimsBatches, slots: list[Slot]) -> list[WorkItem]:
-        """Claim (holding ``slots``) until at least one item came."""
+    async def _claim_until_some(
+        self, plane: ClaimsBatches, slots: list[Slot], grants: dict[str, LeasedClaim]
+    ) -> list[WorkItem]:
+        """Claim (holding ``slots``) until at least one item came; a leased claim's
+        grants go to ``grants``, by item id."""
 
         async def claim() -> list[WorkItem]:
             # Asked after the gate's permission: a probe claims one item, and a gate
@@ -435,7 +436,8 @@ class Poller:
                 labels=self.labels,
                 desired_ttl_seconds=self.lease_ttl,
             )
-            self._grants = {claim.item.id: claim for claim in claimed}
+            grants.clear()  # only the answer that is handed over counts
+            grants.update((claim.item.id, claim) for claim in claimed)
             return [claim.item for claim in claimed]
 
         # As for an ack (see ``ack_timeout``): a claim answered too late is not

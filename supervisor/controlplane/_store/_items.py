@@ -36,6 +36,7 @@ import json
 import random
 import secrets
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 import attrs
 
@@ -186,6 +187,25 @@ def label_filter(labels: tuple[str, ...]) -> tuple[str, tuple[object, ...]]:
 def _check_outcome(outcome: Outcome | None) -> None:
     if outcome is not None and not isinstance(outcome, Outcome):
         raise BadRequest(f"outcome must be an Outcome, got {type(outcome).__name__}")
+
+
+#: What `ItemRecords.purge` deletes, in this order, each with (environment, older
+#: than, at most): settled delegations, messages of sessions no longer live, then
+#: stopped items no delegation refers to.
+_PURGES: Final = (
+    "DELETE FROM delegations WHERE id IN (SELECT id FROM delegations "
+    "WHERE environment_id = ? AND status <> 'pending' AND completed_at < ? "
+    "ORDER BY completed_at LIMIT ?{skip_locked})",
+    "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m "
+    "WHERE m.environment_id = ? AND m.created_at < ? AND NOT EXISTS ("
+    "SELECT 1 FROM work_items w WHERE w.environment_id = m.environment_id "
+    "AND w.session_id = m.session_id AND w.state <> 'stopped') "
+    "ORDER BY m.created_at LIMIT ?{skip_locked})",
+    "DELETE FROM work_items WHERE id IN (SELECT w.id FROM work_items w "
+    "WHERE w.environment_id = ? AND w.state = 'stopped' AND w.stopped_at < ? "
+    "AND NOT EXISTS (SELECT 1 FROM delegations d WHERE d.work_id = w.id) "
+    "ORDER BY w.stopped_at LIMIT ?{skip_locked})",
+)
 
 
 class ItemRecords(StoreCore):
@@ -393,29 +413,10 @@ class ItemRecords(StoreCore):
             raise BadRequest(f"older_than must be a POSIX time, got {older_than!r}")
         with self._transaction("purging old records", now) as tx:
             left = limit
-            left -= tx.execute(
-                "DELETE FROM delegations WHERE id IN (SELECT id FROM delegations "
-                "WHERE environment_id = ? AND status <> 'pending' AND completed_at < ? "
-                "ORDER BY completed_at LIMIT ?{skip_locked})",
-                (environment_id, older_than, left),
-            ).rowcount
-            if left > 0:
-                left -= tx.execute(
-                    "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m "
-                    "WHERE m.environment_id = ? AND m.created_at < ? AND NOT EXISTS ("
-                    "SELECT 1 FROM work_items w WHERE w.environment_id = m.environment_id "
-                    "AND w.session_id = m.session_id AND w.state <> 'stopped') "
-                    "ORDER BY m.created_at LIMIT ?{skip_locked})",
-                    (environment_id, older_than, left),
-                ).rowcount
-            if left > 0:
-                left -= tx.execute(
-                    "DELETE FROM work_items WHERE id IN (SELECT w.id FROM work_items w "
-                    "WHERE w.environment_id = ? AND w.state = 'stopped' AND w.stopped_at < ? "
-                    "AND NOT EXISTS (SELECT 1 FROM delegations d WHERE d.work_id = w.id) "
-                    "ORDER BY w.stopped_at LIMIT ?{skip_locked})",
-                    (environment_id, older_than, left),
-                ).rowcount
+            for statement in _PURGES:
+                if left <= 0:
+                    break
+                left -= tx.execute(statement, (environment_id, older_than, left)).rowcount
             return limit - left
 
     def purge_expired(self, *, now: float, limit: int) -> int:
