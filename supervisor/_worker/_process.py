@@ -139,8 +139,6 @@ class SessionOutput:
     _log: BinaryIO | None = attrs.field(default=None, init=False, repr=False)
     _log_failed: bool = attrs.field(default=False, init=False, repr=False)
     _log_size: int = attrs.field(default=0, init=False, repr=False)
-    #: Writes (or a close) were handed to ``writer`` and may not have run yet.
-    _queued: bool = attrs.field(default=False, init=False, repr=False)
     # With a writer: what the next handed-over flush does, and whether one is
     # queued and not started yet. Shared with the writer's thread; each is one
     # attribute read or swap, atomic under the GIL, and ordered as described
@@ -151,6 +149,7 @@ class SessionOutput:
     _flush_queued: bool = attrs.field(default=False, init=False, repr=False)
     #: A close was asked for and nothing was written since: another close is a no-op.
     _close_asked: bool = attrs.field(default=False, init=False, repr=False)
+    #: Flushes handed to the writer, and the number of the last one that ran.
     _handed: int = attrs.field(default=0, init=False, repr=False)
     _flushed: int = attrs.field(default=0, init=False, repr=False)
     #: Times the log was rotated to ``<log>.1`` because of ``log_max_bytes``.
@@ -234,7 +233,7 @@ class SessionOutput:
     @property
     def queued(self) -> bool:
         """Whether log writes went to the ``writer`` (so the file may still be catching up)."""
-        return self._queued
+        return self._handed > 0
 
     @property
     def caught_up(self) -> bool:
@@ -250,7 +249,7 @@ class SessionOutput:
         if self._close_asked:
             return
         self._close_asked = True
-        if self._queued and self.writer is not None:
+        if self._handed and self.writer is not None:
             self._close_pending = True
             if self._schedule_flush():
                 return
@@ -296,7 +295,6 @@ class SessionOutput:
             self._flush_queued = False
             self._handed -= 1
             return False
-        self._queued = True
         return True
 
     def _flush(self, number: int) -> None:

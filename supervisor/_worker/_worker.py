@@ -21,7 +21,6 @@ Only the tree's public API is used here.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import random
@@ -562,12 +561,13 @@ class Worker:
     async def _journal_session(self, item: WorkItem) -> None:
         """Once a session's lease is confirmed, before its agent starts: its delegation
         results are then recognised as this worker's even after a restart. A file
-        write (its fsync is grouped, see `DelegationJournal.record_session`), so this
-        runs through ``offload``."""
+        write (its fsync is grouped, see `DelegationJournal.record_session`), so it
+        goes to the I/O lane: queued, when the workspace is made on that lane after
+        it; through ``offload`` otherwise."""
         watcher = self.delegations
         if watcher is None:
             return
-        note = functools.partial(_journal_quietly, watcher, item.data.id, item.id)
+        note = partial(_journal_quietly, watcher, item.data.id, item.id)
         if self._log_writer is not None and self._workspace_manager is not None:
             # Queued on the I/O lane without waiting: the session's workspace is made
             # on the same lane after it, so the line is written before the agent starts.
