@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -70,3 +71,19 @@ def private_schema() -> Iterator[str]:
     finally:
         with psycopg.connect(base, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def apply_old_migrations(conn: Any, versions: Iterable[int]) -> None:
+    """Bring the schema ``conn`` searches to ``versions`` by hand, the way an older
+    release left it (for tests of the migrations that come after)."""
+    from supervisor.controlplane._store._postgres import _MIGRATIONS
+
+    conn.execute(
+        "CREATE TABLE supervisor_schema (version INTEGER PRIMARY KEY, "
+        "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    for version in versions:
+        for statement in _MIGRATIONS[version].split(";"):
+            if statement.strip():
+                conn.execute(statement.encode())
+        conn.execute("INSERT INTO supervisor_schema (version) VALUES (%s)", (version,))

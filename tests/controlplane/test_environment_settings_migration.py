@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from postgres_db import private_schema, require_postgres
+from postgres_db import apply_old_migrations, private_schema, require_postgres
 
 from supervisor.controlplane import EnvironmentSettings, QueueFull, SQLiteStore
 from supervisor.controlplane._store import _SCHEMA, SCHEMA_VERSION
@@ -78,7 +78,7 @@ def test_a_new_file_has_the_same_tables_as_a_migrated_one(tmp_path: Path) -> Non
 def test_a_postgres_schema_at_version_two_is_migrated() -> None:
     import psycopg
 
-    from supervisor.controlplane._store._postgres import _MIGRATIONS, PostgresStore
+    from supervisor.controlplane._store._postgres import PostgresStore
 
     require_postgres()
     with private_schema() as url:
@@ -86,15 +86,7 @@ def test_a_postgres_schema_at_version_two_is_migrated() -> None:
         schema = resolved.schema
         with psycopg.connect(resolved.conninfo, autocommit=True) as conn:
             conn.execute(f"SET search_path TO {schema}")
-            conn.execute(
-                "CREATE TABLE supervisor_schema (version INTEGER PRIMARY KEY, "
-                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-            )
-            for version in (1, 2):
-                for statement in _MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        conn.execute(statement.encode())
-                conn.execute("INSERT INTO supervisor_schema (version) VALUES (%s)", (version,))
+            apply_old_migrations(conn, (1, 2))
             conn.execute("INSERT INTO environments (id, created_at) VALUES ('default', 1.0)")
             conn.execute(
                 "INSERT INTO work_items (id, environment_id, state, session_id, prompt, "

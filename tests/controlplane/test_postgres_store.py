@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from postgres_db import private_schema, require_postgres
+from postgres_db import apply_old_migrations, private_schema, require_postgres
 
 from supervisor.controlplane import NO_HEARTBEAT, WorkState
 from supervisor.controlplane._embedded import EmbeddedControlPlane
@@ -170,20 +170,10 @@ def test_a_schema_at_migration_two_gains_routing_labels_and_timeouts(url: str) -
     """Migration 3 on a database that migrations 1 and 2 made: its items stay claimable."""
     import psycopg
 
-    from supervisor.controlplane._store._postgres import _MIGRATIONS
-
     schema = resolve_database_url(url).schema
     with psycopg.connect(require_postgres(), autocommit=True) as conn:
         conn.execute(f"SET search_path TO {schema}")
-        conn.execute(
-            "CREATE TABLE supervisor_schema (version INTEGER PRIMARY KEY, "
-            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        )
-        for version in (1, 2):
-            for statement in _MIGRATIONS[version].split(";"):
-                if statement.strip():
-                    conn.execute(statement.encode())
-            conn.execute("INSERT INTO supervisor_schema (version) VALUES (%s)", (version,))
+        apply_old_migrations(conn, (1, 2))
         columns = {
             row[0]
             for row in conn.execute(

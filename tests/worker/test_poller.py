@@ -615,6 +615,12 @@ class CountingClaims:
         return getattr(self.inner, name)
 
 
+async def run_for(poller: Poller, seconds: float) -> None:
+    """Run ``poller`` for ``seconds`` (on the mock clock), then stop it."""
+    with trio.move_on_after(seconds):
+        await poller.run()
+
+
 async def test_a_batch_claim_fills_every_free_slot_in_one_call(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -691,10 +697,7 @@ async def test_a_gate_that_grants_single_claims_gets_one_item_per_permission(
             gate=gate,
             max_batch=3,
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.run)
-            await trio.sleep(1)
-            nursery.cancel_scope.cancel()
+        await run_for(poller, 1.0)
         assert len(got) == 3
         assert cp.claims[:3] == [1, 1, 1]
         assert gate.results[:3] == [item.id for item in got]
@@ -719,10 +722,7 @@ async def test_max_batch_1_keeps_to_poll_and_ack(
             on_claim=on_claim,
             block_ms=500,
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.run)
-            await trio.sleep(1)
-            nursery.cancel_scope.cancel()
+        await run_for(poller, 1.0)
         assert len(got) == 1 and got[0].state is WorkState.STARTING
         assert cp.claims == [] and cp.polls >= 1
     with pytest.raises(ValueError, match="max_batch"):
@@ -761,10 +761,7 @@ async def test_with_claim_leases_each_slot_carries_its_items_grant(
             claim_leases=True,
             lease_ttl=20.0,
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.run)
-            await trio.sleep(1)
-            nursery.cancel_scope.cancel()
+        await run_for(poller, 1.0)
         assert len(got) == 4
         for item, slot in got:
             assert item.state is WorkState.ACTIVE
