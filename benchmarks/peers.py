@@ -427,35 +427,42 @@ def _server_cpu(names: tuple[str, ...]) -> float:
 def run_child(
     system: str, phase: str, concurrency: int, args: argparse.Namespace
 ) -> dict[str, Any] | str:
-    """One round of one system in a fresh process; its figures, or why it was skipped."""
-    with tempfile.TemporaryDirectory(prefix=f"peers-{system}-", dir=args.dir) as state:
-        argv = [
-            sys.executable,
-            __file__,
-            "--child",
-            system,
-            "--phase",
-            phase,
-            "--items",
-            str(args.items),
-            "--concurrency",
-            str(concurrency),
-            "--rate",
-            str(args.rate),
-            "--state",
-            state,
-            "--database",
-            args.database,
-            "--redis",
-            args.redis,
-        ]
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out, err = process.communicate(timeout=600)
-        if process.returncode != 0:
-            last = (err.strip().splitlines() or ["no output"])[-1]
-            return f"skipped: {last[:120]}"
-        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-        return result
+    """One round of one system in a fresh process; its figures, or why it was skipped.
+
+    Its state goes in a fresh directory under ``args.scratch``, removed only when
+    the whole run ends: on ext4 a new inode is looked for past every inode freed in
+    the last minute or more (``recently_deleted`` in the kernel's allocator, which
+    skips them), so removing one round's files just before the next round starts
+    would charge that round, whichever system it is, for the previous one's cleanup.
+    """
+    state = tempfile.mkdtemp(prefix=f"peers-{system}-", dir=args.scratch)
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        system,
+        "--phase",
+        phase,
+        "--items",
+        str(args.items),
+        "--concurrency",
+        str(concurrency),
+        "--rate",
+        str(args.rate),
+        "--state",
+        state,
+        "--database",
+        args.database,
+        "--redis",
+        args.redis,
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = process.communicate(timeout=600)
+    if process.returncode != 0:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        return f"skipped: {last[:120]}"
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -520,8 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         f"paced at {args.rate:g} jobs/s; {os.cpu_count()} CPUs; state in {args.dir} "
         f"({_filesystem(args.dir)})"
     )
-    for concurrency in args.concurrency:
-        _table(concurrency, args)
+    with tempfile.TemporaryDirectory(prefix="peers-", dir=args.dir) as scratch:
+        args.scratch = scratch
+        for concurrency in args.concurrency:
+            _table(concurrency, args)
     return 0
 
 
