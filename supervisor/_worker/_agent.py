@@ -455,7 +455,7 @@ class AgentRunner:
             worker needs the privilege to switch users (it runs as root).
         group: their group (default: the user's primary group).
         spawner: starts agent processes away from the event loop (the worker's
-            spawn lane); ``trio.to_thread.run_sync`` when ``None``.
+            lane); ``trio.to_thread.run_sync`` when ``None``.
     """
 
     spec: AgentSpec

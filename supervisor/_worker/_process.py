@@ -800,7 +800,7 @@ async def _spawn(argv: list[str], spawner: Offload | None, **options: Any) -> _A
     always takes ``to_thread``; at hundreds of sessions a second that hand-over
     (a thread woken, a context copied, a limiter taken, a wake-up of the event
     loop per start) cost a worker more of its event loop than anything else a
-    session did, so the worker passes its own spawn lane (`ThreadLane`). Not
+    session did, so the worker passes its own lane (`ThreadLane`). Not
     the event loop itself: ``Popen`` returns only once the child has called
     ``exec``, and on a busy machine the child waits for a CPU first (a median
     of 0.3 ms, 1 ms at the 90th percentile, measured at 400 sessions/s), time

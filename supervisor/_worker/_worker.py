@@ -145,7 +145,7 @@ class Worker:
         self._offload: Offload = offload if offload is not None else trio.to_thread.run_sync
         #: Session log writes go here (the worker's own lane, when it made one).
         self._log_writer: Callable[[Callable[[], object]], None] | None = None
-        #: Starts agent processes (the worker's spawn lane, when it made one).
+        #: Starts agent processes (the worker's own lane, when it made one).
         self._spawner: Offload | None = None
         self._running = False
         self._draining = False
@@ -229,11 +229,14 @@ class Worker:
                     self._offload = lane.run
                     self._log_writer = lane.submit
                     if self.agent_spec.is_process:
-                        # Agents start on a lane of their own: a start waits for the
-                        # child's exec, which must hold up neither logs nor journal.
-                        spawn_lane = ThreadLane("supervisor-spawn")
-                        stack.push_async_callback(_close_lane, spawn_lane)
-                        self._spawner = spawn_lane.run
+                        # Agents start on the same lane, after their session's journal
+                        # line, workspace and log in the order they were asked for. A
+                        # start waits for the child's exec (under a millisecond, even
+                        # on a busy machine), which delays other sessions' log writes
+                        # by that much and no more. A lane of its own measured worse:
+                        # one more thread taking the GIL and waking the event loop
+                        # costs every session more than the wait (see CHANGELOG).
+                        self._spawner = lane.run
                 self._prepare_state_dir()
                 if self._wants_reaper():
                     reaper = self._reaper = Reaper(grace=self.config.agent_grace)
