@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -326,6 +328,32 @@ async def test_a_session_is_journalled_before_its_agent_starts(
         for item_id in ids:
             assert (await worker.wait(item_id)).status is OutcomeStatus.COMPLETED
     assert seen == [True] * 8
+
+
+async def test_a_process_agent_starts_on_the_worker_lane_after_its_journal_line(
+    config: Callable[..., WorkerConfig],
+    plane: EmbeddedControlPlane,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Real agent processes start on the worker's own lane (neither a thread per
+    start nor a lane of their own), each once its session's line is in the journal."""
+    starts: list[tuple[str, bool]] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(argv: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(argv, list) and argv[:1] == ["/bin/true"]:
+            journal = worker.delegations.journal_path if worker.delegations else None
+            text = journal.read_text() if journal is not None and journal.exists() else ""
+            starts.append((threading.current_thread().name, argv[1] in text))
+        return real_popen(argv, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    cfg = config(max_concurrency=4, agent="/bin/true {session_id}")
+    async with open_worker(cfg, control_plane=plane) as worker:
+        ids = [await worker.submit(f"item {n}") for n in range(8)]
+        for item_id in ids:
+            assert (await worker.wait(item_id)).status is OutcomeStatus.COMPLETED
+    assert starts == [("supervisor-io", True)] * 8
 
 
 class StopLostOnFirstAttempt:
