@@ -434,6 +434,8 @@ def run_child(
     the last minute or more (``recently_deleted`` in the kernel's allocator, which
     skips them), so removing one round's files just before the next round starts
     would charge that round, whichever system it is, for the previous one's cleanup.
+    For the same reason, start a run a couple of minutes after anything removed
+    many files on that file system (the previous run's scratch included).
     """
     state = tempfile.mkdtemp(prefix=f"peers-{system}-", dir=args.scratch)
     argv = [
