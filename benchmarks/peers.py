@@ -18,7 +18,8 @@ in the same run: every job runs ``/bin/true`` as a subprocess, at the same concu
 
 Each system runs in a child process of its own, one round after another, systems
 interleaved so that a machine getting busier shifts every row alike. Figures are medians
-over ``--rounds``:
+over ``--rounds``, jobs/s and CPU with the lowest and highest round in brackets (the
+spread shows how noisy the machine was):
 
 * **jobs/s**: ``items`` queued before the consumer starts; from consumer start to the last
   job done.
@@ -571,9 +572,12 @@ def _table(concurrency: int, args: argparse.Namespace) -> None:
         versus = [f"{rate / medians[o]:.2f}" if o in medians else "-" for o in ("bare", "huey")]
         lat = latencies[system]
         latency = f"{_pct(lat, 0.5):.1f} / {_pct(lat, 0.99):.1f}" if lat else "-"
+        spread = f"({min(rates[system]):.0f} to {max(rates[system]):.0f})"
+        cpu_spread = f"({min(cpu[system]):.2f} to {max(cpu[system]):.2f})"
         print(
-            f"| {system} | {rate:.0f} | {versus[0]} | {versus[1]} "
-            f"| {statistics.median(cpu[system]):.2f} | {latency} | {DURABILITY[system]} |"
+            f"| {system} | {rate:.0f} {spread} | {versus[0]} | {versus[1]} "
+            f"| {statistics.median(cpu[system]):.2f} {cpu_spread} | {latency} "
+            f"| {DURABILITY[system]} |"
         )
 
 
