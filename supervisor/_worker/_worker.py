@@ -227,16 +227,14 @@ class Worker:
                     lane = ThreadLane("supervisor-io")
                     stack.push_async_callback(_close_lane, lane)
                     self._offload = lane.run
-                    self._log_writer = lane.submit
-                    if self.agent_spec.is_process:
-                        # Agents start on the same lane, after their session's journal
-                        # line, workspace and log in the order they were asked for. A
-                        # start waits for the child's exec (under a millisecond, even
-                        # on a busy machine), which delays other sessions' log writes
-                        # by that much and no more. A lane of its own measured worse:
-                        # one more thread taking the GIL and waking the event loop
-                        # costs every session more than the wait (see CHANGELOG).
-                        self._spawner = lane.run
+                    # Agent processes start on the same lane, after their session's
+                    # journal line, workspace and log, in the order asked for. A start
+                    # waits for the child's exec (under a millisecond, even on a busy
+                    # machine), which delays other sessions' log writes by that much
+                    # and no more. A lane of its own measured worse: one more thread
+                    # taking the GIL and waking the event loop costs every session
+                    # more than the wait (see CHANGELOG). In-process agents ignore it.
+                    self._spawner = lane.run
                 self._prepare_state_dir()
                 if self._wants_reaper():
                     reaper = self._reaper = Reaper(grace=self.config.agent_grace)
